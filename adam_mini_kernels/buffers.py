@@ -1,0 +1,208 @@
+"""Flat buffers: the storage of one (device, dtype) group of parameters.
+
+[Note: flat storage]
+Every backend steps a group through a handful of flat tensors instead of one small tensor per
+parameter: the parameters, their gradients and the first moment ``m`` (storage dtype) laid out
+one after the other, and every second-moment value of the group in one float32 buffer ``v`` (one
+value per block; one per element for Adam blocks). The optimizer owns the parameter and gradient
+storage: ``p.data`` and ``p.grad`` are re-pointed as views into the flat buffers, so autograd
+accumulates straight into them. When that aliasing is broken (``zero_grad(set_to_none=True)``,
+a user assigning ``p.grad`` or ``p.data``, ``module.to()``), ``inspect``/``repair`` notice it at
+the next step, copy the values in and re-point, so the step is still correct.
+
+Each parameter starts at a multiple of ``ALIGN_ELEMENTS`` elements (128 bytes for fp32), so that
+kernels can use aligned vector loads on rows whose length is a multiple of the vector width. The
+gap after a parameter ("padding") belongs to no block and stays zero in every buffer.
+
+The per-parameter table (``table``) is what backends consume: offsets and block shapes on the
+group's device, built once. Backends derive their launch metadata from it once and keep it in
+``cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .partition import BlockLayout
+
+ALIGN_ELEMENTS = 32
+
+# Columns of the per-parameter hyperparameter table (float64, one row per parameter).
+HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS = range(5)
+NUM_HPARAMS = 5
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` with no host-device sync (pinned, non-blocking)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+
+
+@dataclass
+class GradCheck:
+    """What ``FlatGroup.inspect`` found at the start of a step (nothing is changed yet)."""
+
+    active: Optional[List[bool]]  # None when every parameter has a gradient
+    stale_params: List[int]  # params whose storage no longer aliases the flat buffer
+    stale_grads: List[int]  # grads that do not alias the flat buffer
+
+
+class FlatGroup:
+    """Flat storage, block table and step counters for the parameters of one (device, dtype)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout]):
+        self.params = list(params)
+        self.layouts = list(layouts)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.offsets: List[int] = []
+        self.v_offsets: List[int] = []
+        numel = num_v = 0
+        for p, layout in zip(self.params, self.layouts):
+            numel = _align(numel)
+            self.offsets.append(numel)
+            self.v_offsets.append(num_v)
+            numel += p.numel()
+            num_v += layout.num_blocks
+        self.numel = numel
+        self.num_v = num_v
+
+        make = dict(device=self.device)
+        self.param_buffer = torch.zeros(numel, dtype=self.dtype, **make)
+        self.grad_buffer = torch.zeros(numel, dtype=self.dtype, **make)
+        self.m = torch.zeros(numel, dtype=self.dtype, **make)
+        self.v = torch.zeros(num_v, dtype=torch.float32, **make)
+        self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
+        self.table = self._make_table()
+        self.hparams: Optional[torch.Tensor] = None
+        self._hparams_host: Optional[List[tuple]] = None
+        self.cache: Dict[str, object] = {}
+
+        self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
+        self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
+        self.repair(GradCheck(None, list(range(len(self.params))), []))
+
+    # -- layout ------------------------------------------------------------------------------
+    def _make_table(self) -> Dict[str, torch.Tensor]:
+        """Per-parameter int64 columns on the device: where its elements and v values live, its
+        block shape, and the padded length up to the next parameter."""
+        ends = self.offsets[1:] + [self.numel]
+        cols = {
+            "offset": self.offsets,
+            "numel": [p.numel() for p in self.params],
+            "padded_numel": [end - off for off, end in zip(self.offsets, ends)],
+            "block_numel": [layout.block_numel for layout in self.layouts],
+            "num_blocks": [layout.num_blocks for layout in self.layouts],
+            "v_offset": self.v_offsets,
+        }
+        return {k: torch.tensor(v, dtype=torch.int64, device=self.device) for k, v in cols.items()}
+
+    def _ptr(self, buffer: torch.Tensor, i: int) -> int:
+        return buffer.data_ptr() + self.offsets[i] * buffer.element_size()
+
+    def _span(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
+        start = self.offsets[i]
+        return buffer[start : start + self.params[i].numel()]
+
+    def param_view(self, i: int) -> torch.Tensor:
+        return self._span(self.param_buffer, i).view(self.params[i].shape)
+
+    def grad_view(self, i: int) -> torch.Tensor:
+        return self._span(self.grad_buffer, i).view(self.params[i].shape)
+
+    def m_view(self, i: int) -> torch.Tensor:
+        """The first moment of parameter ``i``, flat."""
+        return self._span(self.m, i)
+
+    def v_view(self, i: int) -> torch.Tensor:
+        """The second-moment values of parameter ``i``, one per block, flat."""
+        start = self.v_offsets[i]
+        return self.v[start : start + self.layouts[i].num_blocks]
+
+    def step_view(self, i: int) -> torch.Tensor:
+        """The step counter of parameter ``i`` (0-dim view of ``steps``)."""
+        return self.steps[i]
+
+    # -- per step ----------------------------------------------------------------------------
+    def inspect(self) -> GradCheck:
+        """Check every parameter and gradient without changing anything. Raises on sparse
+        gradients."""
+        active: List[bool] = []
+        stale_params: List[int] = []
+        stale_grads: List[int] = []
+        for i, p in enumerate(self.params):
+            if p.shape != self.layouts[i].shape:
+                raise RuntimeError(
+                    f"parameter '{self.layouts[i].name}' changed shape from "
+                    f"{list(self.layouts[i].shape)} to {list(p.shape)} after the optimizer was "
+                    "built; create a new optimizer for the new model"
+                )
+            if p.data_ptr() != self._param_ptrs[i]:
+                stale_params.append(i)
+            g = p.grad
+            if g is None:
+                active.append(False)
+                continue
+            active.append(True)
+            if g.data_ptr() != self._grad_ptrs[i]:
+                if g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"AdamMini does not support sparse gradients (parameter "
+                        f"'{self.layouts[i].name}' has a {g.layout} gradient)"
+                    )
+                if g.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient of '{self.layouts[i].name}' has shape {list(g.shape)}, "
+                        f"the parameter has {list(p.shape)}"
+                    )
+                stale_grads.append(i)
+        return GradCheck(None if all(active) else active, stale_params, stale_grads)
+
+    def repair(self, check: GradCheck) -> None:
+        """Copy parameters and gradients that stopped aliasing the flat buffers back in, and
+        re-point them as views (one foreach copy each)."""
+        if check.stale_params:
+            views = [self.param_view(i) for i in check.stale_params]
+            torch._foreach_copy_(views, [self.params[i].data for i in check.stale_params])
+            for i, view in zip(check.stale_params, views):
+                self.params[i].data = view
+        grads = list(check.stale_grads)
+        if len(check.stale_params) == len(self.params):  # initial adoption: take existing grads
+            grads = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if grads:
+            views = [self.grad_view(i) for i in grads]
+            torch._foreach_copy_(views, [self.params[i].grad for i in grads])
+            for i, view in zip(grads, views):
+                self.params[i].grad = view
+        if check.active is not None:
+            # A parameter without a gradient this step is not updated; its stale flat gradient is
+            # zeroed so that nothing non-finite in it can leak through the masked update.
+            idle = [self.grad_view(i) for i, on in enumerate(check.active) if not on]
+            torch._foreach_zero_(idle)
+
+    def zero_grad(self) -> None:
+        """Zero every gradient: the flat buffer in one fill, plus any that stopped aliasing it.
+        Gradients that are None stay None (such a parameter is not stepped)."""
+        self.grad_buffer.zero_()
+        detached = [
+            p.grad for i, p in enumerate(self.params) if p.grad is not None and p.grad.data_ptr() != self._grad_ptrs[i]
+        ]
+        if detached:
+            torch._foreach_zero_(detached)
+
+    def set_hparams(self, rows: List[tuple]) -> None:
+        """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps)
+        when it changed; no host-device sync."""
+        if rows == self._hparams_host:
+            return
+        host = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), NUM_HPARAMS)
+        self.hparams = to_device(host, self.device)
+        self._hparams_host = rows

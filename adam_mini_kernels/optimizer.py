@@ -1,0 +1,307 @@
+"""``AdamMini``: the drop-in ``torch.optim.Optimizer`` front-end.
+
+It keeps official ``adam-mini`` 1.1.1's constructor, name sets, param groups (one per named
+parameter) and per-parameter state layout, and steps through flat buffers (``buffers``) with the
+backend chosen by ``dispatch``. The partition and the buffers are built at the first ``step()``
+(so name sets edited after construction count) and rebuilt only when the name sets or the
+parameters change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from . import dispatch
+from .buffers import FlatGroup, to_device
+from .checkpoint import absorb_state, check_state, state_views
+from .coefficients import advance_steps, step_coefficients
+from .partition import (
+    DEFAULT_NAMES,
+    NAME_SET_ATTRS,
+    BlockLayout,
+    build_partition,
+    default_weight_decay,
+    rule_counts,
+    snapshot_rules,
+)
+
+logger = logging.getLogger("adam_mini_kernels")
+
+
+def _check_hparams(where: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    if not 0.0 <= lr:
+        raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"{where}: invalid eps {eps} (must be >= 0)")
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"{where}: invalid beta1 {beta1} (must be in [0, 1))")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"{where}: invalid beta2 {beta2} (must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be >= 0)")
+
+
+def _check_param(name: str, p: Any) -> None:
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a tensor")
+    if p.layout != torch.strided:
+        raise ValueError(f"parameter '{name}' is a {p.layout} tensor; AdamMini supports dense tensors only")
+    if p.is_complex():
+        raise ValueError(f"parameter '{name}' is complex ({p.dtype}); AdamMini supports real floating-point parameters only")
+    if not p.is_floating_point():
+        raise ValueError(f"parameter '{name}' has dtype {p.dtype}; AdamMini needs floating-point parameters")
+    if type(p.data) is not torch.Tensor:
+        raise NotImplementedError(
+            f"parameter '{name}' is a {type(p.data).__name__}; tensor subclasses (DTensor, FSDP2) "
+            "are not supported yet"
+        )
+
+
+class AdamMini(torch.optim.Optimizer):
+    """Adam-mini (Zhang et al., 2024): Adam's first moment per element, one second moment per
+    block of parameters, blocks chosen from parameter names.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, usually ``model.named_parameters()``.
+            Names drive the partition; parameters with ``requires_grad=False`` are skipped.
+        lr: learning rate (>= 0).
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: added to ``sqrt(v) / sqrt(1 - beta2^t)`` (>= 0).
+        weight_decay: decoupled weight decay; forced to 0 for names containing "norm", "ln" or
+            "bias".
+        model_sharding: accepted for compatibility with official 1.1.1 and ignored.
+        dim: hidden size of the transformer (sets the query/key head block size).
+        n_heads: number of attention heads; must divide ``dim * dim`` when query/key parameters
+            exist and ``head_dim`` is not given.
+        n_kv_heads: number of key/value heads (GQA); must divide ``n_heads``. Key blocks have the
+            same size as query blocks, so it only needs to be consistent.
+        verbose: log the partition once at the first step, and warnings about missing layers,
+            through ``logging.getLogger("adam_mini_kernels")``.
+        head_dim: size of one attention head when it is not ``dim // n_heads`` (Qwen3, Gemma);
+            the head block is then ``head_dim * dim`` elements.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. ``auto`` (overridden by the
+            environment variable ``ADAM_MINI_BACKEND``) picks the fastest backend that can run;
+            an explicit backend that cannot run raises ``BackendUnavailableError``.
+
+    The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
+    ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
+    after construction, before or between steps.
+    """
+
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        named_parameters: Iterable[Tuple[str, torch.nn.Parameter]],
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        model_sharding: Optional[bool] = None,
+        dim: int = 2048,
+        n_heads: int = 32,
+        n_kv_heads: Optional[int] = None,
+        verbose: bool = True,
+        head_dim: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
+        for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            if value is not None and (int(value) != value or value <= 0):
+                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
+        self.verbose = verbose
+        for rule, attr in NAME_SET_ATTRS.items():
+            setattr(self, attr, set(DEFAULT_NAMES[rule]))
+        self._weight_decay = weight_decay
+        self._flat: Optional[List[FlatGroup]] = None
+
+        groups = []
+        seen: Dict[int, str] = {}
+        for item in named_parameters:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(
+                    "AdamMini takes (name, parameter) pairs, e.g. model.named_parameters(); "
+                    f"got an item of type {type(item).__name__}"
+                )
+            name, p = item[0].lower(), item[1]
+            _check_param(name, p)
+            if not p.requires_grad:
+                continue
+            if id(p) in seen:
+                raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}'; pass each parameter once")
+            seen[id(p)] = name
+            groups.append({"name": name, "params": p})
+        if not groups:
+            raise ValueError("AdamMini got no parameters that require a gradient")
+        super().__init__(groups, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps))
+
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        self.backend = dispatch.resolve_backend(backend, devices)
+        self._step_fn = dispatch.load_backend(self.backend)
+        if model_sharding is not None and verbose:
+            logger.warning("AdamMini: model_sharding is accepted for compatibility and ignored")
+
+    # -- param groups --------------------------------------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group (``{"name": ..., "params": ...}``, other keys default as in the
+        constructor). The buffers are rebuilt at the next step; existing state is kept."""
+        if "name" not in param_group:
+            raise ValueError("an AdamMini param group needs a 'name' (the partition is chosen from it)")
+        param_group = dict(param_group, name=param_group["name"].lower())
+        params = param_group["params"]
+        for p in [params] if isinstance(params, torch.Tensor) else list(params):
+            _check_param(param_group["name"], p)
+        param_group.setdefault("weight_decay", default_weight_decay(param_group["name"], self._weight_decay))
+        super().add_param_group(param_group)
+        self._flat = None
+
+    def _named_params(self) -> List[Tuple[str, torch.Tensor]]:
+        return [(group["name"], p) for group in self.param_groups for p in group["params"]]
+
+    # -- partition and buffers -----------------------------------------------------------------
+    def _partition(self, rules) -> List[BlockLayout]:
+        return build_partition([(n, p.shape) for n, p in self._named_params()], rules, self.dim, self.n_heads, self.head_dim)
+
+    def partition_summary(self) -> List[Dict[str, Any]]:
+        """The partition under the current name sets: one dict per parameter with ``name``,
+        ``rule``, ``shape``, ``block_numel`` and ``num_blocks``."""
+        return [
+            {"name": l.name, "rule": l.rule, "shape": l.shape, "block_numel": l.block_numel, "num_blocks": l.num_blocks}
+            for l in self._partition(snapshot_rules(self))
+        ]
+
+    def _build(self, rules) -> None:
+        """(Re)build the partition and the flat buffers, keeping every parameter's state.
+        Everything is validated before anything is changed."""
+        named = self._named_params()
+        layouts = self._partition(rules)
+        for (_, p), layout in zip(named, layouts):
+            if p in self.state:
+                check_state(self.state[p], layout)
+
+        by_key: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+        for k, (_, p) in enumerate(named):
+            by_key[(p.device, p.dtype)].append(k)
+        flat, self._slots = [], {}
+        for members in by_key.values():
+            group = FlatGroup([named[k][1] for k in members], [layouts[k] for k in members])
+            absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
+            for i, k in enumerate(members):
+                p = named[k][1]
+                self.state[p] = state_views(group, i)
+                self._slots[p] = (len(flat), i)
+            flat.append(group)
+        self._flat, self._rules, self._hparam_rows = flat, rules, None
+        if self.verbose:
+            self._log_partition(layouts)
+
+    def _log_partition(self, layouts: List[BlockLayout]) -> None:
+        counts = rule_counts(layouts)
+        blocks = sum(l.num_blocks for l in layouts)
+        logger.info(
+            "AdamMini: %d parameters, %d second-moment values, backend %s; parameters per rule: %s",
+            len(layouts), blocks, self.backend, ", ".join(f"{r}={c}" for r, c in counts.items()),
+        )
+        for rule, attr in (("embd", "embd_names"), ("output", "output_names"), ("wqk", "wqk_names")):
+            if counts[rule] == 0:
+                logger.warning(
+                    "AdamMini: no parameter matched optimizer.%s %s; if you train a transformer, "
+                    "add the key of yours (e.g. optimizer.%s.add('tok_emb'))", attr, sorted(getattr(self, attr)), attr,
+                )
+
+    # -- step ----------------------------------------------------------------------------------
+    def _read_hparams(self) -> List[List[tuple]]:
+        """Per flat group, one (lr, weight_decay, beta1, beta2, eps) row per parameter, read from
+        ``param_groups`` (which users and LR schedulers edit), validated when changed."""
+        rows = [[None] * len(group.params) for group in self._flat]
+        flat_rows = []
+        for group in self.param_groups:
+            row = (group["lr"], group["weight_decay"], group["beta1"], group["beta2"], group["eps"])
+            flat_rows.append(row)
+            for p in group["params"]:
+                gi, i = self._slots[p]
+                rows[gi][i] = row
+        if flat_rows != self._hparam_rows:
+            for group, row in zip(self.param_groups, flat_rows):
+                lr, wd, b1, b2, eps = row
+                _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
+            self._hparam_rows = flat_rows
+        return rows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Adam-mini step for every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rules = snapshot_rules(self)
+        if self._flat is None or rules != self._rules:
+            self._build(rules)
+        checks = [group.inspect() for group in self._flat]
+        rows = self._read_hparams()
+        for group, check, group_rows in zip(self._flat, checks, rows):
+            if check.active is not None and not any(check.active):
+                continue
+            group.repair(check)
+            group.set_hparams(group_rows)
+            active = None
+            if check.active is not None:
+                active = to_device(torch.tensor(check.active), group.device)
+            advance_steps(group, active)
+            self._step_fn(group, step_coefficients(group, active))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` the flat gradient
+        buffers are zeroed in one fill each and stay aliased (the fastest way to train)."""
+        if set_to_none or self._flat is None:
+            super().zero_grad(set_to_none)
+            return
+        for group in self._flat:
+            group.zero_grad()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _index_to_param(self) -> List[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """As torch's, in official 1.1.1's per-parameter layout, with ``step`` as a Python int."""
+        state_dict = super().state_dict()
+        steps: Dict[torch.Tensor, int] = {}
+        for group in self._flat or []:
+            steps.update(zip(group.params, group.steps.tolist()))
+        params = self._index_to_param()
+        state_dict["state"] = {
+            idx: {**s, "step": steps[params[idx]] if params[idx] in steps else int(s["step"])}
+            for idx, s in state_dict["state"].items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict written by ``AdamMini`` or by official ``Adam_mini`` 1.1.1. Second
+        moments stay float32; the flat buffers are refilled at the next step."""
+        params = self._index_to_param()
+        layouts = self._partition(snapshot_rules(self))
+        saved = state_dict["state"]
+        for idx, s in saved.items():
+            if not 0 <= idx < len(params):
+                raise ValueError(f"state dict has state for parameter index {idx}; this optimizer has {len(params)}")
+            check_state(s, layouts[idx])
+        moments = {
+            idx: {k: s[k].detach().to(torch.float32, copy=True) for k in ("v", "vmean") if k in s}
+            for idx, s in saved.items()
+        }
+        super().load_state_dict(state_dict)
+        for idx, kept in moments.items():
+            self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})
+        self._flat = None

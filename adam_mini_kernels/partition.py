@@ -1,0 +1,154 @@
+"""The partition engine: parameter names -> Adam-mini blocks.
+
+Adam-mini keeps one second-moment value per block. Which block a parameter element belongs to is
+decided from the parameter's (lowercased) name, by substring match against name sets that users
+may edit on the optimizer after construction. Rules are tried in ``RULE_ORDER``; the first match
+wins; a name matching nothing gets one block for the whole tensor.
+
+Where the official implementation (``adam-mini`` 1.1.1) crashes or silently mis-partitions, we do
+better: row rules on 1-D tensors fall back to the whole-tensor block, tensors of more than two
+dims use dim-0 slices, and a query/key tensor whose size is not a multiple of the head block is a
+``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+# Rule names, in the order they are tried. "whole" is the fallback.
+ADAM = "adam"
+WQK = "wqk"
+ROW_RULES = ("embd", "output", "wv", "attn_proj", "mlp")
+WHOLE = "whole"
+RULE_ORDER = (ADAM, WQK) + ROW_RULES
+
+# The optimizer attribute holding each rule's name set, and its default (official 1.1.1).
+NAME_SET_ATTRS = {
+    ADAM: "adam_block_names",
+    WQK: "wqk_names",
+    "embd": "embd_names",
+    "output": "output_names",
+    "wv": "wv_names",
+    "attn_proj": "attn_proj_names",
+    "mlp": "mlp_names",
+}
+DEFAULT_NAMES = {
+    ADAM: ("bias",),
+    WQK: ("k_proj", "q_proj", "wq", "wk", "query", "key"),
+    "embd": ("embed", "embd", "wte"),
+    "output": ("lm_head", "output", "final_layer"),
+    "wv": ("v_proj", "wv", "value"),
+    "attn_proj": ("o_proj", "wo", "attn.proj"),
+    "mlp": ("feed_forward", "linear", "mlp"),
+}
+
+# Substrings that force weight decay to 0 (official 1.1.1).
+NO_DECAY_KEYS = ("norm", "ln", "bias")
+
+NameRules = Tuple[Tuple[str, frozenset], ...]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """How one parameter is cut into blocks: ``num_blocks`` consecutive chunks of
+    ``block_numel`` elements of the flattened (row-major) tensor, one ``v`` value each."""
+
+    name: str
+    rule: str
+    shape: Tuple[int, ...]
+    block_numel: int
+    num_blocks: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def state_kind(self) -> str:
+        """Which official state layout the parameter uses: adam, heads, rows or whole."""
+        if self.rule == ADAM:
+            return "adam"
+        if self.rule == WQK:
+            return "heads"
+        if self.rule in ROW_RULES:
+            return "rows"
+        return "whole"
+
+
+def default_weight_decay(name: str, weight_decay: float) -> float:
+    """Official rule: no decay for names containing "norm", "ln" or "bias"."""
+    return 0.0 if any(key in name for key in NO_DECAY_KEYS) else weight_decay
+
+
+def snapshot_rules(owner) -> NameRules:
+    """Read the (mutable) name sets off the optimizer, as an immutable, comparable value."""
+    return tuple((rule, frozenset(getattr(owner, NAME_SET_ATTRS[rule]))) for rule in RULE_ORDER)
+
+
+def classify(name: str, rules: NameRules) -> str:
+    """The first rule whose name set has a key contained in ``name``; ``WHOLE`` if none."""
+    for rule, keys in rules:
+        if any(key in name for key in keys):
+            return rule
+    return WHOLE
+
+
+def head_block_numel(dim: int, n_heads: int, head_dim: Optional[int]) -> int:
+    """Elements per query/key head block: ``head_dim * dim``, by default ``dim * dim // n_heads``
+    as official 1.1.1 does. Raises ``ValueError`` when that is not a whole number."""
+    if head_dim is not None:
+        return head_dim * dim
+    if (dim * dim) % n_heads:
+        raise ValueError(
+            f"dim*dim ({dim}*{dim}) is not divisible by n_heads={n_heads}, so the query/key head "
+            "block size is not a whole number; pass dim and n_heads of your model, or head_dim"
+        )
+    return dim * dim // n_heads
+
+
+def layout_for(name: str, shape: Sequence[int], rule: str, head_numel: Optional[int]) -> BlockLayout:
+    """The block layout of one parameter under ``rule``."""
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if rule == ADAM:
+        return BlockLayout(name, rule, shape, 1, numel)
+    if rule == WQK:
+        if numel % head_numel:
+            raise ValueError(
+                f"parameter '{name}' (shape {list(shape)}, {numel} elements) is matched by the "
+                f"query/key rule but its size is not a multiple of the head block of {head_numel} "
+                "elements (head_dim * dim, head_dim defaulting to dim // n_heads); pass the right "
+                "dim, n_heads and head_dim, or remove its key from optimizer.wqk_names"
+            )
+        return BlockLayout(name, rule, shape, head_numel, numel // head_numel)
+    if rule in ROW_RULES and len(shape) >= 2:
+        rows = shape[0]
+        return BlockLayout(name, rule, shape, numel // rows if rows else 0, rows)
+    # Whole tensor: names matching no rule, and row rules on 0-D/1-D tensors (official crashes).
+    return BlockLayout(name, WHOLE, shape, numel, 1)
+
+
+def build_partition(
+    named_shapes: Iterable[Tuple[str, Sequence[int]]],
+    rules: NameRules,
+    dim: int,
+    n_heads: int,
+    head_dim: Optional[int],
+) -> List[BlockLayout]:
+    """Layouts for every (name, shape), in order. The head block size is only computed (and
+    validated) when some parameter is matched by the query/key rule."""
+    named_rules = [(name, shape, classify(name, rules)) for name, shape in named_shapes]
+    head_numel = None
+    if any(rule == WQK for _, _, rule in named_rules):
+        head_numel = head_block_numel(dim, n_heads, head_dim)
+    return [layout_for(name, shape, rule, head_numel) for name, shape, rule in named_rules]
+
+
+def rule_counts(layouts: Iterable[BlockLayout]) -> Dict[str, int]:
+    """Number of parameters per rule (for the partition log)."""
+    counts = {rule: 0 for rule in RULE_ORDER + (WHOLE,)}
+    for layout in layouts:
+        counts[layout.rule] += 1
+    return counts

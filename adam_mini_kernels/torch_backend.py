@@ -1,0 +1,74 @@
+"""The PyTorch backend: one Adam-mini step over a group's flat buffers with plain tensor ops.
+
+A fixed number of ops per group whatever the number of parameters: the per-block sums of g^2 are
+one ``segment_reduce`` over the flat gradient, and per-block / per-parameter values are spread to
+elements with ``repeat_interleave``. Runs wherever PyTorch runs; it is the fallback of ``auto``
+and the flat-buffer counterpart of ``reference.adam_mini_step``. Math in float32, whatever the
+storage dtype. It trades memory for simplicity: a few float32 temporaries the size of the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .buffers import FlatGroup
+from .coefficients import C_BC2_SQRT, C_BETA2, C_DECAY, C_EPS, C_M_WEIGHT, C_STEP_SIZE, C_V_WEIGHT
+
+
+@dataclass
+class _SegmentTable:
+    """Launch metadata of this backend, built once per group.
+
+    The flat buffer is cut into one segment per block, in order; the padding after a parameter is
+    appended to its last block's segment (it is zero, so sums do not change)."""
+
+    seg_len: torch.Tensor  # (B,) int64: elements of each block's segment, padding included
+    block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
+    block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
+    padded_numel: torch.Tensor  # (P,) int64: elements from a parameter's start to the next one
+
+
+def _segment_table(group: FlatGroup) -> _SegmentTable:
+    t = group.table
+    num_blocks = t["num_blocks"]
+    block_param = torch.repeat_interleave(torch.arange(len(num_blocks), device=group.device), num_blocks)
+    block_numel = t["block_numel"].repeat_interleave(num_blocks)
+    pad = t["padded_numel"] - t["numel"]
+    last_block = torch.cumsum(num_blocks, 0) - 1
+    seg_len = block_numel.clone()
+    has_blocks = num_blocks > 0
+    seg_len.index_add_(0, last_block[has_blocks], pad[has_blocks])
+    return _SegmentTable(
+        seg_len=seg_len,
+        block_numel=block_numel.clamp(min=1).to(torch.float32),
+        block_param=block_param,
+        padded_numel=t["padded_numel"],
+    )
+
+
+def torch_step(group: FlatGroup, coef: torch.Tensor) -> None:
+    """Apply one step to ``group`` in place, given this step's coefficient table."""
+    seg = group.cache.get("torch")
+    if seg is None:
+        seg = group.cache["torch"] = _segment_table(group)
+    n = group.numel
+
+    g = group.grad_buffer.float()
+    block_sum = torch.segment_reduce(g * g, "sum", lengths=seg.seg_len)
+    block_coef = coef.index_select(0, seg.block_param)
+    v = group.v
+    v.mul_(block_coef[:, C_BETA2]).add_(block_sum.div_(seg.block_numel).mul_(block_coef[:, C_V_WEIGHT]))
+    h = v.sqrt().div_(block_coef[:, C_BC2_SQRT]).add_(block_coef[:, C_EPS])
+    block_scale = block_coef[:, C_STEP_SIZE].div(h)
+    # An idle parameter has step size 0; keep it exactly still even where h is 0 (eps = 0).
+    block_scale = torch.where(block_coef[:, C_STEP_SIZE] == 0, 0.0, block_scale)
+    scale = torch.repeat_interleave(block_scale, seg.seg_len, output_size=n)
+
+    elem_coef = torch.repeat_interleave(coef[:, [C_DECAY, C_M_WEIGHT]], seg.padded_numel, dim=0, output_size=n)
+    m = group.m.float().lerp_(g, elem_coef[:, 1])
+    p = group.param_buffer.float().mul_(elem_coef[:, 0]).addcmul_(m, scale, value=-1)
+    if group.m.dtype != torch.float32:
+        group.m.copy_(m)
+        group.param_buffer.copy_(p)

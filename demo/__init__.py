@@ -1,0 +1,1 @@
+"""Demo: train a tiny GPT with AdamMini and AdamW and compare them."""

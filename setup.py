@@ -1,0 +1,65 @@
+"""Build and install adam-mini-kernels.
+
+The Python package is ``adam_mini_kernels``; the ``triton_kernels/`` folder is installed inside it
+as ``adam_mini_kernels.triton_kernels`` (a top-level ``triton_kernels`` belongs to another
+distribution). The CUDA extension ``adam_mini_kernels._C`` is built from ``csrc/`` when that is
+possible (a CUDA build of torch and nvcc found) and skipped with a one-line notice otherwise, or
+when ``ADAM_MINI_SKIP_CUDA_BUILD=1``. Install with ``pip install --no-build-isolation -e .`` so
+that the extension compiles against the torch already installed.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+EXTENSION = "adam_mini_kernels._C"
+
+
+def _skip(reason):
+    print(f"adam-mini-kernels: not building the CUDA extension: {reason}", file=sys.stderr)
+    return {}
+
+
+def _cuda_extension():
+    """setup() keywords that build the CUDA extension, or {} (with a notice) when it cannot be."""
+    if os.environ.get("ADAM_MINI_SKIP_CUDA_BUILD") == "1":
+        return _skip("ADAM_MINI_SKIP_CUDA_BUILD=1")
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    if not sources:
+        return _skip("no CUDA sources in csrc/ yet")
+    try:
+        import torch
+    except ImportError:
+        return _skip("torch is not installed (install it first, then use --no-build-isolation)")
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return _skip(f"nvcc not found under CUDA_HOME={cuda_home}")
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext = CUDAExtension(
+        EXTENSION,
+        sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+setup(
+    name="adam-mini-kernels",
+    version="0.1.0",
+    description="Adam-mini optimizer for PyTorch with fused CUDA and Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["adam_mini_kernels", "adam_mini_kernels.triton_kernels"],
+    package_dir={"adam_mini_kernels": "adam_mini_kernels", "adam_mini_kernels.triton_kernels": "triton_kernels"},
+    install_requires=["torch>=2.11"],
+    extras_require={"test": ["pytest", "adam-mini==1.1.1", "transformers"]},
+    **_cuda_extension(),
+)
