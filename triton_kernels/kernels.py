@@ -1,0 +1,140 @@
+"""Triton kernels of the fused Adam-mini step. Launchers are in ``launch.py``.
+
+[Note: decomposition]
+A group's blocks are stepped by three kinds of kernel, each driven by a table built once:
+
+* ``rows_step_kernel``: one program per small block (a row, a small head, a norm weight). The
+  block's gradient is read once and held in registers: sum of g^2, v update, then m and p, in
+  one pass (20 B/param in fp32: read p, g, m; write p, m).
+* large blocks (big heads, big whole tensors) in three launches, deterministic, no atomics:
+  ``tile_sumsq_kernel`` writes the sum of g^2 of each fixed tile to its own slot,
+  ``large_block_v_kernel`` adds a block's tile sums in a fixed order and updates its v, and
+  ``tile_step_kernel`` updates the tile's m and p (one extra read of g).
+* ``adam_step_kernel``: Adam blocks (biases), one v per element, tiles of elements.
+
+All math is float32 whatever the storage dtype; offsets are int64. The scalar coefficients of
+each parameter come from the table of ``coefficients.step_coefficients``.
+"""
+
+import triton
+import triton.language as tl
+
+from ..coefficients import (
+    C_BC2_SQRT,
+    C_BETA2,
+    C_DECAY,
+    C_EPS,
+    C_M_WEIGHT,
+    C_STEP_SIZE,
+    C_V_WEIGHT,
+    NUM_COEFFICIENTS,
+)
+
+# Named columns of the launch tables (int64, row-major); launch.py reads ``.value``.
+# Rows and Adam tiles: first element, number of elements, index of the (first) v, parameter.
+ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = (tl.constexpr(k) for k in range(5))
+# Large-block tiles: first element, number of elements, index of the large block.
+TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = (tl.constexpr(k) for k in range(4))
+# Large blocks: v index, parameter, first tile, number of tiles, number of elements.
+LB_V, LB_PARAM, LB_FIRST_TILE, LB_NUM_TILES, LB_NUMEL, LB_COLS = (tl.constexpr(k) for k in range(6))
+
+_C_DECAY = tl.constexpr(C_DECAY)
+_C_STEP_SIZE = tl.constexpr(C_STEP_SIZE)
+_C_BC2_SQRT = tl.constexpr(C_BC2_SQRT)
+_C_EPS = tl.constexpr(C_EPS)
+_C_BETA2 = tl.constexpr(C_BETA2)
+_C_V_WEIGHT = tl.constexpr(C_V_WEIGHT)
+_C_M_WEIGHT = tl.constexpr(C_M_WEIGHT)
+_NUM_COEF = tl.constexpr(NUM_COEFFICIENTS)
+
+
+@triton.jit
+def _new_v(v_ptr, v_index, sumsq, numel, coef):
+    """v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block); stores
+    and returns the new v."""
+    mean = sumsq / tl.maximum(numel, 1).to(tl.float32)
+    v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
+    tl.store(v_ptr + v_index, v)
+    return v
+
+
+@triton.jit
+def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef):
+    """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps).
+    ``v`` is the block's value (scalar) or one per element."""
+    h = tl.sqrt(v) / tl.load(coef + _C_BC2_SQRT) + tl.load(coef + _C_EPS)
+    step_size = tl.load(coef + _C_STEP_SIZE)
+    # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
+    scale = tl.where(step_size == 0, 0.0, step_size / h)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m + tl.load(coef + _C_M_WEIGHT) * (g - m)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p * tl.load(coef + _C_DECAY) - scale * m
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.constexpr):
+    """One program per small block of at most BLOCK elements: the whole step in one pass."""
+    row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
+    start = tl.load(row + ROW_START)
+    numel = tl.load(row + ROW_NUMEL)
+    coef = coef_ptr + tl.load(row + ROW_PARAM) * _NUM_COEF
+    offs = start + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < numel
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
+    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
+
+
+@triton.jit
+def tile_sumsq_kernel(g_ptr, tiles_ptr, partial_ptr, TILE: tl.constexpr):
+    """Large blocks, phase 1: the sum of g^2 of each tile, into the tile's own slot."""
+    tile_id = tl.program_id(0).to(tl.int64)
+    tile = tiles_ptr + tile_id * TILE_COLS
+    offs = tl.load(tile + TILE_START) + tl.arange(0, TILE)
+    mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + tile_id, tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def large_block_v_kernel(v_ptr, coef_ptr, partial_ptr, blocks_ptr, CHUNK: tl.constexpr):
+    """Large blocks, phase 2: add a block's tile sums in a fixed order and update its v."""
+    block = blocks_ptr + tl.program_id(0).to(tl.int64) * LB_COLS
+    first = tl.load(block + LB_FIRST_TILE)
+    num_tiles = tl.load(block + LB_NUM_TILES)
+    acc = tl.zeros((CHUNK,), dtype=tl.float32)
+    for k in range(0, num_tiles, CHUNK):
+        idx = k + tl.arange(0, CHUNK)
+        acc += tl.load(partial_ptr + first + idx, mask=idx < num_tiles, other=0.0)
+    coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
+    _new_v(v_ptr, tl.load(block + LB_V), tl.sum(acc, axis=0), tl.load(block + LB_NUMEL), coef)
+
+
+@triton.jit
+def tile_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr):
+    """Large blocks, phase 3: update m and p of one tile with its block's new v."""
+    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
+    block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
+    offs = tl.load(tile + TILE_START) + tl.arange(0, TILE)
+    mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
+    _update_elements(p_ptr, m_ptr, offs, mask, g, tl.load(v_ptr + tl.load(block + LB_V)), coef)
+
+
+@triton.jit
+def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.constexpr):
+    """Adam blocks: one v per element, a tile of consecutive elements of one parameter."""
+    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
+    lanes = tl.arange(0, TILE)
+    mask = lanes < tl.load(tile + ROW_NUMEL)
+    offs = tl.load(tile + ROW_START) + lanes
+    v_offs = tl.load(tile + ROW_V) + lanes
+    coef = coef_ptr + tl.load(tile + ROW_PARAM) * _NUM_COEF
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
+    tl.store(v_ptr + v_offs, v, mask=mask)
+    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
