@@ -1,24 +1,20 @@
-"""Triton kernels of the fused Adam-mini step. Launchers are in ``launch.py``.
+"""Triton kernels of the fused Adam-mini step, one per kind of work of the launch tables (see
+[Note: launch tables] in ``adam_mini_kernels/launch_tables.py``); ``launch.py`` launches them.
 
-[Note: decomposition]
-A group's blocks are stepped by three kinds of kernel, each driven by a table built once:
+* ``rows_step_kernel``: one program per small block (a row, a head, a norm weight), held in
+  registers: sum of g^2, v update, m and p in one pass (fp32: read p, g, m; write p, m = 20 B).
+* ``tile_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``: the three phases of a
+  large block, deterministic (fixed slots, fixed order), no atomics.
+* ``adam_step_kernel``: Adam blocks (biases), one v per element.
 
-* ``rows_step_kernel``: one program per small block (a row, a small head, a norm weight). The
-  block's gradient is read once and held in registers: sum of g^2, v update, then m and p, in
-  one pass (20 B/param in fp32: read p, g, m; write p, m).
-* large blocks (big heads, big whole tensors) in three launches, deterministic, no atomics:
-  ``tile_sumsq_kernel`` writes the sum of g^2 of each fixed tile to its own slot,
-  ``large_block_v_kernel`` adds a block's tile sums in a fixed order and updates its v, and
-  ``tile_step_kernel`` updates the tile's m and p (one extra read of g).
-* ``adam_step_kernel``: Adam blocks (biases), one v per element, tiles of elements.
-
-All math is float32 whatever the storage dtype; offsets are int64. The scalar coefficients of
-each parameter come from the table of ``coefficients.step_coefficients``.
+All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
+coefficients come from the table of ``coefficients.step_coefficients``.
 """
 
 import triton
 import triton.language as tl
 
+from .. import launch_tables as T
 from ..coefficients import (
     C_BC2_SQRT,
     C_BETA2,
@@ -30,14 +26,16 @@ from ..coefficients import (
     NUM_COEFFICIENTS,
 )
 
-# Named columns of the launch tables (int64, row-major); launch.py reads ``.value``.
-# Rows and Adam tiles: first element, number of elements, index of the (first) v, parameter.
-ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = (tl.constexpr(k) for k in range(5))
-# Large-block tiles: first element, number of elements, index of the large block.
-TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = (tl.constexpr(k) for k in range(4))
-# Large blocks: v index, parameter, first tile, number of tiles, number of elements.
-LB_V, LB_PARAM, LB_FIRST_TILE, LB_NUM_TILES, LB_NUMEL, LB_COLS = (tl.constexpr(k) for k in range(6))
-
+# Triton kernels may only read globals that are constexpr: the column indices, as constexprs.
+ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = (
+    tl.constexpr(c) for c in (T.ROW_START, T.ROW_NUMEL, T.ROW_V, T.ROW_PARAM, T.ROW_COLS)
+)
+TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = (
+    tl.constexpr(c) for c in (T.TILE_START, T.TILE_NUMEL, T.TILE_BLOCK, T.TILE_COLS)
+)
+LB_V, LB_PARAM, LB_NUM_TILES, LB_FIRST_TILE, LB_NUMEL, LB_COLS = (
+    tl.constexpr(c) for c in (T.LB_V, T.LB_PARAM, T.LB_NUM_TILES, T.LB_FIRST_TILE, T.LB_NUMEL, T.LB_COLS)
+)
 _C_DECAY = tl.constexpr(C_DECAY)
 _C_STEP_SIZE = tl.constexpr(C_STEP_SIZE)
 _C_BC2_SQRT = tl.constexpr(C_BC2_SQRT)

@@ -1,0 +1,109 @@
+"""Launch tables of the fused backends (Triton and CUDA), built once per group.
+
+[Note: launch tables]
+A group's blocks are stepped by three kinds of work, each described by an int64 table (one row
+per program, named columns below) so that the number of launches is fixed by the kinds of work,
+not by the number of parameters:
+
+* rows: one program per small block (at most ``ROW_MAX`` elements), which it holds on chip and
+  steps in one pass. Rows are grouped into size classes (power-of-two ``block`` sizes) so a
+  program's width fits its rows.
+* large blocks (more than ``ROW_MAX`` elements): cut into tiles of ``TILE`` elements. Phase 1
+  writes the sum of g^2 of each tile to its own slot of ``partial``; phase 2 adds a block's
+  slots in a fixed order and updates its v; phase 3 updates each tile's m and p. Deterministic,
+  no atomics, one extra read of g.
+* Adam tiles: ``ADAM_TILE`` consecutive elements of an Adam-block (per-element v) parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .buffers import FlatGroup
+from .partition import ADAM
+
+ROW_MAX = 8192  # blocks up to this many elements are rows (held on chip)
+MIN_ROW_BLOCK = 16
+TILE = 4096  # elements per tile of a large block
+ADAM_TILE = 1024  # elements per Adam tile
+
+# Columns. Rows and Adam tiles: first element, number of elements, index of the (first) v, param.
+ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = range(5)
+# Large-block tiles: first element, number of elements, index of the large block.
+TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = range(4)
+# Large blocks: v index, parameter, first tile, number of tiles, number of elements.
+LB_V, LB_PARAM, LB_FIRST_TILE, LB_NUM_TILES, LB_NUMEL, LB_COLS = range(6)
+
+
+@dataclass
+class LaunchTables:
+    row_classes: List[Tuple[int, torch.Tensor]]  # (block width, rows table) per size class
+    tiles: Optional[torch.Tensor]  # (T, TILE_COLS)
+    blocks: Optional[torch.Tensor]  # (L, LB_COLS)
+    partial: Optional[torch.Tensor]  # (T,) float32 scratch: one slot per tile
+    adam: Optional[torch.Tensor]  # (A, ROW_COLS)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Columns:
+    """Accumulates the rows of one table, column by column, as numpy arrays."""
+
+    def __init__(self, ncols: int):
+        self.cols = [[] for _ in range(ncols)]
+
+    def add(self, *values) -> None:
+        n = max(np.size(v) for v in values)
+        for col, v in zip(self.cols, values):
+            col.append(np.broadcast_to(np.asarray(v, dtype=np.int64), (n,)))
+
+    def tensor(self, device: torch.device) -> Optional[torch.Tensor]:
+        if not self.cols[0]:
+            return None
+        table = np.stack([np.concatenate(c) for c in self.cols], axis=1)
+        return torch.from_numpy(np.ascontiguousarray(table)).to(device)
+
+
+def build_launch_tables(group: FlatGroup) -> LaunchTables:
+    """The tables for ``group``, from its layouts, element offsets and v offsets."""
+    rows = {}
+    tiles, blocks, adam = _Columns(TILE_COLS), _Columns(LB_COLS), _Columns(ROW_COLS)
+    num_tiles = num_blocks = 0
+    for i, layout in enumerate(group.layouts):
+        offset, v_offset = group.offsets[i], group.v_offsets[i]
+        bn, nb = layout.block_numel, layout.num_blocks
+        if nb == 0:
+            continue
+        if layout.rule == ADAM:
+            start = np.arange(0, nb, ADAM_TILE, dtype=np.int64)
+            adam.add(offset + start, np.minimum(ADAM_TILE, nb - start), v_offset + start, i)
+            continue
+        starts = offset + np.arange(nb, dtype=np.int64) * bn
+        v_index = v_offset + np.arange(nb, dtype=np.int64)
+        if bn <= ROW_MAX:
+            rows.setdefault(max(MIN_ROW_BLOCK, _next_pow2(bn)), _Columns(ROW_COLS)).add(starts, bn, v_index, i)
+            continue
+        within = np.arange(0, bn, TILE, dtype=np.int64)
+        per_block = len(within)
+        tiles.add(
+            (starts[:, None] + within[None, :]).reshape(-1),
+            np.tile(np.minimum(TILE, bn - within), nb),
+            num_blocks + np.repeat(np.arange(nb, dtype=np.int64), per_block),
+        )
+        blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, bn)
+        num_tiles += nb * per_block
+        num_blocks += nb
+    device = group.device
+    return LaunchTables(
+        row_classes=[(width, cols.tensor(device)) for width, cols in sorted(rows.items())],
+        tiles=tiles.tensor(device),
+        blocks=blocks.tensor(device),
+        partial=torch.empty(num_tiles, dtype=torch.float32, device=device) if num_tiles else None,
+        adam=adam.tensor(device),
+    )
