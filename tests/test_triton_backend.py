@@ -1,0 +1,143 @@
+"""The Triton backend against the PyTorch backend and official adam-mini 1.1.1.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py
+switches it on), so sizes stay small; with a GPU the same tests run the compiled kernels on CUDA
+tensors, and the ``gpu`` tests add real sizes.
+"""
+
+import pytest
+import torch
+
+import models
+from adam_mini_kernels import AdamMini
+from adam_mini_kernels import launch_tables
+from grad_stream import clone_named, max_rel_err, run_stream
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Relative tolerance on params after a few steps, per storage dtype. fp32 differs from the torch
+# backend only by summation order and FMA contraction; in bf16/fp16 such a difference can flip
+# the rounding of the stored p (and m) by one unit in the last place at each step: 3 steps of
+# 2^-7 (bf16) / 2^-10 (fp16), relative, with margin.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
+
+
+def _named(model_name):
+    model, _, dims = models.build(model_name)
+    return [(n, p) for n, p in model.named_parameters()], dims
+
+
+def _pair(named, dims, dtype, backends=("torch", "triton")):
+    sets, opts = [], []
+    for backend in backends:
+        params = clone_named(named, device=DEVICE, dtype=dtype)
+        sets.append([p for _, p in params if p.requires_grad])
+        opts.append(AdamMini(params, backend=backend, **dims, **KW))
+    return sets, opts
+
+
+def _assert_close(sets, opts, tol):
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= tol, (a.shape, max_rel_err(a, b))
+    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
+        assert torch.equal(fa.steps, fb.steps)
+        assert max_rel_err(fa.v, fb.v) <= max(tol, 1e-5)
+        assert max_rel_err(fa.m.float(), fb.m.float()) <= tol * 10
+
+
+@pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "gpt2_tied", "cnn"])
+def test_matches_torch_backend_fp32(model_name):
+    named, dims = _named(model_name)
+    sets, opts = _pair(named, dims, torch.float32)
+    assert opts[1].backend == "triton"
+    run_stream(sets, opts, steps=4, seed=hash(model_name) % 1000)
+    _assert_close(sets, opts, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_torch_backend_low_precision(dtype):
+    named, dims = _named("nanogpt_beyond_official")
+    sets, opts = _pair(named, dims, dtype)
+    run_stream(sets, opts, steps=3, seed=11)
+    _assert_close(sets, opts, TOL[dtype])
+
+
+def test_matches_official():
+    from adam_mini import Adam_mini
+
+    named, dims = _named("llama_gqa")
+    ours = clone_named(named, device=DEVICE)
+    theirs = clone_named(named, device=DEVICE)
+    opts = [Adam_mini(theirs, **dims, **KW), AdamMini(ours, backend="triton", **dims, **KW)]
+    sets = [[p for _, p in theirs], [p for _, p in ours]]
+    run_stream(sets, opts, steps=4, seed=3, none_every=0)
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+def _odd_named():
+    """Every kind of work and its edges: a row of 1 element, rows not a multiple of any vector
+    width, a whole-tensor block and a head block larger than one tile (the three-phase path), a
+    row class at exactly ROW_MAX, zero-size parameters, a row rule on a 1-D tensor."""
+    big = launch_tables.TILE * 2 + 3
+    shapes = {
+        "one.weight": (1,),
+        "mlp.odd": (5, 7),
+        "mlp.row_of_one": (3, 1),
+        "mlp.exact": (2, launch_tables.ROW_MAX),
+        "big_norm.weight": (big,),
+        "layers.0.wq.weight": (4, 16 * 3 * 1000 // 4 + 5),  # reshaped below to head blocks
+        "empty.weight": (0, 3),
+        "mlp.empty_rows": (4, 0),
+        "mlp.vector": (33,),
+        "lone.bias": (1,),
+        "long.bias": (launch_tables.ADAM_TILE + 17,),
+    }
+    gen = torch.Generator().manual_seed(5)
+    named = []
+    for name, shape in shapes.items():
+        if "wq" in name:
+            shape = (2 * 96, 96)  # dim 96, n_heads 1: one head block of 9216 > ROW_MAX elements
+        named.append((name, torch.nn.Parameter(torch.randn(shape, generator=gen))))
+    return named, dict(dim=96, n_heads=1)
+
+
+def test_odd_sizes():
+    named, dims = _odd_named()
+    sets, opts = _pair(named, dims, torch.float32)
+    run_stream(sets, opts, steps=3, seed=9, none_every=4)
+    tables = opts[1]._flat[0].cache["launch_tables"]
+    assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 2
+    _assert_close(sets, opts, TOL[torch.float32])
+
+
+def test_bitwise_deterministic():
+    named, dims = _odd_named()
+    sets, opts = _pair(named, dims, torch.float32, backends=("triton", "triton"))
+    run_stream(sets, opts, steps=2, seed=4)
+    for a, b in zip(*sets):
+        assert torch.equal(a, b)
+    assert torch.equal(opts[0]._flat[0].v, opts[1]._flat[0].v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_buffer_over_2_pow_31_elements():
+    """A bf16 group of more than 2^31 elements: offsets past 2^31 must be 64-bit."""
+    n = 2**31 + 4096
+    need = n * 2 * 3 + (1 << 30)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip("not enough GPU memory")
+    first = torch.nn.Parameter(torch.zeros(n - 4096, dtype=torch.bfloat16, device="cuda"))
+    tail = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16, device="cuda"))
+    tail_ref = clone_named([("mlp.tail", tail)])
+    opt = AdamMini([("norm.first", first), ("mlp.tail", tail)], backend="triton", **KW)
+    ref = AdamMini(tail_ref, backend="torch", **KW)
+    run_stream([[first, tail]], [opt], steps=1, none_every=0)
+    # The tail sits past element 2^31 of the flat buffer: compare it with a small torch-backend run.
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(first.shape, generator=gen)
+    tail_ref[0][1].grad = torch.randn(tail.shape, generator=gen).to(tail.device, tail.dtype)
+    ref.step()
+    assert opt._flat[0].offsets[1] >= 2**31 - 4096
+    assert max_rel_err(tail_ref[0][1], tail) <= TOL[torch.bfloat16]
