@@ -152,12 +152,12 @@ class FlatGroup:
                 active.append(False)
                 continue
             active.append(True)
+            if g.layout != torch.strided:
+                raise RuntimeError(
+                    f"AdamMini does not support sparse gradients (parameter "
+                    f"'{self.layouts[i].name}' has a {g.layout} gradient)"
+                )
             if g.data_ptr() != self._grad_ptrs[i]:
-                if g.layout != torch.strided:
-                    raise RuntimeError(
-                        f"AdamMini does not support sparse gradients (parameter "
-                        f"'{self.layouts[i].name}' has a {g.layout} gradient)"
-                    )
                 if g.shape != p.shape:
                     raise RuntimeError(
                         f"gradient of '{self.layouts[i].name}' has shape {list(g.shape)}, "

@@ -123,6 +123,7 @@ class AdamMini(torch.optim.Optimizer):
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
         self._weight_decay = weight_decay
         self._flat: Optional[List[FlatGroup]] = None
+        self._hparam_rows: Optional[List[tuple]] = None
 
         groups = []
         seen: Dict[int, str] = {}
@@ -200,7 +201,7 @@ class AdamMini(torch.optim.Optimizer):
                 self.state[p] = state_views(group, i)
                 self._slots[p] = (len(flat), i)
             flat.append(group)
-        self._flat, self._rules, self._hparam_rows = flat, rules, None
+        self._flat, self._rules = flat, rules
         if self.verbose:
             self._log_partition(layouts)
 
@@ -219,23 +220,29 @@ class AdamMini(torch.optim.Optimizer):
                 )
 
     # -- step ----------------------------------------------------------------------------------
-    def _read_hparams(self) -> List[List[tuple]]:
-        """Per flat group, one (lr, weight_decay, beta1, beta2, eps) row per parameter, read from
-        ``param_groups`` (which users and LR schedulers edit), validated when changed."""
-        rows = [[None] * len(group.params) for group in self._flat]
-        flat_rows = []
-        for group in self.param_groups:
-            row = (group["lr"], group["weight_decay"], group["beta1"], group["beta2"], group["eps"])
-            flat_rows.append(row)
+    def _read_hparams(self) -> List[tuple]:
+        """One (lr, weight_decay, beta1, beta2, eps) row per param group, read from
+        ``param_groups`` (which users and LR schedulers edit); validated when changed."""
+        rows = [(g["lr"], g["weight_decay"], g["beta1"], g["beta2"], g["eps"]) for g in self.param_groups]
+        if rows != self._hparam_rows:
+            for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
+                _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
+            self._hparam_rows = rows
+        return rows
+
+    def _rows_per_flat_group(self, rows: List[tuple]) -> List[List[tuple]]:
+        """The hyperparameter rows rearranged per flat group, one per parameter."""
+        out = [[None] * len(group.params) for group in self._flat]
+        for group, row in zip(self.param_groups, rows):
             for p in group["params"]:
                 gi, i = self._slots[p]
-                rows[gi][i] = row
-        if flat_rows != self._hparam_rows:
-            for group, row in zip(self.param_groups, flat_rows):
-                lr, wd, b1, b2, eps = row
-                _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
-            self._hparam_rows = flat_rows
-        return rows
+                out[gi][i] = row
+        return out
+
+    def _check_dense_grads(self) -> None:
+        for name, p in self._named_params():
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}' has a {p.grad.layout} gradient)")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -244,12 +251,14 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Everything that can be wrong is checked before anything changes.
         rules = snapshot_rules(self)
+        rows = self._read_hparams()
         if self._flat is None or rules != self._rules:
+            self._check_dense_grads()
             self._build(rules)
         checks = [group.inspect() for group in self._flat]
-        rows = self._read_hparams()
-        for group, check, group_rows in zip(self._flat, checks, rows):
+        for group, check, group_rows in zip(self._flat, checks, self._rows_per_flat_group(rows)):
             if check.active is not None and not any(check.active):
                 continue
             group.repair(check)
