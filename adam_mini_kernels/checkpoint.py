@@ -47,11 +47,15 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     """Raise ``ValueError`` if ``state`` (official layout or ours) cannot be loaded for a
     parameter laid out as ``layout``."""
     m = state.get("m")
-    if m is not None and m.numel() != layout.numel:
-        raise ValueError(
-            f"state of parameter '{layout.name}': 'm' has {m.numel()} elements, the parameter "
-            f"has {layout.numel}"
-        )
+    if m is not None:
+        # m is the parameter's shape, or (heads, head_numel) in official's query/key layout.
+        heads = state.get("head_per_gpu")
+        head_shape = (heads, layout.numel // heads) if heads and layout.numel % heads == 0 else None
+        if tuple(m.shape) not in (layout.shape, head_shape):
+            raise ValueError(
+                f"state of parameter '{layout.name}': 'm' has shape {list(m.shape)}, the parameter "
+                f"has shape {list(layout.shape)}"
+            )
     v = _second_moment(state)
     if v is None:
         return

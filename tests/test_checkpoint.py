@@ -1,0 +1,237 @@
+"""Checkpoints: ``state_dict`` / ``load_state_dict`` of ``AdamMini`` (torch backend), through
+``torch.save`` / ``torch.load`` (the default, weights-only loader) as a training stack does.
+
+* Resume: N steps, save model and optimizer, load both into a fresh model (built from another
+  seed, so everything must come from the checkpoint) and a fresh optimizer, N more steps: bitwise
+  equal to 2N steps straight, for float32 and bfloat16 parameters (whose second moments must stay
+  float32 through the load, where torch's default load path would cast them to bf16).
+* Interchange with official ``adam_mini.Adam_mini`` 1.1.1, both ways: a checkpoint written by one
+  optimizer continues in the other exactly as in the writer (float32, relative error <= 1e-5 after
+  the N more steps; the two continuations compute their own gradients).
+* A state dict whose first moment does not fit a parameter is refused with ``ValueError`` before
+  anything is changed: state, hyperparameters and later steps are as if the load was never tried.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import models
+from adam_mini import Adam_mini
+from adam_mini_kernels import AdamMini
+
+HPARAMS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+RESUME_STEPS = 3
+INTERCHANGE_STEPS = 5
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """These models are tiny: one intra-op thread is faster than several (which only spin and
+    fight other processes for the cores). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _second_moment(state):
+    return state["v"] if "v" in state else state["vmean"]
+
+
+def make_opt(kind, model, dims, **overrides):
+    kwargs = dict(HPARAMS, **overrides)
+    if kind == "official":
+        return Adam_mini(model.named_parameters(), **kwargs, verbose=False, **dims)
+    return AdamMini(model.named_parameters(), **kwargs, verbose=False, backend="torch", **dims)
+
+
+def build(name, dtype=torch.float32, seed=0):
+    model, batch_fn, dims = models.build(name, seed=seed)
+    return model.to(dtype), batch_fn, dims
+
+
+def roundtrip(obj):
+    """``torch.save`` to memory and ``torch.load`` back (weights-only, torch's default): a deep
+    copy that shares no storage with the live optimizer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def rel_err(actual, expected):
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.detach().double(), expected.detach().double()
+    err, scale = (a - e).abs().max().item(), e.abs().max().item()
+    return (math.inf if err else 0.0) if scale == 0.0 else err / scale
+
+
+def assert_states(actual, expected, rtol=None, what="state"):
+    """Two ``state_dict()["state"]`` dicts: same entries (an empty entry, which official leaves
+    for a parameter it looked up without a gradient, counts as none), same keys, equal metadata
+    and step counts, tensors of equal shape and dtype, bitwise equal (``rtol=None``) or within
+    ``rtol`` relative error."""
+    actual = {k: s for k, s in actual.items() if s}
+    expected = {k: s for k, s in expected.items() if s}
+    assert actual.keys() == expected.keys(), f"{what}: entries {sorted(actual)} != {sorted(expected)}"
+    for idx, exp in expected.items():
+        act = actual[idx]
+        assert set(act) == set(exp), f"{what} {idx}: keys {sorted(act)} != {sorted(exp)}"
+        for key, e in exp.items():
+            a = act[key]
+            if not torch.is_tensor(e):
+                assert not torch.is_tensor(a) and a == e and type(a) is type(e), f"{what} {idx} {key}: {a!r} != {e!r}"
+                continue
+            assert a.shape == e.shape and a.dtype == e.dtype, (
+                f"{what} {idx} {key}: {tuple(a.shape)} {a.dtype} != {tuple(e.shape)} {e.dtype}"
+            )
+            if rtol is None:
+                assert torch.equal(a, e), f"{what} {idx} {key}: not bitwise equal"
+            else:
+                err = rel_err(a, e)
+                assert err <= rtol, f"{what} {idx} {key}: relative error {err:.3g} > {rtol}"
+
+
+def assert_params(actual_model, expected_model, rtol=None):
+    for (name, e), a in zip(expected_model.named_parameters(), actual_model.parameters()):
+        assert a.dtype == e.dtype, name
+        if rtol is None:
+            assert torch.equal(a, e), f"parameter {name}: not bitwise equal"
+        else:
+            err = rel_err(a, e)
+            assert err <= rtol, f"parameter {name}: relative error {err:.3g} > {rtol}"
+
+
+def assert_second_moments_float32(opt, when):
+    seen = 0
+    for p, state in opt.state.items():
+        if state:
+            v = _second_moment(state)
+            assert v.dtype == torch.float32, f"{when}: second moment of a {p.dtype} parameter is {v.dtype}"
+            seen += 1
+    assert seen, f"{when}: no state"
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["llama_gqa", "nanogpt"])
+def test_resume_is_bitwise_identical(name, dtype):
+    n = RESUME_STEPS
+    straight, batch_straight, dims = build(name, dtype)
+    opt_straight = make_opt("ours", straight, dims)
+    models.train(straight, opt_straight, batch_straight, 2 * n)
+
+    first, batch_first, _ = build(name, dtype)
+    opt_first = make_opt("ours", first, dims)
+    models.train(first, opt_first, batch_first, n)
+    checkpoint = roundtrip({"model": first.state_dict(), "optimizer": opt_first.state_dict()})
+    saved_state = roundtrip(opt_first.state_dict())["state"]
+    del first, opt_first
+
+    resumed, batch_resumed, _ = build(name, dtype, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(resumed.parameters(), build(name, dtype)[0].parameters()))
+    opt_resumed = make_opt("ours", resumed, dims)
+    resumed.load_state_dict(checkpoint["model"])
+    opt_resumed.load_state_dict(checkpoint["optimizer"])
+
+    # What was loaded is what was saved, second moments float32 (also for bf16 parameters).
+    assert_second_moments_float32(opt_resumed, "after load")
+    assert_states(opt_resumed.state_dict()["state"], saved_state, what="loaded state")
+    names = [g["name"] for g in opt_resumed.param_groups]
+    steps = {names[i]: s["step"] for i, s in saved_state.items()}
+    assert steps == {k: ((n + 1) // 2 if k == "gate" else n) for k in names}  # gate: even steps only
+
+    models.train(resumed, opt_resumed, batch_resumed, n, start=n)
+
+    assert_params(resumed, straight)
+    assert_states(opt_resumed.state_dict()["state"], opt_straight.state_dict()["state"], what="resumed state")
+    assert_second_moments_float32(opt_resumed, "after resumed steps")
+    for group_resumed, group_straight in zip(opt_resumed.param_groups, opt_straight.param_groups):
+        assert {k: v for k, v in group_resumed.items() if k != "params"} == {
+            k: v for k, v in group_straight.items() if k != "params"
+        }
+
+
+# -- interchange with official -----------------------------------------------------------------
+
+@pytest.mark.parametrize("writer, reader", [("official", "ours"), ("ours", "official")])
+@pytest.mark.parametrize("name", ["llama_gqa", "nanogpt"])
+def test_interchange_with_official(name, writer, reader):
+    n = INTERCHANGE_STEPS
+    model_w, batch_w, dims = build(name)
+    opt_w = make_opt(writer, model_w, dims)
+    models.train(model_w, opt_w, batch_w, n)
+    checkpoint = roundtrip({"model": model_w.state_dict(), "optimizer": opt_w.state_dict()})
+
+    model_r, batch_r, _ = build(name, seed=1)
+    model_r.load_state_dict(checkpoint["model"])
+    opt_r = make_opt(reader, model_r, dims)
+    opt_r.load_state_dict(checkpoint["optimizer"])
+    # Loaded as written: same entries, keys, shapes, dtypes and values.
+    assert_states(opt_r.state_dict()["state"], checkpoint["optimizer"]["state"], what=f"{reader} after load")
+
+    models.train(model_w, opt_w, batch_w, n, start=n)  # the writer goes on
+    models.train(model_r, opt_r, batch_r, n, start=n)  # the reader goes on from the checkpoint
+
+    assert_params(model_r, model_w, rtol=RTOL)
+    assert_states(opt_r.state_dict()["state"], opt_w.state_dict()["state"], rtol=RTOL, what=f"{reader} vs {writer}")
+    steps = {opt_r.param_groups[i]["name"]: s["step"] for i, s in opt_r.state_dict()["state"].items() if s}
+    assert steps == {k: (n if k == "gate" else 2 * n) for k in steps}  # nanogpt's gate: even steps only
+
+
+# -- refused loads -----------------------------------------------------------------------------
+
+BAD_M = {
+    # one row too many: a different number of elements
+    "extra_row": lambda m: torch.cat([m, m[:1]]),
+    # same number of elements, wrong shape: loading it would scramble the first moment
+    "transposed": lambda m: m.t().contiguous(),
+}
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+@pytest.mark.parametrize("bad", sorted(BAD_M))
+def test_mismatched_m_is_refused_and_changes_nothing(bad, trained):
+    name, n = "nanogpt", 2
+    model, batch_fn, dims = build(name)
+    twin, batch_twin, _ = build(name)
+    opt = make_opt("ours", model, dims)
+    opt_twin = make_opt("ours", twin, dims)
+    if trained:
+        models.train(model, opt, batch_fn, n)
+        models.train(twin, opt_twin, batch_twin, n)
+
+    # A checkpoint from another run, with other hyperparameters, one parameter's m corrupted
+    # (the last parameter, so that loading parameter by parameter would have changed the others).
+    donor, batch_donor, _ = build(name, seed=3)
+    opt_donor = make_opt("ours", donor, dims, lr=3e-2)
+    models.train(donor, opt_donor, batch_donor, n + 1)
+    checkpoint = roundtrip(opt_donor.state_dict())
+    names = [g["name"] for g in opt.param_groups]
+    target = names.index("lm_head.weight")
+    assert target == len(names) - 1
+    m = checkpoint["state"][target]["m"]
+    assert m.dim() == 2 and m.shape[0] != m.shape[1]
+    checkpoint["state"][target]["m"] = BAD_M[bad](m)
+
+    before = roundtrip(opt.state_dict())
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        opt.load_state_dict(checkpoint)
+
+    after = opt.state_dict()
+    assert_states(after["state"], before["state"], what="state after the refused load")
+    assert after["param_groups"] == before["param_groups"]
+    assert all(g["lr"] == HPARAMS["lr"] for g in opt.param_groups)
+
+    models.train(model, opt, batch_fn, n, start=n if trained else 0)
+    models.train(twin, opt_twin, batch_twin, n, start=n if trained else 0)
+    assert_params(model, twin)
+    assert_states(opt.state_dict()["state"], opt_twin.state_dict()["state"], what="state after more steps")
