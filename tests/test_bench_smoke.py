@@ -1,0 +1,123 @@
+"""The step benchmark harness (bench/bench_step.py) in its CPU smoke mode, so that it cannot rot.
+
+It runs the script as a user would (a subprocess with this interpreter) on tiny shapes and checks
+what it wrote: the JSON's fields, a row for every requested optimizer (those that cannot run here
+with a reason, never dropped), positive timings and sane byte counts for those that ran, and the
+markdown table and PNG plot beside the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "bench_step.py"
+ALL_OPTIMIZERS = ["adamw-foreach", "adamw-fused", "official", "ours-torch", "ours-torch-compile", "ours-triton", "ours-cuda"]
+STATUSES = {"ok", "unavailable", "skipped", "error", "oom"}
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is the CPU check; on a GPU run the full harness")
+
+
+def _run(out: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, f"bench_step.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, files
+    path = files[0]
+    assert "_smoke" in path.name
+    for suffix in (".md", ".png"):
+        assert path.with_suffix(suffix).is_file(), suffix
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = path.with_suffix(".md").read_text(encoding="utf-8")
+    assert md.strip() in proc.stdout  # the table is printed too
+    return json.loads(path.read_text(encoding="utf-8")), md, proc
+
+
+def _official_importable() -> bool:
+    try:
+        import adam_mini  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_ok_row(row: dict, set_rec: dict) -> None:
+    assert row["median_ms"] > 0 and row["p20_ms"] > 0 and row["p80_ms"] > 0, row
+    assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+    assert row["finite"] is True, row
+    assert row["min_bytes"] > 0 and row["achieved_gbps"] > 0 and row["fraction_of_floor"] > 0, row
+    assert row["floor_ms"] > 0 and row["state_bytes"] > 0, row
+    s = set_rec["storage_bytes"]
+    if row["family"] == "adamw":
+        assert row["min_bytes_per_param"] == pytest.approx(7 * s)
+        assert row["state_bytes_per_param"] == pytest.approx(2 * s, rel=0.01)
+    else:
+        assert 5 * s < row["min_bytes_per_param"] < 5 * s + 1, row  # plus a little v traffic
+        assert s <= row["state_bytes_per_param"] < s + 1, row  # m, plus few v values
+    assert row["extra_peak_bytes"] is None  # CPU: n/a
+
+
+def test_smoke_run_writes_every_row(tmp_path):
+    res, md, proc = _run(tmp_path)
+    assert res["smoke"] is True
+    for key in ("schema_version", "date", "timestamp", "device", "versions", "git", "timing", "copy_bandwidth", "sets", "rows", "spec_reference"):
+        assert key in res, key
+    assert res["device"]["name"]
+    for key in ("torch", "triton", "cuda", "python", "adam_mini_kernels", "adam_mini_official"):
+        assert key in res["versions"], key
+    assert "commit" in res["git"]
+    assert res["copy_bandwidth"]["gbps"] > 0
+    assert res["copy_bandwidth"]["median_ms"] > 0
+
+    sets = {s["key"]: s for s in res["sets"]}
+    named = ["llama-1.1b-fp32", "gpt2-124m-fp32", "llama-1.1b-bf16"]
+    sweep = [k for k in sets if k.startswith("sweep-")]
+    assert set(named) <= set(sets) and len(sweep) >= 2
+    assert sets["llama-1.1b-bf16"]["storage_bytes"] == 2
+    assert sets["gpt2-124m-fp32"]["n_params"] > 0
+
+    for key in named + sweep:
+        rows = {r["optimizer"]: r for r in res["rows"] if r["set"] == key}
+        assert sorted(rows) == sorted(ALL_OPTIMIZERS), (key, sorted(rows))
+        for opt_id, row in rows.items():
+            assert row["status"] in STATUSES, row
+            if row["status"] == "ok":
+                _check_ok_row(row, sets[key])
+            else:
+                assert isinstance(row["reason"], str) and row["reason"], row
+        for opt_id in ("adamw-foreach", "adamw-fused", "ours-torch"):
+            assert rows[opt_id]["status"] == "ok", rows[opt_id]
+        assert rows["official"]["status"] == ("ok" if _official_importable() else "unavailable")
+        # No GPU here: the fused backends are reported with the reason, the interpreter not timed.
+        for opt_id in ("ours-triton", "ours-cuda"):
+            assert rows[opt_id]["status"] == "unavailable" and "CUDA" in rows[opt_id]["reason"], rows[opt_id]
+        assert rows["ours-torch-compile"]["status"] == "skipped"
+        assert "skipped-in-smoke" in rows["ours-torch-compile"]["reason"]
+
+    for label in {r["label"] for r in res["rows"]}:
+        assert label in md
+    for key in named:
+        assert f"## {key}" in md
+
+
+def test_smoke_flags_pick_sets_backends_and_optimizers(tmp_path):
+    res, md, _ = _run(
+        tmp_path, "--sets", "gpt2-124m-fp32", "--no-sweep", "--backends", "torch,nosuch",
+        "--optimizers", "ours,adamw-fused", "--tag", "flags", "--commit", "0123abc",
+    )
+    assert [s["key"] for s in res["sets"]] == ["gpt2-124m-fp32"]
+    rows = {r["optimizer"]: r for r in res["rows"]}
+    assert sorted(rows) == ["adamw-fused", "ours-nosuch", "ours-torch"]
+    assert rows["ours-torch"]["status"] == "ok" and rows["adamw-fused"]["status"] == "ok"
+    assert rows["ours-nosuch"]["status"] == "unavailable" and "nosuch" in rows["ours-nosuch"]["reason"]
+    assert res["git"]["commit"] == "0123abc"
+    assert next(tmp_path.glob("*.json")).name.endswith("_smoke_flags.json")
