@@ -42,10 +42,15 @@ def _cuda_extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++20 from
+    # torch 2.10 on; an explicit -std=c++17 fails on them). No --use_fast_math: the kernels rely
+    # on correctly rounded sqrt/division and on denormals being kept (see [Note: float32 math,
+    # IEEE sqrt and division] in csrc/kernels.cuh). -lineinfo costs nothing at run time and
+    # lets compute-sanitizer and profilers name source lines.
     ext = CUDAExtension(
         EXTENSION,
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

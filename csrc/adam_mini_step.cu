@@ -1,0 +1,204 @@
+// Launchers of the fused Adam-mini step (the CUDA backend): input checks, launch configuration,
+// dtype dispatch. The kernels are in kernels.cuh.
+//
+// Same decomposition and math as the Triton backend (triton_kernels/kernels.py); the work comes
+// from the launch tables of adam_mini_kernels/launch_tables.py, the scalar part of the step from
+// the coefficient table of adam_mini_kernels/coefficients.py. Storage dtypes float, c10::BFloat16
+// and c10::Half; all math in float32.
+//
+// This file includes no more of PyTorch than the launchers need (TensorBase, the stream and
+// guard), which keeps its compile time low; the operator registration and the Python module live
+// in bindings.cpp.
+
+#include "adam_mini_step.h"
+
+#include <climits>
+#include <cstdint>
+#include <utility>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include "kernels.cuh"
+
+namespace adam_mini {
+namespace {
+
+using namespace kernels;
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<storage type>{}) for the three storage dtypes: one instantiation of each kernel
+// per dtype, nothing else (no double, no mixed storage).
+template <typename Fn>
+void dispatch_storage(const char* op, at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(TypeTag<float>{});
+      return;
+    case at::kBFloat16:
+      fn(TypeTag<c10::BFloat16>{});
+      return;
+    case at::kHalf:
+      fn(TypeTag<c10::Half>{});
+      return;
+    default:
+      TORCH_CHECK(false, "adam_mini_kernels::", op, ": unsupported parameter dtype ", dtype);
+  }
+}
+
+bool aligned16(const at::TensorBase& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_on_device(const char* op, const char* name, const at::TensorBase& t, const at::TensorBase& p) {
+  TORCH_CHECK(t.device() == p.device(), "adam_mini_kernels::", op, ": ", name, " is on ", t.device(),
+              ", expected ", p.device(), " (the device of p)");
+}
+
+void check_contiguous(const char* op, const char* name, const at::TensorBase& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, "adam_mini_kernels::", op, ": ", name, " must be ", dim, "-D, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "adam_mini_kernels::", op, ": ", name, " must be contiguous");
+}
+
+// The flat buffers of a group: p, g, m (1-D, same length and storage dtype), v (float32), and
+// the (P, kNumCoefficients) float32 coefficient table, all on one CUDA device.
+void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+                   const at::TensorBase& v, const at::TensorBase& coef) {
+  TORCH_CHECK(p.is_cuda(), "adam_mini_kernels::", op, ": p must be a CUDA tensor, got one on ", p.device());
+  const at::ScalarType dtype = p.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "adam_mini_kernels::", op,
+              ": p must be float32, bfloat16 or float16, got ", dtype);
+  const std::pair<const char*, const at::TensorBase*> state[] = {{"p", &p}, {"g", &g}, {"m", &m}};
+  for (const auto& [name, t] : state) {
+    check_on_device(op, name, *t, p);
+    check_contiguous(op, name, *t, 1);
+    TORCH_CHECK(t->scalar_type() == dtype, "adam_mini_kernels::", op, ": ", name, " has dtype ", t->scalar_type(),
+                ", expected ", dtype, " (the dtype of p)");
+    TORCH_CHECK(t->numel() == p.numel(), "adam_mini_kernels::", op, ": ", name, " has ", t->numel(),
+                " elements, p has ", p.numel());
+  }
+  check_on_device(op, "v", v, p);
+  check_contiguous(op, "v", v, 1);
+  TORCH_CHECK(v.scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": v must be float32, got ",
+              v.scalar_type());
+  check_on_device(op, "coef", coef, p);
+  check_contiguous(op, "coef", coef, 2);
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.size(1) == kNumCoefficients, "adam_mini_kernels::", op,
+              ": coef must be a float32 (num_params, ", kNumCoefficients, ") table, got ", coef.scalar_type(),
+              " of shape ", coef.sizes());
+}
+
+// A launch table: int64 (rows, cols), contiguous, on p's device, at most one grid's worth of rows.
+void check_table(const char* op, const char* name, const at::TensorBase& t, int64_t cols, const at::TensorBase& p) {
+  check_on_device(op, name, t, p);
+  check_contiguous(op, name, t, 2);
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.size(1) == cols, "adam_mini_kernels::", op, ": ", name,
+              " must be an int64 (n, ", cols, ") launch table, got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.size(0) <= INT_MAX, "adam_mini_kernels::", op, ": ", name, " has ", t.size(0),
+              " rows, more than one launch can take (", INT_MAX, ")");
+}
+
+}  // namespace
+
+// The launch tables themselves are trusted (built by launch_tables.py): checking their contents
+// would need a device-to-host copy, a sync, every step. A row longer than its kernel's span trips
+// a device-side assertion instead of writing out of bounds.
+
+void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
+               const at::TensorBase& coef, const at::TensorBase& rows, int64_t width) {
+  constexpr const char* op = "rows_step";
+  check_buffers(op, p, g, m, v, coef);
+  check_table(op, "rows", rows, kRowCols, p);
+  TORCH_CHECK(width >= 1 && width <= kRowMax, "adam_mini_kernels::", op, ": width must be in [1, ", kRowMax,
+              "], got ", width);
+  const int64_t num_rows = rows.size(0);
+  if (num_rows == 0) {
+    return;
+  }
+  const int threads = row_threads(width);
+  const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    rows_step_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
+        static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
+        static_cast<scalar_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+        static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(rows.data_ptr()), aligned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+                       const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& tiles,
+                       const at::TensorBase& blocks, const at::TensorBase& partial) {
+  constexpr const char* op = "large_blocks_step";
+  check_buffers(op, p, g, m, v, coef);
+  check_table(op, "tiles", tiles, kTileCols, p);
+  check_table(op, "blocks", blocks, kLbCols, p);
+  check_on_device(op, "partial", partial, p);
+  check_contiguous(op, "partial", partial, 1);
+  TORCH_CHECK(partial.scalar_type() == at::kFloat && partial.numel() >= tiles.size(0), "adam_mini_kernels::", op,
+              ": partial must be float32 with one slot per tile (", tiles.size(0), "), got ", partial.scalar_type(),
+              " of shape ", partial.sizes());
+  const int64_t num_tiles = tiles.size(0);
+  const int64_t num_blocks = blocks.size(0);
+  if (num_tiles == 0 || num_blocks == 0) {
+    return;
+  }
+  const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* partial_ptr = static_cast<float*>(partial.data_ptr());
+  auto* tiles_ptr = static_cast<const int64_t*>(tiles.data_ptr());
+  auto* blocks_ptr = static_cast<const int64_t*>(blocks.data_ptr());
+  auto* v_ptr = static_cast<float*>(v.data_ptr());
+  auto* coef_ptr = static_cast<const float*>(coef.data_ptr());
+  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(g.data_ptr()), tiles_ptr, partial_ptr, aligned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    large_block_v_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(v_ptr, coef_ptr,
+                                                                                           partial_ptr, blocks_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tile_step_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
+        static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
+        static_cast<scalar_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
+               const at::TensorBase& coef, const at::TensorBase& tiles) {
+  constexpr const char* op = "adam_step";
+  check_buffers(op, p, g, m, v, coef);
+  check_table(op, "tiles", tiles, kRowCols, p);
+  const int64_t num_tiles = tiles.size(0);
+  if (num_tiles == 0) {
+    return;
+  }
+  const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
+  const c10::cuda::CUDAGuard guard(p.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    adam_step_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kAdamThreads, 0, stream>>>(
+        static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
+        static_cast<scalar_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+        static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), aligned,
+        aligned16(v));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace adam_mini

@@ -1,0 +1,34 @@
+// The launchers of the fused Adam-mini step (the CUDA backend).
+//
+// kernels.cuh holds the kernels, adam_mini_step.cu the launchers declared here, constants.h the
+// table layout and launch shapes they share; bindings.cpp registers the launchers as the operators
+// adam_mini_kernels::{rows_step, large_blocks_step, adam_step} and exports the constants to
+// Python, where tests check them against their Python definitions.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/TensorBase.h>
+
+#include "constants.h"
+
+namespace adam_mini {
+
+// Small blocks ("rows", at most `width` <= kRowMax elements each), one CUDA block per row of
+// `rows` (R, kRowCols): sum of g^2, v, m and p in one pass.
+void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+               const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& rows,
+               int64_t width);
+
+// Large blocks, in three launches: tile sums of g^2 into `partial` (one slot per tile), a
+// fixed-order sum per block and its v update, then m and p of every tile.
+void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+                       const at::TensorBase& v, const at::TensorBase& coef,
+                       const at::TensorBase& tiles, const at::TensorBase& blocks,
+                       const at::TensorBase& partial);
+
+// Adam blocks (one v per element), one CUDA block per Adam tile of `tiles` (A, kRowCols).
+void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+               const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& tiles);
+
+}  // namespace adam_mini

@@ -1,0 +1,106 @@
+// Operator registration of the CUDA backend and the Python module adam_mini_kernels._C.
+//
+// Loading the module (`import adam_mini_kernels._C`, done by adam_mini_kernels/cuda_backend.py)
+// runs the TORCH_LIBRARY blocks below, after which the operators are reachable as
+// torch.ops.adam_mini_kernels.<name>. Their fake (meta) implementations are Python functions in
+// adam_mini_kernels/cuda_backend.py, named by set_python_module so that torch can find them.
+
+#include <cstdint>
+#include <utility>
+
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "adam_mini_step.h"
+
+// [Note: operator granularity]
+// One operator per kind of work of the launch tables (see [Note: launch tables] in
+// adam_mini_kernels/launch_tables.py), rather than one operator for the whole group step:
+//
+//   rows_step          one row class (its table and its width); called once per class.
+//   large_blocks_step  the three phases of the large blocks (tile sums, block v, tile update):
+//                      they share the scratch `partial` and are only correct together, so the
+//                      operator boundary is drawn around all three.
+//   adam_step          the Adam tiles.
+//
+// A step is then a handful of operator calls per group (one per row class, plus at most two),
+// independent of the number of parameters, each with a short fixed schema that torch.compile,
+// CUDA graphs and opcheck handle without special cases (a single group operator would need lists
+// of tables and optional mutable scratch). Every operator mutates p, m, v (and large_blocks_step
+// also `partial`) in place and returns nothing; the alias annotations say so, so that
+// functionalization and torch.compile treat them as the in-place updates they are.
+
+namespace {
+
+void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
+                  const at::Tensor& rows, int64_t width) {
+  adam_mini::rows_step(p, g, m, v, coef, rows, width);
+}
+
+void large_blocks_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
+                          const at::Tensor& tiles, const at::Tensor& blocks, at::Tensor& partial) {
+  adam_mini::large_blocks_step(p, g, m, v, coef, tiles, blocks, partial);
+}
+
+void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
+                  const at::Tensor& tiles) {
+  adam_mini::adam_step(p, g, m, v, coef, tiles);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adam_mini_kernels, m) {
+  m.set_python_module("adam_mini_kernels.cuda_backend");
+  m.def("rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor rows, int width) -> ()");
+  m.def(
+      "large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
+      "Tensor blocks, Tensor(d!) partial) -> ()");
+  m.def("adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
+  m.impl("rows_step", &rows_step_op);
+  m.impl("large_blocks_step", &large_blocks_step_op);
+  m.impl("adam_step", &adam_step_op);
+}
+
+// The Python module: the constants the kernels were compiled with, which cuda_backend.py checks
+// against launch_tables.py and coefficients.py at import (a build from other sources would
+// otherwise read the tables with the wrong columns).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "CUDA kernels of adam-mini-kernels; the operators are torch.ops.adam_mini_kernels.*";
+  const std::pair<const char*, int> constants[] = {
+      {"ROW_START", adam_mini::kRowStart},
+      {"ROW_NUMEL", adam_mini::kRowNumel},
+      {"ROW_V", adam_mini::kRowV},
+      {"ROW_PARAM", adam_mini::kRowParam},
+      {"ROW_COLS", adam_mini::kRowCols},
+      {"TILE_START", adam_mini::kTileStart},
+      {"TILE_NUMEL", adam_mini::kTileNumel},
+      {"TILE_BLOCK", adam_mini::kTileBlock},
+      {"TILE_COLS", adam_mini::kTileCols},
+      {"LB_V", adam_mini::kLbV},
+      {"LB_PARAM", adam_mini::kLbParam},
+      {"LB_FIRST_TILE", adam_mini::kLbFirstTile},
+      {"LB_NUM_TILES", adam_mini::kLbNumTiles},
+      {"LB_NUMEL", adam_mini::kLbNumel},
+      {"LB_COLS", adam_mini::kLbCols},
+      {"C_DECAY", adam_mini::kDecay},
+      {"C_STEP_SIZE", adam_mini::kStepSize},
+      {"C_BC2_SQRT", adam_mini::kBc2Sqrt},
+      {"C_EPS", adam_mini::kEps},
+      {"C_BETA2", adam_mini::kBeta2},
+      {"C_V_WEIGHT", adam_mini::kVWeight},
+      {"C_M_WEIGHT", adam_mini::kMWeight},
+      {"NUM_COEFFICIENTS", adam_mini::kNumCoefficients},
+      {"ROW_MAX", adam_mini::kRowMax},
+      {"TILE", adam_mini::kTile},
+      {"ADAM_TILE", adam_mini::kAdamTile},
+      {"ELEMS_PER_THREAD", adam_mini::kElemsPerThread},
+  };
+  pybind11::dict table;
+  for (const auto& [name, value] : constants) {
+    table[name] = value;
+  }
+  module.attr("CONSTANTS") = table;
+}

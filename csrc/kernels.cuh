@@ -1,0 +1,420 @@
+// Device code of the fused Adam-mini step: the kernels, templated on the storage dtype.
+//
+// Included by adam_mini_step.cu (which launches them). It depends on nothing of PyTorch but the
+// 16-bit float types and CUDA_KERNEL_ASSERT, so that tests/gpu/host_emulator.cpp can also compile
+// it for the CPU and run the very same code in CI, where there is no GPU.
+//
+//   rows_step_kernel     one CUDA block per small block ("row", <= kRowMax elements), held in
+//                        registers: sum of g^2, v, m and p in one pass.
+//   tile_sumsq_kernel    large blocks, phase 1: sum of g^2 of each tile into the tile's own slot.
+//   large_block_v_kernel large blocks, phase 2: a fixed-order sum of a block's slots, its v.
+//   tile_step_kernel     large blocks, phase 3: m and p of each tile with its block's new v.
+//   adam_step_kernel     Adam blocks (biases): one v per element.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "constants.h"
+
+namespace adam_mini {
+namespace kernels {
+
+// [Note: thread fragments]
+// Every kernel works on a span of consecutive elements (a row, a tile, an Adam tile) with
+// blockDim.x threads that each hold kElemsPerThread (8) elements of it in registers, as float32.
+// The span is read in units of kVec = 16 / sizeof(storage) elements (4 for float, 8 for 16-bit
+// types), one 16-byte load each: thread t holds the units t, t + T, t + 2T, ... (T threads), so
+// a warp reads 512 contiguous bytes per instruction. Fragment slot i * kVec + j is element
+// (i * T + t) * kVec + j of the span.
+//
+// Aligned fast path: when the span starts at a multiple of kVec elements and its length is a
+// multiple of kVec (and the buffers themselves are 16-byte aligned, which the launcher checks),
+// each unit is entirely in or entirely out of the span and is moved with one 16-byte load or
+// store. Parameters start at 32-element boundaries in the flat buffers (buffers.ALIGN_ELEMENTS),
+// so a row is aligned when its length is a multiple of kVec: every row, head and whole tensor of
+// a transformer. Otherwise (odd lengths such as a 5 x 7 weight) the masked scalar fallback moves
+// the same elements one at a time, with a bounds check each. Both paths put the same elements
+// in the same slots, so they sum g^2 in the same order and give bitwise the same result.
+//
+// The choice is made per span at run time (uniform over the CUDA block, no divergence); the
+// load/store routines take it as a compile-time flag so each path is straight-line code.
+template <typename T>
+struct alignas(16) Chunk {
+  static constexpr int kSize = 16 / sizeof(T);  // elements per 16-byte access
+  T val[kSize];
+};
+
+template <typename scalar_t>
+constexpr int vec_width() {
+  return Chunk<scalar_t>::kSize;
+}
+
+using Fragment = float[kElemsPerThread];
+
+// Loads the thread's fragment of a span of `numel` elements at `base` (zeros past its end).
+// kVec is the unit of the fragment layout; it is the storage dtype's vector width also when T is
+// float (the per-element v of Adam tiles follows the layout of the 16-bit parameters).
+template <int kVec, bool kVectorized, typename T>
+__device__ __forceinline__ void load_fragment(Fragment& x, const T* __restrict__ base, int numel) {
+  constexpr int kChunk = Chunk<T>::kSize;
+  static_assert(kElemsPerThread % kVec == 0 && kVec % kChunk == 0, "fragment layout");
+#pragma unroll
+  for (int i = 0; i < kElemsPerThread / kVec; ++i) {
+    const int first = (i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * kVec;
+    if constexpr (kVectorized) {
+      if (first < numel) {  // numel is a multiple of kVec: the whole unit is in the span
+#pragma unroll
+        for (int c = 0; c < kVec / kChunk; ++c) {
+          const Chunk<T> raw = reinterpret_cast<const Chunk<T>*>(base + first)[c];
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            x[i * kVec + c * kChunk + j] = static_cast<float>(raw.val[j]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          x[i * kVec + j] = 0.f;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int k = first + j;
+        x[i * kVec + j] = k < numel ? static_cast<float>(base[k]) : 0.f;
+      }
+    }
+  }
+}
+
+// Stores the thread's fragment back (converted to T, round to nearest even), inside the span only.
+template <int kVec, bool kVectorized, typename T>
+__device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragment& x, int numel) {
+  constexpr int kChunk = Chunk<T>::kSize;
+  static_assert(kElemsPerThread % kVec == 0 && kVec % kChunk == 0, "fragment layout");
+#pragma unroll
+  for (int i = 0; i < kElemsPerThread / kVec; ++i) {
+    const int first = (i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * kVec;
+    if constexpr (kVectorized) {
+      if (first < numel) {
+#pragma unroll
+        for (int c = 0; c < kVec / kChunk; ++c) {
+          Chunk<T> raw;
+#pragma unroll
+          for (int j = 0; j < kChunk; ++j) {
+            raw.val[j] = static_cast<T>(x[i * kVec + c * kChunk + j]);
+          }
+          reinterpret_cast<Chunk<T>*>(base + first)[c] = raw;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int k = first + j;
+        if (k < numel) {
+          base[k] = static_cast<T>(x[i * kVec + j]);
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float sum_of_squares(const Fragment& g) {
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < kElemsPerThread; ++k) {
+    s += g[k] * g[k];
+  }
+  return s;
+}
+
+// [Note: deterministic reductions]
+// No float atomics anywhere: every sum is taken in an order fixed by the launch tables and the
+// launch configuration, so a step is bitwise reproducible run to run. Within a CUDA block: each
+// thread adds its fragment in slot order, a warp adds its 32 values with a butterfly of
+// __shfl_xor_sync, and warp 0 adds the per-warp sums in warp order from shared memory. A large
+// block adds the sums of its tiles (phase 1 writes each tile's sum to its own slot of `partial`)
+// with kReduceThreads threads taking slots t, t + kReduceThreads, ... in order, then the same
+// block sum. The Triton backend adds in another (also fixed) order, so the two agree to float32
+// rounding, not bitwise.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+// The sum of `x` over the CUDA block, valid in thread 0. blockDim.x is a multiple of 32 (at most
+// 1024); call once per kernel (`warp_sums` is not reused).
+__device__ __forceinline__ float block_sum(float x, float* warp_sums) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  x = warp_sum(x);
+  if (lane == 0) {
+    warp_sums[warp] = x;
+  }
+  __syncthreads();
+  float total = 0.f;
+  if (warp == 0) {
+    total = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.f;
+    total = warp_sum(total);
+  }
+  return total;
+}
+
+// One parameter's row of the coefficient table (see [Note: coefficient table] in
+// coefficients.py). Every thread of a CUDA block reads the same row: broadcast loads, cached.
+struct Coefficients {
+  float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight;
+};
+
+__device__ __forceinline__ Coefficients load_coefficients(const float* __restrict__ table, int64_t param) {
+  const float* row = table + param * kNumCoefficients;
+  return {row[kDecay], row[kStepSize], row[kBc2Sqrt], row[kEps], row[kBeta2], row[kVWeight], row[kMWeight]};
+}
+
+// [Note: float32 math, IEEE sqrt and division]
+// All arithmetic is float32, whatever the storage dtype, with correctly rounded sqrt and division
+// (the extension is built without --use_fast_math, which would swap in approximate sqrt/division
+// and flush denormals): results then differ from the PyTorch backend only by summation order and
+// FMA contraction. sqrt and division run once per block in the rows and tile kernels, and once
+// per element only for Adam blocks, so exactness costs nothing measurable in these memory-bound
+// kernels.
+
+// v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block).
+__device__ __forceinline__ float updated_v(float v, float sumsq, int64_t numel, const Coefficients& c) {
+  const float mean = sumsq / static_cast<float>(numel > 1 ? numel : 1);
+  return v * c.beta2 + c.v_weight * mean;
+}
+
+// step_size / h with h = sqrt(v) / sqrt(1 - beta2^t) + eps. A parameter without a gradient this
+// step has step size 0 and stays exactly still, even where h is 0 (eps = 0, v = 0).
+__device__ __forceinline__ float step_scale(float v, const Coefficients& c) {
+  if (c.step_size == 0.f) {
+    return 0.f;
+  }
+  return c.step_size / (sqrtf(v) / c.bc2_sqrt + c.eps);
+}
+
+// m <- m + (1 - beta1) (g - m);  p <- p * decay - scale * m.
+__device__ __forceinline__ void update_element(float& p, float& m, float g, float scale, const Coefficients& c) {
+  m = m + c.m_weight * (g - m);
+  p = p * c.decay - scale * m;
+}
+
+// [Note: 64-bit offsets]
+// A flat buffer may hold more than 2^31 elements: span starts, v indices, parameter and tile
+// indices come from the int64 launch tables and every pointer is advanced by them in 64-bit
+// arithmetic (`base + start`), table rows are addressed with int64(blockIdx.x) * columns. Indices
+// inside a span (< kRowMax elements) are int.
+
+// [Note: one CUDA block per row]
+// A row class of the launch tables (rows of width/2 < numel <= width elements, width a power of
+// two) runs with row_threads(width) threads per CUDA block (width / kElemsPerThread in whole
+// warps, constants.h), so every element of a row sits in a register of its block: g, m and p are
+// each read once and m, p written once (fp32: 20 bytes per parameter, the minimum), with one
+// block-wide reduction between the read and the write. The loads of m and p are issued before
+// the reduction so that they are in flight while the block waits on it. Thread 0 updates the
+// row's v and broadcasts the step scale through shared memory.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowMaxThreads)
+    rows_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                     float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ rows,
+                     bool aligned_buffers) {
+  constexpr int kVec = vec_width<scalar_t>();
+  const int64_t* row = rows + static_cast<int64_t>(blockIdx.x) * kRowCols;
+  const int64_t start = row[kRowStart];
+  const int numel = static_cast<int>(row[kRowNumel]);
+  const int64_t v_index = row[kRowV];
+  const Coefficients c = load_coefficients(coef, row[kRowParam]);
+  CUDA_KERNEL_ASSERT(numel <= static_cast<int>(blockDim.x) * kElemsPerThread);
+  p += start;
+  g += start;
+  m += start;
+
+  const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
+  Fragment gf, mf, pf;
+  if (vectorized) {
+    load_fragment<kVec, true>(gf, g, numel);
+    load_fragment<kVec, true>(mf, m, numel);
+    load_fragment<kVec, true>(pf, p, numel);
+  } else {
+    load_fragment<kVec, false>(gf, g, numel);
+    load_fragment<kVec, false>(mf, m, numel);
+    load_fragment<kVec, false>(pf, p, numel);
+  }
+
+  __shared__ float warp_sums[32];
+  __shared__ float row_scale;
+  const float sumsq = block_sum(sum_of_squares(gf), warp_sums);
+  if (threadIdx.x == 0) {
+    const float new_v = updated_v(v[v_index], sumsq, numel, c);
+    v[v_index] = new_v;
+    row_scale = step_scale(new_v, c);
+  }
+  __syncthreads();
+  const float scale = row_scale;
+
+#pragma unroll
+  for (int k = 0; k < kElemsPerThread; ++k) {
+    update_element(pf[k], mf[k], gf[k], scale, c);
+  }
+  if (vectorized) {
+    store_fragment<kVec, true>(m, mf, numel);
+    store_fragment<kVec, true>(p, pf, numel);
+  } else {
+    store_fragment<kVec, false>(m, mf, numel);
+    store_fragment<kVec, false>(p, pf, numel);
+  }
+}
+
+// Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads)
+    tile_sumsq_kernel(const scalar_t* __restrict__ g, const int64_t* __restrict__ tiles,
+                      float* __restrict__ partial, bool aligned_buffers) {
+  constexpr int kVec = vec_width<scalar_t>();
+  const int64_t tile_id = blockIdx.x;
+  const int64_t* tile = tiles + tile_id * kTileCols;
+  const int64_t start = tile[kTileStart];
+  const int numel = static_cast<int>(tile[kTileNumel]);
+  CUDA_KERNEL_ASSERT(numel <= kTile);
+  g += start;
+
+  Fragment gf;
+  if (aligned_buffers && start % kVec == 0 && numel % kVec == 0) {
+    load_fragment<kVec, true>(gf, g, numel);
+  } else {
+    load_fragment<kVec, false>(gf, g, numel);
+  }
+  __shared__ float warp_sums[32];
+  const float sumsq = block_sum(sum_of_squares(gf), warp_sums);
+  if (threadIdx.x == 0) {
+    partial[tile_id] = sumsq;
+  }
+}
+
+// Large blocks, phase 2: add a block's tile sums in a fixed order and update its v.
+__global__ void __launch_bounds__(kReduceThreads)
+    large_block_v_kernel(float* __restrict__ v, const float* __restrict__ coef, const float* __restrict__ partial,
+                         const int64_t* __restrict__ blocks) {
+  const int64_t* block = blocks + static_cast<int64_t>(blockIdx.x) * kLbCols;
+  const int64_t first = block[kLbFirstTile];
+  const int64_t num_tiles = block[kLbNumTiles];
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x; k < num_tiles; k += blockDim.x) {
+    acc += partial[first + k];
+  }
+  __shared__ float warp_sums[32];
+  const float sumsq = block_sum(acc, warp_sums);
+  if (threadIdx.x == 0) {
+    const Coefficients c = load_coefficients(coef, block[kLbParam]);
+    const int64_t v_index = block[kLbV];
+    v[v_index] = updated_v(v[v_index], sumsq, block[kLbNumel], c);
+  }
+}
+
+// Large blocks, phase 3: m and p of one tile, with its block's v (final after phase 2).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads)
+    tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                     const float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
+                     const int64_t* __restrict__ blocks, bool aligned_buffers) {
+  constexpr int kVec = vec_width<scalar_t>();
+  const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * kTileCols;
+  const int64_t start = tile[kTileStart];
+  const int numel = static_cast<int>(tile[kTileNumel]);
+  const int64_t* block = blocks + tile[kTileBlock] * kLbCols;
+  const Coefficients c = load_coefficients(coef, block[kLbParam]);
+  const float scale = step_scale(v[block[kLbV]], c);
+  CUDA_KERNEL_ASSERT(numel <= kTile);
+  p += start;
+  g += start;
+  m += start;
+
+  const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
+  Fragment gf, mf, pf;
+  if (vectorized) {
+    load_fragment<kVec, true>(gf, g, numel);
+    load_fragment<kVec, true>(mf, m, numel);
+    load_fragment<kVec, true>(pf, p, numel);
+  } else {
+    load_fragment<kVec, false>(gf, g, numel);
+    load_fragment<kVec, false>(mf, m, numel);
+    load_fragment<kVec, false>(pf, p, numel);
+  }
+#pragma unroll
+  for (int k = 0; k < kElemsPerThread; ++k) {
+    update_element(pf[k], mf[k], gf[k], scale, c);
+  }
+  if (vectorized) {
+    store_fragment<kVec, true>(m, mf, numel);
+    store_fragment<kVec, true>(p, pf, numel);
+  } else {
+    store_fragment<kVec, false>(m, mf, numel);
+    store_fragment<kVec, false>(p, pf, numel);
+  }
+}
+
+// [Note: v of Adam tiles]
+// An Adam tile's v values are consecutive float32s starting at an arbitrary index (the v offset
+// of a bias is the number of blocks before it), so they take the 16-byte path only when that
+// index is a multiple of 4 as well; otherwise they are moved one float at a time, within the
+// same fragment layout as the parameter's elements. Adam blocks are a tiny share of a model's
+// elements (biases), which is why this kernel is not tuned further.
+template <typename scalar_t, bool kVectorized, bool kVectorizedV>
+__device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ m, float* __restrict__ v, int numel,
+                                          const Coefficients& c) {
+  constexpr int kVec = vec_width<scalar_t>();
+  Fragment gf, mf, pf, vf;
+  load_fragment<kVec, kVectorized>(gf, g, numel);
+  load_fragment<kVec, kVectorized>(mf, m, numel);
+  load_fragment<kVec, kVectorized>(pf, p, numel);
+  load_fragment<kVec, kVectorizedV>(vf, v, numel);
+#pragma unroll
+  for (int k = 0; k < kElemsPerThread; ++k) {
+    vf[k] = vf[k] * c.beta2 + c.v_weight * (gf[k] * gf[k]);
+    update_element(pf[k], mf[k], gf[k], step_scale(vf[k], c), c);
+  }
+  store_fragment<kVec, kVectorizedV>(v, vf, numel);
+  store_fragment<kVec, kVectorized>(m, mf, numel);
+  store_fragment<kVec, kVectorized>(p, pf, numel);
+}
+
+// Adam blocks: one v per element, an Adam tile of consecutive elements of one parameter.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kAdamThreads)
+    adam_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                     float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
+                     bool aligned_buffers, bool aligned_v) {
+  constexpr int kVec = vec_width<scalar_t>();
+  const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * kRowCols;
+  const int64_t start = tile[kRowStart];
+  const int numel = static_cast<int>(tile[kRowNumel]);
+  const int64_t v_start = tile[kRowV];
+  const Coefficients c = load_coefficients(coef, tile[kRowParam]);
+  CUDA_KERNEL_ASSERT(numel <= kAdamTile);
+  p += start;
+  g += start;
+  m += start;
+  v += v_start;
+
+  const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
+  if (vectorized && aligned_v && v_start % Chunk<float>::kSize == 0) {
+    adam_tile<scalar_t, true, true>(p, g, m, v, numel, c);
+  } else if (vectorized) {
+    adam_tile<scalar_t, true, false>(p, g, m, v, numel, c);
+  } else {
+    adam_tile<scalar_t, false, false>(p, g, m, v, numel, c);
+  }
+}
+
+}  // namespace kernels
+}  // namespace adam_mini

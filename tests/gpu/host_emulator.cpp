@@ -1,0 +1,166 @@
+// CPU emulation of the CUDA kernels of csrc/kernels.cuh, so that CI (no GPU) runs the very code
+// the GPU runs: indexing, masks, the aligned and scalar paths, the block reductions.
+//
+// [Note: host emulation]
+// kernels.cuh is compiled here by the host compiler, with the CUDA built-ins replaced:
+//   * a launch of B threads per block runs B std::threads, each looping over the grid's blocks
+//     in order; a barrier at the end of every block lets the next one reuse the "shared" memory;
+//   * __shared__ variables become function statics, shared by the threads of the (one) running
+//     block; __syncthreads() is a barrier over them;
+//   * __shfl_xor_sync exchanges values through a per-warp array between two warp barriers;
+//   * threadIdx / blockIdx / blockDim are thread_local.
+// Everything else (the fragment layout, 16-byte Chunk loads, c10::BFloat16 / c10::Half rounding,
+// float32 math) is the kernels' own code. What it cannot show: timing, memory-model subtleties,
+// the compiled SASS, nvcc's FMA contraction (results can differ from the GPU in the last bit).
+// tests/test_cuda_backend.py builds it with g++ and calls it through ctypes.
+//
+// C interface: dtype 0 = float, 1 = bfloat16, 2 = float16; pointers to the flat buffers and the
+// launch tables of one group (as the launchers in csrc/adam_mini_step.cu receive them); the return
+// value counts failed CUDA_KERNEL_ASSERTs.
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct EmulatedDim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+thread_local EmulatedDim3 threadIdx, blockIdx, blockDim;
+
+namespace emulation {
+
+struct Warp {
+  explicit Warp() : barrier(32) {}
+  std::barrier<> barrier;
+  float values[32];
+};
+
+std::barrier<>* block_barrier = nullptr;
+std::vector<std::unique_ptr<Warp>> warps;
+std::atomic<int> assert_failures{0};
+
+}  // namespace emulation
+
+inline void __syncthreads() {
+  emulation::block_barrier->arrive_and_wait();
+}
+
+inline float __shfl_xor_sync(unsigned /*mask: always the full warp here*/, float x, int offset) {
+  emulation::Warp& warp = *emulation::warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  warp.values[lane] = x;
+  warp.barrier.arrive_and_wait();
+  const float other = warp.values[lane ^ static_cast<unsigned>(offset)];
+  warp.barrier.arrive_and_wait();
+  return other;
+}
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+#include <c10/macros/Macros.h>
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond)          \
+  do {                                    \
+    if (!(cond)) {                        \
+      emulation::assert_failures += 1;    \
+    }                                     \
+  } while (0)
+
+#include "../../csrc/kernels.cuh"
+
+namespace {
+
+using namespace adam_mini;
+using namespace adam_mini::kernels;
+
+template <typename... Params, typename... Args>
+int launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) {
+  if (grid == 0) {
+    return 0;
+  }
+  emulation::assert_failures = 0;
+  std::barrier<> block_barrier(threads);
+  emulation::block_barrier = &block_barrier;
+  emulation::warps.clear();
+  for (int w = 0; w < threads / 32; ++w) {
+    emulation::warps.push_back(std::make_unique<emulation::Warp>());
+  }
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([=, &block_barrier] {
+      threadIdx.x = static_cast<unsigned>(t);
+      blockDim.x = static_cast<unsigned>(threads);
+      for (int64_t b = 0; b < grid; ++b) {
+        blockIdx.x = static_cast<unsigned>(b);
+        kernel(static_cast<Params>(args)...);
+        block_barrier.arrive_and_wait();  // the block is done: the next may reuse shared memory
+      }
+    });
+  }
+  for (auto& worker : workers) {
+    worker.join();
+  }
+  return emulation::assert_failures.load();
+}
+
+template <typename Fn>
+int dispatch(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case 0:
+      return fn(float{});
+    case 1:
+      return fn(c10::BFloat16{});
+    case 2:
+      return fn(c10::Half{});
+    default:
+      return -1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* rows,
+                      int64_t num_rows, int64_t width, int aligned) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return launch(&rows_step_kernel<scalar_t>, num_rows, row_threads(width), static_cast<scalar_t*>(p),
+                  static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), v, coef, rows, aligned != 0);
+  });
+}
+
+int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef,
+                              const int64_t* tiles, int64_t num_tiles, const int64_t* blocks, int64_t num_blocks,
+                              float* partial, int aligned) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    int failures = launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g),
+                          tiles, partial, aligned != 0);
+    failures += launch(&large_block_v_kernel, num_blocks, kReduceThreads, v, coef,
+                       static_cast<const float*>(partial), blocks);
+    failures += launch(&tile_step_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
+                       static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), static_cast<const float*>(v),
+                       coef, tiles, blocks, aligned != 0);
+    return failures;
+  });
+}
+
+int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* tiles,
+                      int64_t num_tiles, int aligned, int aligned_v) {
+  return dispatch(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return launch(&adam_step_kernel<scalar_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
+                  static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), v, coef, tiles, aligned != 0,
+                  aligned_v != 0);
+  });
+}
+
+}  // extern "C"

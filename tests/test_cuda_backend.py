@@ -1,0 +1,657 @@
+"""The CUDA backend: the extension ``adam_mini_kernels._C`` and its operators.
+
+CI part (no GPU): the extension is built wherever it can be (a CUDA build of torch and nvcc: this
+repo's CI), imports, registers its operators with the expected schemas and was compiled with the
+table layout of this package; the fake implementations trace; the dispatch paths give useful
+errors. Where the extension cannot be built (a CPU torch, no nvcc) those checks are skipped. The
+kernels themselves run in CI too, compiled for the CPU by tests/gpu/host_emulator.cpp, against the
+PyTorch backend.
+
+GPU part (``-m gpu``, skipped without CUDA): ``backend="cuda"`` against the PyTorch backend, the
+Triton backend and official adam-mini 1.1.1 on the model trees of ``models.py`` and on odd sizes,
+fp32 / bf16 / fp16, bitwise determinism, opcheck, torch.compile, CUDA graphs, input checks, and a
+flat buffer of more than 2^31 elements (``test_buffer_over_2_pow_31_elements``, deselect it with
+``-k 'not 2_pow_31'`` on small GPUs; it skips itself when memory is short).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables
+from adam_mini_kernels.launch_tables import build_launch_tables
+from grad_stream import clone_named, max_rel_err, run_stream
+
+OPS = ("rows_step", "large_blocks_step", "adam_step")
+SCHEMAS = {
+    "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
+    "Tensor rows, int width) -> ()",
+    "large_blocks_step": "adam_mini_kernels::large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, "
+    "Tensor coef, Tensor tiles, Tensor blocks, Tensor(d!) partial) -> ()",
+    "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
+    "Tensor tiles) -> ()",
+}
+HAS_GPU = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+def _nvcc_found() -> bool:
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return os.path.exists(os.path.join(cuda_home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+# setup.py builds the extension exactly when these hold; then a missing or broken extension is a
+# failure (a silently broken build must not pass CI), otherwise the checks below are skipped.
+BUILD_EXPECTED = (
+    torch.version.cuda is not None and _nvcc_found() and os.environ.get("ADAM_MINI_SKIP_CUDA_BUILD") != "1"
+)
+
+
+def _import_backend():
+    try:
+        return importlib.import_module("adam_mini_kernels.cuda_backend")
+    except ImportError as err:
+        if BUILD_EXPECTED:
+            pytest.fail(
+                f"the CUDA extension should be built here (torch {torch.__version__} is a CUDA "
+                f"{torch.version.cuda} build and nvcc exists) but does not import: {err}"
+            )
+        pytest.skip(f"CUDA extension not built here: {err}")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return _import_backend()
+
+
+# -- CI: build, import, registration ---------------------------------------------------------------
+
+
+def test_extension_imports_where_it_can_be_built(backend):
+    module = importlib.import_module("adam_mini_kernels._C")
+    assert module.__name__ == "adam_mini_kernels._C"
+    assert hasattr(torch.ops, "adam_mini_kernels")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_is_registered_with_its_schema(backend, op):
+    packet = getattr(torch.ops.adam_mini_kernels, op)
+    assert str(packet.default._schema) == SCHEMAS[op]
+    qualname = f"adam_mini_kernels::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    # The alias annotations (what functionalization and torch.compile rely on): p, m, v mutated.
+    mutated = [a.name for a in packet.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["p", "m", "v"] + (["partial"] if op == "large_blocks_step" else [])
+    assert packet.default._schema.returns == []
+
+
+def test_compiled_constants_match_python(backend):
+    """The kernels index the launch tables and the coefficient table by compile-time columns; they
+    must be the columns launch_tables.py and coefficients.py write."""
+    compiled = dict(backend._C.CONSTANTS)
+    for name, value in backend._expected_constants().items():
+        assert compiled[name] == value, name
+    per_thread = compiled["ELEMS_PER_THREAD"]
+    for span in ("ROW_MAX", "TILE", "ADAM_TILE"):
+        assert compiled[span] % (32 * per_thread) == 0, span  # whole warps per span
+    assert compiled["ROW_MAX"] // per_thread <= 1024  # one CUDA block holds the widest row
+
+
+def test_stale_build_is_an_import_error(backend, monkeypatch):
+    monkeypatch.setitem(backend._C.CONSTANTS, "ROW_V", 7)
+    with pytest.raises(ImportError, match="ROW_V.*rebuild"):
+        backend._check_constants()
+
+
+def _cpu_inputs(dtype=torch.float32):
+    """Flat buffers, launch tables and a (zero) coefficient table of the odd set, as CPU tensors:
+    templates for fake CUDA tensors of the same shapes, or copied to the GPU (``_gpu_inputs``)."""
+    named, dims = _odd_named()
+    group = _cpu_group(named, dims)
+    tables = build_launch_tables(group)
+    coef = torch.zeros(len(group.params), coefficients.NUM_COEFFICIENTS)
+    real = dict(
+        p=group.param_buffer.to(dtype), g=group.grad_buffer.to(dtype), m=group.m.to(dtype), v=group.v, coef=coef,
+        rows=tables.row_classes, tiles=tables.tiles, blocks=tables.blocks, partial=tables.partial, adam=tables.adam,
+    )
+    return real
+
+
+def _fake_like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="cuda")
+
+
+def test_fake_implementations_under_fake_tensor_mode(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _cpu_inputs()
+    with FakeTensorMode():
+        p, g, m, v, coef = (_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef"))
+        ops = torch.ops.adam_mini_kernels
+        for width, rows in real["rows"]:
+            assert ops.rows_step(p, g, m, v, coef, _fake_like(rows), width) is None
+        tiles, blocks, partial = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial"))
+        assert ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial) is None
+        assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"])) is None
+        # What the fake implementations can see is checked, as the CUDA kernels' launchers do.
+        with pytest.raises(RuntimeError, match="coef"):
+            ops.adam_step(p, g, m, v, coef[:, :3], _fake_like(real["adam"]))
+        with pytest.raises(RuntimeError, match="tiles"):
+            ops.adam_step(p, g, m, v, coef, tiles)
+        with pytest.raises(RuntimeError, match="dtype"):
+            ops.rows_step(p, g.to(torch.bfloat16), m, v, coef, _fake_like(real["rows"][0][1]), 16)
+
+
+def test_traces_with_make_fx(backend):
+    """The operators trace into a graph on fake tensors (what torch.compile does first), in the
+    order of the step, with their in-place semantics intact."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = _cpu_inputs(torch.bfloat16)
+
+    def step(p, g, m, v, coef, tiles, blocks, partial, adam, *rows):
+        ops = torch.ops.adam_mini_kernels
+        for (width, _), table in zip(real["rows"], rows):
+            ops.rows_step(p, g, m, v, coef, table, width)
+        ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial)
+        ops.adam_step(p, g, m, v, coef, adam)
+
+    with FakeTensorMode():
+        args = [_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef", "tiles", "blocks", "partial", "adam")]
+        args += [_fake_like(rows) for _, rows in real["rows"]]
+        graph = make_fx(step)(*args)
+    called = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    expected = ["adam_mini_kernels.rows_step.default"] * len(real["rows"])
+    expected += ["adam_mini_kernels.large_blocks_step.default", "adam_mini_kernels.adam_step.default"]
+    assert called == expected
+
+
+# -- CI: dispatch ----------------------------------------------------------------------------------
+
+
+def test_cuda_backend_on_cpu_params_says_why():
+    named, dims = _odd_named()
+    with pytest.raises(BackendUnavailableError) as err:
+        AdamMini(named, backend="cuda", verbose=False, **dims)
+    message = str(err.value)
+    assert "'cuda'" in message and "CUDA" in message
+
+
+def _block_extension(monkeypatch):
+    """Make `import adam_mini_kernels._C` fail as it does where the extension was not built."""
+    import adam_mini_kernels
+
+    monkeypatch.setitem(sys.modules, "adam_mini_kernels._C", None)
+    monkeypatch.delitem(sys.modules, "adam_mini_kernels.cuda_backend", raising=False)
+    monkeypatch.delattr(adam_mini_kernels, "_C", raising=False)
+    monkeypatch.delattr(adam_mini_kernels, "cuda_backend", raising=False)
+
+
+def test_missing_extension_explains_how_to_build(monkeypatch):
+    _block_extension(monkeypatch)
+    cuda = [torch.device("cuda", 0)]
+    reason = dispatch.BACKENDS["cuda"].why_not(cuda)
+    assert reason is not None and "not built" in reason and "pip install" in reason
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        dispatch.resolve_backend("cuda", cuda)
+    assert dispatch.resolve_backend("auto", cuda) in dispatch.PREFERENCE  # auto never fails
+    assert "cuda" not in dispatch.available_backends(cuda)
+
+
+def test_cuda_stays_out_of_auto_until_verified():
+    assert "cuda" not in dispatch.AUTO_ORDER
+
+
+# -- the odd-size parameter set --------------------------------------------------------------------
+
+
+def _odd_named():
+    """Every kind of work and each of its code paths: Adam tiles whose v starts on a 16-byte
+    boundary and not, a row of one element, rows whose length is not a multiple of any vector
+    width (so also unaligned row starts), rows at exactly ROW_MAX and just under it, a whole-tensor
+    block larger than TILE (three-phase path, unaligned last tile), head blocks larger than
+    ROW_MAX, zero-size parameters and zero-length rows, a row rule on a 1-D tensor."""
+    big = launch_tables.TILE * 2 + 3
+    shapes = {
+        "first.bias": (64,),
+        "one.weight": (1,),
+        "mlp.odd": (5, 7),
+        "mlp.row_of_one": (3, 1),
+        "mlp.exact": (2, launch_tables.ROW_MAX),
+        "mlp.wide_odd": (2, launch_tables.ROW_MAX - 3),
+        "big_norm.weight": (big,),
+        "layers.0.wq.weight": (2 * 96, 96),  # dim 96, n_heads 1: head blocks of 9216 > ROW_MAX
+        "empty.weight": (0, 3),
+        "mlp.empty_rows": (4, 0),
+        "mlp.vector": (33,),
+        "lone.bias": (1,),
+        "long.bias": (launch_tables.ADAM_TILE + 17,),
+        "mid.bias": (64,),
+    }
+    gen = torch.Generator().manual_seed(5)
+    named = [(name, torch.nn.Parameter(torch.randn(shape, generator=gen))) for name, shape in shapes.items()]
+    return named, dict(dim=96, n_heads=1)
+
+
+def _cpu_group(named, dims):
+    """The flat group the optimizer builds for ``named`` (built on the CPU by a no-gradient step)."""
+    opt = AdamMini(clone_named(named), backend="torch", verbose=False, **dims)
+    opt.step()  # no gradients: builds the buffers, steps nothing
+    (group,) = opt._flat
+    return group
+
+
+@pytest.mark.parametrize("vec", [4, 8])  # elements per 16-byte access: fp32, bf16/fp16
+def test_odd_set_covers_every_kernel_path(vec):
+    """The GPU tests below only exercise the fast and fallback paths if the odd set has spans of
+    each kind; checked here on the launch tables, without a GPU."""
+    named, dims = _odd_named()
+    tables = build_launch_tables(_cpu_group(named, dims))
+    T = launch_tables
+
+    def aligned(table, start, numel):
+        return (table[:, start] % vec == 0) & (table[:, numel] % vec == 0)
+
+    widths = [w for w, _ in tables.row_classes]
+    assert launch_tables.MIN_ROW_BLOCK in widths and launch_tables.ROW_MAX in widths
+    rows = torch.cat([r for _, r in tables.row_classes])
+    row_aligned = aligned(rows, T.ROW_START, T.ROW_NUMEL)
+    assert row_aligned.any() and (~row_aligned).any()
+    assert (rows[:, T.ROW_NUMEL] == 0).any() and (rows[:, T.ROW_NUMEL] == 1).any()
+    assert (rows[:, T.ROW_NUMEL] == launch_tables.ROW_MAX).any()
+    assert ((rows[:, T.ROW_START] % vec != 0) & (rows[:, T.ROW_NUMEL] > 1)).any()  # unaligned starts
+    tile_aligned = aligned(tables.tiles, T.TILE_START, T.TILE_NUMEL)
+    assert tile_aligned.any() and (~tile_aligned).any()
+    assert (tables.blocks[:, T.LB_NUMEL] > launch_tables.TILE).all() and len(tables.blocks) >= 3
+    adam_aligned = aligned(tables.adam, T.ROW_START, T.ROW_NUMEL)
+    v_aligned = tables.adam[:, T.ROW_V] % 4 == 0
+    assert (adam_aligned & v_aligned).any() and (adam_aligned & ~v_aligned).any() and (~adam_aligned).any()
+
+
+# -- comparing runs ------------------------------------------------------------------------------
+
+DEVICE = torch.device("cuda")
+# Relative tolerance on params after a few steps, per storage dtype (as the Triton tests): fp32
+# differs from the torch backend only by summation order and FMA contraction (on the GPU; the
+# emulation on the CPU contracts differently); in bf16/fp16 that
+# can flip the rounding of the stored p (and m) by one unit in the last place at each step.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
+
+
+def _model_named(model_name):
+    model, _, dims = models.build(model_name)
+    return list(model.named_parameters()), dims
+
+
+def _runs(named, dims, dtype, backends):
+    sets, opts = [], []
+    for name in backends:
+        params = clone_named(named, device=DEVICE, dtype=dtype)
+        sets.append([p for _, p in params if p.requires_grad])
+        opts.append(AdamMini(params, backend=name, **dims, **KW))
+        assert opts[-1].backend == name
+    return sets, opts
+
+
+def _assert_close(sets, opts, tol):
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= tol, (a.shape, max_rel_err(a, b))
+    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
+        assert torch.equal(fa.steps, fb.steps)
+        assert max_rel_err(fa.v, fb.v) <= max(tol, 1e-5)
+        assert max_rel_err(fa.m.float(), fb.m.float()) <= tol * 10
+
+
+# -- CI: the kernels, emulated on the CPU ----------------------------------------------------------
+# tests/gpu/host_emulator.cpp compiles csrc/kernels.cuh with the host compiler and runs each CUDA
+# block with one std::thread per CUDA thread (see [Note: host emulation] there): the kernels'
+# own indexing, masking, vector and scalar paths and reductions, checked without a GPU.
+
+EMULATOR = Path(__file__).resolve().parent / "gpu" / "host_emulator.cpp"
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the kernel emulator")
+    library = tmp_path_factory.mktemp("emulator") / "libemulator.so"
+    include = Path(torch.__file__).resolve().parent / "include"
+    command = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas", f"-I{include}",
+               str(EMULATOR), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        if BUILD_EXPECTED:  # the CUDA build works here, so the kernels compile: a real failure
+            pytest.fail(f"the kernel emulator does not compile:\n{result.stderr[-4000:]}")
+        pytest.skip(f"the kernel emulator does not compile with {cxx}: {result.stderr[-500:]}")
+    lib = ctypes.CDLL(str(library))
+    ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.emulate_rows_step.argtypes = [flag] + [ptr] * 6 + [i64, i64, flag]
+    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 6 + [i64, ptr, i64, ptr, flag]
+    lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag]
+    return lib
+
+
+def _emulated_step(lib, force_scalar=False):
+    """A step function with the signature of ``cuda_step`` that runs the emulated kernels with the
+    launchers' arguments (``force_scalar``: every span takes the masked scalar path)."""
+
+    def aligned(*tensors):
+        return int(not force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+    def step(group, coef):
+        t = group.cache.get("launch_tables")
+        if t is None:
+            t = group.cache["launch_tables"] = build_launch_tables(group)
+        p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+        coef = coef.contiguous()
+        code = DTYPE_CODE[p.dtype]
+        state = (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
+        failures = 0
+        for width, rows in t.row_classes:
+            failures += lib.emulate_rows_step(*state, rows.data_ptr(), rows.shape[0], width, aligned(p, g, m))
+        if t.tiles is not None:
+            failures += lib.emulate_large_blocks_step(
+                *state, t.tiles.data_ptr(), t.tiles.shape[0], t.blocks.data_ptr(), t.blocks.shape[0],
+                t.partial.data_ptr(), aligned(p, g, m),
+            )
+        if t.adam is not None:
+            failures += lib.emulate_adam_step(*state, t.adam.data_ptr(), t.adam.shape[0], aligned(p, g, m), aligned(v))
+        assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
+
+    return step
+
+
+def _emulated_runs(named, dims, dtype, lib, variants):
+    """The torch backend and one optimizer per variant ("fast" or "scalar") stepping through the
+    emulated kernels, on clones of ``named``."""
+    sets, opts = [], []
+    for variant in ("torch",) + tuple(variants):
+        params = clone_named(named, dtype=dtype)
+        sets.append([p for _, p in params if p.requires_grad])
+        opts.append(AdamMini(params, backend="torch", **dims, **KW))
+        if variant != "torch":
+            opts[-1]._step_fn = _emulated_step(lib, force_scalar=variant == "scalar")
+    return sets, opts
+
+
+def _assert_padding_zero(group):
+    """Elements between parameters belong to no block: no kernel may write them."""
+    for i, p in enumerate(group.params):
+        start, end = group.offsets[i] + p.numel(), (group.offsets[i + 1] if i + 1 < len(group.params) else group.numel)
+        for buffer in (group.param_buffer, group.m):
+            assert not buffer[start:end].any(), (group.layouts[i].name, "padding written")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_emulated_kernels_match_torch_backend(emulator, dtype):
+    named, dims = _odd_named()
+    sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast"])
+    run_stream(sets, opts, steps=3, seed=9, none_every=4)
+    _assert_close(sets, opts, TOL[dtype])
+    _assert_padding_zero(opts[1]._flat[0])
+
+
+def test_emulated_scalar_path_is_bitwise_the_vector_path(emulator):
+    """[Note: thread fragments]: both paths hold the same elements in the same slots, so they give
+    bitwise the same result (also the same sums of g^2)."""
+    named, dims = _odd_named()
+    for dtype in (torch.float32, torch.bfloat16):
+        sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast", "scalar"])
+        run_stream(sets, opts, steps=2, seed=12, none_every=3)
+        for a, b in zip(sets[1], sets[2]):
+            assert torch.equal(a, b)
+        assert torch.equal(opts[1]._flat[0].v, opts[2]._flat[0].v)
+        assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
+
+
+@pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "cnn"])
+def test_emulated_kernels_on_model_trees(emulator, model_name):
+    named, dims = _model_named(model_name)
+    sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"])
+    run_stream(sets, opts, steps=3, seed=sum(map(ord, model_name)))
+    _assert_close(sets, opts, TOL[torch.float32])
+
+
+# -- GPU: parity -----------------------------------------------------------------------------------
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "gpt2_tied", "cnn"])
+def test_matches_torch_backend_fp32(backend, model_name):
+    named, dims = _model_named(model_name)
+    sets, opts = _runs(named, dims, torch.float32, ("torch", "cuda"))
+    run_stream(sets, opts, steps=4, seed=sum(map(ord, model_name)))
+    _assert_close(sets, opts, TOL[torch.float32])
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa"])
+def test_matches_torch_backend_low_precision(backend, model_name, dtype):
+    named, dims = _model_named(model_name)
+    sets, opts = _runs(named, dims, dtype, ("torch", "cuda"))
+    run_stream(sets, opts, steps=3, seed=11)
+    _assert_close(sets, opts, TOL[dtype])
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_odd_sizes(backend, dtype):
+    named, dims = _odd_named()
+    sets, opts = _runs(named, dims, dtype, ("torch", "cuda"))
+    run_stream(sets, opts, steps=3, seed=9, none_every=4)
+    tables = opts[1]._flat[0].cache["launch_tables"]
+    assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 2
+    _assert_close(sets, opts, TOL[dtype])
+
+
+@gpu
+@needs_gpu
+def test_matches_official(backend):
+    from adam_mini import Adam_mini
+
+    named, dims = _model_named("llama_gqa")
+    ours = clone_named(named, device=DEVICE)
+    theirs = clone_named(named, device=DEVICE)
+    opts = [Adam_mini(theirs, **dims, **KW), AdamMini(ours, backend="cuda", **dims, **KW)]
+    sets = [[p for _, p in theirs], [p for _, p in ours]]
+    run_stream(sets, opts, steps=10, seed=3, none_every=0)
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tree", ["odd", "llama_gqa"])
+def test_matches_triton_backend(backend, tree, dtype):
+    """Same tables, same decomposition, same math: equal up to float32 summation order."""
+    pytest.importorskip("triton")
+    named, dims = _odd_named() if tree == "odd" else _model_named(tree)
+    sets, opts = _runs(named, dims, dtype, ("triton", "cuda"))
+    run_stream(sets, opts, steps=4, seed=21)
+    _assert_close(sets, opts, TOL[dtype])
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic(backend, dtype):
+    named, dims = _odd_named()
+    sets, opts = _runs(named, dims, dtype, ("cuda", "cuda"))
+    run_stream(sets, opts, steps=3, seed=4)
+    for a, b in zip(*sets):
+        assert torch.equal(a, b)
+    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
+        assert torch.equal(fa.v, fb.v) and torch.equal(fa.m, fb.m)
+
+
+# -- GPU: the operators as torch sees them ---------------------------------------------------------
+
+
+def _gpu_inputs(dtype=torch.float32, seed=0):
+    """Real CUDA flat buffers, tables and a coefficient table of the odd set, random state."""
+    real = _cpu_inputs(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for key in ("p", "g", "m"):
+        out[key] = torch.randn(real[key].shape, generator=gen, device="cuda").to(dtype)
+    out["v"] = torch.rand(real["v"].shape, generator=gen, device="cuda")
+    coef = torch.tensor([0.999, 1e-3, 0.3, 1e-8, 0.999, 1e-3, 0.1], device="cuda")
+    out["coef"] = coef.repeat(real["coef"].shape[0], 1).contiguous()
+    out["rows"] = [(w, r.cuda()) for w, r in real["rows"]]
+    for key in ("tiles", "blocks", "adam"):
+        out[key] = real[key].cuda()
+    out["partial"] = real["partial"].cuda()
+    return out
+
+
+def _call_all(x):
+    ops = torch.ops.adam_mini_kernels
+    for width, rows in x["rows"]:
+        ops.rows_step(x["p"], x["g"], x["m"], x["v"], x["coef"], rows, width)
+    ops.large_blocks_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"])
+    ops.adam_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"])
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(backend, dtype):
+    """Schema (exactly p, m, v, partial mutated), fake implementation and AOT dispatch, on real
+    inputs."""
+    x = _gpu_inputs(dtype)
+    base = (x["p"], x["g"], x["m"], x["v"], x["coef"])
+    width, rows = x["rows"][-1]
+    torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width))
+    torch.library.opcheck(
+        torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"])
+    )
+    torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, base + (x["adam"],))
+
+
+@gpu
+@needs_gpu
+def test_torch_compile_fullgraph(backend):
+    eager, compiled = _gpu_inputs(seed=1), _gpu_inputs(seed=1)
+    _call_all(eager)
+    torch.compile(_call_all, fullgraph=True)(compiled)
+    for key in ("p", "m", "v"):
+        assert torch.equal(eager[key], compiled[key]), key
+
+
+@gpu
+@needs_gpu
+def test_cuda_graph_capture(backend):
+    eager, captured = _gpu_inputs(seed=2), _gpu_inputs(seed=2)
+    for _ in range(2):
+        _call_all(eager)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        warm = _gpu_inputs(seed=3)
+        _call_all(warm)  # warm-up outside the graph, as CUDA graphs want
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call_all(captured)
+    # Capture does not run the kernels: replaying twice is two steps.
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for key in ("p", "m", "v"):
+        assert torch.equal(eager[key], captured[key]), key
+
+
+@gpu
+@needs_gpu
+def test_launchers_check_their_inputs(backend):
+    ops = torch.ops.adam_mini_kernels
+    x = _gpu_inputs()
+    p, g, m, v, coef = x["p"], x["g"], x["m"], x["v"], x["coef"]
+    width, rows = x["rows"][0]
+    with pytest.raises(RuntimeError, match=r"rows_step: g has dtype"):
+        ops.rows_step(p, g.half(), m, v, coef, rows, width)
+    with pytest.raises(RuntimeError, match=r"rows_step: m must be contiguous"):
+        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], v, coef, rows, width)
+    with pytest.raises(RuntimeError, match=r"rows_step: v must be float32"):
+        ops.rows_step(p, g, m, v.double(), coef, rows, width)
+    with pytest.raises(RuntimeError, match=r"rows_step: coef must be a float32"):
+        ops.rows_step(p, g, m, v, coef[:, :4].contiguous(), rows, width)
+    with pytest.raises(RuntimeError, match=r"rows_step: rows must be an int64"):
+        ops.rows_step(p, g, m, v, coef, rows.int(), width)
+    with pytest.raises(RuntimeError, match=r"rows_step: width must be in"):
+        ops.rows_step(p, g, m, v, coef, rows, launch_tables.ROW_MAX * 2)
+    with pytest.raises(RuntimeError, match=r"rows_step: p must be float32, bfloat16 or float16"):
+        ops.rows_step(p.double(), g.double(), m.double(), v, coef, rows, width)
+    with pytest.raises(RuntimeError, match=r"large_blocks_step: partial must be float32 with one slot per tile"):
+        ops.large_blocks_step(p, g, m, v, coef, x["tiles"], x["blocks"], x["partial"][:1])
+    with pytest.raises(RuntimeError, match=r"adam_step: tiles is on cpu"):
+        ops.adam_step(p, g, m, v, coef, x["adam"].cpu())
+
+
+# -- GPU: more than 2^31 elements ------------------------------------------------------------------
+
+
+@gpu
+@needs_gpu
+def test_buffer_over_2_pow_31_elements(backend):
+    """A bf16 group of more than 2^31 elements (8 GiB of p, g, m): a whole-tensor block whose tiles
+    start past element 2^31, then a row-rule parameter and a bias that sit entirely past it. The
+    rows and the bias are compared with a small torch-backend run, the large block with its
+    closed form after one step (p = -lr * g / (sqrt(mean(g^2)) + eps))."""
+    n_first = 2**31 + launch_tables.TILE + 5
+    need = n_first * 2 * 4 + (4 << 30)  # p, g, m, the parameter before adoption; scratch
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    bf16 = dict(dtype=torch.bfloat16, device="cuda")
+    first = torch.nn.Parameter(torch.zeros(n_first, **bf16))
+    gen = torch.Generator().manual_seed(8)
+    tail = [
+        ("mlp.tail", torch.nn.Parameter(torch.randn(48, 72, generator=gen).to(**bf16))),
+        ("tail.bias", torch.nn.Parameter(torch.randn(1029, generator=gen).to(**bf16))),
+    ]
+    tail_ref = clone_named(tail)
+    kw = dict(lr=1e-2, eps=1e-8, verbose=False)
+    opt = AdamMini([("norm.first", first)] + tail, backend="cuda", **kw)
+    ref = AdamMini(tail_ref, backend="torch", **kw)
+    opt.step()  # no gradients yet: builds the flat buffers only
+    (group,) = opt._flat
+    assert group.offsets[1] >= 2**31 and group.numel > 2**31 + 4096
+    # Gradients written straight into the flat gradient buffer (no 4 GiB temporary).
+    first.grad = group.grad_view(0)
+    first.grad.normal_(generator=torch.Generator(device="cuda").manual_seed(9))
+    for i, ((_, p), (_, q)) in enumerate(zip(tail, tail_ref)):
+        p.grad = group.grad_view(i + 1)
+        p.grad.copy_(torch.randn(p.shape, generator=gen).to(**bf16))
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for (_, p), (_, q) in zip(tail, tail_ref):
+        assert max_rel_err(q, p) <= TOL[torch.bfloat16]
+    # The large block: v = (1 - beta2) * mean(g^2); after one step p = -lr * g / (sqrt(mean) + eps).
+    g = first.grad
+    sumsq = sum(chunk.double().square().sum() for chunk in g.split(1 << 28))
+    mean = (sumsq / n_first).item()
+    assert abs(group.v_view(0).item() / (0.001 * mean) - 1) < 1e-4
+    last = slice(n_first - launch_tables.TILE - 5, n_first)
+    expected = -kw["lr"] * g[last].double() / (mean**0.5 + kw["eps"])
+    assert max_rel_err(expected, first.detach()[last]) <= TOL[torch.bfloat16]
