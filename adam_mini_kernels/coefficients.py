@@ -2,10 +2,11 @@
 
 [Note: coefficient table]
 The scalar part of an Adam-mini step (bias corrections, the step size, decoupled weight decay)
-depends only on a parameter's hyperparameters and its step counter. It is computed here once per
-step for the whole group with a fixed number of tensor ops on P-length vectors, in float64 (as
-official computes it in Python doubles) and rounded once to float32. Every backend reads the
-same table, so backends differ only in how they do the per-element work.
+depends only on a parameter's hyperparameters and its step counter. It is computed once per step
+for the whole group, in float64 (as official computes it in Python doubles) and rounded once to
+float32, into a table every backend's kernels read. ``next_step_coefficients`` computes it with a
+fixed number of tensor ops on P-length vectors; a backend may compute the same table with a
+kernel of its own (one launch instead of about twenty), tested against this one.
 
 A parameter that has no gradient this step ("idle") gets coefficients that leave it exactly as it
 was: no decay, zero step size, v kept (beta2 = 1, weight 0), m kept (lerp weight 0).
@@ -58,3 +59,9 @@ def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch
         m_weight = torch.where(active, m_weight, zero)
     table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight], dim=1)
     return table.to(torch.float32)
+
+
+def next_step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch.Tensor:
+    """Advance the step counters and return this step's coefficient table."""
+    advance_steps(group, active)
+    return step_coefficients(group, active)

@@ -11,6 +11,8 @@ else running on fake or meta tensors) trace the operators.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import coefficients, launch_tables
@@ -113,9 +115,11 @@ def _adam_step_fake(p, g, m, v, coef, tiles):
 # -- the step --------------------------------------------------------------------------------------
 
 
-def cuda_step(group: FlatGroup, coef: torch.Tensor) -> None:
-    """Apply one step to ``group`` in place with the CUDA kernels: one operator call per row class,
-    one for the large blocks (three launches), one for the Adam tiles."""
+def cuda_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+    """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (torch
+    ops), then one operator call per row class, one for the large blocks (three launches), one
+    for the Adam tiles."""
+    coef = coefficients.next_step_coefficients(group, active)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)

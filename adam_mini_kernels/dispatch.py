@@ -1,7 +1,9 @@
 """Backend dispatch: a table of backends, each with an availability check and a loader.
 
-A backend's step function has the signature ``step(group: FlatGroup, coef: Tensor) -> None``
-(``coef`` is the table of ``coefficients.step_coefficients``) and updates the group in place.
+A backend's step function has the signature ``step(group: FlatGroup, active) -> None``: it
+advances the step counters of the parameters flagged in ``active`` (a bool tensor on the group's
+device; None: all), computes the coefficient table (``coefficients``) and updates the group in
+place.
 ``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices; an
 explicit request for a backend that cannot run raises ``BackendUnavailableError`` saying why.
 """

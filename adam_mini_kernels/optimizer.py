@@ -18,7 +18,6 @@ import torch
 from . import dispatch
 from .buffers import FlatGroup, to_device
 from .checkpoint import absorb_state, check_state, state_views
-from .coefficients import advance_steps, step_coefficients
 from .partition import (
     DEFAULT_NAMES,
     NAME_SET_ATTRS,
@@ -266,8 +265,7 @@ class AdamMini(torch.optim.Optimizer):
             active = None
             if check.active is not None:
                 active = to_device(torch.tensor(check.active), group.device)
-            advance_steps(group, active)
-            self._step_fn(group, step_coefficients(group, active))
+            self._step_fn(group, active)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

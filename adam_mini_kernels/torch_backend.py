@@ -10,11 +10,21 @@ storage dtype. It trades memory for simplicity: a few float32 temporaries the si
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .buffers import FlatGroup
-from .coefficients import C_BC2_SQRT, C_BETA2, C_DECAY, C_EPS, C_M_WEIGHT, C_STEP_SIZE, C_V_WEIGHT
+from .coefficients import (
+    C_BC2_SQRT,
+    C_BETA2,
+    C_DECAY,
+    C_EPS,
+    C_M_WEIGHT,
+    C_STEP_SIZE,
+    C_V_WEIGHT,
+    next_step_coefficients,
+)
 
 
 @dataclass
@@ -48,8 +58,10 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
     )
 
 
-def torch_step(group: FlatGroup, coef: torch.Tensor) -> None:
-    """Apply one step to ``group`` in place, given this step's coefficient table."""
+def torch_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+    """Apply one step to ``group`` in place; ``active`` flags the parameters that have a gradient
+    (None: all)."""
+    coef = next_step_coefficients(group, active)
     seg = group.cache.get("torch")
     if seg is None:
         seg = group.cache["torch"] = _segment_table(group)

@@ -17,8 +17,8 @@ of one kind, so that a backend's step launches exactly one path of its kernels:
 
 Lines are backend x storage dtype: ``triton`` and ``cuda`` (the extension's step, when it is
 built) and ``torch`` (the reference backend) for scale. Every point moves about 2^26 elements
-(override with ``--numel``) so the buffers are far larger than L2. The step is called directly on
-the group with a fixed coefficient table, so no optimizer host code is timed.
+(override with ``--numel``) so the buffers are far larger than L2. The backend's step is called directly
+on the group (its coefficient table included), so no optimizer host code is timed.
 
 GB/s counts the minimum bytes of the step (bench/NOTES.md): read p, g, m and write p, m
 (5 x storage bytes per element) plus reading and writing the float32 v of each block (8 B per
@@ -57,9 +57,9 @@ ADAM_SIZES = [2**16, 2**20, 2**24, 2**26]
 # --------------------------------------------------------------------------------------------
 def make_group(path: str, size: int, numel: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """A FlatGroup of about ``numel`` elements whose blocks all take ``path``, random p, g and m,
-    positive v (as after a first step), and the coefficient table of step 2."""
+    positive v (as after a first step) and step counters at 1."""
     from adam_mini_kernels.buffers import FlatGroup
-    from adam_mini_kernels.coefficients import advance_steps, step_coefficients
+    from adam_mini_kernels.coefficients import advance_steps
     from adam_mini_kernels.partition import layout_for
 
     if path == "rows":
@@ -82,9 +82,7 @@ def make_group(path: str, size: int, numel: int, dtype: torch.dtype, device: tor
     group.v.copy_(torch.rand(group.v.shape, device=device, generator=gen).add_(0.1))
     group.set_hparams([(1e-3, 0.1, 0.9, 0.999, 1e-8)])
     advance_steps(group, None)
-    advance_steps(group, None)
-    coef = step_coefficients(group, None)
-    return group, coef, p
+    return group, p
 
 
 def min_bytes(group) -> int:
@@ -135,12 +133,12 @@ def run_gpu(args) -> int:
     def measure(path: str, size: int, provider: str):
         backend, dtype_name = by_val[provider]
         try:
-            group, coef, keep = make_group(path, size, args.numel, DTYPES[dtype_name], device)
+            group, keep = make_group(path, size, args.numel, DTYPES[dtype_name], device)
             fn = steps[backend]
-            ms, p20, p80 = triton.testing.do_bench(lambda: fn(group, coef), warmup=args.warmup_ms, rep=args.rep_ms,
+            ms, p20, p80 = triton.testing.do_bench(lambda: fn(group, None), warmup=args.warmup_ms, rep=args.rep_ms,
                                                     quantiles=[0.5, 0.2, 0.8])
             nbytes = min_bytes(group)
-            del group, coef, keep
+            del group, keep
             gbps = lambda t: nbytes / (t * 1e-3) / 1e9  # noqa: E731
             return gbps(ms), gbps(p80), gbps(p20)
         except Exception as err:  # noqa: BLE001 - one failing point must not end the report
@@ -192,11 +190,11 @@ def run_dry(args) -> int:
         for size in points[path]:
             for dtype_name in args.dtypes:
                 dtype = DTYPES[dtype_name]
-                ref_group, ref_coef, keep_ref = make_group(path, size, 4 * size, dtype, device, seed=1)
-                reference(ref_group, ref_coef)
+                ref_group, keep_ref = make_group(path, size, 4 * size, dtype, device, seed=1)
+                reference(ref_group, None)
                 for backend, fn in steps.items():
-                    group, coef, keep = make_group(path, size, 4 * size, dtype, device, seed=1)
-                    fn(group, coef)
+                    group, keep = make_group(path, size, 4 * size, dtype, device, seed=1)
+                    fn(group, None)
                     a, b = group.param_buffer.float(), ref_group.param_buffer.float()
                     err = ((a - b).norm() / b.norm()).item()
                     verr = ((group.v - ref_group.v).norm() / ref_group.v.norm()).item()

@@ -354,7 +354,8 @@ def _emulated_step(lib, force_scalar=False):
     def aligned(*tensors):
         return int(not force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
 
-    def step(group, coef):
+    def step(group, active):
+        coef = coefficients.next_step_coefficients(group, active)
         t = group.cache.get("launch_tables")
         if t is None:
             t = group.cache["launch_tables"] = build_launch_tables(group)

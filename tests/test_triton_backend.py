@@ -141,3 +141,32 @@ def test_buffer_over_2_pow_31_elements():
     ref.step()
     assert opt._flat[0].offsets[1] >= 2**31 - 4096
     assert max_rel_err(tail_ref[0][1], tail) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("with_idle", [False, True])
+def test_coefficient_kernel_matches_torch_ops(with_idle):
+    """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
+    rounded once to float32) and advances the same step counters, also at large step counts and
+    with per-parameter hyperparameters and idle parameters."""
+    from adam_mini_kernels import coefficients
+    from adam_mini_kernels.triton_kernels.launch import step_coefficients
+
+    named, dims = _odd_named()
+    params = clone_named(named, device=DEVICE)
+    opt = AdamMini(params, backend="triton", **dims, **KW)
+    run_stream([[p for _, p in params]], [opt], steps=1, seed=2, none_every=0)
+    group = opt._flat[0]
+    gen = torch.Generator().manual_seed(13)
+    n = len(group.params)
+    u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
+    group.set_hparams([(1e-4 + r[0].item(), r[1].item() * 0.2, 0.8 + 0.19 * r[2].item(), 0.9 + 0.0999 * r[3].item(), 1e-8 * r[4].item()) for r in u])
+    group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
+    active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if with_idle else None
+    start = group.steps.clone()
+
+    fused = step_coefficients(group, active).clone()
+    fused_steps = group.steps.clone()
+    group.steps.copy_(start)
+    expected = coefficients.next_step_coefficients(group, active)
+    assert torch.equal(fused_steps, group.steps)
+    torch.testing.assert_close(fused, expected, rtol=2**-22, atol=0)

@@ -6,6 +6,8 @@
 * ``tile_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``: the three phases of a
   large block, deterministic (fixed slots, fixed order), no atomics.
 * ``adam_step_kernel``: Adam blocks (biases), one v per element.
+* ``step_coefficients_kernel``: advances the step counters and writes the coefficient table, the
+  same table as ``coefficients.step_coefficients`` in one launch.
 
 All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
 coefficients come from the table of ``coefficients.step_coefficients``.
@@ -15,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import launch_tables as T
+from ..buffers import HP_BETA1, HP_BETA2, HP_EPS, HP_LR, HP_WEIGHT_DECAY, NUM_HPARAMS
 from ..coefficients import (
     C_BC2_SQRT,
     C_BETA2,
@@ -44,6 +47,9 @@ _C_BETA2 = tl.constexpr(C_BETA2)
 _C_V_WEIGHT = tl.constexpr(C_V_WEIGHT)
 _C_M_WEIGHT = tl.constexpr(C_M_WEIGHT)
 _NUM_COEF = tl.constexpr(NUM_COEFFICIENTS)
+_HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
+    tl.constexpr(c) for c in (HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS, NUM_HPARAMS)
+)
 
 
 @triton.jit
@@ -136,3 +142,49 @@ def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.c
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
     _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
+
+
+@triton.jit
+def _pow_int(base, t):
+    """base ** t elementwise, float64 base, int64 t >= 0: binary exponentiation in 63 rounds."""
+    result = tl.full(base.shape, 1.0, tl.float64)
+    for _ in range(63):
+        result = tl.where((t & 1) == 1, result * base, result)
+        base = base * base
+        t = t >> 1
+    return result
+
+
+@triton.jit
+def step_coefficients_kernel(steps_ptr, active_ptr, hp_ptr, coef_ptr, num_params, HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """Advance each parameter's step counter (those flagged in ``active``) and write its row of
+    the float32 coefficient table, computed in float64 (see coefficients.py)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < num_params
+    t = tl.load(steps_ptr + i, mask=mask, other=0)
+    if HAS_ACTIVE:
+        on = tl.load(active_ptr + i, mask=mask, other=0) != 0
+    else:
+        on = mask
+    t = t + on.to(tl.int64)
+    tl.store(steps_ptr + i, t, mask=mask)
+
+    hp = hp_ptr + i.to(tl.int64) * _NUM_HP
+    lr = tl.load(hp + _HP_LR, mask=mask, other=0.0)
+    wd = tl.load(hp + _HP_WEIGHT_DECAY, mask=mask, other=0.0)
+    beta1 = tl.load(hp + _HP_BETA1, mask=mask, other=0.0)
+    beta2 = tl.load(hp + _HP_BETA2, mask=mask, other=0.0)
+    eps = tl.load(hp + _HP_EPS, mask=mask, other=0.0)
+    decay = tl.where(wd > 0, 1 - lr * wd, 1.0)
+    t_pos = tl.maximum(t, 1)  # t is 0 only for idle, never-stepped params (masked below): no 0/0
+    step_size = lr / (1 - _pow_int(beta1, t_pos))
+    bc2_sqrt = tl.sqrt(1 - _pow_int(beta2, t_pos))
+    # An idle parameter gets coefficients that leave it exactly as it is.
+    row = coef_ptr + i.to(tl.int64) * _NUM_COEF
+    tl.store(row + _C_DECAY, tl.where(on, decay, 1.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_STEP_SIZE, tl.where(on, step_size, 0.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_BC2_SQRT, tl.where(on, bc2_sqrt, 1.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_EPS, eps.to(tl.float32), mask=mask)
+    tl.store(row + _C_BETA2, tl.where(on, beta2, 1.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_V_WEIGHT, tl.where(on, 1 - beta2, 0.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_M_WEIGHT, tl.where(on, 1 - beta1, 0.0).to(tl.float32), mask=mask)

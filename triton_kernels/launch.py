@@ -3,21 +3,42 @@ tables (``adam_mini_kernels.launch_tables``), a fixed number of launches per gro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import triton
 
 from ..buffers import FlatGroup
+from ..coefficients import NUM_COEFFICIENTS
 from ..launch_tables import ADAM_TILE, TILE, build_launch_tables
 from . import kernels as K
 
 CHUNK = 1024  # tile sums added per iteration when reducing a large block
+COEF_BLOCK = 1024  # parameters per program of the coefficient kernel
 
 
 def _warps(block: int) -> int:
     return min(16, max(1, block // 512))
 
 
-def triton_step(group: FlatGroup, coef: torch.Tensor) -> None:
-    """Apply one step to ``group`` in place with the Triton kernels."""
+def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch.Tensor:
+    """Advance the step counters and compute this step's coefficient table in one launch (the
+    table of ``coefficients.next_step_coefficients``)."""
+    coef = group.cache.get("coef")
+    if coef is None:
+        coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
+    n = len(group.params)
+    K.step_coefficients_kernel[(triton.cdiv(n, COEF_BLOCK),)](
+        group.steps, group.steps if active is None else active, group.hparams, coef, n,
+        HAS_ACTIVE=active is not None, BLOCK=COEF_BLOCK, num_warps=4,
+    )
+    return coef
+
+
+def triton_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+    """Apply one step to ``group`` in place with the Triton kernels; ``active`` flags the
+    parameters that have a gradient (None: all)."""
+    coef = step_coefficients(group, active)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
