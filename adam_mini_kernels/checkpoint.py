@@ -39,7 +39,8 @@ def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
     return {"m": m.view(shape), "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
 
 
-def _second_moment(state: Dict[str, Any]):
+def second_moment(state: Dict[str, Any]):
+    """The second-moment tensor of a per-parameter state: ``v`` (Adam blocks) or ``vmean``."""
     return state["v"] if "v" in state else state.get("vmean")
 
 
@@ -56,7 +57,7 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
                 f"state of parameter '{layout.name}': 'm' has shape {list(m.shape)}, the parameter "
                 f"has shape {list(layout.shape)}"
             )
-    v = _second_moment(state)
+    v = second_moment(state)
     if v is None:
         return
     k = v.numel()
@@ -88,7 +89,7 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
         layout = group.layouts[i]
         if state.get("m") is not None:
             group.m_view(i).copy_(state["m"].reshape(-1))
-        v = _second_moment(state)
+        v = second_moment(state)
         if v is not None:
             group.v_view(i).copy_(regroup_v(v.detach().to(group.device), layout.numel, layout.num_blocks))
         steps[i] = int(state.get("step", 0))

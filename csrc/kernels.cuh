@@ -124,6 +124,37 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
   }
 }
 
+// The g, m and p fragments of one span, through the path chosen for the span at run time.
+template <typename scalar_t>
+__device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& pf, const scalar_t* __restrict__ g,
+                                          const scalar_t* __restrict__ m, const scalar_t* __restrict__ p, int numel,
+                                          bool vectorized) {
+  constexpr int kVec = vec_width<scalar_t>();
+  if (vectorized) {
+    load_fragment<kVec, true>(gf, g, numel);
+    load_fragment<kVec, true>(mf, m, numel);
+    load_fragment<kVec, true>(pf, p, numel);
+  } else {
+    load_fragment<kVec, false>(gf, g, numel);
+    load_fragment<kVec, false>(mf, m, numel);
+    load_fragment<kVec, false>(pf, p, numel);
+  }
+}
+
+// Stores the m and p fragments of one span, through the path it was loaded with.
+template <typename scalar_t>
+__device__ __forceinline__ void store_span(scalar_t* __restrict__ m, scalar_t* __restrict__ p, const Fragment& mf,
+                                           const Fragment& pf, int numel, bool vectorized) {
+  constexpr int kVec = vec_width<scalar_t>();
+  if (vectorized) {
+    store_fragment<kVec, true>(m, mf, numel);
+    store_fragment<kVec, true>(p, pf, numel);
+  } else {
+    store_fragment<kVec, false>(m, mf, numel);
+    store_fragment<kVec, false>(p, pf, numel);
+  }
+}
+
 __device__ __forceinline__ float sum_of_squares(const Fragment& g) {
   float s = 0.f;
 #pragma unroll
@@ -240,15 +271,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
-  if (vectorized) {
-    load_fragment<kVec, true>(gf, g, numel);
-    load_fragment<kVec, true>(mf, m, numel);
-    load_fragment<kVec, true>(pf, p, numel);
-  } else {
-    load_fragment<kVec, false>(gf, g, numel);
-    load_fragment<kVec, false>(mf, m, numel);
-    load_fragment<kVec, false>(pf, p, numel);
-  }
+  load_span(gf, mf, pf, g, m, p, numel, vectorized);
 
   __shared__ float warp_sums[32];
   __shared__ float row_scale;
@@ -265,13 +288,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], gf[k], scale, c);
   }
-  if (vectorized) {
-    store_fragment<kVec, true>(m, mf, numel);
-    store_fragment<kVec, true>(p, pf, numel);
-  } else {
-    store_fragment<kVec, false>(m, mf, numel);
-    store_fragment<kVec, false>(p, pf, numel);
-  }
+  store_span(m, p, mf, pf, numel, vectorized);
 }
 
 // Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
@@ -340,26 +357,12 @@ __global__ void __launch_bounds__(kTileThreads)
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
-  if (vectorized) {
-    load_fragment<kVec, true>(gf, g, numel);
-    load_fragment<kVec, true>(mf, m, numel);
-    load_fragment<kVec, true>(pf, p, numel);
-  } else {
-    load_fragment<kVec, false>(gf, g, numel);
-    load_fragment<kVec, false>(mf, m, numel);
-    load_fragment<kVec, false>(pf, p, numel);
-  }
+  load_span(gf, mf, pf, g, m, p, numel, vectorized);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], gf[k], scale, c);
   }
-  if (vectorized) {
-    store_fragment<kVec, true>(m, mf, numel);
-    store_fragment<kVec, true>(p, pf, numel);
-  } else {
-    store_fragment<kVec, false>(m, mf, numel);
-    store_fragment<kVec, false>(p, pf, numel);
-  }
+  store_span(m, p, mf, pf, numel, vectorized);
 }
 
 // [Note: v of Adam tiles]

@@ -8,9 +8,20 @@ GPU the same tests run the compiled kernels on CUDA tensors.
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (models, grad_stream)
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """For tests of tiny models: one intra-op thread is faster than several (which only spin and
+    fight other processes for the cores). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,3 +53,28 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
         return 0.0
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a64 - b64).abs().max() / a64.abs().max().clamp(min=1e-30)).item()
+
+
+def backend_runs(named, dims, dtype, backends, device, **opt_kwargs):
+    """One fresh copy of ``named`` (cast to ``dtype`` on ``device``) and one AdamMini per entry of
+    ``backends``: (parameter lists, optimizers), ready for ``run_stream``."""
+    from adam_mini_kernels import AdamMini
+
+    sets, opts = [], []
+    for backend in backends:
+        params = clone_named(named, device=device, dtype=dtype)
+        sets.append([p for _, p in params if p.requires_grad])
+        opts.append(AdamMini(params, backend=backend, **dims, **opt_kwargs))
+        assert opts[-1].backend == backend
+    return sets, opts
+
+
+def assert_backends_close(sets, opts, tol):
+    """Params within ``tol`` (relative), first moments within 10 tol, second moments within
+    max(tol, 1e-5), step counters equal, between the first two runs."""
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= tol, (a.shape, max_rel_err(a, b))
+    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
+        assert torch.equal(fa.steps, fb.steps)
+        assert max_rel_err(fa.v, fb.v) <= max(tol, 1e-5)
+        assert max_rel_err(fa.m.float(), fb.m.float()) <= tol * 10

@@ -23,6 +23,7 @@ import torch
 import models
 from adam_mini import Adam_mini
 from adam_mini_kernels import AdamMini
+from adam_mini_kernels.checkpoint import second_moment
 
 HPARAMS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 RESUME_STEPS = 3
@@ -30,18 +31,9 @@ INTERCHANGE_STEPS = 5
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: one intra-op thread is faster than several (which only spin and
-    fight other processes for the cores). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def _second_moment(state):
-    return state["v"] if "v" in state else state["vmean"]
 
 
 def make_opt(kind, model, dims, **overrides):
@@ -113,7 +105,7 @@ def assert_second_moments_float32(opt, when):
     seen = 0
     for p, state in opt.state.items():
         if state:
-            v = _second_moment(state)
+            v = second_moment(state)
             assert v.dtype == torch.float32, f"{when}: second moment of a {p.dtype} parameter is {v.dtype}"
             seen += 1
     assert seen, f"{when}: no state"

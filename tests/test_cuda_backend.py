@@ -30,7 +30,7 @@ import torch
 import models
 from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables
 from adam_mini_kernels.launch_tables import build_launch_tables
-from grad_stream import clone_named, max_rel_err, run_stream
+from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
 OPS = ("rows_step", "large_blocks_step", "adam_step")
 SCHEMAS = {
@@ -297,25 +297,6 @@ def _model_named(model_name):
     return list(model.named_parameters()), dims
 
 
-def _runs(named, dims, dtype, backends):
-    sets, opts = [], []
-    for name in backends:
-        params = clone_named(named, device=DEVICE, dtype=dtype)
-        sets.append([p for _, p in params if p.requires_grad])
-        opts.append(AdamMini(params, backend=name, **dims, **KW))
-        assert opts[-1].backend == name
-    return sets, opts
-
-
-def _assert_close(sets, opts, tol):
-    for a, b in zip(*sets):
-        assert max_rel_err(a, b) <= tol, (a.shape, max_rel_err(a, b))
-    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
-        assert torch.equal(fa.steps, fb.steps)
-        assert max_rel_err(fa.v, fb.v) <= max(tol, 1e-5)
-        assert max_rel_err(fa.m.float(), fb.m.float()) <= tol * 10
-
-
 # -- CI: the kernels, emulated on the CPU ----------------------------------------------------------
 # tests/gpu/host_emulator.cpp compiles csrc/kernels.cuh with the host compiler and runs each CUDA
 # block with one std::thread per CUDA thread (see [Note: host emulation] there): the kernels'
@@ -404,7 +385,7 @@ def test_emulated_kernels_match_torch_backend(emulator, dtype):
     named, dims = _odd_named()
     sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast"])
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
-    _assert_close(sets, opts, TOL[dtype])
+    assert_backends_close(sets, opts, TOL[dtype])
     _assert_padding_zero(opts[1]._flat[0])
 
 
@@ -426,7 +407,7 @@ def test_emulated_kernels_on_model_trees(emulator, model_name):
     named, dims = _model_named(model_name)
     sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"])
     run_stream(sets, opts, steps=3, seed=sum(map(ord, model_name)))
-    _assert_close(sets, opts, TOL[torch.float32])
+    assert_backends_close(sets, opts, TOL[torch.float32])
 
 
 # -- GPU: parity -----------------------------------------------------------------------------------
@@ -436,9 +417,9 @@ def test_emulated_kernels_on_model_trees(emulator, model_name):
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "gpt2_tied", "cnn"])
 def test_matches_torch_backend_fp32(backend, model_name):
     named, dims = _model_named(model_name)
-    sets, opts = _runs(named, dims, torch.float32, ("torch", "cuda"))
+    sets, opts = backend_runs(named, dims, torch.float32, ("torch", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=4, seed=sum(map(ord, model_name)))
-    _assert_close(sets, opts, TOL[torch.float32])
+    assert_backends_close(sets, opts, TOL[torch.float32])
 
 
 @gpu
@@ -447,9 +428,9 @@ def test_matches_torch_backend_fp32(backend, model_name):
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa"])
 def test_matches_torch_backend_low_precision(backend, model_name, dtype):
     named, dims = _model_named(model_name)
-    sets, opts = _runs(named, dims, dtype, ("torch", "cuda"))
+    sets, opts = backend_runs(named, dims, dtype, ("torch", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=11)
-    _assert_close(sets, opts, TOL[dtype])
+    assert_backends_close(sets, opts, TOL[dtype])
 
 
 @gpu
@@ -457,11 +438,11 @@ def test_matches_torch_backend_low_precision(backend, model_name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_odd_sizes(backend, dtype):
     named, dims = _odd_named()
-    sets, opts = _runs(named, dims, dtype, ("torch", "cuda"))
+    sets, opts = backend_runs(named, dims, dtype, ("torch", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
     tables = opts[1]._flat[0].cache["launch_tables"]
     assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 2
-    _assert_close(sets, opts, TOL[dtype])
+    assert_backends_close(sets, opts, TOL[dtype])
 
 
 @gpu
@@ -487,9 +468,9 @@ def test_matches_triton_backend(backend, tree, dtype):
     """Same tables, same decomposition, same math: equal up to float32 summation order."""
     pytest.importorskip("triton")
     named, dims = _odd_named() if tree == "odd" else _model_named(tree)
-    sets, opts = _runs(named, dims, dtype, ("triton", "cuda"))
+    sets, opts = backend_runs(named, dims, dtype, ("triton", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=4, seed=21)
-    _assert_close(sets, opts, TOL[dtype])
+    assert_backends_close(sets, opts, TOL[dtype])
 
 
 @gpu
@@ -497,7 +478,7 @@ def test_matches_triton_backend(backend, tree, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(backend, dtype):
     named, dims = _odd_named()
-    sets, opts = _runs(named, dims, dtype, ("cuda", "cuda"))
+    sets, opts = backend_runs(named, dims, dtype, ("cuda", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=4)
     for a, b in zip(*sets):
         assert torch.equal(a, b)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adam_mini_kernels import AdamMini
+from adam_mini_kernels.checkpoint import second_moment
 from adam_mini_kernels.reference import adam_mini_step
 
 DIM, N_HEADS = 8, 2
@@ -74,8 +75,6 @@ def _opt(model, **kwargs):
     return AdamMini(model.named_parameters(), **HP, dim=DIM, n_heads=N_HEADS, n_kv_heads=1, verbose=False, **kwargs)
 
 
-def _second_moment(state):
-    return state["v"] if "v" in state else state["vmean"]
 
 
 class _Reference:
@@ -111,7 +110,7 @@ class _Reference:
             assert int(state["step"]) == self.steps[n], n
             torch.testing.assert_close(state["m"].reshape(-1), self.m[n].reshape(-1), rtol=rtol, atol=atol, msg=f"m {n}")
             torch.testing.assert_close(
-                _second_moment(state).reshape(-1).float(), self.v[n], rtol=rtol, atol=1e-9, msg=f"v {n}"
+                second_moment(state).reshape(-1).float(), self.v[n], rtol=rtol, atol=1e-9, msg=f"v {n}"
             )
 
 
@@ -277,7 +276,7 @@ def test_broken_aliasing_still_steps_correctly(mode):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-8, msg=n)
         s, t = opt.state[p], control.state[q]
         torch.testing.assert_close(s["m"], t["m"], rtol=1e-6, atol=1e-8, msg=n)
-        torch.testing.assert_close(_second_moment(s), _second_moment(t), rtol=1e-6, atol=1e-12, msg=n)
+        torch.testing.assert_close(second_moment(s), second_moment(t), rtol=1e-6, atol=1e-12, msg=n)
         assert int(s["step"]) == int(t["step"]) == 5
     # Whatever happened before, the step leaves everything aliased again.
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}

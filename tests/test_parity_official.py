@@ -41,14 +41,7 @@ HPARAMS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 DROPOUT_SEED = 1234
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: one intra-op thread is faster than several (which only spin and
-    fight other processes for the cores). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # Free running only: model -> {parameter name: elements excluded (None: all)}. Their loss gradient
 # is zero in exact arithmetic; see the module docstring.

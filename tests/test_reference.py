@@ -38,6 +38,7 @@ import torch
 
 import models
 from adam_mini_kernels import AdamMini
+from adam_mini_kernels.checkpoint import second_moment
 from adam_mini_kernels.reference import adam_mini_step
 
 MODEL = "nanogpt_beyond_official"
@@ -58,14 +59,7 @@ V_TOLERANCE = TOLERANCES[torch.float32]
 MAX_DIFFERING = 0.01
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: one intra-op thread is faster than several (which only spin and
-    fight other processes for the cores). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _subnormal_ulp(dtype):
@@ -73,8 +67,6 @@ def _subnormal_ulp(dtype):
     return info.tiny * info.eps
 
 
-def _second_moment(state):
-    return state["v"] if "v" in state else state["vmean"]
 
 
 def _clone_state(state):
@@ -158,7 +150,7 @@ class _Lockstep:
                 assert torch.equal(e["param"], p_before), f"{e['name']}: changed at a step without a gradient"
                 assert s_after["step"] == s_before["step"], f"{e['name']}: step counter moved without a gradient"
                 assert torch.equal(s_after["m"], s_before["m"]), f"{e['name']}: m changed without a gradient"
-                assert torch.equal(_second_moment(s_after), _second_moment(s_before)), f"{e['name']}: v changed without a gradient"
+                assert torch.equal(second_moment(s_after), second_moment(s_before)), f"{e['name']}: v changed without a gradient"
                 self.idle_checks += 1
         if self.per_step_tol is not None:
             state = self.opt.state_dict()["state"]
@@ -180,7 +172,7 @@ class _Lockstep:
             assert e["param"].dtype == e["p"].dtype
             assert_close(e["param"], e["p"], tol, f"{e['name']} param")
             assert_close(s["m"].reshape(-1), e["m"].reshape(-1), tol, f"{e['name']} m")
-            v = _second_moment(s)
+            v = second_moment(s)
             assert v.dtype == torch.float32, f"{e['name']}: second moment is {v.dtype}"
             assert_close(v.reshape(-1), e["v"], V_TOLERANCE, f"{e['name']} v")
 

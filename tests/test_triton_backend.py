@@ -11,7 +11,7 @@ import torch
 import models
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels import launch_tables
-from grad_stream import clone_named, max_rel_err, run_stream
+from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Relative tolerance on params after a few steps, per storage dtype. fp32 differs from the torch
@@ -27,39 +27,21 @@ def _named(model_name):
     return [(n, p) for n, p in model.named_parameters()], dims
 
 
-def _pair(named, dims, dtype, backends=("torch", "triton")):
-    sets, opts = [], []
-    for backend in backends:
-        params = clone_named(named, device=DEVICE, dtype=dtype)
-        sets.append([p for _, p in params if p.requires_grad])
-        opts.append(AdamMini(params, backend=backend, **dims, **KW))
-    return sets, opts
-
-
-def _assert_close(sets, opts, tol):
-    for a, b in zip(*sets):
-        assert max_rel_err(a, b) <= tol, (a.shape, max_rel_err(a, b))
-    for fa, fb in zip(opts[0]._flat, opts[1]._flat):
-        assert torch.equal(fa.steps, fb.steps)
-        assert max_rel_err(fa.v, fb.v) <= max(tol, 1e-5)
-        assert max_rel_err(fa.m.float(), fb.m.float()) <= tol * 10
-
-
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "gpt2_tied", "cnn"])
 def test_matches_torch_backend_fp32(model_name):
     named, dims = _named(model_name)
-    sets, opts = _pair(named, dims, torch.float32)
+    sets, opts = backend_runs(named, dims, torch.float32, ("torch", "triton"), DEVICE, **KW)
     assert opts[1].backend == "triton"
     run_stream(sets, opts, steps=4, seed=hash(model_name) % 1000)
-    _assert_close(sets, opts, TOL[torch.float32])
+    assert_backends_close(sets, opts, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_torch_backend_low_precision(dtype):
     named, dims = _named("nanogpt_beyond_official")
-    sets, opts = _pair(named, dims, dtype)
+    sets, opts = backend_runs(named, dims, dtype, ("torch", "triton"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=11)
-    _assert_close(sets, opts, TOL[dtype])
+    assert_backends_close(sets, opts, TOL[dtype])
 
 
 def test_matches_official():
@@ -104,16 +86,16 @@ def _odd_named():
 
 def test_odd_sizes():
     named, dims = _odd_named()
-    sets, opts = _pair(named, dims, torch.float32)
+    sets, opts = backend_runs(named, dims, torch.float32, ("torch", "triton"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
     tables = opts[1]._flat[0].cache["launch_tables"]
     assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 2
-    _assert_close(sets, opts, TOL[torch.float32])
+    assert_backends_close(sets, opts, TOL[torch.float32])
 
 
 def test_bitwise_deterministic():
     named, dims = _odd_named()
-    sets, opts = _pair(named, dims, torch.float32, backends=("triton", "triton"))
+    sets, opts = backend_runs(named, dims, torch.float32, ("triton", "triton"), DEVICE, **KW)
     run_stream(sets, opts, steps=2, seed=4)
     for a, b in zip(*sets):
         assert torch.equal(a, b)
