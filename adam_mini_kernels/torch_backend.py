@@ -37,7 +37,6 @@ class _SegmentTable:
     seg_len: torch.Tensor  # (B,) int64: elements of each block's segment, padding included
     block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
     block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
-    padded_numel: torch.Tensor  # (P,) int64: elements from a parameter's start to the next one
 
 
 def _segment_table(group: FlatGroup) -> _SegmentTable:
@@ -54,7 +53,6 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
         seg_len=seg_len,
         block_numel=block_numel.clamp(min=1).to(torch.float32),
         block_param=block_param,
-        padded_numel=t["padded_numel"],
     )
 
 
@@ -74,13 +72,14 @@ def torch_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
     v.mul_(block_coef[:, C_BETA2]).add_(block_sum.div_(seg.block_numel).mul_(block_coef[:, C_V_WEIGHT]))
     h = v.sqrt().div_(block_coef[:, C_BC2_SQRT]).add_(block_coef[:, C_EPS])
     block_scale = block_coef[:, C_STEP_SIZE].div(h)
-    # An idle parameter has step size 0; keep it exactly still even where h is 0 (eps = 0).
+    # An idle parameter has step size 0: keep it exactly still even where h is 0 (eps = 0).
     block_scale = torch.where(block_coef[:, C_STEP_SIZE] == 0, 0.0, block_scale)
-    scale = torch.repeat_interleave(block_scale, seg.seg_len, output_size=n)
 
-    elem_coef = torch.repeat_interleave(coef[:, [C_DECAY, C_M_WEIGHT]], seg.padded_numel, dim=0, output_size=n)
-    m = group.m.float().lerp_(g, elem_coef[:, 1])
-    p = group.param_buffer.float().mul_(elem_coef[:, 0]).addcmul_(m, scale, value=-1)
+    # Spread (scale, decay, m weight) from blocks to elements in one gather.
+    per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT]], dim=1)
+    scale, decay, m_weight = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
+    m = group.m.float().lerp_(g, m_weight)
+    p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
     if group.m.dtype != torch.float32:
         group.m.copy_(m)
         group.param_buffer.copy_(p)
