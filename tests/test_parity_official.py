@@ -339,3 +339,28 @@ def test_num_v_values_per_rule_match_official(name, rules):
         counts = dict(per_rule["wqk"][0])
         assert counts["lm.model.layers.0.self_attn.k_proj.weight"] == 2
         assert counts["lm.model.layers.0.self_attn.q_proj.weight"] == 4
+
+
+def test_lr_scheduler_and_per_group_edits_match_official():
+    """LR schedulers and code that edits ``group["lr"]``/``group["weight_decay"]`` work unchanged,
+    per group: a warm-up LambdaLR on both, plus per-group edits between steps."""
+    model_off, model_ours, batch_off, _, official, ours = make_pair("llama_gqa", 0.1)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4)) for opt in (official, ours)]
+    pair = _Lockstep(model_off, model_ours, official, ours)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(100 + step)
+        pair.zero_grad()
+        model_off(batch_off(step, gen)).backward()
+        if step == 3:
+            for opt, scheduler in zip((official, ours), schedulers):
+                opt.param_groups[1]["lr"] *= 0.25
+                scheduler.base_lrs[1] *= 0.25  # LambdaLR recomputes lr from its base at each step
+                opt.param_groups[2]["weight_decay"] = 0.5
+                opt.param_groups[3]["beta1"] = 0.8
+        pair.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in official.param_groups]
+    assert len({g["lr"] for g in ours.param_groups}) > 1
+    assert_params_match(model_off, model_ours)
+    assert_state_match(official, ours)
