@@ -8,6 +8,7 @@ dimensions for the optimizer.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +35,8 @@ class _LMLoss(nn.Module):
 
 
 def llama_gqa():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    transformers = pytest.importorskip("transformers")
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -45,7 +47,8 @@ def llama_gqa():
 
 
 def gpt2_tied():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    transformers = pytest.importorskip("transformers")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
     cfg = GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0, eos_token_id=1,

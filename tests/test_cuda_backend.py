@@ -448,7 +448,7 @@ def test_odd_sizes(backend, dtype):
 @gpu
 @needs_gpu
 def test_matches_official(backend):
-    from adam_mini import Adam_mini
+    Adam_mini = pytest.importorskip("adam_mini").Adam_mini
 
     named, dims = _model_named("llama_gqa")
     ours = clone_named(named, device=DEVICE)

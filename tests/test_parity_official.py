@@ -31,8 +31,9 @@ import pytest
 import torch
 
 import models
-from adam_mini import Adam_mini
 from adam_mini_kernels import AdamMini
+
+Adam_mini = pytest.importorskip("adam_mini").Adam_mini  # the official oracle (required in CI)
 
 STEPS = 10
 RTOL = 1e-5

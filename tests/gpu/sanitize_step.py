@@ -1,17 +1,19 @@
-"""A few steps of every kind of work of the CUDA backend, small, for NVIDIA compute-sanitizer.
+"""A few steps of every kind of work of a fused backend (``cuda`` or ``triton``, the first
+argument), small, for NVIDIA compute-sanitizer.
 
 Rows (aligned and not, a row of one element, zero-length rows, rows at exactly ROW_MAX), large
 blocks (three phases, an unaligned last tile), Adam tiles (v on a 16-byte boundary and not), in
 float32, bfloat16 and float16, with some gradients None; then every result is checked finite.
 Run from the repository root, after building the extension:
 
-    compute-sanitizer --tool memcheck  --error-exitcode 1 .venv/bin/python tests/gpu/sanitize_cuda_step.py
-    compute-sanitizer --tool racecheck --error-exitcode 1 .venv/bin/python tests/gpu/sanitize_cuda_step.py
-    compute-sanitizer --tool initcheck --error-exitcode 1 .venv/bin/python tests/gpu/sanitize_cuda_step.py
-    compute-sanitizer --tool synccheck --error-exitcode 1 .venv/bin/python tests/gpu/sanitize_cuda_step.py
+    compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
+    compute-sanitizer --tool racecheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
+    compute-sanitizer --tool initcheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
+    compute-sanitizer --tool synccheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
 
-Exit status 0 and "sanitize_cuda_step: ok" when clean. (The extension is built with -lineinfo, so
-reports name lines of csrc/kernels.cuh.)
+(and the same with ``triton``; ``tests/gpu/run_suite.sh`` runs them all). Exit status 0 and
+"sanitize_step: ok" when clean. (The extension is built with -lineinfo, so reports name lines of
+csrc/kernels.cuh.)
 """
 
 from __future__ import annotations
@@ -31,16 +33,15 @@ from adam_mini_kernels import AdamMini  # noqa: E402
 STEPS = 3
 
 
-def main() -> int:
+def main(backend: str) -> int:
     if not torch.cuda.is_available():
-        print("sanitize_cuda_step: needs a CUDA GPU", file=sys.stderr)
+        print("sanitize_step: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import adam_mini_kernels.cuda_backend  # noqa: F401  (fails loudly when the extension is missing)
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         named, dims = _odd_named()
         params = clone_named(named, device="cuda", dtype=dtype)
-        opt = AdamMini(params, backend="cuda", lr=1e-2, weight_decay=0.1, verbose=False, **dims)
+        opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims)
         gen = torch.Generator(device="cuda").manual_seed(0)
         for step in range(STEPS):
             for i, (_, p) in enumerate(params):
@@ -52,11 +53,13 @@ def main() -> int:
         assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 3
         for name, t in (("p", group.param_buffer), ("m", group.m), ("v", group.v)):
             assert torch.isfinite(t.float()).all(), f"{dtype}: non-finite values in {name}"
-        print(f"sanitize_cuda_step: {dtype} ({STEPS} steps, {len(tables.row_classes)} row classes, "
+        print(f"sanitize_step: {backend} {dtype} ({STEPS} steps, {len(tables.row_classes)} row classes, "
               f"{tables.tiles.shape[0]} tiles, {tables.adam.shape[0]} Adam tiles)")
-    print("sanitize_cuda_step: ok")
+    print(f"sanitize_step: {backend} ok")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) != 2 or sys.argv[1] not in ("cuda", "triton"):
+        sys.exit("usage: sanitize_step.py cuda|triton")
+    sys.exit(main(sys.argv[1]))
