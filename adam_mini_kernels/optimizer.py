@@ -91,8 +91,6 @@ class AdamMini(torch.optim.Optimizer):
     after construction, before or between steps.
     """
 
-    _step_supports_amp_scaling = False
-
     def __init__(
         self,
         named_parameters: Iterable[Tuple[str, torch.nn.Parameter]],
