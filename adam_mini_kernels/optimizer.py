@@ -275,6 +275,21 @@ class AdamMini(torch.optim.Optimizer):
         for group in self._flat:
             group.zero_grad()
 
+    # -- pickling (copy.deepcopy) ----------------------------------------------------------------
+    _UNPICKLED = ("_flat", "_slots", "_rules", "_hparam_rows", "_step_fn")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
+        per-parameter state) at the next step."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items() if k not in state and k not in self._UNPICKLED})
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._flat, self._hparam_rows = None, None
+        self._step_fn = dispatch.load_backend(self.backend)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _index_to_param(self) -> List[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

@@ -226,3 +226,21 @@ def test_mismatched_m_is_refused_and_changes_nothing(bad, trained):
     models.train(twin, opt_twin, batch_twin, n, start=n if trained else 0)
     assert_params(model, twin)
     assert_states(opt.state_dict()["state"], opt_twin.state_dict()["state"], what="state after more steps")
+
+
+def test_deepcopy_of_the_optimizer_steps_like_the_original():
+    """copy.deepcopy of model and optimizer together (as some training frameworks do) gives an
+    optimizer that keeps its name sets and state and steps exactly like the original."""
+    import copy
+
+    model, batch_fn, dims = models.build("llama_gqa")  # (nanogpt's batch_fn toggles the original)
+    opt = make_opt("ours", model, dims)
+    opt.wv_names = set()
+    models.train(model, opt, batch_fn, RESUME_STEPS)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    assert opt_copy.wv_names == set() and opt_copy.backend == opt.backend
+    models.train(model, opt, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    models.train(model_copy, opt_copy, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    for (name, a), b in zip(model.named_parameters(), model_copy.parameters()):
+        assert torch.equal(a, b), name
+    assert opt.state_dict()["state"].keys() == opt_copy.state_dict()["state"].keys()
