@@ -9,7 +9,15 @@ fixed number of tensor ops on P-length vectors; a backend may compute the same t
 kernel of its own (one launch instead of about twenty), tested against this one.
 
 A parameter that has no gradient this step ("idle") gets coefficients that leave it exactly as it
-was: no decay, zero step size, v kept (beta2 = 1, weight 0), m kept (lerp weight 0).
+was: no decay, zero step size, v kept (beta2 = 1, weight 0), m kept (lerp weight 0), gradient
+multiplier 0. Under AMP (``torch.amp.GradScaler``) the gradient multiplier is 1 / grad_scale,
+and a step whose ``found_inf`` is set makes every parameter idle, with no host sync.
+
+[Note: gradient multiplier]
+Kernels read a gradient as ``0 if GRAD_SCALE == 0 else g * GRAD_SCALE`` and scale a block's sum
+of g^2 by GRAD_SCALE^2 the same way. The select (not a product) keeps an inf or NaN gradient of
+an idle or skipped parameter out of every result; ``g * 1`` is exact, so without AMP nothing
+changes.
 """
 
 from __future__ import annotations
@@ -28,7 +36,19 @@ C_EPS = 3
 C_BETA2 = 4  # v <- BETA2 * v + V_WEIGHT * mean(g^2)
 C_V_WEIGHT = 5  # 1 - beta2
 C_M_WEIGHT = 6  # m <- m + M_WEIGHT * (g - m)          (1 - beta1)
-NUM_COEFFICIENTS = 7
+C_GRAD_SCALE = 7  # g <- g * GRAD_SCALE                  (1, 1 / AMP scale, 0 when idle)
+NUM_COEFFICIENTS = 8
+
+
+def effective_active(
+    group: FlatGroup, active: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """``active`` with every parameter switched off when ``found_inf`` (AMP) is non-zero."""
+    if found_inf is None:
+        return active
+    if active is None:
+        active = torch.ones(len(group.params), dtype=torch.bool, device=group.device)
+    return active & (found_inf.reshape(()) == 0)
 
 
 def advance_steps(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
@@ -39,8 +59,11 @@ def advance_steps(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
         group.steps.add_(active)
 
 
-def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch.Tensor:
-    """The (P, NUM_COEFFICIENTS) float32 table for this step; call after ``advance_steps``."""
+def step_coefficients(
+    group: FlatGroup, active: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The (P, NUM_COEFFICIENTS) float32 table for this step; call after ``advance_steps``.
+    ``inv_scale``: 1 / the AMP loss scale (a 0-dim device tensor), or None."""
     hp = group.hparams
     lr, wd, beta1, beta2, eps = (hp[:, k] for k in (HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS))
     t = group.steps.to(torch.float64)
@@ -49,6 +72,7 @@ def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch
     bc2_sqrt = (1 - beta2.pow(t)).sqrt()
     v_weight = 1 - beta2
     m_weight = 1 - beta1
+    grad_scale = torch.ones_like(lr) if inv_scale is None else inv_scale.to(torch.float64).expand_as(lr)
     if active is not None:
         zero, one = torch.zeros_like(lr), torch.ones_like(lr)
         decay = torch.where(active, decay, one)
@@ -57,11 +81,19 @@ def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch
         beta2 = torch.where(active, beta2, one)
         v_weight = torch.where(active, v_weight, zero)
         m_weight = torch.where(active, m_weight, zero)
-    table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight], dim=1)
+        grad_scale = torch.where(active, grad_scale, zero)
+    table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale], dim=1)
     return table.to(torch.float32)
 
 
-def next_step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch.Tensor:
-    """Advance the step counters and return this step's coefficient table."""
+def next_step_coefficients(
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Advance the step counters and return this step's coefficient table (AMP: ``inv_scale``
+    and ``found_inf`` as 0-dim tensors on the group's device, or None)."""
+    active = effective_active(group, active, found_inf)
     advance_steps(group, active)
-    return step_coefficients(group, active)
+    return step_coefficients(group, active, inv_scale)

@@ -32,7 +32,7 @@ def _expected_constants() -> dict:
         "LB_V LB_PARAM LB_FIRST_TILE LB_NUM_TILES LB_NUMEL LB_COLS ROW_MAX TILE ADAM_TILE"
     ).split()
     expected = {name: getattr(launch_tables, name) for name in names}
-    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT NUM_COEFFICIENTS").split():
+    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE NUM_COEFFICIENTS").split():
         expected[name] = getattr(coefficients, name)
     return expected
 
@@ -115,11 +115,16 @@ def _adam_step_fake(p, g, m, v, coef, tiles):
 # -- the step --------------------------------------------------------------------------------------
 
 
-def cuda_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+def cuda_step(
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
     """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (torch
     ops), then one operator call per row class, one for the large blocks (three launches), one
     for the Adam tiles."""
-    coef = coefficients.next_step_coefficients(group, active)
+    coef = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)

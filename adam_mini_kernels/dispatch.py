@@ -1,9 +1,10 @@
 """Backend dispatch: a table of backends, each with an availability check and a loader.
 
-A backend's step function has the signature ``step(group: FlatGroup, active) -> None``: it
-advances the step counters of the parameters flagged in ``active`` (a bool tensor on the group's
-device; None: all), computes the coefficient table (``coefficients``) and updates the group in
-place.
+A backend's step function has the signature
+``step(group: FlatGroup, active, inv_scale=None, found_inf=None) -> None``: it advances the step
+counters of the parameters flagged in ``active`` (a bool tensor on the group's device; None: all;
+none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
+(``coefficients``, gradients multiplied by AMP's ``inv_scale``) and updates the group in place.
 ``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices; an
 explicit request for a backend that cannot run raises ``BackendUnavailableError`` saying why.
 """

@@ -60,6 +60,11 @@ def _check_param(name: str, p: Any) -> None:
         )
 
 
+def _on(value, device: torch.device) -> torch.Tensor:
+    """A 0-dim float32 tensor on ``device`` (AMP's scale and found_inf), without a host sync."""
+    return torch.as_tensor(value, dtype=torch.float32).to(device, non_blocking=True).reshape(())
+
+
 class AdamMini(torch.optim.Optimizer):
     """Adam-mini (Zhang et al., 2024): Adam's first moment per element, one second moment per
     block of parameters, blocks chosen from parameter names.
@@ -90,6 +95,11 @@ class AdamMini(torch.optim.Optimizer):
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
     after construction, before or between steps.
     """
+
+    # AMP: torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` (device tensors) on the
+    # optimizer before calling step(); the step unscales inside the kernels and skips the whole
+    # update when an inf/NaN was found, with no host sync (as torch's fused AdamW does).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -255,6 +265,7 @@ class AdamMini(torch.optim.Optimizer):
             self._check_dense_grads()
             self._build(rules)
         checks = [group.inspect() for group in self._flat]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group, check, group_rows in zip(self._flat, checks, self._rows_per_flat_group(rows)):
             if check.active is not None and not any(check.active):
                 continue
@@ -263,7 +274,9 @@ class AdamMini(torch.optim.Optimizer):
             active = None
             if check.active is not None:
                 active = to_device(torch.tensor(check.active), group.device)
-            self._step_fn(group, active)
+            inv_scale = None if grad_scale is None else _on(grad_scale, group.device).reciprocal()
+            skip = None if found_inf is None else _on(found_inf, group.device)
+            self._step_fn(group, active, inv_scale, skip)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

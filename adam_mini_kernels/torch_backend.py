@@ -20,6 +20,7 @@ from .coefficients import (
     C_BETA2,
     C_DECAY,
     C_EPS,
+    C_GRAD_SCALE,
     C_M_WEIGHT,
     C_STEP_SIZE,
     C_V_WEIGHT,
@@ -56,10 +57,15 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
     )
 
 
-def torch_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+def torch_step(
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
     """Apply one step to ``group`` in place; ``active`` flags the parameters that have a gradient
-    (None: all)."""
-    coef = next_step_coefficients(group, active)
+    (None: all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler (or None)."""
+    coef = next_step_coefficients(group, active, inv_scale, found_inf)
     seg = group.cache.get("torch")
     if seg is None:
         seg = group.cache["torch"] = _segment_table(group)
@@ -68,6 +74,8 @@ def torch_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
     g = group.grad_buffer.float()
     block_sum = torch.segment_reduce(g * g, "sum", lengths=seg.seg_len)
     block_coef = coef.index_select(0, seg.block_param)
+    grad_scale = block_coef[:, C_GRAD_SCALE]  # see [Note: gradient multiplier] in coefficients.py
+    block_sum = torch.where(grad_scale == 0, 0.0, block_sum * (grad_scale * grad_scale))
     v = group.v
     v.mul_(block_coef[:, C_BETA2]).add_(block_sum.div_(seg.block_numel).mul_(block_coef[:, C_V_WEIGHT]))
     h = v.sqrt().div_(block_coef[:, C_BC2_SQRT]).add_(block_coef[:, C_EPS])
@@ -75,9 +83,10 @@ def torch_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
     # An idle parameter has step size 0: keep it exactly still even where h is 0 (eps = 0).
     block_scale = torch.where(block_coef[:, C_STEP_SIZE] == 0, 0.0, block_scale)
 
-    # Spread (scale, decay, m weight) from blocks to elements in one gather.
-    per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT]], dim=1)
-    scale, decay, m_weight = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
+    # Spread (scale, decay, m weight, gradient multiplier) from blocks to elements in one gather.
+    per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale], dim=1)
+    scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
+    g = torch.where(g_mul == 0, 0.0, g * g_mul)
     m = group.m.float().lerp_(g, m_weight)
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
     if group.m.dtype != torch.float32:

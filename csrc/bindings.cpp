@@ -92,6 +92,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"C_BETA2", adam_mini::kBeta2},
       {"C_V_WEIGHT", adam_mini::kVWeight},
       {"C_M_WEIGHT", adam_mini::kMWeight},
+      {"C_GRAD_SCALE", adam_mini::kGradScale},
       {"NUM_COEFFICIENTS", adam_mini::kNumCoefficients},
       {"ROW_MAX", adam_mini::kRowMax},
       {"TILE", adam_mini::kTile},

@@ -37,7 +37,8 @@ constexpr int kEps = 3;
 constexpr int kBeta2 = 4;
 constexpr int kVWeight = 5;
 constexpr int kMWeight = 6;
-constexpr int kNumCoefficients = 7;
+constexpr int kGradScale = 7;
+constexpr int kNumCoefficients = 8;
 
 // Sizes the launch tables are cut to (launch_tables.py): the widest row held on chip, the
 // elements of one tile of a large block, the elements of one Adam tile.

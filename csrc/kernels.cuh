@@ -202,12 +202,20 @@ __device__ __forceinline__ float block_sum(float x, float* warp_sums) {
 // One parameter's row of the coefficient table (see [Note: coefficient table] in
 // coefficients.py). Every thread of a CUDA block reads the same row: broadcast loads, cached.
 struct Coefficients {
-  float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight;
+  float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale;
 };
 
 __device__ __forceinline__ Coefficients load_coefficients(const float* __restrict__ table, int64_t param) {
   const float* row = table + param * kNumCoefficients;
-  return {row[kDecay], row[kStepSize], row[kBc2Sqrt], row[kEps], row[kBeta2], row[kVWeight], row[kMWeight]};
+  return {row[kDecay], row[kStepSize], row[kBc2Sqrt], row[kEps], row[kBeta2], row[kVWeight], row[kMWeight],
+          row[kGradScale]};
+}
+
+// The gradient times its multiplier (1, 1 / AMP scale, or 0 for a parameter without an update
+// this step). A select, not a product: an inf or NaN gradient of a skipped parameter must not
+// reach any result (see [Note: gradient multiplier] in adam_mini_kernels/coefficients.py).
+__device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
+  return c.grad_scale == 0.f ? 0.f : g * c.grad_scale;
 }
 
 // [Note: float32 math, IEEE sqrt and division]
@@ -218,8 +226,10 @@ __device__ __forceinline__ Coefficients load_coefficients(const float* __restric
 // per element only for Adam blocks, so exactness costs nothing measurable in these memory-bound
 // kernels.
 
-// v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block).
+// v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
+// block's sum of the raw g^2 (the multiplier is applied to the sum, squared).
 __device__ __forceinline__ float updated_v(float v, float sumsq, int64_t numel, const Coefficients& c) {
+  sumsq = c.grad_scale == 0.f ? 0.f : sumsq * (c.grad_scale * c.grad_scale);
   const float mean = sumsq / static_cast<float>(numel > 1 ? numel : 1);
   return v * c.beta2 + c.v_weight * mean;
 }
@@ -233,7 +243,7 @@ __device__ __forceinline__ float step_scale(float v, const Coefficients& c) {
   return c.step_size / (sqrtf(v) / c.bc2_sqrt + c.eps);
 }
 
-// m <- m + (1 - beta1) (g - m);  p <- p * decay - scale * m.
+// m <- m + (1 - beta1) (g - m);  p <- p * decay - scale * m  (g already multiplied: scaled_grad).
 __device__ __forceinline__ void update_element(float& p, float& m, float g, float scale, const Coefficients& c) {
   m = m + c.m_weight * (g - m);
   p = p * c.decay - scale * m;
@@ -286,7 +296,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
 
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    update_element(pf[k], mf[k], gf[k], scale, c);
+    update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
   store_span(m, p, mf, pf, numel, vectorized);
 }
@@ -360,7 +370,7 @@ __global__ void __launch_bounds__(kTileThreads)
   load_span(gf, mf, pf, g, m, p, numel, vectorized);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    update_element(pf[k], mf[k], gf[k], scale, c);
+    update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
   store_span(m, p, mf, pf, numel, vectorized);
 }
@@ -383,8 +393,9 @@ __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar
   load_fragment<kVec, kVectorizedV>(vf, v, numel);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    vf[k] = vf[k] * c.beta2 + c.v_weight * (gf[k] * gf[k]);
-    update_element(pf[k], mf[k], gf[k], step_scale(vf[k], c), c);
+    const float g = scaled_grad(gf[k], c);
+    vf[k] = vf[k] * c.beta2 + c.v_weight * (g * g);
+    update_element(pf[k], mf[k], g, step_scale(vf[k], c), c);
   }
   store_fragment<kVec, kVectorizedV>(v, vf, numel);
   store_fragment<kVec, kVectorized>(m, mf, numel);

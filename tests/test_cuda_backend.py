@@ -335,8 +335,8 @@ def _emulated_step(lib, force_scalar=False):
     def aligned(*tensors):
         return int(not force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
 
-    def step(group, active):
-        coef = coefficients.next_step_coefficients(group, active)
+    def step(group, active, inv_scale=None, found_inf=None):
+        coef = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
         t = group.cache.get("launch_tables")
         if t is None:
             t = group.cache["launch_tables"] = build_launch_tables(group)
@@ -400,6 +400,24 @@ def test_emulated_scalar_path_is_bitwise_the_vector_path(emulator):
             assert torch.equal(a, b)
         assert torch.equal(opts[1]._flat[0].v, opts[2]._flat[0].v)
         assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
+
+
+def test_emulated_kernels_amp_unscale_and_skip(emulator):
+    """AMP (grad_scale / found_inf set on the optimizer, as GradScaler does): the kernels unscale
+    like the torch backend, and a step with found_inf set changes nothing."""
+    named, dims = _odd_named()
+    sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"])
+    for opt in opts:
+        opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+    run_stream(sets, opts, steps=2, seed=21, none_every=4, grad_scale=lambda i: 1024.0)
+    assert_backends_close(sets, opts, TOL[torch.float32])
+    group = opts[1]._flat[0]
+    before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
+    for opt in opts:
+        opt.found_inf = torch.tensor(1.0)
+    run_stream(sets, opts, steps=1, seed=22, none_every=0, grad_scale=lambda i: float("inf") if i == 2 else 1.0)
+    for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "cnn"])

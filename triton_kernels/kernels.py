@@ -23,6 +23,7 @@ from ..coefficients import (
     C_BETA2,
     C_DECAY,
     C_EPS,
+    C_GRAD_SCALE,
     C_M_WEIGHT,
     C_STEP_SIZE,
     C_V_WEIGHT,
@@ -46,6 +47,7 @@ _C_EPS = tl.constexpr(C_EPS)
 _C_BETA2 = tl.constexpr(C_BETA2)
 _C_V_WEIGHT = tl.constexpr(C_V_WEIGHT)
 _C_M_WEIGHT = tl.constexpr(C_M_WEIGHT)
+_C_GRAD_SCALE = tl.constexpr(C_GRAD_SCALE)
 _NUM_COEF = tl.constexpr(NUM_COEFFICIENTS)
 _HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
     tl.constexpr(c) for c in (HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS, NUM_HPARAMS)
@@ -53,9 +55,18 @@ _HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
 
 
 @triton.jit
+def _scaled_grad(g, coef):
+    """The gradient times its multiplier (see [Note: gradient multiplier] in coefficients.py)."""
+    scale = tl.load(coef + _C_GRAD_SCALE)
+    return tl.where(scale == 0, 0.0, g) * scale  # selected first: no inf * 0 is ever formed
+
+
+@triton.jit
 def _new_v(v_ptr, v_index, sumsq, numel, coef):
-    """v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block); stores
-    and returns the new v."""
+    """v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
+    block's raw sum of g^2; stores and returns the new v."""
+    scale = tl.load(coef + _C_GRAD_SCALE)
+    sumsq = tl.where(scale == 0, 0.0, sumsq) * (scale * scale)
     mean = sumsq / tl.maximum(numel, 1).to(tl.float32)
     v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
     tl.store(v_ptr + v_index, v)
@@ -65,7 +76,7 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
 @triton.jit
 def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef):
     """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps).
-    ``v`` is the block's value (scalar) or one per element."""
+    ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
     h = tl.sqrt(v) / tl.load(coef + _C_BC2_SQRT) + tl.load(coef + _C_EPS)
     step_size = tl.load(coef + _C_STEP_SIZE)
     # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
@@ -89,7 +100,7 @@ def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.c
     mask = tl.arange(0, BLOCK) < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
-    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
+    _update_elements(p_ptr, m_ptr, offs, mask, _scaled_grad(g, coef), v, coef)
 
 
 @triton.jit
@@ -124,8 +135,8 @@ def tile_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr
     block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
     offs = tl.load(tile + TILE_START) + tl.arange(0, TILE)
     mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
+    g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     _update_elements(p_ptr, m_ptr, offs, mask, g, tl.load(v_ptr + tl.load(block + LB_V)), coef)
 
 
@@ -138,7 +149,7 @@ def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.c
     offs = tl.load(tile + ROW_START) + lanes
     v_offs = tl.load(tile + ROW_V) + lanes
     coef = coef_ptr + tl.load(tile + ROW_PARAM) * _NUM_COEF
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
     _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
@@ -156,9 +167,13 @@ def _pow_int(base, t):
 
 
 @triton.jit
-def step_coefficients_kernel(steps_ptr, active_ptr, hp_ptr, coef_ptr, num_params, HAS_ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
-    """Advance each parameter's step counter (those flagged in ``active``) and write its row of
-    the float32 coefficient table, computed in float64 (see coefficients.py)."""
+def step_coefficients_kernel(
+    steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, num_params,
+    HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Advance each parameter's step counter (those flagged in ``active``; none when AMP's
+    ``found_inf`` is set) and write its row of the float32 coefficient table, computed in float64
+    (see coefficients.py)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < num_params
     t = tl.load(steps_ptr + i, mask=mask, other=0)
@@ -166,6 +181,11 @@ def step_coefficients_kernel(steps_ptr, active_ptr, hp_ptr, coef_ptr, num_params
         on = tl.load(active_ptr + i, mask=mask, other=0) != 0
     else:
         on = mask
+    grad_scale = 1.0
+    if HAS_AMP:
+        found_inf = tl.load(found_inf_ptr) + tl.zeros((BLOCK,), dtype=tl.float32)  # as a block
+        on = on & (found_inf == 0)
+        grad_scale = tl.load(inv_scale_ptr).to(tl.float64)
     t = t + on.to(tl.int64)
     tl.store(steps_ptr + i, t, mask=mask)
 
@@ -188,3 +208,4 @@ def step_coefficients_kernel(steps_ptr, active_ptr, hp_ptr, coef_ptr, num_params
     tl.store(row + _C_BETA2, tl.where(on, beta2, 1.0).to(tl.float32), mask=mask)
     tl.store(row + _C_V_WEIGHT, tl.where(on, 1 - beta2, 0.0).to(tl.float32), mask=mask)
     tl.store(row + _C_M_WEIGHT, tl.where(on, 1 - beta1, 0.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_GRAD_SCALE, tl.where(on, grad_scale, 0.0).to(tl.float32), mask=mask)

@@ -21,24 +21,39 @@ def _warps(block: int) -> int:
     return min(16, max(1, block // 512))
 
 
-def step_coefficients(group: FlatGroup, active: Optional[torch.Tensor]) -> torch.Tensor:
+def step_coefficients(
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Advance the step counters and compute this step's coefficient table in one launch (the
     table of ``coefficients.next_step_coefficients``)."""
     coef = group.cache.get("coef")
     if coef is None:
         coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
     n = len(group.params)
+    amp = inv_scale is not None or found_inf is not None
+    if amp:
+        inv_scale = torch.ones((), device=group.device) if inv_scale is None else inv_scale
+        found_inf = torch.zeros((), device=group.device) if found_inf is None else found_inf
     K.step_coefficients_kernel[(triton.cdiv(n, COEF_BLOCK),)](
-        group.steps, group.steps if active is None else active, group.hparams, coef, n,
-        HAS_ACTIVE=active is not None, BLOCK=COEF_BLOCK, num_warps=4,
+        group.steps, group.steps if active is None else active, group.hparams, coef,
+        inv_scale if amp else coef, found_inf if amp else coef, n,
+        HAS_ACTIVE=active is not None, HAS_AMP=amp, BLOCK=COEF_BLOCK, num_warps=4,
     )
     return coef
 
 
-def triton_step(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
+def triton_step(
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
     """Apply one step to ``group`` in place with the Triton kernels; ``active`` flags the
-    parameters that have a gradient (None: all)."""
-    coef = step_coefficients(group, active)
+    parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
+    coef = step_coefficients(group, active, inv_scale, found_inf)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)

@@ -1,0 +1,110 @@
+"""AMP: ``torch.amp.GradScaler`` drives AdamMini the way it drives torch's fused AdamW: it sets
+``grad_scale`` and ``found_inf`` on the optimizer, the step unscales inside the kernels, and a
+step with an inf/NaN gradient changes nothing (params, m, v, step counters), with no host sync.
+
+Run on every backend that runs here (torch; Triton under the interpreter on a CPU)."""
+
+import pytest
+import torch
+
+from adam_mini_kernels import AdamMini, available_backends
+from grad_stream import clone_named
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("torch", "triton") if b in available_backends([DEVICE])]
+SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,)}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
+
+
+def _named(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE))) for n, s in SHAPES.items()]
+
+
+def _targets(step):
+    """The gradient of each parameter at ``step`` (the loss is sum(p * target))."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return {n: torch.randn(s, generator=gen).to(DEVICE) for n, s in SHAPES.items()}
+
+
+def _scaled_backward(named, scaler, targets):
+    loss = sum((p * targets[n]).sum() for n, p in named)
+    scaler.scale(loss).backward()
+
+
+def _snapshot(named, opt):
+    group = opt._flat[0]
+    return [p.detach().clone() for _, p in named] + [group.m.clone(), group.v.clone(), group.steps.clone()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaler_step_equals_unscaled_step(backend):
+    """With a power-of-two scale, unscaling is exact: bitwise the plain step on true gradients."""
+    amp_named, ref_named = _named(), clone_named(_named())
+    amp_opt, ref_opt = AdamMini(amp_named, backend=backend, **KW), AdamMini(ref_named, backend=backend, **KW)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**14, growth_interval=2)
+    for step in range(5):
+        targets = _targets(step)
+        amp_opt.zero_grad()
+        _scaled_backward(amp_named, scaler, targets)
+        scaler.step(amp_opt)
+        scaler.update()
+        for n, p in ref_named:
+            p.grad = targets[n].clone()
+        ref_opt.step()
+    assert scaler.get_scale() > 2.0**14  # it grew: the scale really changed between steps
+    for (n, a), (_, b) in zip(amp_named, ref_named):
+        assert torch.equal(a, b), n
+    assert torch.equal(amp_opt._flat[0].v, ref_opt._flat[0].v)
+    assert not hasattr(amp_opt, "grad_scale")  # GradScaler removes what it set
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_step_with_non_finite_gradient_changes_nothing(backend, bad):
+    named = _named(1)
+    opt = AdamMini(named, backend=backend, **KW)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+    _scaled_backward(named, scaler, _targets(0))
+    scaler.step(opt)
+    scaler.update()
+    before = _snapshot(named, opt)
+
+    opt.zero_grad()
+    targets = _targets(1)
+    targets["mlp.weight"][3, 5] = bad
+    _scaled_backward(named, scaler, targets)
+    scaler.step(opt)
+    scaler.update()
+    after = _snapshot(named, opt)
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+    assert scaler.get_scale() == 2.0**9  # the scaler saw the inf and backed off
+
+    opt.zero_grad()
+    _scaled_backward(named, scaler, _targets(2))
+    scaler.step(opt)
+    assert torch.equal(opt._flat[0].steps, before[-1] + 1)  # and the next good step goes through
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscale_then_clip_then_step(backend):
+    """scaler.unscale_(opt) before clipping (the documented recipe): the step must not unscale
+    again, and equals clip + step on the true gradients."""
+    amp_named, ref_named = _named(2), clone_named(_named(2))
+    amp_opt, ref_opt = AdamMini(amp_named, backend=backend, **KW), AdamMini(ref_named, backend=backend, **KW)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**12)
+    for step in range(3):
+        targets = _targets(10 + step)
+        amp_opt.zero_grad()
+        _scaled_backward(amp_named, scaler, targets)
+        scaler.unscale_(amp_opt)
+        torch.nn.utils.clip_grad_norm_([p for _, p in amp_named], 1.0)
+        scaler.step(amp_opt)
+        scaler.update()
+        for n, p in ref_named:
+            p.grad = targets[n].clone()
+        torch.nn.utils.clip_grad_norm_([p for _, p in ref_named], 1.0)
+        ref_opt.step()
+    for (n, a), (_, b) in zip(amp_named, ref_named):
+        assert torch.equal(a, b), n
