@@ -58,7 +58,9 @@ class GradCheck:
 class FlatGroup:
     """Flat storage, block table and step counters for the parameters of one (device, dtype)."""
 
-    def __init__(self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout]):
+    def __init__(
+        self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout], state_dtype: Optional[torch.dtype] = None
+    ):
         self.params = list(params)
         self.layouts = list(layouts)
         self.device = self.params[0].device
@@ -78,7 +80,7 @@ class FlatGroup:
         make = dict(device=self.device)
         self.param_buffer = torch.zeros(numel, dtype=self.dtype, **make)
         self.grad_buffer = torch.zeros(numel, dtype=self.dtype, **make)
-        self.m = torch.zeros(numel, dtype=self.dtype, **make)
+        self.m = torch.zeros(numel, dtype=state_dtype or self.dtype, **make)
         self.v = torch.zeros(num_v, dtype=torch.float32, **make)
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
         self.table = self._make_table()

@@ -67,7 +67,8 @@ def _check_state(op: str, p, g, m, v, coef) -> None:
         lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
     )
     for name, t in (("g", g), ("m", m)):
-        torch._check(t.dtype == p.dtype, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
+        wide_m = name == "m" and t.dtype == torch.float32  # float32 state for 16-bit params
+        torch._check(t.dtype == p.dtype or wide_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
         torch._check(t.shape == p.shape, lambda: f"adam_mini_kernels::{op}: {name} has shape {t.shape}, p {p.shape}")
     torch._check(v.dim() == 1 and v.dtype == torch.float32, lambda: f"adam_mini_kernels::{op}: v must be 1-D float32")
     torch._check(

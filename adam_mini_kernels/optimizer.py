@@ -90,6 +90,9 @@ class AdamMini(torch.optim.Optimizer):
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. ``auto`` (overridden by the
             environment variable ``ADAM_MINI_BACKEND``) picks the fastest backend that can run;
             an explicit backend that cannot run raises ``BackendUnavailableError``.
+        state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
+            or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
+            ``state_dict``/``load_state_dict``). ``v`` is always float32.
 
     The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
@@ -116,6 +119,7 @@ class AdamMini(torch.optim.Optimizer):
         verbose: bool = True,
         head_dim: Optional[int] = None,
         backend: str = "auto",
+        state_dtype: Optional[torch.dtype] = None,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -125,6 +129,9 @@ class AdamMini(torch.optim.Optimizer):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"state_dtype must be None (the parameters' dtype) or torch.float32, got {state_dtype!r}")
+        self.state_dtype = state_dtype
         self.verbose = verbose
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
@@ -201,7 +208,9 @@ class AdamMini(torch.optim.Optimizer):
             by_key[(p.device, p.dtype)].append(k)
         flat, self._slots = [], {}
         for members in by_key.values():
-            group = FlatGroup([named[k][1] for k in members], [layouts[k] for k in members])
+            params = [named[k][1] for k in members]
+            wide = self.state_dtype if params[0].dtype in (torch.bfloat16, torch.float16) else None
+            group = FlatGroup(params, [layouts[k] for k in members], wide)
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
             for i, k in enumerate(members):
                 p = named[k][1]
@@ -330,10 +339,15 @@ class AdamMini(torch.optim.Optimizer):
             if not 0 <= idx < len(params):
                 raise ValueError(f"state dict has state for parameter index {idx}; this optimizer has {len(params)}")
             check_state(s, layouts[idx])
+        # torch's loader casts every state tensor to the parameter's dtype: keep v/vmean float32
+        # and m in the dtype it was saved in (absorb_state casts it to this optimizer's m dtype).
         moments = {
             idx: {k: s[k].detach().to(torch.float32, copy=True) for k in ("v", "vmean") if k in s}
             for idx, s in saved.items()
         }
+        for idx, s in saved.items():
+            if torch.is_tensor(s.get("m")):
+                moments[idx]["m"] = s["m"].detach()
         super().load_state_dict(state_dict)
         for idx, kept in moments.items():
             self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})

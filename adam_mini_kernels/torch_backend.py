@@ -91,4 +91,5 @@ def torch_step(
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
     if group.m.dtype != torch.float32:
         group.m.copy_(m)
+    if group.param_buffer.dtype != torch.float32:
         group.param_buffer.copy_(p)

@@ -35,19 +35,21 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls fn(TypeTag<storage type>{}) for the three storage dtypes: one instantiation of each kernel
-// per dtype, nothing else (no double, no mixed storage).
+// Calls fn(TypeTag<parameter storage type>{}, TypeTag<state (m) storage type>{}) for the storage
+// combinations there are: m in the parameters' dtype, or float32 m for 16-bit parameters
+// (state_dtype=torch.float32). One instantiation of each kernel per combination, nothing else.
 template <typename Fn>
-void dispatch_storage(const char* op, at::ScalarType dtype, Fn&& fn) {
+void dispatch_storage(const char* op, at::ScalarType dtype, at::ScalarType state_dtype, Fn&& fn) {
+  const bool wide_state = state_dtype == at::kFloat;
   switch (dtype) {
     case at::kFloat:
-      fn(TypeTag<float>{});
+      fn(TypeTag<float>{}, TypeTag<float>{});
       return;
     case at::kBFloat16:
-      fn(TypeTag<c10::BFloat16>{});
+      wide_state ? fn(TypeTag<c10::BFloat16>{}, TypeTag<float>{}) : fn(TypeTag<c10::BFloat16>{}, TypeTag<c10::BFloat16>{});
       return;
     case at::kHalf:
-      fn(TypeTag<c10::Half>{});
+      wide_state ? fn(TypeTag<c10::Half>{}, TypeTag<float>{}) : fn(TypeTag<c10::Half>{}, TypeTag<c10::Half>{});
       return;
     default:
       TORCH_CHECK(false, "adam_mini_kernels::", op, ": unsupported parameter dtype ", dtype);
@@ -81,8 +83,9 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
   for (const auto& [name, t] : state) {
     check_on_device(op, name, *t, p);
     check_contiguous(op, name, *t, 1);
-    TORCH_CHECK(t->scalar_type() == dtype, "adam_mini_kernels::", op, ": ", name, " has dtype ", t->scalar_type(),
-                ", expected ", dtype, " (the dtype of p)");
+    const bool wide_m = t == &m && t->scalar_type() == at::kFloat;
+    TORCH_CHECK(t->scalar_type() == dtype || wide_m, "adam_mini_kernels::", op, ": ", name, " has dtype ",
+                t->scalar_type(), ", expected ", dtype, " (the dtype of p)", t == &m ? " or float32" : "");
     TORCH_CHECK(t->numel() == p.numel(), "adam_mini_kernels::", op, ": ", name, " has ", t->numel(),
                 " elements, p has ", p.numel());
   }
@@ -128,11 +131,12 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
   const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
   const c10::cuda::CUDAGuard guard(p.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+  dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
-    rows_step_kernel<scalar_t><<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
+    using state_t = typename decltype(state_tag)::type;
+    rows_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<scalar_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
         static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(rows.data_ptr()), aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -163,17 +167,18 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
   auto* blocks_ptr = static_cast<const int64_t*>(blocks.data_ptr());
   auto* v_ptr = static_cast<float*>(v.data_ptr());
   auto* coef_ptr = static_cast<const float*>(coef.data_ptr());
-  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+  dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
+    using state_t = typename decltype(state_tag)::type;
     tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
         static_cast<const scalar_t*>(g.data_ptr()), tiles_ptr, partial_ptr, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     large_block_v_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(v_ptr, coef_ptr,
                                                                                            partial_ptr, blocks_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tile_step_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
+    tile_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<scalar_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned);
+        static_cast<state_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -190,11 +195,12 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
   const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
   const c10::cuda::CUDAGuard guard(p.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(op, p.scalar_type(), [&](auto tag) {
+  dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
-    adam_step_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kAdamThreads, 0, stream>>>(
+    using state_t = typename decltype(state_tag)::type;
+    adam_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kAdamThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<scalar_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
         static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), aligned,
         aligned16(v));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -124,10 +124,12 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
   }
 }
 
-// The g, m and p fragments of one span, through the path chosen for the span at run time.
-template <typename scalar_t>
+// The g, m and p fragments of one span, through the path chosen for the span at run time. m may
+// be stored wider than p and g (float32 state for 16-bit parameters): it follows the same
+// fragment layout, in units of the parameter's vector width.
+template <typename scalar_t, typename state_t>
 __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& pf, const scalar_t* __restrict__ g,
-                                          const scalar_t* __restrict__ m, const scalar_t* __restrict__ p, int numel,
+                                          const state_t* __restrict__ m, const scalar_t* __restrict__ p, int numel,
                                           bool vectorized) {
   constexpr int kVec = vec_width<scalar_t>();
   if (vectorized) {
@@ -142,8 +144,8 @@ __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& 
 }
 
 // Stores the m and p fragments of one span, through the path it was loaded with.
-template <typename scalar_t>
-__device__ __forceinline__ void store_span(scalar_t* __restrict__ m, scalar_t* __restrict__ p, const Fragment& mf,
+template <typename scalar_t, typename state_t>
+__device__ __forceinline__ void store_span(state_t* __restrict__ m, scalar_t* __restrict__ p, const Fragment& mf,
                                            const Fragment& pf, int numel, bool vectorized) {
   constexpr int kVec = vec_width<scalar_t>();
   if (vectorized) {
@@ -263,9 +265,9 @@ __device__ __forceinline__ void update_element(float& p, float& m, float g, floa
 // block-wide reduction between the read and the write. The loads of m and p are issued before
 // the reduction so that they are in flight while the block waits on it. Thread 0 updates the
 // row's v and broadcasts the step scale through shared memory.
-template <typename scalar_t>
+template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kRowMaxThreads)
-    rows_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+    rows_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ rows,
                      bool aligned_buffers) {
   constexpr int kVec = vec_width<scalar_t>();
@@ -348,9 +350,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // Large blocks, phase 3: m and p of one tile, with its block's v (final after phase 2).
-template <typename scalar_t>
+template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kTileThreads)
-    tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+    tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      const float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
                      const int64_t* __restrict__ blocks, bool aligned_buffers) {
   constexpr int kVec = vec_width<scalar_t>();
@@ -381,9 +383,9 @@ __global__ void __launch_bounds__(kTileThreads)
 // index is a multiple of 4 as well; otherwise they are moved one float at a time, within the
 // same fragment layout as the parameter's elements. Adam blocks are a tiny share of a model's
 // elements (biases), which is why this kernel is not tuned further.
-template <typename scalar_t, bool kVectorized, bool kVectorizedV>
+template <typename scalar_t, typename state_t, bool kVectorized, bool kVectorizedV>
 __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                                          scalar_t* __restrict__ m, float* __restrict__ v, int numel,
+                                          state_t* __restrict__ m, float* __restrict__ v, int numel,
                                           const Coefficients& c) {
   constexpr int kVec = vec_width<scalar_t>();
   Fragment gf, mf, pf, vf;
@@ -403,9 +405,9 @@ __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar
 }
 
 // Adam blocks: one v per element, an Adam tile of consecutive elements of one parameter.
-template <typename scalar_t>
+template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kAdamThreads)
-    adam_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+    adam_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
                      bool aligned_buffers, bool aligned_v) {
   constexpr int kVec = vec_width<scalar_t>();
@@ -422,11 +424,11 @@ __global__ void __launch_bounds__(kAdamThreads)
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   if (vectorized && aligned_v && v_start % Chunk<float>::kSize == 0) {
-    adam_tile<scalar_t, true, true>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, true, true>(p, g, m, v, numel, c);
   } else if (vectorized) {
-    adam_tile<scalar_t, true, false>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, true, false>(p, g, m, v, numel, c);
   } else {
-    adam_tile<scalar_t, false, false>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, false, false>(p, g, m, v, numel, c);
   }
 }
 

@@ -304,6 +304,7 @@ def _model_named(model_name):
 
 EMULATOR = Path(__file__).resolve().parent / "gpu" / "host_emulator.cpp"
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+WIDE_STATE = 8  # added to the code when m is float32 for 16-bit parameters (host_emulator.cpp)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +343,7 @@ def _emulated_step(lib, force_scalar=False):
             t = group.cache["launch_tables"] = build_launch_tables(group)
         p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
         coef = coef.contiguous()
-        code = DTYPE_CODE[p.dtype]
+        code = DTYPE_CODE[p.dtype] + (WIDE_STATE if m.dtype != p.dtype else 0)
         state = (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
         failures = 0
         for width, rows in t.row_classes:
@@ -359,14 +360,14 @@ def _emulated_step(lib, force_scalar=False):
     return step
 
 
-def _emulated_runs(named, dims, dtype, lib, variants):
+def _emulated_runs(named, dims, dtype, lib, variants, **opt_kwargs):
     """The torch backend and one optimizer per variant ("fast" or "scalar") stepping through the
     emulated kernels, on clones of ``named``."""
     sets, opts = [], []
     for variant in ("torch",) + tuple(variants):
         params = clone_named(named, dtype=dtype)
         sets.append([p for _, p in params if p.requires_grad])
-        opts.append(AdamMini(params, backend="torch", **dims, **KW))
+        opts.append(AdamMini(params, backend="torch", **dims, **KW, **opt_kwargs))
         if variant != "torch":
             opts[-1]._step_fn = _emulated_step(lib, force_scalar=variant == "scalar")
     return sets, opts
@@ -400,6 +401,19 @@ def test_emulated_scalar_path_is_bitwise_the_vector_path(emulator):
             assert torch.equal(a, b)
         assert torch.equal(opts[1]._flat[0].v, opts[2]._flat[0].v)
         assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_kernels_float32_state(emulator, dtype):
+    """state_dtype=torch.float32: m float32 beside 16-bit p and g, on both load/store paths."""
+    named, dims = _odd_named()
+    sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast", "scalar"], state_dtype=torch.float32)
+    run_stream(sets, opts, steps=3, seed=31, none_every=4)
+    assert all(opt._flat[0].m.dtype == torch.float32 for opt in opts)
+    assert_backends_close(sets[:2], opts[:2], TOL[dtype])
+    for a, b in zip(sets[1], sets[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
 
 
 def test_emulated_kernels_amp_unscale_and_skip(emulator):

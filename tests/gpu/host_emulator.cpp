@@ -14,7 +14,8 @@
 // the compiled SASS, nvcc's FMA contraction (results can differ from the GPU in the last bit).
 // tests/test_cuda_backend.py builds it with g++ and calls it through ctypes.
 //
-// C interface: dtype 0 = float, 1 = bfloat16, 2 = float16; pointers to the flat buffers and the
+// C interface: dtype 0 = float, 1 = bfloat16, 2 = float16 (the parameters'), plus kWideState (8)
+// when m is float32 for 16-bit parameters; pointers to the flat buffers and the
 // launch tables of one group (as the launchers in csrc/adam_mini_step.cu receive them); the return
 // value counts failed CUDA_KERNEL_ASSERTs.
 
@@ -110,15 +111,22 @@ int launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) {
   return emulation::assert_failures.load();
 }
 
+constexpr int kWideState = 8;
+
+// Calls fn(parameter storage value, state storage value) for the dtype code.
 template <typename Fn>
 int dispatch(int dtype, Fn&& fn) {
   switch (dtype) {
     case 0:
-      return fn(float{});
+      return fn(float{}, float{});
     case 1:
-      return fn(c10::BFloat16{});
+      return fn(c10::BFloat16{}, c10::BFloat16{});
     case 2:
-      return fn(c10::Half{});
+      return fn(c10::Half{}, c10::Half{});
+    case 1 + kWideState:
+      return fn(c10::BFloat16{}, float{});
+    case 2 + kWideState:
+      return fn(c10::Half{}, float{});
     default:
       return -1;
   }
@@ -130,24 +138,26 @@ extern "C" {
 
 int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* rows,
                       int64_t num_rows, int64_t width, int aligned) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
-    return launch(&rows_step_kernel<scalar_t>, num_rows, row_threads(width), static_cast<scalar_t*>(p),
-                  static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), v, coef, rows, aligned != 0);
+    using state_t = decltype(state_tag);
+    return launch(&rows_step_kernel<scalar_t, state_t>, num_rows, row_threads(width), static_cast<scalar_t*>(p),
+                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, rows, aligned != 0);
   });
 }
 
 int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef,
                               const int64_t* tiles, int64_t num_tiles, const int64_t* blocks, int64_t num_blocks,
                               float* partial, int aligned) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
+    using state_t = decltype(state_tag);
     int failures = launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g),
                           tiles, partial, aligned != 0);
     failures += launch(&large_block_v_kernel, num_blocks, kReduceThreads, v, coef,
                        static_cast<const float*>(partial), blocks);
-    failures += launch(&tile_step_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
-                       static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), static_cast<const float*>(v),
+    failures += launch(&tile_step_kernel<scalar_t, state_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
+                       static_cast<const scalar_t*>(g), static_cast<state_t*>(m), static_cast<const float*>(v),
                        coef, tiles, blocks, aligned != 0);
     return failures;
   });
@@ -155,10 +165,11 @@ int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float*
 
 int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* tiles,
                       int64_t num_tiles, int aligned, int aligned_v) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
-    return launch(&adam_step_kernel<scalar_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
-                  static_cast<const scalar_t*>(g), static_cast<scalar_t*>(m), v, coef, tiles, aligned != 0,
+    using state_t = decltype(state_tag);
+    return launch(&adam_step_kernel<scalar_t, state_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
+                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, tiles, aligned != 0,
                   aligned_v != 0);
   });
 }
