@@ -88,6 +88,7 @@ class FlatGroup:
         self._hparams_host: Optional[List[tuple]] = None
         self.cache: Dict[str, object] = {}
 
+        self.grad_views = [self.grad_view(i) for i in range(len(self.params))]  # for norms
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
         self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
         self.repair(GradCheck(None, list(range(len(self.params))), []))

@@ -65,6 +65,10 @@ def _on(value, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32).to(device, non_blocking=True).reshape(())
 
 
+def _moved(value: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return None if value is None else value.to(device, non_blocking=True)
+
+
 class AdamMini(torch.optim.Optimizer):
     """Adam-mini (Zhang et al., 2024): Adam's first moment per element, one second moment per
     block of parameters, blocks chosen from parameter names.
@@ -93,6 +97,10 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
             ``state_dict``/``load_state_dict``). ``v`` is always float32.
+        max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
+            exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
+            ``step()``; the norm (of unscaled gradients under AMP) is left in
+            ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update.
 
     The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
@@ -120,6 +128,7 @@ class AdamMini(torch.optim.Optimizer):
         head_dim: Optional[int] = None,
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
+        max_grad_norm: Optional[float] = None,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -132,6 +141,10 @@ class AdamMini(torch.optim.Optimizer):
         if state_dtype not in (None, torch.float32):
             raise ValueError(f"state_dtype must be None (the parameters' dtype) or torch.float32, got {state_dtype!r}")
         self.state_dtype = state_dtype
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self.verbose = verbose
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
@@ -274,19 +287,43 @@ class AdamMini(torch.optim.Optimizer):
             self._check_dense_grads()
             self._build(rules)
         checks = [group.inspect() for group in self._flat]
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, check, group_rows in zip(self._flat, checks, self._rows_per_flat_group(rows)):
-            if check.active is not None and not any(check.active):
-                continue
+        live = [
+            (group, check, group_rows)
+            for group, check, group_rows in zip(self._flat, checks, self._rows_per_flat_group(rows))
+            if check.active is None or any(check.active)
+        ]
+        for group, check, _ in live:
             group.repair(check)
+        inv_scale, skip = self._gradient_factors([group for group, _, _ in live])
+        for group, check, group_rows in live:
             group.set_hparams(group_rows)
             active = None
             if check.active is not None:
                 active = to_device(torch.tensor(check.active), group.device)
-            inv_scale = None if grad_scale is None else _on(grad_scale, group.device).reciprocal()
-            skip = None if found_inf is None else _on(found_inf, group.device)
-            self._step_fn(group, active, inv_scale, skip)
+            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
         return loss
+
+    def _gradient_factors(self, groups: List[FlatGroup]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The gradient multiplier and the skip flag of this step, as 0-dim device tensors (or
+        None): AMP's 1 / scale and found_inf, with max_grad_norm's clip factor folded into the
+        multiplier and a non-finite norm into the skip flag. No host sync."""
+        if not groups:
+            return None, None
+        device = groups[0].device
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else _on(grad_scale, device).reciprocal()
+        skip = None if found_inf is None else _on(found_inf, device)
+        if self.max_grad_norm is None:
+            return inv_scale, skip
+        # As clip_grad_norm_: the norm of the per-tensor norms (idle params' zeroed grads add 0).
+        norms = [n.to(device, non_blocking=True) for g in groups for n in torch._foreach_norm(g.grad_views)]
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0).float()
+        if inv_scale is not None:
+            total = total * inv_scale
+        self.last_grad_norm = total
+        clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        nonfinite = (~torch.isfinite(total)).float()
+        return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` the flat gradient

@@ -416,6 +416,16 @@ def test_emulated_kernels_float32_state(emulator, dtype):
     assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
 
 
+def test_emulated_kernels_fused_clipping(emulator):
+    """max_grad_norm folds the clip factor into the gradient multiplier: same result as the torch
+    backend with the same setting."""
+    named, dims = _odd_named()
+    sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"], max_grad_norm=0.5)
+    run_stream(sets, opts, steps=3, seed=41, none_every=4)
+    assert opts[1].last_grad_norm > 0.5  # the clip was active
+    assert_backends_close(sets, opts, TOL[torch.float32])
+
+
 def test_emulated_kernels_amp_unscale_and_skip(emulator):
     """AMP (grad_scale / found_inf set on the optimizer, as GradScaler does): the kernels unscale
     like the torch backend, and a step with found_inf set changes nothing."""

@@ -1,0 +1,90 @@
+"""max_grad_norm: fused global gradient clipping, equal to clip_grad_norm_ followed by step(), on
+every backend that runs here; composes with AMP; a non-finite norm skips the update."""
+
+import pytest
+import torch
+
+from adam_mini_kernels import AdamMini, available_backends
+from grad_stream import clone_named, max_rel_err
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("torch", "triton") if b in available_backends([DEVICE])]
+SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,), "empty.weight": (0, 4)}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
+
+
+def _named(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE))) for n, s in SHAPES.items()]
+
+
+def _grads(step, scale=1.0):
+    gen = torch.Generator().manual_seed(300 + step)
+    return {n: (torch.randn(s, generator=gen) * scale).to(DEVICE) for n, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "below-limit"])
+def test_equals_clip_grad_norm_then_step(backend, max_norm):
+    fused_named, ref_named = _named(), clone_named(_named())
+    fused = AdamMini(fused_named, backend=backend, max_grad_norm=max_norm, **KW)
+    ref = AdamMini(ref_named, backend=backend, **KW)
+    for step in range(4):
+        grads = _grads(step)
+        for named in (fused_named, ref_named):
+            for n, p in named:
+                p.grad = None if (step == 1 and n == "ln.weight") else grads[n].clone()
+        expected_norm = torch.nn.utils.clip_grad_norm_([p for _, p in ref_named if p.grad is not None], max_norm)
+        fused.step()
+        ref.step()
+        assert abs(fused.last_grad_norm.item() - expected_norm.item()) <= 1e-6 * expected_norm.item()
+        assert (expected_norm.item() > max_norm) == (max_norm == 0.5)  # both regimes really tested
+    for (n, a), (_, b) in zip(fused_named, ref_named):
+        assert max_rel_err(b, a) <= 1e-6, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_composes_with_amp(backend):
+    """GradScaler + max_grad_norm == unscale_, clip_grad_norm_, step; the norm is of unscaled grads."""
+    fused_named, ref_named = _named(1), clone_named(_named(1))
+    fused = AdamMini(fused_named, backend=backend, max_grad_norm=0.5, **KW)
+    ref = AdamMini(ref_named, backend=backend, **KW)
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) for _ in range(2)]
+    for step in range(3):
+        grads = _grads(step)
+        for named, opt, scaler in ((fused_named, fused, scalers[0]), (ref_named, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(sum((p * grads[n]).sum() for n, p in named)).backward()
+            if opt is ref:
+                scaler.unscale_(ref)
+                norm = torch.nn.utils.clip_grad_norm_([p for _, p in ref_named], 0.5)
+            scaler.step(opt)
+            scaler.update()
+        assert abs(fused.last_grad_norm.item() - norm.item()) <= 1e-6 * norm.item()
+    for (n, a), (_, b) in zip(fused_named, ref_named):
+        assert max_rel_err(b, a) <= 1e-6, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_norm_skips_the_update(backend):
+    named = _named(2)
+    opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
+    grads = _grads(0)
+    for n, p in named:
+        p.grad = grads[n].clone()
+    opt.step()
+    group = opt._flat[0]
+    before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
+    grads = _grads(1)
+    grads["mlp.weight"][2, 3] = float("inf")
+    for n, p in named:
+        p.grad = grads[n].clone()
+    opt.step()
+    assert not torch.isfinite(opt.last_grad_norm)
+    for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
+        assert torch.equal(x, y)
+
+
+def test_max_grad_norm_is_validated():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        AdamMini(_named(), max_grad_norm=0.0, **KW)
