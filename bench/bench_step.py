@@ -86,6 +86,16 @@ class OptSpec:
     family: str  # "adam-mini" or "adamw": which minimum byte count applies
     backend: Optional[str] = None  # AdamMini backend
     compiled: bool = False
+    variant: Optional[str] = None  # one of VARIANTS (AdamMini options of issue 6), or None
+
+
+# AdamMini rows beyond the plain step (``--optimizers variants``): mixed precision and clipping.
+CLIP = 1.0
+VARIANTS = {
+    "fp32-state": "state_dtype=float32",  # 16-bit sets only
+    "clip": f"max_grad_norm={CLIP:g}",
+    "clip-then-step": f"clip_grad_norm_({CLIP:g}, foreach) + step",  # what clipping costs without us
+}
 
 
 def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
@@ -107,10 +117,15 @@ def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
         for b in backends:
             if b != "torch":
                 specs.append(OptSpec(f"ours-{b}", f"AdamMini [{b}]", "adam-mini", backend=b))
+    if "variants" in which:
+        for b in backends:
+            for variant, text in VARIANTS.items():
+                specs.append(OptSpec(f"ours-{b}-{variant}", f"AdamMini [{b}] {text}", "adam-mini", backend=b, variant=variant))
     return specs
 
 
-OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official")
+OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official", "variants")
+DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-1]  # the variants run when asked for (a second call)
 
 
 def official_status() -> (Optional[str], Optional[str]):
@@ -322,7 +337,11 @@ def min_bytes(spec: OptSpec, rec: Dict[str, object]) -> int:
     if spec.family == "adamw":
         return int(rec["adamw_min_bytes"])
     v_bytes = rec["storage_bytes"] if spec.id == "official" else 4
-    return 5 * rec["n_params"] * rec["storage_bytes"] + 2 * v_bytes * rec["num_v"]
+    n, s = rec["n_params"], rec["storage_bytes"]
+    per_param = 3 * s + 8 if spec.variant == "fp32-state" else 5 * s  # fp32 m: read and write 4 B
+    if spec.variant in ("clip", "clip-then-step"):
+        per_param += s  # the norm needs the gradients before the update: one more read of g
+    return n * per_param + 2 * v_bytes * rec["num_v"]
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -395,7 +414,8 @@ def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
         return Adam_mini(named, verbose=False, **kw, **pset.model_args)
     from adam_mini_kernels import AdamMini
 
-    return AdamMini(named, verbose=False, backend=spec.backend, **kw, **pset.model_args)
+    options = {"fp32-state": dict(state_dtype=torch.float32), "clip": dict(max_grad_norm=CLIP)}.get(spec.variant, {})
+    return AdamMini(named, verbose=False, backend=spec.backend, **kw, **pset.model_args, **options)
 
 
 def _error_text(err: BaseException) -> str:
@@ -421,6 +441,10 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         elif spec.backend in FUSED_BACKENDS and not spec.compiled:
             row["spec_reference_ms"] = ref["target"]
     status, reason = unavailable_reason(spec, ctx, in_sweep)
+    if not status and spec.variant and in_sweep:
+        status, reason = "skipped", "variants are timed on the named sets only"
+    if not status and spec.variant == "fp32-state" and rec["storage_bytes"] == 4:
+        status, reason = "skipped", "float32 state is the default for float32 parameters"
     if status:
         row.update(status=status, reason=reason)
         return row
@@ -439,6 +463,14 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         t0 = time.perf_counter()
         opt.step()  # the first step builds the optimizer's buffers (and compiles Triton kernels)
         step = opt.step
+        if spec.variant == "clip-then-step":
+            params = [p for _, p in named]
+            target = opt
+
+            def step():
+                torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
+                target.step()
+
         if spec.compiled:
             # What a user can do: compile a function that calls opt.step() (the PyTorch recipe for
             # compiling optimizers). Compiled after one eager step, so the one-off buffer set-up is
@@ -517,8 +549,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sets", default=",".join(PS.SET_KEYS), help=f"comma list of sets, from {', '.join(PS.SET_KEYS)}; empty for none")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="run the Llama-shape size sweep (default on)")
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZER_CHOICES),
-                    help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends)")
+    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                    help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends; "
+                    "variants = each backend with state_dtype=float32, max_grad_norm, and clip_grad_norm_ + step)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="steps after the first one, before timing (default 3)")
