@@ -42,6 +42,12 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def check_dense_grad(name: str, grad: torch.Tensor) -> None:
+    """Raise for a sparse gradient (AdamMini steps dense tensors only)."""
+    if grad.layout != torch.strided:
+        raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}' has a {grad.layout} gradient)")
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
 
@@ -85,7 +91,6 @@ class FlatGroup:
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
         self.table = self._make_table()
         self.hparams: Optional[torch.Tensor] = None
-        self._hparams_host: Optional[List[tuple]] = None
         self.cache: Dict[str, object] = {}
 
         self.grad_views = [self.grad_view(i) for i in range(len(self.params))]  # for norms
@@ -155,11 +160,7 @@ class FlatGroup:
                 active.append(False)
                 continue
             active.append(True)
-            if g.layout != torch.strided:
-                raise RuntimeError(
-                    f"AdamMini does not support sparse gradients (parameter "
-                    f"'{self.layouts[i].name}' has a {g.layout} gradient)"
-                )
+            check_dense_grad(self.layouts[i].name, g)
             if g.data_ptr() != self._grad_ptrs[i]:
                 if g.shape != p.shape:
                     raise RuntimeError(
@@ -187,7 +188,7 @@ class FlatGroup:
                 self.params[i].grad = view
         if check.active is not None:
             # A parameter without a gradient this step is not updated; its stale flat gradient is
-            # zeroed so that nothing non-finite in it can leak through the masked update.
+            # zeroed so that it adds nothing to max_grad_norm's global norm.
             idle = [self.grad_view(i) for i, on in enumerate(check.active) if not on]
             torch._foreach_zero_(idle)
 
@@ -202,10 +203,7 @@ class FlatGroup:
             torch._foreach_zero_(detached)
 
     def set_hparams(self, rows: List[tuple]) -> None:
-        """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps)
-        when it changed; no host-device sync."""
-        if rows == self._hparams_host:
-            return
+        """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps);
+        no host-device sync. The optimizer calls it only when the values changed."""
         host = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), NUM_HPARAMS)
         self.hparams = to_device(host, self.device)
-        self._hparams_host = rows

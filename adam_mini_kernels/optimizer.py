@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dispatch
-from .buffers import FlatGroup, to_device
+from .buffers import FlatGroup, check_dense_grad, to_device
 from .checkpoint import absorb_state, check_state, state_views
 from .partition import (
     DEFAULT_NAMES,
@@ -249,29 +249,27 @@ class AdamMini(torch.optim.Optimizer):
                 )
 
     # -- step ----------------------------------------------------------------------------------
-    def _read_hparams(self) -> List[tuple]:
-        """One (lr, weight_decay, beta1, beta2, eps) row per param group, read from
-        ``param_groups`` (which users and LR schedulers edit); validated when changed."""
+    def _read_hparams(self) -> bool:
+        """Read one (lr, weight_decay, beta1, beta2, eps) row per param group from
+        ``param_groups`` (which users and LR schedulers edit); validate them and return True
+        when they changed since the last step."""
         rows = [(g["lr"], g["weight_decay"], g["beta1"], g["beta2"], g["eps"]) for g in self.param_groups]
-        if rows != self._hparam_rows:
-            for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
-                _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
-            self._hparam_rows = rows
-        return rows
+        if rows == self._hparam_rows:
+            return False
+        for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
+            _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
+        self._hparam_rows = rows
+        return True
 
-    def _rows_per_flat_group(self, rows: List[tuple]) -> List[List[tuple]]:
-        """The hyperparameter rows rearranged per flat group, one per parameter."""
-        out = [[None] * len(group.params) for group in self._flat]
-        for group, row in zip(self.param_groups, rows):
+    def _upload_hparams(self) -> None:
+        """Each flat group's per-parameter hyperparameter table, from the rows last read."""
+        per_group = [[None] * len(group.params) for group in self._flat]
+        for group, row in zip(self.param_groups, self._hparam_rows):
             for p in group["params"]:
                 gi, i = self._slots[p]
-                out[gi][i] = row
-        return out
-
-    def _check_dense_grads(self) -> None:
-        for name, p in self._named_params():
-            if p.grad is not None and p.grad.layout != torch.strided:
-                raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}' has a {p.grad.layout} gradient)")
+                per_group[gi][i] = row
+        for group, rows in zip(self._flat, per_group):
+            group.set_hparams(rows)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -282,21 +280,21 @@ class AdamMini(torch.optim.Optimizer):
                 loss = closure()
         # Everything that can be wrong is checked before anything changes.
         rules = snapshot_rules(self)
-        rows = self._read_hparams()
+        hparams_changed = self._read_hparams()
         if self._flat is None or rules != self._rules:
-            self._check_dense_grads()
+            for name, p in self._named_params():
+                if p.grad is not None:
+                    check_dense_grad(name, p.grad)
             self._build(rules)
+            hparams_changed = True
         checks = [group.inspect() for group in self._flat]
-        live = [
-            (group, check, group_rows)
-            for group, check, group_rows in zip(self._flat, checks, self._rows_per_flat_group(rows))
-            if check.active is None or any(check.active)
-        ]
-        for group, check, _ in live:
+        if hparams_changed:
+            self._upload_hparams()
+        live = [(group, check) for group, check in zip(self._flat, checks) if check.active is None or any(check.active)]
+        for group, check in live:
             group.repair(check)
-        inv_scale, skip = self._gradient_factors([group for group, _, _ in live])
-        for group, check, group_rows in live:
-            group.set_hparams(group_rows)
+        inv_scale, skip = self._gradient_factors([group for group, _ in live])
+        for group, check in live:
             active = None
             if check.active is not None:
                 active = to_device(torch.tensor(check.active), group.device)
