@@ -92,6 +92,9 @@ class FlatGroup:
         self.table = self._make_table()
         self.hparams: Optional[torch.Tensor] = None
         self.cache: Dict[str, object] = {}
+        # Seed of stochastic rounding (rounding.py) for a bfloat16 group that uses it; None:
+        # every backend writes p and m rounded to nearest.
+        self.round_seed: Optional[int] = None
 
         self.grad_views = [self.grad_view(i) for i in range(len(self.params))]  # for norms
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]

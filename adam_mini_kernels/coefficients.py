@@ -18,6 +18,10 @@ Kernels read a gradient as ``0 if GRAD_SCALE == 0 else g * GRAD_SCALE`` and scal
 of g^2 by GRAD_SCALE^2 the same way. The select (not a product) keeps an inf or NaN gradient of
 an idle or skipped parameter out of every result; ``g * 1`` is exact, so without AMP nothing
 changes.
+
+With stochastic rounding (``group.round_seed`` set) the last column holds each parameter's
+rounding key: a uint32 stored as the bit pattern of a float32 (never used as a number; see
+[Note: stochastic rounding] in rounding.py). It is 0 otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Optional
 import torch
 
 from .buffers import HP_BETA1, HP_BETA2, HP_EPS, HP_LR, HP_WEIGHT_DECAY, FlatGroup
+from .rounding import keys_as_float, round_keys
 
 # Columns of the float32 coefficient table, one row per parameter.
 C_DECAY = 0  # p <- p * DECAY                          (1 - lr * wd, or 1)
@@ -37,7 +42,8 @@ C_BETA2 = 4  # v <- BETA2 * v + V_WEIGHT * mean(g^2)
 C_V_WEIGHT = 5  # 1 - beta2
 C_M_WEIGHT = 6  # m <- m + M_WEIGHT * (g - m)          (1 - beta1)
 C_GRAD_SCALE = 7  # g <- g * GRAD_SCALE                  (1, 1 / AMP scale, 0 when idle)
-NUM_COEFFICIENTS = 8
+C_ROUND_KEY = 8  # stochastic rounding key (uint32 bits), see rounding.py
+NUM_COEFFICIENTS = 9
 
 
 def effective_active(
@@ -83,7 +89,11 @@ def step_coefficients(
         m_weight = torch.where(active, m_weight, zero)
         grad_scale = torch.where(active, grad_scale, zero)
     table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale], dim=1)
-    return table.to(torch.float32)
+    if group.round_seed is None:
+        key = torch.zeros_like(lr, dtype=torch.float32)
+    else:
+        key = keys_as_float(round_keys(group.round_seed, group.steps))
+    return torch.cat([table.to(torch.float32), key[:, None]], dim=1)
 
 
 def next_step_coefficients(

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import coefficients, launch_tables
+from . import coefficients, launch_tables, rounding
 from .buffers import FlatGroup
 from .launch_tables import build_launch_tables
 
@@ -32,8 +32,10 @@ def _expected_constants() -> dict:
         "LB_V LB_PARAM LB_FIRST_TILE LB_NUM_TILES LB_NUMEL LB_COLS ROW_MAX TILE ADAM_TILE"
     ).split()
     expected = {name: getattr(launch_tables, name) for name in names}
-    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE NUM_COEFFICIENTS").split():
+    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE C_ROUND_KEY NUM_COEFFICIENTS").split():
         expected[name] = getattr(coefficients, name)
+    for name in ("MIX_MUL1", "MIX_MUL2", "GOLDEN", "MOMENT_STREAM"):
+        expected[name] = getattr(rounding, name)
     return expected
 
 
@@ -79,6 +81,13 @@ def _check_state(op: str, p, g, m, v, coef) -> None:
         torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
 
 
+def _check_rounding(op: str, p, stochastic_rounding: bool) -> None:
+    torch._check(
+        not stochastic_rounding or p.dtype == torch.bfloat16,
+        lambda: f"adam_mini_kernels::{op}: stochastic_rounding needs bfloat16 p, got {p.dtype}",
+    )
+
+
 def _check_table(op: str, name: str, table, cols: int) -> None:
     torch._check(
         table.dim() == 2 and table.shape[1] == cols and table.dtype == torch.int64,
@@ -87,8 +96,9 @@ def _check_table(op: str, name: str, table, cols: int) -> None:
 
 
 @torch.library.register_fake("adam_mini_kernels::rows_step")
-def _rows_step_fake(p, g, m, v, coef, rows, width):
+def _rows_step_fake(p, g, m, v, coef, rows, width, stochastic_rounding):
     _check_state("rows_step", p, g, m, v, coef)
+    _check_rounding("rows_step", p, stochastic_rounding)
     _check_table("rows_step", "rows", rows, launch_tables.ROW_COLS)
     torch._check(
         1 <= width <= launch_tables.ROW_MAX,
@@ -97,8 +107,9 @@ def _rows_step_fake(p, g, m, v, coef, rows, width):
 
 
 @torch.library.register_fake("adam_mini_kernels::large_blocks_step")
-def _large_blocks_step_fake(p, g, m, v, coef, tiles, blocks, partial):
+def _large_blocks_step_fake(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding):
     _check_state("large_blocks_step", p, g, m, v, coef)
+    _check_rounding("large_blocks_step", p, stochastic_rounding)
     _check_table("large_blocks_step", "tiles", tiles, launch_tables.TILE_COLS)
     _check_table("large_blocks_step", "blocks", blocks, launch_tables.LB_COLS)
     torch._check(
@@ -108,8 +119,9 @@ def _large_blocks_step_fake(p, g, m, v, coef, tiles, blocks, partial):
 
 
 @torch.library.register_fake("adam_mini_kernels::adam_step")
-def _adam_step_fake(p, g, m, v, coef, tiles):
+def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
     _check_state("adam_step", p, g, m, v, coef)
+    _check_rounding("adam_step", p, stochastic_rounding)
     _check_table("adam_step", "tiles", tiles, launch_tables.ROW_COLS)
 
 
@@ -130,9 +142,10 @@ def cuda_step(
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
     p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+    rounding = group.round_seed is not None
     for width, rows in t.row_classes:
-        _ops.rows_step(p, g, m, v, coef, rows, width)
+        _ops.rows_step(p, g, m, v, coef, rows, width, rounding)
     if t.tiles is not None:
-        _ops.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial)
+        _ops.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
     if t.adam is not None:
-        _ops.adam_step(p, g, m, v, coef, t.adam)
+        _ops.adam_step(p, g, m, v, coef, t.adam, rounding)

@@ -27,8 +27,12 @@ from .partition import (
     rule_counts,
     snapshot_rules,
 )
+from .rounding import SEED_BOUND, group_seed
 
 logger = logging.getLogger("adam_mini_kernels")
+
+# state_dict key of the stochastic rounding seed (absent when stochastic rounding is off).
+ROUNDING_KEY = "stochastic_rounding"
 
 
 def _check_hparams(where: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -101,6 +105,12 @@ class AdamMini(torch.optim.Optimizer):
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
             ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update.
+        stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
+            result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
+            training. The random bits are a hash of a seed (drawn from torch's default generator
+            at construction, saved in ``state_dict``), the step counters and the element
+            position: runs are reproducible and resumes exact. Needs bfloat16 parameters; float16
+            parameters are refused.
 
     The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
@@ -129,6 +139,7 @@ class AdamMini(torch.optim.Optimizer):
         backend: str = "auto",
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
+        stochastic_rounding: bool = False,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -145,6 +156,12 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Optional[torch.Tensor] = None
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
+        self.stochastic_rounding = stochastic_rounding
+        # The one piece of rounding state (see [Note: stochastic rounding] in rounding.py), drawn
+        # from torch's default generator so that torch.manual_seed makes runs reproducible.
+        self._round_seed = int(torch.randint(SEED_BOUND, ()).item()) if stochastic_rounding else None
         self.verbose = verbose
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
@@ -219,11 +236,20 @@ class AdamMini(torch.optim.Optimizer):
         by_key: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
             by_key[(p.device, p.dtype)].append(k)
+        dtypes = {dtype for _, dtype in by_key}
+        if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
+            raise ValueError(
+                "stochastic_rounding=True rounds bfloat16 parameters and state; this optimizer has "
+                f"parameters of dtypes {sorted(str(d) for d in dtypes)}: float16 is not supported "
+                "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
+            )
         flat, self._slots = [], {}
         for members in by_key.values():
             params = [named[k][1] for k in members]
             wide = self.state_dtype if params[0].dtype in (torch.bfloat16, torch.float16) else None
             group = FlatGroup(params, [layouts[k] for k in members], wide)
+            if self.stochastic_rounding and group.dtype == torch.bfloat16:
+                group.round_seed = group_seed(self._round_seed, len(flat))
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
             for i, k in enumerate(members):
                 p = named[k][1]
@@ -362,11 +388,14 @@ class AdamMini(torch.optim.Optimizer):
             idx: {**s, "step": steps[params[idx]] if params[idx] in steps else int(s["step"])}
             for idx, s in state_dict["state"].items()
         }
+        if self._round_seed is not None:
+            state_dict[ROUNDING_KEY] = {"seed": self._round_seed}
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict written by ``AdamMini`` or by official ``Adam_mini`` 1.1.1. Second
-        moments stay float32; the flat buffers are refilled at the next step."""
+        moments stay float32; the flat buffers are refilled at the next step. The stochastic
+        rounding seed is restored when saved (and this optimizer rounds stochastically)."""
         params = self._index_to_param()
         layouts = self._partition(snapshot_rules(self))
         saved = state_dict["state"]
@@ -383,7 +412,12 @@ class AdamMini(torch.optim.Optimizer):
         for idx, s in saved.items():
             if torch.is_tensor(s.get("m")):
                 moments[idx]["m"] = s["m"].detach()
+        rounding = state_dict.get(ROUNDING_KEY)
+        if rounding is not None and not (isinstance(rounding.get("seed"), int) and 0 <= rounding["seed"] < SEED_BOUND):
+            raise ValueError(f"state dict entry '{ROUNDING_KEY}' must be {{'seed': int in [0, 2**31)}}, got {rounding!r}")
         super().load_state_dict(state_dict)
+        if rounding is not None and self.stochastic_rounding:
+            self._round_seed = rounding["seed"]
         for idx, kept in moments.items():
             self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})
         self._flat = None

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .buffers import FlatGroup
+from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_round_to_bf16
 from .coefficients import (
     C_BC2_SQRT,
     C_BETA2,
@@ -22,6 +23,7 @@ from .coefficients import (
     C_EPS,
     C_GRAD_SCALE,
     C_M_WEIGHT,
+    C_ROUND_KEY,
     C_STEP_SIZE,
     C_V_WEIGHT,
     next_step_coefficients,
@@ -38,6 +40,7 @@ class _SegmentTable:
     seg_len: torch.Tensor  # (B,) int64: elements of each block's segment, padding included
     block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
     block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
+    index: Optional[torch.Tensor] = None  # (n,) int64 flat element indices (stochastic rounding)
 
 
 def _segment_table(group: FlatGroup) -> _SegmentTable:
@@ -89,7 +92,21 @@ def torch_step(
     g = torch.where(g_mul == 0, 0.0, g * g_mul)
     m = group.m.float().lerp_(g, m_weight)
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
+    if group.round_seed is not None:
+        _store_rounded(group, seg, block_coef[:, C_ROUND_KEY], p, m)
+        return
     if group.m.dtype != torch.float32:
         group.m.copy_(m)
     if group.param_buffer.dtype != torch.float32:
         group.param_buffer.copy_(p)
+
+
+def _store_rounded(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> None:
+    """Write the float32 results ``p`` and ``m`` of a bfloat16 group with stochastic rounding (m
+    only when it is stored in bfloat16); see [Note: stochastic rounding] in rounding.py."""
+    if seg.index is None:
+        seg.index = torch.arange(group.numel, device=group.device)
+    keys = torch.repeat_interleave(keys_from_float(block_keys), seg.seg_len, output_size=group.numel)
+    group.param_buffer.copy_(stochastic_round_to_bf16(p, random_bits(keys, seg.index, 0)))
+    if group.m.dtype == torch.bfloat16:  # else m is the float32 state, updated in place
+        group.m.copy_(stochastic_round_to_bf16(m, random_bits(keys, seg.index, MOMENT_STREAM)))

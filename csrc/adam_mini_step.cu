@@ -100,6 +100,12 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
               " of shape ", coef.sizes());
 }
 
+// Stochastic rounding writes bfloat16 only (see [Note: stochastic rounding in the kernels]).
+void check_rounding(const char* op, bool stochastic_rounding, const at::TensorBase& p) {
+  TORCH_CHECK(!stochastic_rounding || p.scalar_type() == at::kBFloat16, "adam_mini_kernels::", op,
+              ": stochastic_rounding needs bfloat16 p, got ", p.scalar_type());
+}
+
 // A launch table: int64 (rows, cols), contiguous, on p's device, at most one grid's worth of rows.
 void check_table(const char* op, const char* name, const at::TensorBase& t, int64_t cols, const at::TensorBase& p) {
   check_on_device(op, name, t, p);
@@ -117,9 +123,10 @@ void check_table(const char* op, const char* name, const at::TensorBase& t, int6
 // a device-side assertion instead of writing out of bounds.
 
 void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
-               const at::TensorBase& coef, const at::TensorBase& rows, int64_t width) {
+               const at::TensorBase& coef, const at::TensorBase& rows, int64_t width, bool stochastic_rounding) {
   constexpr const char* op = "rows_step";
   check_buffers(op, p, g, m, v, coef);
+  check_rounding(op, stochastic_rounding, p);
   check_table(op, "rows", rows, kRowCols, p);
   TORCH_CHECK(width >= 1 && width <= kRowMax, "adam_mini_kernels::", op, ": width must be in [1, ", kRowMax,
               "], got ", width);
@@ -137,16 +144,18 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
     rows_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
         static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
-        static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(rows.data_ptr()), aligned);
+        static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(rows.data_ptr()), aligned,
+        stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
                        const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& tiles,
-                       const at::TensorBase& blocks, const at::TensorBase& partial) {
+                       const at::TensorBase& blocks, const at::TensorBase& partial, bool stochastic_rounding) {
   constexpr const char* op = "large_blocks_step";
   check_buffers(op, p, g, m, v, coef);
+  check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kTileCols, p);
   check_table(op, "blocks", blocks, kLbCols, p);
   check_on_device(op, "partial", partial, p);
@@ -178,15 +187,16 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     tile_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<state_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned);
+        static_cast<state_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned, stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
-               const at::TensorBase& coef, const at::TensorBase& tiles) {
+               const at::TensorBase& coef, const at::TensorBase& tiles, bool stochastic_rounding) {
   constexpr const char* op = "adam_step";
   check_buffers(op, p, g, m, v, coef);
+  check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kRowCols, p);
   const int64_t num_tiles = tiles.size(0);
   if (num_tiles == 0) {
@@ -202,7 +212,7 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
         static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
         static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), aligned,
-        aligned16(v));
+        aligned16(v), stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

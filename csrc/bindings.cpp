@@ -33,29 +33,34 @@
 namespace {
 
 void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
-                  const at::Tensor& rows, int64_t width) {
-  adam_mini::rows_step(p, g, m, v, coef, rows, width);
+                  const at::Tensor& rows, int64_t width, bool stochastic_rounding) {
+  adam_mini::rows_step(p, g, m, v, coef, rows, width, stochastic_rounding);
 }
 
 void large_blocks_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
-                          const at::Tensor& tiles, const at::Tensor& blocks, at::Tensor& partial) {
-  adam_mini::large_blocks_step(p, g, m, v, coef, tiles, blocks, partial);
+                          const at::Tensor& tiles, const at::Tensor& blocks, at::Tensor& partial,
+                          bool stochastic_rounding) {
+  adam_mini::large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding);
 }
 
 void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
-                  const at::Tensor& tiles) {
-  adam_mini::adam_step(p, g, m, v, coef, tiles);
+                  const at::Tensor& tiles, bool stochastic_rounding) {
+  adam_mini::adam_step(p, g, m, v, coef, tiles, stochastic_rounding);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(adam_mini_kernels, m) {
   m.set_python_module("adam_mini_kernels.cuda_backend");
-  m.def("rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor rows, int width) -> ()");
+  m.def(
+      "rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor rows, int width, "
+      "bool stochastic_rounding) -> ()");
   m.def(
       "large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
-      "Tensor blocks, Tensor(d!) partial) -> ()");
-  m.def("adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles) -> ()");
+      "Tensor blocks, Tensor(d!) partial, bool stochastic_rounding) -> ()");
+  m.def(
+      "adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
+      "bool stochastic_rounding) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
@@ -69,7 +74,7 @@ TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
 // otherwise read the tables with the wrong columns).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of adam-mini-kernels; the operators are torch.ops.adam_mini_kernels.*";
-  const std::pair<const char*, int> constants[] = {
+  const std::pair<const char*, int64_t> constants[] = {
       {"ROW_START", adam_mini::kRowStart},
       {"ROW_NUMEL", adam_mini::kRowNumel},
       {"ROW_V", adam_mini::kRowV},
@@ -93,7 +98,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"C_V_WEIGHT", adam_mini::kVWeight},
       {"C_M_WEIGHT", adam_mini::kMWeight},
       {"C_GRAD_SCALE", adam_mini::kGradScale},
+      {"C_ROUND_KEY", adam_mini::kRoundKey},
       {"NUM_COEFFICIENTS", adam_mini::kNumCoefficients},
+      {"MIX_MUL1", adam_mini::kMixMul1},
+      {"MIX_MUL2", adam_mini::kMixMul2},
+      {"GOLDEN", adam_mini::kGolden},
+      {"MOMENT_STREAM", adam_mini::kMomentStream},
       {"ROW_MAX", adam_mini::kRowMax},
       {"TILE", adam_mini::kTile},
       {"ADAM_TILE", adam_mini::kAdamTile},

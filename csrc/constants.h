@@ -38,7 +38,16 @@ constexpr int kBeta2 = 4;
 constexpr int kVWeight = 5;
 constexpr int kMWeight = 6;
 constexpr int kGradScale = 7;
-constexpr int kNumCoefficients = 8;
+constexpr int kRoundKey = 8;  // uint32 stochastic rounding key, stored as float32 bits
+constexpr int kNumCoefficients = 9;
+
+// The counter-based hash of stochastic rounding (adam_mini_kernels/rounding.py, [Note: stochastic
+// rounding]): multipliers of the 32-bit finaliser, the spread of an index's high word, and the
+// salt of m's stream.
+constexpr uint32_t kMixMul1 = 0x21F0AAADu;
+constexpr uint32_t kMixMul2 = 0x735A2D97u;
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr uint32_t kMomentStream = 0x68E31DA4u;
 
 // Sizes the launch tables are cut to (launch_tables.py): the widest row held on chip, the
 // elements of one tile of a large block, the elements of one Adam tile.

@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -92,9 +94,62 @@ __device__ __forceinline__ void load_fragment(Fragment& x, const T* __restrict__
   }
 }
 
-// Stores the thread's fragment back (converted to T, round to nearest even), inside the span only.
+// [Note: stochastic rounding in the kernels]
+// The hash and rounding of adam_mini_kernels/rounding.py, bit for bit: a store of element
+// `index` (its position in the flat buffer) of a parameter with key `key` (the coefficient
+// table's kRoundKey column, xored with kMomentStream for m) adds 16 random bits to the float32
+// pattern and keeps its high half. Only bfloat16 stores round stochastically, and only when the
+// launch asks for it; every other store rounds to nearest.
+struct Rounding {
+  bool stochastic = false;
+  uint32_t key = 0;    // the parameter's key, salted for the stream (p or m)
+  int64_t start = 0;  // flat index of the span's first element
+};
+
+// The rounding of m's stores, from p's: another stream of bits.
+__device__ __forceinline__ Rounding moment_rounding(const Rounding& r) {
+  return {r.stochastic, r.key ^ kMomentStream, r.start};
+}
+
+__device__ __forceinline__ uint32_t float_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMixMul1;
+  x ^= x >> 15;
+  x *= kMixMul2;
+  return x ^ (x >> 15);
+}
+
+// 16 random bits for flat element `index` under a (salted) key.
+__device__ __forceinline__ uint32_t random_bits(uint32_t key, int64_t index) {
+  const uint64_t u = static_cast<uint64_t>(index);
+  const uint32_t lo = static_cast<uint32_t>(u);
+  const uint32_t hi = static_cast<uint32_t>(u >> 32);
+  return mix32(lo ^ (key + hi * kGolden)) >> 16;
+}
+
+template <typename T>
+__device__ __forceinline__ T to_storage(float x, const Rounding& r, int64_t offset) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t raw = float_bits(x);
+    if (r.stochastic && (raw & 0x7F800000u) != 0x7F800000u) {  // inf and NaN round to nearest
+      const uint32_t bits = random_bits(r.key, r.start + offset);
+      return c10::BFloat16(static_cast<uint16_t>((raw + bits) >> 16), c10::BFloat16::from_bits());
+    }
+  }
+  return static_cast<T>(x);
+}
+
+// Stores the thread's fragment back (converted to T: round to nearest even, or as `r` says),
+// inside the span only.
 template <int kVec, bool kVectorized, typename T>
-__device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragment& x, int numel) {
+__device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragment& x, int numel,
+                                               Rounding r = {}) {
   constexpr int kChunk = Chunk<T>::kSize;
   static_assert(kElemsPerThread % kVec == 0 && kVec % kChunk == 0, "fragment layout");
 #pragma unroll
@@ -107,7 +162,7 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
           Chunk<T> raw;
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
-            raw.val[j] = static_cast<T>(x[i * kVec + c * kChunk + j]);
+            raw.val[j] = to_storage<T>(x[i * kVec + c * kChunk + j], r, first + c * kChunk + j);
           }
           reinterpret_cast<Chunk<T>*>(base + first)[c] = raw;
         }
@@ -117,7 +172,7 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
       for (int j = 0; j < kVec; ++j) {
         const int k = first + j;
         if (k < numel) {
-          base[k] = static_cast<T>(x[i * kVec + j]);
+          base[k] = to_storage<T>(x[i * kVec + j], r, k);
         }
       }
     }
@@ -143,17 +198,19 @@ __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& 
   }
 }
 
-// Stores the m and p fragments of one span, through the path it was loaded with.
+// Stores the m and p fragments of one span, through the path it was loaded with; `r` is p's
+// rounding (m's is the same with its stream's salt).
 template <typename scalar_t, typename state_t>
 __device__ __forceinline__ void store_span(state_t* __restrict__ m, scalar_t* __restrict__ p, const Fragment& mf,
-                                           const Fragment& pf, int numel, bool vectorized) {
+                                           const Fragment& pf, int numel, bool vectorized, const Rounding& r) {
   constexpr int kVec = vec_width<scalar_t>();
+  const Rounding rm = moment_rounding(r);
   if (vectorized) {
-    store_fragment<kVec, true>(m, mf, numel);
-    store_fragment<kVec, true>(p, pf, numel);
+    store_fragment<kVec, true>(m, mf, numel, rm);
+    store_fragment<kVec, true>(p, pf, numel, r);
   } else {
-    store_fragment<kVec, false>(m, mf, numel);
-    store_fragment<kVec, false>(p, pf, numel);
+    store_fragment<kVec, false>(m, mf, numel, rm);
+    store_fragment<kVec, false>(p, pf, numel, r);
   }
 }
 
@@ -205,12 +262,13 @@ __device__ __forceinline__ float block_sum(float x, float* warp_sums) {
 // coefficients.py). Every thread of a CUDA block reads the same row: broadcast loads, cached.
 struct Coefficients {
   float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale;
+  uint32_t round_key;
 };
 
 __device__ __forceinline__ Coefficients load_coefficients(const float* __restrict__ table, int64_t param) {
   const float* row = table + param * kNumCoefficients;
-  return {row[kDecay], row[kStepSize], row[kBc2Sqrt], row[kEps], row[kBeta2], row[kVWeight], row[kMWeight],
-          row[kGradScale]};
+  return {row[kDecay],  row[kStepSize], row[kBc2Sqrt],   row[kEps], row[kBeta2], row[kVWeight], row[kMWeight],
+          row[kGradScale], float_bits(row[kRoundKey])};
 }
 
 // The gradient times its multiplier (1, 1 / AMP scale, or 0 for a parameter without an update
@@ -269,7 +327,7 @@ template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kRowMaxThreads)
     rows_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ rows,
-                     bool aligned_buffers) {
+                     bool aligned_buffers, bool stochastic_rounding) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t* row = rows + static_cast<int64_t>(blockIdx.x) * kRowCols;
   const int64_t start = row[kRowStart];
@@ -300,7 +358,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, numel, vectorized);
+  store_span(m, p, mf, pf, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
@@ -354,7 +412,7 @@ template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kTileThreads)
     tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      const float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
-                     const int64_t* __restrict__ blocks, bool aligned_buffers) {
+                     const int64_t* __restrict__ blocks, bool aligned_buffers, bool stochastic_rounding) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * kTileCols;
   const int64_t start = tile[kTileStart];
@@ -374,7 +432,7 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, numel, vectorized);
+  store_span(m, p, mf, pf, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // [Note: v of Adam tiles]
@@ -386,7 +444,7 @@ __global__ void __launch_bounds__(kTileThreads)
 template <typename scalar_t, typename state_t, bool kVectorized, bool kVectorizedV>
 __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                                           state_t* __restrict__ m, float* __restrict__ v, int numel,
-                                          const Coefficients& c) {
+                                          const Coefficients& c, const Rounding& r) {
   constexpr int kVec = vec_width<scalar_t>();
   Fragment gf, mf, pf, vf;
   load_fragment<kVec, kVectorized>(gf, g, numel);
@@ -400,8 +458,8 @@ __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar
     update_element(pf[k], mf[k], g, step_scale(vf[k], c), c);
   }
   store_fragment<kVec, kVectorizedV>(v, vf, numel);
-  store_fragment<kVec, kVectorized>(m, mf, numel);
-  store_fragment<kVec, kVectorized>(p, pf, numel);
+  store_fragment<kVec, kVectorized>(m, mf, numel, moment_rounding(r));
+  store_fragment<kVec, kVectorized>(p, pf, numel, r);
 }
 
 // Adam blocks: one v per element, an Adam tile of consecutive elements of one parameter.
@@ -409,7 +467,7 @@ template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kAdamThreads)
     adam_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
                      float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
-                     bool aligned_buffers, bool aligned_v) {
+                     bool aligned_buffers, bool aligned_v, bool stochastic_rounding) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * kRowCols;
   const int64_t start = tile[kRowStart];
@@ -423,12 +481,13 @@ __global__ void __launch_bounds__(kAdamThreads)
   v += v_start;
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
+  const Rounding r{stochastic_rounding, c.round_key, start};
   if (vectorized && aligned_v && v_start % Chunk<float>::kSize == 0) {
-    adam_tile<scalar_t, state_t, true, true>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, true, true>(p, g, m, v, numel, c, r);
   } else if (vectorized) {
-    adam_tile<scalar_t, state_t, true, false>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, true, false>(p, g, m, v, numel, c, r);
   } else {
-    adam_tile<scalar_t, state_t, false, false>(p, g, m, v, numel, c);
+    adam_tile<scalar_t, state_t, false, false>(p, g, m, v, numel, c, r);
   }
 }
 

@@ -29,9 +29,12 @@ def run_stream(
     seed: int = 0,
     none_every: int = 5,
     grad_scale: Callable[[int], float] = lambda i: 1.0,
+    signs: bool = False,
 ) -> None:
     """``steps`` steps; at step s parameter i gets no gradient when (i + s) % none_every == 0
-    (none_every=0: never), else the same random gradient (drawn in float32) for every set."""
+    (none_every=0: never), else the same random gradient (drawn in float32) for every set.
+    ``signs``: gradients of +-1 instead, whose block sums of g^2 are exact in any order, so that
+    backends compute bitwise the same float32 results."""
     for step in range(steps):
         gen = torch.Generator().manual_seed(seed * 7919 + step)
         reference = param_sets[0]
@@ -40,7 +43,8 @@ def run_stream(
             if none_every and (i + step) % none_every == 0:
                 grads.append(None)
             else:
-                grads.append(torch.randn(p.shape, generator=gen) * grad_scale(i))
+                g = torch.randn(p.shape, generator=gen)
+                grads.append((torch.where(g < 0, -1.0, 1.0) if signs else g) * grad_scale(i))
         for params, opt in zip(param_sets, optimizers):
             for p, g in zip(params, grads):
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)

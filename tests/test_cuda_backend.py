@@ -28,18 +28,18 @@ import pytest
 import torch
 
 import models
-from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables
+from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables, rounding
 from adam_mini_kernels.launch_tables import build_launch_tables
 from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
 OPS = ("rows_step", "large_blocks_step", "adam_step")
 SCHEMAS = {
     "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
-    "Tensor rows, int width) -> ()",
+    "Tensor rows, int width, bool stochastic_rounding) -> ()",
     "large_blocks_step": "adam_mini_kernels::large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, "
-    "Tensor coef, Tensor tiles, Tensor blocks, Tensor(d!) partial) -> ()",
+    "Tensor coef, Tensor tiles, Tensor blocks, Tensor(d!) partial, bool stochastic_rounding) -> ()",
     "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
-    "Tensor tiles) -> ()",
+    "Tensor tiles, bool stochastic_rounding) -> ()",
 }
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -141,17 +141,19 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         p, g, m, v, coef = (_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef"))
         ops = torch.ops.adam_mini_kernels
         for width, rows in real["rows"]:
-            assert ops.rows_step(p, g, m, v, coef, _fake_like(rows), width) is None
+            assert ops.rows_step(p, g, m, v, coef, _fake_like(rows), width, False) is None
         tiles, blocks, partial = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial"))
-        assert ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial) is None
-        assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"])) is None
+        assert ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, False) is None
+        assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), False) is None
         # What the fake implementations can see is checked, as the CUDA kernels' launchers do.
         with pytest.raises(RuntimeError, match="coef"):
-            ops.adam_step(p, g, m, v, coef[:, :3], _fake_like(real["adam"]))
+            ops.adam_step(p, g, m, v, coef[:, :3], _fake_like(real["adam"]), False)
         with pytest.raises(RuntimeError, match="tiles"):
-            ops.adam_step(p, g, m, v, coef, tiles)
+            ops.adam_step(p, g, m, v, coef, tiles, False)
+        with pytest.raises(RuntimeError, match="stochastic_rounding needs bfloat16"):
+            ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), True)
         with pytest.raises(RuntimeError, match="dtype"):
-            ops.rows_step(p, g.to(torch.bfloat16), m, v, coef, _fake_like(real["rows"][0][1]), 16)
+            ops.rows_step(p, g.to(torch.bfloat16), m, v, coef, _fake_like(real["rows"][0][1]), 16, False)
 
 
 def test_traces_with_make_fx(backend):
@@ -165,9 +167,9 @@ def test_traces_with_make_fx(backend):
     def step(p, g, m, v, coef, tiles, blocks, partial, adam, *rows):
         ops = torch.ops.adam_mini_kernels
         for (width, _), table in zip(real["rows"], rows):
-            ops.rows_step(p, g, m, v, coef, table, width)
-        ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial)
-        ops.adam_step(p, g, m, v, coef, adam)
+            ops.rows_step(p, g, m, v, coef, table, width, True)
+        ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, True)
+        ops.adam_step(p, g, m, v, coef, adam, True)
 
     with FakeTensorMode():
         args = [_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef", "tiles", "blocks", "partial", "adam")]
@@ -323,9 +325,11 @@ def emulator(tmp_path_factory):
         pytest.skip(f"the kernel emulator does not compile with {cxx}: {result.stderr[-500:]}")
     lib = ctypes.CDLL(str(library))
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.emulate_rows_step.argtypes = [flag] + [ptr] * 6 + [i64, i64, flag]
-    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 6 + [i64, ptr, i64, ptr, flag]
-    lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag]
+    lib.emulate_rows_step.argtypes = [flag] + [ptr] * 6 + [i64, i64, flag, flag]
+    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 6 + [i64, ptr, i64, ptr, flag, flag]
+    lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag, flag]
+    lib.emulate_random_bits.argtypes = [ctypes.c_uint32, i64]
+    lib.emulate_random_bits.restype = ctypes.c_uint32
     return lib
 
 
@@ -345,16 +349,19 @@ def _emulated_step(lib, force_scalar=False):
         coef = coef.contiguous()
         code = DTYPE_CODE[p.dtype] + (WIDE_STATE if m.dtype != p.dtype else 0)
         state = (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
+        rounding = int(group.round_seed is not None)
         failures = 0
         for width, rows in t.row_classes:
-            failures += lib.emulate_rows_step(*state, rows.data_ptr(), rows.shape[0], width, aligned(p, g, m))
+            failures += lib.emulate_rows_step(*state, rows.data_ptr(), rows.shape[0], width, aligned(p, g, m), rounding)
         if t.tiles is not None:
             failures += lib.emulate_large_blocks_step(
                 *state, t.tiles.data_ptr(), t.tiles.shape[0], t.blocks.data_ptr(), t.blocks.shape[0],
-                t.partial.data_ptr(), aligned(p, g, m),
+                t.partial.data_ptr(), aligned(p, g, m), rounding,
             )
         if t.adam is not None:
-            failures += lib.emulate_adam_step(*state, t.adam.data_ptr(), t.adam.shape[0], aligned(p, g, m), aligned(v))
+            failures += lib.emulate_adam_step(
+                *state, t.adam.data_ptr(), t.adam.shape[0], aligned(p, g, m), aligned(v), rounding
+            )
         assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
 
     return step
@@ -367,6 +374,7 @@ def _emulated_runs(named, dims, dtype, lib, variants, **opt_kwargs):
     for variant in ("torch",) + tuple(variants):
         params = clone_named(named, dtype=dtype)
         sets.append([p for _, p in params if p.requires_grad])
+        torch.manual_seed(0)  # the same stochastic rounding seed for every optimizer
         opts.append(AdamMini(params, backend="torch", **dims, **KW, **opt_kwargs))
         if variant != "torch":
             opts[-1]._step_fn = _emulated_step(lib, force_scalar=variant == "scalar")
@@ -442,6 +450,33 @@ def test_emulated_kernels_amp_unscale_and_skip(emulator):
     run_stream(sets, opts, steps=1, seed=22, none_every=0, grad_scale=lambda i: float("inf") if i == 2 else 1.0)
     for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
+    """The kernels' stochastic rounding gives the torch backend's bits (gradients of +-1 and
+    beta1 = 1/2: exact sums and m updates, so the same float32 results), on both load/store
+    paths, and not round-to-nearest's."""
+    named, dims = _odd_named()
+    kwargs = dict(state_dtype=state_dtype, betas=(0.5, 0.999))  # beta1 = 1/2: exact m updates
+    sets, opts = _emulated_runs(named, dims, torch.bfloat16, emulator, ["fast", "scalar"], stochastic_rounding=True, **kwargs)
+    nearest_sets, nearest_opts = _emulated_runs(named, dims, torch.bfloat16, emulator, [], **kwargs)
+    run_stream(sets + nearest_sets, opts + nearest_opts, steps=3, seed=51, none_every=4, signs=True)
+    for params in sets[1:]:
+        for a, b in zip(sets[0], params):
+            assert torch.equal(a, b)
+    for opt in opts[1:]:
+        assert torch.equal(opts[0]._flat[0].m, opt._flat[0].m)
+    assert any(not torch.equal(a, b) for a, b in zip(sets[0], nearest_sets[0]))
+    _assert_padding_zero(opts[1]._flat[0])
+
+
+def test_emulated_random_bits_beyond_2_pow_32(emulator):
+    """The kernels' hash at flat indices no CPU test buffer reaches (the high word)."""
+    from test_stochastic_rounding import HIGH_INDICES, expected_bits
+
+    for key in (0, 12345, 2**32 - 1):
+        assert [emulator.emulate_random_bits(key, i) for i in HIGH_INDICES] == expected_bits(key, HIGH_INDICES)
 
 
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "cnn"])
@@ -539,8 +574,15 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     for key in ("p", "g", "m"):
         out[key] = torch.randn(real[key].shape, generator=gen, device="cuda").to(dtype)
     out["v"] = torch.rand(real["v"].shape, generator=gen, device="cuda")
-    coef = torch.tensor([0.999, 1e-3, 0.3, 1e-8, 0.999, 1e-3, 0.1], device="cuda")
-    out["coef"] = coef.repeat(real["coef"].shape[0], 1).contiguous()
+    C = coefficients
+    row = {C.C_DECAY: 0.999, C.C_STEP_SIZE: 1e-3, C.C_BC2_SQRT: 0.3, C.C_EPS: 1e-8, C.C_BETA2: 0.999,
+           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0}
+    coef = torch.zeros(C.NUM_COEFFICIENTS)
+    for column, value in row.items():
+        coef[column] = value
+    coef = coef.repeat(real["coef"].shape[0], 1)
+    coef[:, C.C_ROUND_KEY] = rounding.keys_as_float(torch.arange(coef.shape[0]) * 7919 + 12345)
+    out["coef"] = coef.cuda()
     out["rows"] = [(w, r.cuda()) for w, r in real["rows"]]
     for key in ("tiles", "blocks", "adam"):
         out[key] = real[key].cuda()
@@ -548,28 +590,28 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     return out
 
 
-def _call_all(x):
+def _call_all(x, rounding=False):
     ops = torch.ops.adam_mini_kernels
     for width, rows in x["rows"]:
-        ops.rows_step(x["p"], x["g"], x["m"], x["v"], x["coef"], rows, width)
-    ops.large_blocks_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"])
-    ops.adam_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"])
+        ops.rows_step(x["p"], x["g"], x["m"], x["v"], x["coef"], rows, width, rounding)
+    ops.large_blocks_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"], rounding)
+    ops.adam_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], rounding)
 
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(backend, dtype):
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_opcheck(backend, dtype, rounding):
     """Schema (exactly p, m, v, partial mutated), fake implementation and AOT dispatch, on real
     inputs."""
     x = _gpu_inputs(dtype)
     base = (x["p"], x["g"], x["m"], x["v"], x["coef"])
     width, rows = x["rows"][-1]
-    torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width))
+    torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width, rounding))
     torch.library.opcheck(
-        torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"])
+        torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"], rounding)
     )
-    torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, base + (x["adam"],))
+    torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, base + (x["adam"], rounding))
 
 
 @gpu
@@ -613,23 +655,25 @@ def test_launchers_check_their_inputs(backend):
     p, g, m, v, coef = x["p"], x["g"], x["m"], x["v"], x["coef"]
     width, rows = x["rows"][0]
     with pytest.raises(RuntimeError, match=r"rows_step: g has dtype"):
-        ops.rows_step(p, g.half(), m, v, coef, rows, width)
+        ops.rows_step(p, g.half(), m, v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: m must be contiguous"):
-        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], v, coef, rows, width)
+        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: v must be float32"):
-        ops.rows_step(p, g, m, v.double(), coef, rows, width)
+        ops.rows_step(p, g, m, v.double(), coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: coef must be a float32"):
-        ops.rows_step(p, g, m, v, coef[:, :4].contiguous(), rows, width)
+        ops.rows_step(p, g, m, v, coef[:, :4].contiguous(), rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: rows must be an int64"):
-        ops.rows_step(p, g, m, v, coef, rows.int(), width)
+        ops.rows_step(p, g, m, v, coef, rows.int(), width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: width must be in"):
-        ops.rows_step(p, g, m, v, coef, rows, launch_tables.ROW_MAX * 2)
+        ops.rows_step(p, g, m, v, coef, rows, launch_tables.ROW_MAX * 2, False)
     with pytest.raises(RuntimeError, match=r"rows_step: p must be float32, bfloat16 or float16"):
-        ops.rows_step(p.double(), g.double(), m.double(), v, coef, rows, width)
+        ops.rows_step(p.double(), g.double(), m.double(), v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"large_blocks_step: partial must be float32 with one slot per tile"):
-        ops.large_blocks_step(p, g, m, v, coef, x["tiles"], x["blocks"], x["partial"][:1])
+        ops.large_blocks_step(p, g, m, v, coef, x["tiles"], x["blocks"], x["partial"][:1], False)
     with pytest.raises(RuntimeError, match=r"adam_step: tiles is on cpu"):
-        ops.adam_step(p, g, m, v, coef, x["adam"].cpu())
+        ops.adam_step(p, g, m, v, coef, x["adam"].cpu(), False)
+    with pytest.raises(RuntimeError, match=r"adam_step: stochastic_rounding needs bfloat16 p, got Float"):
+        ops.adam_step(p, g, m, v, coef, x["adam"], True)
 
 
 # -- GPU: more than 2^31 elements ------------------------------------------------------------------

@@ -10,13 +10,16 @@
   same table as ``coefficients.step_coefficients`` in one launch.
 
 All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
-coefficients come from the table of ``coefficients.step_coefficients``.
+coefficients come from the table of ``coefficients.step_coefficients``. With ``ROUNDING`` the
+bfloat16 stores of p and m round stochastically (``adam_mini_kernels/rounding.py``: the same
+hash, so the same bits, as the other backends).
 """
 
 import triton
 import triton.language as tl
 
 from .. import launch_tables as T
+from .. import rounding as R
 from ..buffers import HP_BETA1, HP_BETA2, HP_EPS, HP_LR, HP_WEIGHT_DECAY, NUM_HPARAMS
 from ..coefficients import (
     C_BC2_SQRT,
@@ -25,6 +28,7 @@ from ..coefficients import (
     C_EPS,
     C_GRAD_SCALE,
     C_M_WEIGHT,
+    C_ROUND_KEY,
     C_STEP_SIZE,
     C_V_WEIGHT,
     NUM_COEFFICIENTS,
@@ -48,10 +52,45 @@ _C_BETA2 = tl.constexpr(C_BETA2)
 _C_V_WEIGHT = tl.constexpr(C_V_WEIGHT)
 _C_M_WEIGHT = tl.constexpr(C_M_WEIGHT)
 _C_GRAD_SCALE = tl.constexpr(C_GRAD_SCALE)
+_C_ROUND_KEY = tl.constexpr(C_ROUND_KEY)
 _NUM_COEF = tl.constexpr(NUM_COEFFICIENTS)
 _HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
     tl.constexpr(c) for c in (HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS, NUM_HPARAMS)
 )
+_MIX_MUL1, _MIX_MUL2, _GOLDEN, _MOMENT_STREAM = (
+    tl.constexpr(c) for c in (R.MIX_MUL1, R.MIX_MUL2, R.GOLDEN, R.MOMENT_STREAM)
+)
+
+
+@triton.jit
+def _mix32(x):
+    """rounding.mix32 on uint32 (wrapping multiplies)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), _MIX_MUL1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), _MIX_MUL2, tl.uint32)
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def random_bits(key, offs):
+    """rounding.random_bits for a salted uint32 ``key`` and int64 flat indices ``offs``."""
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    return _mix32(lo ^ (key + hi * tl.full((), _GOLDEN, tl.uint32))) >> 16
+
+
+@triton.jit
+def _store(ptr, offs, mask, x, key, stream, ROUNDING: tl.constexpr):
+    """Store float32 ``x`` in ``ptr``'s dtype: round to nearest, or for bfloat16 with
+    ``ROUNDING`` stochastically with the bits of rounding.random_bits(key, offs, stream)."""
+    if ROUNDING and ptr.dtype.element_ty == tl.bfloat16:
+        bits16 = random_bits(key ^ tl.full((), stream, tl.uint32), offs)
+        raw = x.to(tl.uint32, bitcast=True)
+        rounded = ((raw + bits16) & tl.full((), 0xFFFF0000, tl.uint32)).to(tl.float32, bitcast=True)
+        exponent = tl.full((), 0x7F800000, tl.uint32)
+        x = tl.where((raw & exponent) != exponent, rounded, x)  # inf/NaN: round to nearest
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -74,7 +113,7 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
 
 
 @triton.jit
-def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef):
+def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef, ROUNDING: tl.constexpr):
     """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps).
     ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
     h = tl.sqrt(v) / tl.load(coef + _C_BC2_SQRT) + tl.load(coef + _C_EPS)
@@ -85,12 +124,13 @@ def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef):
     m = m + tl.load(coef + _C_M_WEIGHT) * (g - m)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * tl.load(coef + _C_DECAY) - scale * m
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    key = tl.load(coef + _C_ROUND_KEY).to(tl.uint32, bitcast=True)
+    _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)
+    _store(p_ptr, offs, mask, p, key, 0, ROUNDING)
 
 
 @triton.jit
-def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.constexpr):
+def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.constexpr, ROUNDING: tl.constexpr):
     """One program per small block of at most BLOCK elements: the whole step in one pass."""
     row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
     start = tl.load(row + ROW_START)
@@ -100,7 +140,7 @@ def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.c
     mask = tl.arange(0, BLOCK) < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
-    _update_elements(p_ptr, m_ptr, offs, mask, _scaled_grad(g, coef), v, coef)
+    _update_elements(p_ptr, m_ptr, offs, mask, _scaled_grad(g, coef), v, coef, ROUNDING)
 
 
 @triton.jit
@@ -129,7 +169,9 @@ def large_block_v_kernel(v_ptr, coef_ptr, partial_ptr, blocks_ptr, CHUNK: tl.con
 
 
 @triton.jit
-def tile_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr):
+def tile_step_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
+):
     """Large blocks, phase 3: update m and p of one tile with its block's new v."""
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
     block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
@@ -137,11 +179,11 @@ def tile_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr
     mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
-    _update_elements(p_ptr, m_ptr, offs, mask, g, tl.load(v_ptr + tl.load(block + LB_V)), coef)
+    _update_elements(p_ptr, m_ptr, offs, mask, g, tl.load(v_ptr + tl.load(block + LB_V)), coef, ROUNDING)
 
 
 @triton.jit
-def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.constexpr):
+def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr):
     """Adam blocks: one v per element, a tile of consecutive elements of one parameter."""
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
     lanes = tl.arange(0, TILE)
@@ -152,7 +194,7 @@ def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.c
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
-    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef)
+    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef, ROUNDING)
 
 
 @triton.jit
@@ -168,12 +210,12 @@ def _pow_int(base, t):
 
 @triton.jit
 def step_coefficients_kernel(
-    steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, num_params,
-    HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, BLOCK: tl.constexpr,
+    steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, num_params, round_seed,
+    HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Advance each parameter's step counter (those flagged in ``active``; none when AMP's
     ``found_inf`` is set) and write its row of the float32 coefficient table, computed in float64
-    (see coefficients.py)."""
+    (see coefficients.py), with the stochastic rounding keys of rounding.round_keys."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < num_params
     t = tl.load(steps_ptr + i, mask=mask, other=0)
@@ -209,3 +251,7 @@ def step_coefficients_kernel(
     tl.store(row + _C_V_WEIGHT, tl.where(on, 1 - beta2, 0.0).to(tl.float32), mask=mask)
     tl.store(row + _C_M_WEIGHT, tl.where(on, 1 - beta1, 0.0).to(tl.float32), mask=mask)
     tl.store(row + _C_GRAD_SCALE, tl.where(on, grad_scale, 0.0).to(tl.float32), mask=mask)
+    key = tl.zeros((BLOCK,), dtype=tl.uint32)
+    if ROUNDING:
+        key = _mix32(_mix32(t.to(tl.uint32)) + round_seed.to(tl.uint32))
+    tl.store(row + _C_ROUND_KEY, key.to(tl.float32, bitcast=True), mask=mask)

@@ -39,8 +39,9 @@ def step_coefficients(
         found_inf = torch.zeros((), device=group.device) if found_inf is None else found_inf
     K.step_coefficients_kernel[(triton.cdiv(n, COEF_BLOCK),)](
         group.steps, group.steps if active is None else active, group.hparams, coef,
-        inv_scale if amp else coef, found_inf if amp else coef, n,
-        HAS_ACTIVE=active is not None, HAS_AMP=amp, BLOCK=COEF_BLOCK, num_warps=4,
+        inv_scale if amp else coef, found_inf if amp else coef, n, group.round_seed or 0,
+        HAS_ACTIVE=active is not None, HAS_AMP=amp, ROUNDING=group.round_seed is not None,
+        BLOCK=COEF_BLOCK, num_warps=4,
     )
     return coef
 
@@ -58,12 +59,19 @@ def triton_step(
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
     p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+    rounding = group.round_seed is not None
     for block, rows in t.row_classes:
-        K.rows_step_kernel[(rows.shape[0],)](p, g, m, v, coef, rows, BLOCK=block, num_warps=_warps(block))
+        K.rows_step_kernel[(rows.shape[0],)](
+            p, g, m, v, coef, rows, BLOCK=block, ROUNDING=rounding, num_warps=_warps(block)
+        )
     if t.tiles is not None:
         n_tiles = t.tiles.shape[0]
         K.tile_sumsq_kernel[(n_tiles,)](g, t.tiles, t.partial, TILE=TILE, num_warps=8)
         K.large_block_v_kernel[(t.blocks.shape[0],)](v, coef, t.partial, t.blocks, CHUNK=CHUNK, num_warps=4)
-        K.tile_step_kernel[(n_tiles,)](p, g, m, v, coef, t.tiles, t.blocks, TILE=TILE, num_warps=8)
+        K.tile_step_kernel[(n_tiles,)](
+            p, g, m, v, coef, t.tiles, t.blocks, TILE=TILE, ROUNDING=rounding, num_warps=8
+        )
     if t.adam is not None:
-        K.adam_step_kernel[(t.adam.shape[0],)](p, g, m, v, coef, t.adam, TILE=ADAM_TILE, num_warps=4)
+        K.adam_step_kernel[(t.adam.shape[0],)](
+            p, g, m, v, coef, t.adam, TILE=ADAM_TILE, ROUNDING=rounding, num_warps=4
+        )

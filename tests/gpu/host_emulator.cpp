@@ -16,8 +16,8 @@
 //
 // C interface: dtype 0 = float, 1 = bfloat16, 2 = float16 (the parameters'), plus kWideState (8)
 // when m is float32 for 16-bit parameters; pointers to the flat buffers and the
-// launch tables of one group (as the launchers in csrc/adam_mini_step.cu receive them); the return
-// value counts failed CUDA_KERNEL_ASSERTs.
+// launch tables of one group and the flags (as the launchers in csrc/adam_mini_step.cu receive
+// them); the return value counts failed CUDA_KERNEL_ASSERTs.
 
 #include <atomic>
 #include <barrier>
@@ -137,18 +137,19 @@ int dispatch(int dtype, Fn&& fn) {
 extern "C" {
 
 int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* rows,
-                      int64_t num_rows, int64_t width, int aligned) {
+                      int64_t num_rows, int64_t width, int aligned, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
     return launch(&rows_step_kernel<scalar_t, state_t>, num_rows, row_threads(width), static_cast<scalar_t*>(p),
-                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, rows, aligned != 0);
+                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, rows, aligned != 0,
+                  stochastic != 0);
   });
 }
 
 int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef,
                               const int64_t* tiles, int64_t num_tiles, const int64_t* blocks, int64_t num_blocks,
-                              float* partial, int aligned) {
+                              float* partial, int aligned, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
@@ -158,20 +159,26 @@ int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float*
                        static_cast<const float*>(partial), blocks);
     failures += launch(&tile_step_kernel<scalar_t, state_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
                        static_cast<const scalar_t*>(g), static_cast<state_t*>(m), static_cast<const float*>(v),
-                       coef, tiles, blocks, aligned != 0);
+                       coef, tiles, blocks, aligned != 0, stochastic != 0);
     return failures;
   });
 }
 
 int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* tiles,
-                      int64_t num_tiles, int aligned, int aligned_v) {
+                      int64_t num_tiles, int aligned, int aligned_v, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
     return launch(&adam_step_kernel<scalar_t, state_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
                   static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, tiles, aligned != 0,
-                  aligned_v != 0);
+                  aligned_v != 0, stochastic != 0);
   });
+}
+
+// The 16 random bits of stochastic rounding for one (salted key, flat index): lets tests check the
+// hash at indices beyond 2^32, which no CPU test buffer reaches.
+uint32_t emulate_random_bits(uint32_t key, int64_t index) {
+  return random_bits(key, index);
 }
 
 }  // extern "C"

@@ -1,0 +1,82 @@
+"""Compile every Triton kernel of the step, in every configuration the launcher uses, to GPU
+machine code (PTX and cubin) for the archs given, without a GPU.
+
+Triton's CPU interpreter (what CI runs the kernels with) does not type-check or lower the kernels
+as the compiler does, so a kernel can pass every interpreter test and still fail to compile on a
+GPU. ``triton.compile`` with an explicit ``GPUTarget`` needs no device, only Triton's bundled
+``ptxas``. Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
+
+    python tests/compile_triton_kernels.py 90 80
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+STORAGE = {  # (parameter/gradient dtype, m dtype) pairs the optimizer creates
+    "fp32": ("fp32", "fp32"),
+    "bf16": ("bf16", "bf16"),
+    "fp16": ("fp16", "fp16"),
+    "bf16, fp32 state": ("bf16", "fp32"),
+    "fp16, fp32 state": ("fp16", "fp32"),
+}
+
+
+def configurations():
+    """(name, kernel, signature, constexprs, num_warps) for everything ``launch.py`` launches."""
+    from adam_mini_kernels.launch_tables import ADAM_TILE, ROW_MAX, TILE
+    from adam_mini_kernels.triton_kernels import kernels as K
+    from adam_mini_kernels.triton_kernels.launch import CHUNK, COEF_BLOCK, _warps
+
+    tables = {"v_ptr": "*fp32", "coef_ptr": "*fp32", "rows_ptr": "*i64", "tiles_ptr": "*i64", "blocks_ptr": "*i64"}
+    for label, (dtype, state) in STORAGE.items():
+        buffers = {"p_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "m_ptr": f"*{state}", **tables}
+        for rounding in (False, True) if dtype == "bf16" else (False,):
+            tag = f"{label}{', stochastic rounding' if rounding else ''}"
+            for block in (16, 1024, ROW_MAX):
+                yield (f"rows_step BLOCK={block} ({tag})", K.rows_step_kernel, buffers,
+                       {"BLOCK": block, "ROUNDING": rounding}, _warps(block))
+            yield (f"tile_step ({tag})", K.tile_step_kernel, buffers, {"TILE": TILE, "ROUNDING": rounding}, 8)
+            yield (f"adam_step ({tag})", K.adam_step_kernel, buffers, {"TILE": ADAM_TILE, "ROUNDING": rounding}, 4)
+        yield (f"tile_sumsq ({label})", K.tile_sumsq_kernel,
+               {"g_ptr": f"*{dtype}", "tiles_ptr": "*i64", "partial_ptr": "*fp32"}, {"TILE": TILE}, 8)
+    yield ("large_block_v", K.large_block_v_kernel,
+           {"v_ptr": "*fp32", "coef_ptr": "*fp32", "partial_ptr": "*fp32", "blocks_ptr": "*i64"}, {"CHUNK": CHUNK}, 4)
+    coef_args = {"steps_ptr": "*i64", "active_ptr": "*i1", "hp_ptr": "*fp64", "coef_ptr": "*fp32",
+                 "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "num_params": "i32", "round_seed": "i32"}
+    for has_active in (False, True):
+        for has_amp in (False, True):
+            for rounding in (False, True):
+                flags = {"HAS_ACTIVE": has_active, "HAS_AMP": has_amp, "ROUNDING": rounding, "BLOCK": COEF_BLOCK}
+                yield (f"step_coefficients {flags}", K.step_coefficients_kernel, coef_args, flags, 4)
+
+
+def compile_all(archs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    count = 0
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for name, kernel, args, constexprs, num_warps in configurations():
+            # The kernel's own arguments, in order: pointers/scalars typed, the rest constexpr.
+            signature = {arg: "constexpr" if arg in constexprs else args[arg] for arg in kernel.arg_names}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            try:
+                compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
+            except Exception as err:  # report which configuration, then fail
+                raise RuntimeError(f"sm_{arch}: {name} does not compile: {err}") from err
+            assert compiled.asm.get("cubin"), f"sm_{arch}: {name}: no cubin"
+            count += 1
+    return count
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+    start = time.perf_counter()
+    n = compile_all([int(a) for a in sys.argv[1:]] or [90])
+    print(f"compiled {n} kernel configurations in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,286 @@
+"""stochastic_rounding=True: unbiased bfloat16 stores of p and m, the same bits on every backend
+(torch; Triton, under the interpreter on a CPU; CUDA on a GPU, and emulated on the CPU in
+test_cuda_backend.py), reproducible from the seed and exact across save and load."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from adam_mini_kernels import AdamMini, available_backends, rounding
+from adam_mini_kernels.optimizer import ROUNDING_KEY
+from grad_stream import clone_named, run_stream
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]
+# Rows (mlp, wte), heads (wq), a whole-tensor block larger than a tile (norm: two-phase), Adam
+# blocks (bias), odd sizes: every kind of work of the fused backends.
+SHAPES = {"wte.weight": (12, 40), "layers.0.wq.weight": (16, 16), "mlp.weight": (5, 7), "norm.weight": (9000,), "mlp.bias": (21,)}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
+BF16_ULP_AT_1 = 2.0**-7
+
+
+def _named(seed=0, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, dtype))) for n, s in SHAPES.items()]
+
+
+def _run(backend, seed=0, steps=3, torch_seed=0, **kwargs):
+    """``steps`` steps of gradients of +-1 with beta1 = 1/2: the sums of g^2 and the m updates are
+    exact, so every backend computes bitwise the same float32 results (whether or not its
+    compiler fuses m + w * (g - m) into an FMA) and the rounding alone can tell them apart."""
+    named = _named(seed)
+    torch.manual_seed(torch_seed)
+    opt = AdamMini(named, backend=backend, betas=(0.5, 0.999), **KW, **kwargs)
+    params = [p for _, p in named]
+    run_stream([params], [opt], steps=steps, seed=100, none_every=4, signs=True)
+    return params, opt
+
+
+# -- the rounding itself ------------------------------------------------------------------------
+
+
+def _mix32_numpy(x):
+    """rounding.mix32 in numpy uint32 arithmetic (wrapping): an independent check of the int64
+    emulation of 32-bit multiplies."""
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(rounding.MIX_MUL1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(rounding.MIX_MUL2)
+        x ^= x >> np.uint32(15)
+    return x
+
+
+def test_mix32_tensor_int_and_numpy_agree():
+    values = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
+    values[:3] = torch.tensor([0, 2**32 - 1, 2**31])
+    got = rounding.mix32(values)
+    assert torch.equal(got, torch.from_numpy(_mix32_numpy(values.numpy()).astype(np.int64)))
+    assert [rounding.mix32(int(v)) for v in values[:64]] == got[:64].tolist()
+    assert got.min() >= 0 and got.max() < 2**32
+
+
+def test_keys_survive_the_float32_table_bitwise():
+    keys = torch.randint(0, 2**32, (10000,), dtype=torch.int64)
+    column = rounding.keys_as_float(keys)
+    assert column.dtype == torch.float32
+    table = torch.cat([torch.zeros(len(keys), 2), column[:, None]], dim=1)  # as in coefficients.py
+    assert torch.equal(rounding.keys_from_float(table[:, 2]), keys)
+
+
+def test_rounds_to_a_neighbour_and_keeps_exact_values():
+    x = torch.randn(20000) * 10.0
+    bits = torch.randint(0, 2**16, x.shape)
+    y = rounding.stochastic_round_to_bf16(x, bits).float()
+    # The two bfloat16 neighbours of x: truncation (towards zero) and one ulp further out.
+    trunc = (x.view(torch.int32) & -(1 << 16)).view(torch.float32)
+    away = ((x.view(torch.int32) & -(1 << 16)) + (1 << 16)).view(torch.float32)
+    assert ((y == trunc) | (y == away)).all()
+    exact = x.to(torch.bfloat16).float()
+    assert torch.equal(rounding.stochastic_round_to_bf16(exact, bits).float(), exact)
+    # Zero bits truncate; the largest bits round every inexact value away from zero.
+    assert torch.equal(rounding.stochastic_round_to_bf16(x, torch.zeros_like(bits)).float(), trunc)
+    inexact = trunc != x
+    ones = torch.full_like(bits, 0xFFFF)
+    assert torch.equal(rounding.stochastic_round_to_bf16(x, ones).float()[inexact], away[inexact])
+
+
+def test_non_finite_values_round_to_nearest():
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
+    y = rounding.stochastic_round_to_bf16(x, torch.full((4,), 0xFFFF))
+    assert y[0] == float("inf") and y[1] == -float("inf") and torch.isnan(y[2]) and y[3] == 1.0
+
+
+def test_unbiased_for_one_value():
+    """E[round(x)] = x: the mean of many independently rounded copies is within 4 standard errors."""
+    n = 200_000
+    keys = torch.full((n,), 12345, dtype=torch.int64)
+    bits = rounding.random_bits(keys, torch.arange(n), 0)
+    for value in (1.0 + 0.3 * BF16_ULP_AT_1, -3.7e-3, 0.1):
+        x = torch.full((n,), value)
+        y = rounding.stochastic_round_to_bf16(x, bits).double()
+        lo, hi = y.min().item(), y.max().item()
+        frac = (abs(value) - min(abs(lo), abs(hi))) / abs(hi - lo)
+        standard_error = abs(hi - lo) * (frac * (1 - frac) / n) ** 0.5
+        assert abs(y.mean().item() - value) < 4 * standard_error, value
+
+
+HIGH_INDICES = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 123, 2**62 + 7]
+
+
+def expected_bits(key, indices):
+    return rounding.random_bits(torch.full((len(indices),), key), torch.tensor(indices), 0).tolist()
+
+
+if "triton" in BACKENDS:
+    import triton
+    import triton.language as tl
+
+    from adam_mini_kernels.triton_kernels.kernels import random_bits
+
+    @triton.jit
+    def bits_kernel(index_ptr, out_ptr, key, N: tl.constexpr):
+        lanes = tl.arange(0, N)
+        tl.store(out_ptr + lanes, random_bits(key.to(tl.uint32), tl.load(index_ptr + lanes)).to(tl.int64))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+def test_triton_random_bits_beyond_2_pow_32():
+    """The hash of the Triton kernels at flat indices no test buffer reaches (the high word)."""
+    n = 16
+    indices = torch.tensor(HIGH_INDICES + [3] * (n - len(HIGH_INDICES)), device=DEVICE)
+    for key in (0, 12345, 2**31 - 1):
+        out = torch.empty(n, dtype=torch.int64, device=DEVICE)
+        bits_kernel[(1,)](indices, out, key, N=n)
+        assert out.cpu().tolist() == expected_bits(key, indices.cpu().tolist())
+
+
+# -- the optimizer ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_backends_round_bitwise_alike(backend, state_dtype):
+    """Same float32 results (exact sums) in, the same stochastically rounded bits out, as the
+    torch backend; and different bits than round-to-nearest (so the comparison can fail)."""
+    ref, ref_opt = _run("torch", stochastic_rounding=True, state_dtype=state_dtype)
+    got, got_opt = _run(backend, stochastic_rounding=True, state_dtype=state_dtype)
+    nearest, _ = _run("torch", state_dtype=state_dtype)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    assert torch.equal(ref_opt._flat[0].m, got_opt._flat[0].m)
+    assert any(not torch.equal(a, c) for a, c in zip(ref, nearest))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_within_one_ulp_of_the_float32_step(backend):
+    """Each stochastically rounded p is one of the two bfloat16 neighbours of the float32 result."""
+    params, opt = _run(backend, steps=1, stochastic_rounding=True, state_dtype=torch.float32)
+    exact, _ = _run("torch", steps=1, state_dtype=torch.float32)  # same float32 m, p rounded to nearest
+    for p, q in zip(params, exact):
+        ulp = (q.float().abs() * 2.0**-7).clamp(min=2.0**-133)
+        assert ((p.float() - q.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_updates_survive_on_average(backend):
+    """The pure-bf16 failure that stochastic rounding fixes: a weight at 1.0 with an update of a
+    tenth of a bfloat16 ulp never moves under round-to-nearest; rounded stochastically, the mean
+    of many such weights follows the float32 trajectory (within 4 standard errors), and so does
+    the bfloat16 m."""
+    n, steps, lr = 4096, 20, BF16_ULP_AT_1 / 10
+
+    def train(**kwargs):
+        w = torch.nn.Parameter(torch.ones(n, device=DEVICE, dtype=kwargs.pop("dtype", torch.bfloat16)))
+        torch.manual_seed(3)
+        opt = AdamMini([("mlp.bias", w)], lr=lr, backend=kwargs.pop("backend", backend), verbose=False, **kwargs)
+        for _ in range(steps):
+            w.grad = torch.full_like(w, 0.5)
+            opt.step()
+        return w.detach().double(), opt.state[w]["m"].double()
+
+    # (Round-to-nearest shown with the torch backend: Triton's CPU interpreter truncates float32
+    # to bfloat16, where the GPU rounds to nearest.)
+    nearest, _ = train(backend="torch")
+    assert (nearest == 1.0).all()
+    fp32, m32 = train(dtype=torch.float32, backend="torch")
+    w, m = train(stochastic_rounding=True)
+    # Each step rounds every weight independently: the error of the mean is a sum of `steps`
+    # independent roundings of at most one ulp each.
+    standard_error = BF16_ULP_AT_1 / 2 * (steps / n) ** 0.5
+    assert abs(w.mean().item() - fp32[0].item()) < 4 * standard_error
+    assert fp32[0].item() < 1.0 - 10 * standard_error  # the float32 run did move
+    # m (below 0.5: ulp <= 2^-9) decays each rounding error by beta1 = 0.9 per step:
+    # sum 0.9^(2k) <= 1 / 0.19.
+    m_standard_error = 2.0**-9 / 2 * (1 / 0.19 / n) ** 0.5
+    assert abs(m.mean().item() - m32[0].item()) < 4 * m_standard_error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_from_the_seed(backend):
+    a, _ = _run(backend, torch_seed=7, stochastic_rounding=True)
+    b, _ = _run(backend, torch_seed=7, stochastic_rounding=True)
+    c, _ = _run(backend, torch_seed=8, stochastic_rounding=True)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, z) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_is_exact(backend):
+    """Save after 3 steps, load into an optimizer built under another global seed, go on: the
+    same bits as the uninterrupted run (the seed travels in the state dict)."""
+    named = _named(seed=2)
+    torch.manual_seed(11)
+    opt = AdamMini(named, backend=backend, stochastic_rounding=True, **KW)
+    params = [p for _, p in named]
+    run_stream([params], [opt], steps=3, seed=4)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert saved[ROUNDING_KEY] == {"seed": opt._round_seed}
+
+    resumed_named = clone_named(named)
+    torch.manual_seed(12)
+    resumed = AdamMini(resumed_named, backend=backend, stochastic_rounding=True, **KW)
+    assert resumed._round_seed != opt._round_seed
+    resumed.load_state_dict(saved)
+    run_stream([params, [p for _, p in resumed_named]], [opt, resumed], steps=3, seed=5)
+    for (n, a), (_, b) in zip(named, resumed_named):
+        assert torch.equal(a, b), n
+    assert torch.equal(opt._flat[0].m, resumed._flat[0].m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_idle_parameters_stay_bitwise_still(backend):
+    named = _named(seed=3)
+    opt = AdamMini(named, backend=backend, stochastic_rounding=True, **KW)
+    params = [p for _, p in named]
+    run_stream([params], [opt], steps=2, seed=1, none_every=0)
+    before = [p.detach().clone() for p in params]
+    m_before = opt._flat[0].m.clone()
+    for i, p in enumerate(params):
+        p.grad = None if i % 2 else torch.randn_like(p)
+    opt.step()
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert torch.equal(p, b) == bool(i % 2), i
+    idle = [i for i in range(len(params)) if i % 2]
+    for i in idle:
+        assert torch.equal(opt._flat[0].m_view(i), m_before[opt._flat[0].offsets[i] :][: params[i].numel()])
+
+
+def test_mixed_dtypes_round_only_bfloat16():
+    named = _named(seed=4)
+    named[0] = (named[0][0], torch.nn.Parameter(named[0][1].detach().float()))
+    opt = AdamMini(named, stochastic_rounding=True, **KW)
+    run_stream([[p for _, p in named]], [opt], steps=1)
+    seeds = {g.dtype: g.round_seed for g in opt._flat}
+    assert seeds[torch.float32] is None and seeds[torch.bfloat16] is not None
+
+
+def test_is_validated():
+    with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+        AdamMini(_named(), stochastic_rounding=1, **KW)
+    for dtype in (torch.float16, torch.float32):
+        named = _named(dtype=dtype)
+        opt = AdamMini(named, stochastic_rounding=True, **KW)
+        for _, p in named:
+            p.grad = torch.ones_like(p)
+        before = [p.detach().clone() for _, p in named]
+        with pytest.raises(ValueError, match="stochastic_rounding=True rounds bfloat16"):
+            opt.step()
+        assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
+    opt = AdamMini(_named(), stochastic_rounding=True, **KW)
+    bad = dict(opt.state_dict(), **{ROUNDING_KEY: {"seed": -1}})
+    with pytest.raises(ValueError, match="must be"):
+        opt.load_state_dict(bad)
+
+
+def test_off_by_default_and_no_seed_drawn():
+    state = torch.get_rng_state()
+    opt = AdamMini(_named(), **KW)
+    assert torch.equal(state, torch.get_rng_state())  # constructing does not consume randomness
+    assert opt._round_seed is None and ROUNDING_KEY not in opt.state_dict()
