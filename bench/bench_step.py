@@ -93,6 +93,7 @@ class OptSpec:
 CLIP = 1.0
 VARIANTS = {
     "fp32-state": "state_dtype=float32",  # 16-bit sets only
+    "stochastic-rounding": "stochastic_rounding=True",  # bf16 sets only
     "clip": f"max_grad_norm={CLIP:g}",
     "clip-then-step": f"clip_grad_norm_({CLIP:g}, foreach) + step",  # what clipping costs without us
 }
@@ -414,7 +415,11 @@ def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
         return Adam_mini(named, verbose=False, **kw, **pset.model_args)
     from adam_mini_kernels import AdamMini
 
-    options = {"fp32-state": dict(state_dtype=torch.float32), "clip": dict(max_grad_norm=CLIP)}.get(spec.variant, {})
+    options = {
+        "fp32-state": dict(state_dtype=torch.float32),
+        "stochastic-rounding": dict(stochastic_rounding=True),
+        "clip": dict(max_grad_norm=CLIP),
+    }.get(spec.variant, {})
     return AdamMini(named, verbose=False, backend=spec.backend, **kw, **pset.model_args, **options)
 
 
@@ -445,6 +450,8 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         status, reason = "skipped", "variants are timed on the named sets only"
     if not status and spec.variant == "fp32-state" and rec["storage_bytes"] == 4:
         status, reason = "skipped", "float32 state is the default for float32 parameters"
+    if not status and spec.variant == "stochastic-rounding" and rec["dtype"] != "bfloat16":
+        status, reason = "skipped", "stochastic rounding is for bfloat16 parameters"
     if status:
         row.update(status=status, reason=reason)
         return row
@@ -551,7 +558,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                     help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends; "
-                    "variants = each backend with state_dtype=float32, max_grad_norm, and clip_grad_norm_ + step)")
+                    "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, and clip_grad_norm_ + step)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="steps after the first one, before timing (default 3)")

@@ -121,3 +121,19 @@ def test_smoke_flags_pick_sets_backends_and_optimizers(tmp_path):
     assert rows["ours-nosuch"]["status"] == "unavailable" and "nosuch" in rows["ours-nosuch"]["reason"]
     assert res["git"]["commit"] == "0123abc"
     assert next(tmp_path.glob("*.json")).name.endswith("_smoke_flags.json")
+
+
+def test_smoke_variants_rows(tmp_path):
+    """The issue-6 rows (float32 state, stochastic rounding, fused clipping, clip_grad_norm_ +
+    step): timed where they apply, skipped with the reason where not, with their byte floors."""
+    res, _, _ = _run(tmp_path, "--no-sweep", "--backends", "torch", "--optimizers", "variants")
+    rows = {(r["set"], r["optimizer"]): r for r in res["rows"]}
+    for variant in ("fp32-state", "stochastic-rounding", "clip", "clip-then-step"):
+        bf16 = rows[("llama-1.1b-bf16", f"ours-torch-{variant}")]
+        assert bf16["status"] == "ok", bf16
+    assert rows[("llama-1.1b-bf16", "ours-torch-fp32-state")]["min_bytes_per_param"] == pytest.approx(14, abs=0.2)
+    assert rows[("llama-1.1b-bf16", "ours-torch-stochastic-rounding")]["min_bytes_per_param"] == pytest.approx(10, abs=0.2)
+    assert rows[("llama-1.1b-bf16", "ours-torch-clip")]["min_bytes_per_param"] == pytest.approx(12, abs=0.2)
+    for variant, why in (("fp32-state", "float32 state"), ("stochastic-rounding", "bfloat16")):
+        row = rows[("llama-1.1b-fp32", f"ours-torch-{variant}")]
+        assert row["status"] == "skipped" and why in row["reason"], row

@@ -150,9 +150,20 @@ def test_backends_round_bitwise_alike(backend, state_dtype):
     got, got_opt = _run(backend, stochastic_rounding=True, state_dtype=state_dtype)
     nearest, _ = _run("torch", state_dtype=state_dtype)
     for a, b in zip(ref, got):
-        assert torch.equal(a, b)
-    assert torch.equal(ref_opt._flat[0].m, got_opt._flat[0].m)
+        _assert_same_rounding(a, b)
+    _assert_same_rounding(ref_opt._flat[0].m, got_opt._flat[0].m)
     assert any(not torch.equal(a, c) for a, c in zip(ref, nearest))
+
+
+def _assert_same_rounding(a, b):
+    """Bitwise on the CPU. On a GPU the float32 p may differ in its last bit where one backend's
+    compiler contracts ``p * decay - scale * m`` into an FMA and another does not; that changes
+    the stochastically rounded value with probability 2^-16, so all but a handful of elements
+    must still match (a wrong hash or key changes about half of them)."""
+    if a.device.type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        assert (a != b).sum().item() <= max(2, a.numel() // 1000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
