@@ -91,12 +91,16 @@ class FlatGroup:
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
         self.table = self._make_table()
         self.hparams: Optional[torch.Tensor] = None
+        self._captured_uploads: List[torch.Tensor] = []
+        self._active_flags: Dict[tuple, torch.Tensor] = {}
         self.cache: Dict[str, object] = {}
         # Seed of stochastic rounding (rounding.py) for a bfloat16 group that uses it; None:
         # every backend writes p and m rounded to nearest.
         self.round_seed: Optional[int] = None
 
-        self.grad_views = [self.grad_view(i) for i in range(len(self.params))]  # for norms
+        # The gradient views the parameters' .grad point at (the very objects: a compiled step
+        # checks aliasing by identity) and that max_grad_norm takes norms of.
+        self.grad_views = [self.grad_view(i) for i in range(len(self.params))]
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
         self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
         self.repair(GradCheck(None, list(range(len(self.params))), []))
@@ -173,6 +177,31 @@ class FlatGroup:
                 stale_grads.append(i)
         return GradCheck(None if all(active) else active, stale_params, stale_grads)
 
+    def inspect_traced(self) -> GradCheck:
+        """``inspect`` for a step traced by ``torch.compile``, which cannot read data pointers:
+        gradients alias the flat buffer when they are the very view objects it handed out (an
+        identity check the compiled graph guards on); parameters are taken to alias it still
+        (their dtype, device and shape are checked). Replacing ``p.data`` by a same-shaped tensor
+        after the buffers are built is noticed by eager steps only."""
+        active: List[bool] = []
+        stale_grads: List[int] = []
+        for i, p in enumerate(self.params):
+            if p.shape != self.layouts[i].shape or p.dtype != self.dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"parameter '{self.layouts[i].name}' changed shape, dtype or device since the optimizer "
+                    "built its buffers; run one optimizer step outside torch.compile to rebuild them"
+                )
+            g = p.grad
+            active.append(g is not None)
+            if g is not None and g is not self.grad_views[i]:
+                stale_grads.append(i)
+        return GradCheck(None if all(active) else active, [], stale_grads)
+
+    def moved(self) -> bool:
+        """True when a parameter's dtype or device is no longer the group's (``module.to()``
+        after the buffers were built): the optimizer then rebuilds them."""
+        return any(p.dtype != self.dtype or p.device != self.device for p in self.params)
+
     def repair(self, check: GradCheck) -> None:
         """Copy parameters and gradients that stopped aliasing the flat buffers back in, and
         re-point them as views (one foreach copy each)."""
@@ -185,10 +214,11 @@ class FlatGroup:
         if len(check.stale_params) == len(self.params):  # initial adoption: take existing grads
             grads = [i for i, p in enumerate(self.params) if p.grad is not None]
         if grads:
+            # Fresh views: an old one may have been pointed elsewhere (``p.grad.data = ...``).
             views = [self.grad_view(i) for i in grads]
             torch._foreach_copy_(views, [self.params[i].grad for i in grads])
             for i, view in zip(grads, views):
-                self.params[i].grad = view
+                self.grad_views[i] = self.params[i].grad = view
         if check.active is not None:
             # A parameter without a gradient this step is not updated; its stale flat gradient is
             # zeroed so that it adds nothing to max_grad_norm's global norm.
@@ -207,6 +237,30 @@ class FlatGroup:
 
     def set_hparams(self, rows: List[tuple]) -> None:
         """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps);
-        no host-device sync. The optimizer calls it only when the values changed."""
+        no host-device sync. The optimizer calls it only when the values changed. The host copy
+        of an upload captured in a CUDA graph is kept alive: each replay copies it again."""
         host = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), NUM_HPARAMS)
-        self.hparams = to_device(host, self.device)
+        if torch.compiler.is_compiling():  # values are constants of the graph, guarded on
+            self.hparams.copy_(host.to(self.device))
+            return
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+            if torch.cuda.is_current_stream_capturing():
+                self._captured_uploads.append(host)
+        if self.hparams is None:
+            self.hparams = host.to(self.device, non_blocking=True)
+        else:  # in place: a captured graph keeps reading this table
+            self.hparams.copy_(host, non_blocking=True)
+
+    def active_flags(self, active: List[bool], keep: bool) -> torch.Tensor:
+        """``active`` as a bool tensor on the device, without a sync. ``keep``: cache one tensor
+        per pattern for good (a captured CUDA graph keeps reading the one it captured)."""
+        key = tuple(active)
+        flags = self._active_flags.get(key)
+        if flags is None:
+            if torch.compiler.is_compiling():
+                return torch.tensor(active, device=self.device)
+            flags = to_device(torch.tensor(active), self.device)
+            if keep:
+                self._active_flags[key] = flags
+        return flags

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import coefficients, launch_tables, rounding
+from . import coefficients, launch_tables, op_checks, rounding
 from .buffers import FlatGroup
 from .launch_tables import build_launch_tables
 
@@ -58,71 +58,22 @@ _ops = torch.ops.adam_mini_kernels
 
 
 # -- fake implementations --------------------------------------------------------------------------
-# The operators mutate their arguments in place and return nothing, so a fake implementation only
-# checks what it can see without data (shapes, dtypes, devices) and returns None.
-
-
-def _check_state(op: str, p, g, m, v, coef) -> None:
-    torch._check(p.dim() == 1, lambda: f"adam_mini_kernels::{op}: p must be 1-D, got {p.dim()}-D")
-    torch._check(
-        p.dtype in (torch.float32, torch.bfloat16, torch.float16),
-        lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
-    )
-    for name, t in (("g", g), ("m", m)):
-        wide_m = name == "m" and t.dtype == torch.float32  # float32 state for 16-bit params
-        torch._check(t.dtype == p.dtype or wide_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
-        torch._check(t.shape == p.shape, lambda: f"adam_mini_kernels::{op}: {name} has shape {t.shape}, p {p.shape}")
-    torch._check(v.dim() == 1 and v.dtype == torch.float32, lambda: f"adam_mini_kernels::{op}: v must be 1-D float32")
-    torch._check(
-        coef.dim() == 2 and coef.shape[1] == coefficients.NUM_COEFFICIENTS and coef.dtype == torch.float32,
-        lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table",
-    )
-    for name, t in (("g", g), ("m", m), ("v", v), ("coef", coef)):
-        torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
-
-
-def _check_rounding(op: str, p, stochastic_rounding: bool) -> None:
-    torch._check(
-        not stochastic_rounding or p.dtype == torch.bfloat16,
-        lambda: f"adam_mini_kernels::{op}: stochastic_rounding needs bfloat16 p, got {p.dtype}",
-    )
-
-
-def _check_table(op: str, name: str, table, cols: int) -> None:
-    torch._check(
-        table.dim() == 2 and table.shape[1] == cols and table.dtype == torch.int64,
-        lambda: f"adam_mini_kernels::{op}: {name} must be an int64 (n, {cols}) launch table",
-    )
+# What they check is shared with the Triton backend's operators (op_checks.py).
 
 
 @torch.library.register_fake("adam_mini_kernels::rows_step")
 def _rows_step_fake(p, g, m, v, coef, rows, width, stochastic_rounding):
-    _check_state("rows_step", p, g, m, v, coef)
-    _check_rounding("rows_step", p, stochastic_rounding)
-    _check_table("rows_step", "rows", rows, launch_tables.ROW_COLS)
-    torch._check(
-        1 <= width <= launch_tables.ROW_MAX,
-        lambda: f"adam_mini_kernels::rows_step: width must be in [1, {launch_tables.ROW_MAX}], got {width}",
-    )
+    op_checks.check_rows("rows_step", p, g, m, v, coef, rows, width, stochastic_rounding)
 
 
 @torch.library.register_fake("adam_mini_kernels::large_blocks_step")
 def _large_blocks_step_fake(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding):
-    _check_state("large_blocks_step", p, g, m, v, coef)
-    _check_rounding("large_blocks_step", p, stochastic_rounding)
-    _check_table("large_blocks_step", "tiles", tiles, launch_tables.TILE_COLS)
-    _check_table("large_blocks_step", "blocks", blocks, launch_tables.LB_COLS)
-    torch._check(
-        partial.dtype == torch.float32 and partial.dim() == 1 and partial.shape[0] >= tiles.shape[0],
-        lambda: "adam_mini_kernels::large_blocks_step: partial must be float32 with one slot per tile",
-    )
+    op_checks.check_large_blocks("large_blocks_step", p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding)
 
 
 @torch.library.register_fake("adam_mini_kernels::adam_step")
 def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
-    _check_state("adam_step", p, g, m, v, coef)
-    _check_rounding("adam_step", p, stochastic_rounding)
-    _check_table("adam_step", "tiles", tiles, launch_tables.ROW_COLS)
+    op_checks.check_adam("adam_step", p, g, m, v, coef, tiles, stochastic_rounding)
 
 
 # -- the step --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dispatch
-from .buffers import FlatGroup, check_dense_grad, to_device
+from .buffers import HP_LR, FlatGroup, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
 from .partition import (
     DEFAULT_NAMES,
@@ -35,7 +35,13 @@ logger = logging.getLogger("adam_mini_kernels")
 ROUNDING_KEY = "stochastic_rounding"
 
 
-def _check_hparams(where: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got {lr.dtype} of shape {list(lr.shape)}")
+        if lr.device.type != "cpu":
+            return  # reading a device tensor's value would be a host sync; it is not checked
+        lr = lr.item()
     if not 0.0 <= lr:
         raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
     if not 0.0 <= eps:
@@ -112,6 +118,17 @@ class AdamMini(torch.optim.Optimizer):
             position: runs are reproducible and resumes exact. Needs bfloat16 parameters; float16
             parameters are refused.
 
+        capturable: allow ``step()`` to be captured in a CUDA graph (as torch's optimizers):
+            every value the step needs lives on the device and the step makes no host sync (as
+            it always does); with it, capturing is allowed and the per-pattern device tensors
+            the step uses are kept for the graph's lifetime. Needs CUDA parameters. Between
+            replays, a tensor ``lr`` (updated in place, e.g. by an LR scheduler) takes effect;
+            float hyperparameters changed after capture do not.
+
+    ``lr`` may be a one-element tensor (in the constructor or in a param group), as in torch: a
+    tensor on the parameters' device is read by the step on the device, each step (no host sync,
+    no recompile under ``torch.compile``); a CPU tensor for CUDA parameters is read on the host.
+
     The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
     after construction, before or between steps.
@@ -140,6 +157,7 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
         stochastic_rounding: bool = False,
+        capturable: bool = False,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -156,6 +174,9 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Optional[torch.Tensor] = None
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        self.capturable = capturable
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         self.stochastic_rounding = stochastic_rounding
@@ -190,6 +211,8 @@ class AdamMini(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps))
 
         devices = {p.device for group in self.param_groups for p in group["params"]}
+        if capturable and any(d.type != "cuda" for d in devices):
+            raise ValueError("capturable=True (CUDA graph capture of step()) needs every parameter on a CUDA device")
         self.backend = dispatch.resolve_backend(backend, devices)
         self._step_fn = dispatch.load_backend(self.backend)
         if model_sharding is not None and verbose:
@@ -275,27 +298,58 @@ class AdamMini(torch.optim.Optimizer):
                 )
 
     # -- step ----------------------------------------------------------------------------------
+    def _lr_on_device(self, lr, device: torch.device) -> bool:
+        """True when ``lr`` is a tensor the step reads on ``device`` (the parameters')."""
+        if not isinstance(lr, torch.Tensor):
+            return False
+        if lr.device == device:
+            return True
+        if lr.device.type == "cpu":
+            return False  # read on the host, as a float
+        raise ValueError(f"lr is a tensor on {lr.device}; it must be on the parameters' device ({device}) or the CPU")
+
     def _read_hparams(self) -> bool:
         """Read one (lr, weight_decay, beta1, beta2, eps) row per param group from
         ``param_groups`` (which users and LR schedulers edit); validate them and return True
-        when they changed since the last step."""
-        rows = [(g["lr"], g["weight_decay"], g["beta1"], g["beta2"], g["eps"]) for g in self.param_groups]
+        when they changed since the last step. A tensor lr read on the device stands as None."""
+        rows = []
+        for group in self.param_groups:
+            lr, device = group["lr"], group["params"][0].device
+            if isinstance(lr, torch.Tensor):
+                lr = None if self._lr_on_device(lr, device) else lr.item()
+            rows.append((lr, group["weight_decay"], group["beta1"], group["beta2"], group["eps"]))
         if rows == self._hparam_rows:
             return False
         for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
-            _check_hparams(f"param group '{group['name']}'", lr, b1, b2, eps, wd)
+            _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         self._hparam_rows = rows
         return True
 
     def _upload_hparams(self) -> None:
         """Each flat group's per-parameter hyperparameter table, from the rows last read."""
         per_group = [[None] * len(group.params) for group in self._flat]
-        for group, row in zip(self.param_groups, self._hparam_rows):
+        for group, (lr, *rest) in zip(self.param_groups, self._hparam_rows):
             for p in group["params"]:
                 gi, i = self._slots[p]
-                per_group[gi][i] = row
+                per_group[gi][i] = (0.0 if lr is None else lr, *rest)
         for group, rows in zip(self._flat, per_group):
             group.set_hparams(rows)
+
+    def _device_lrs(self) -> None:
+        """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
+        on the device (a few tensor ops per group, no host sync)."""
+        tensors: Dict[int, Dict[int, torch.Tensor]] = defaultdict(dict)
+        for group, row in zip(self.param_groups, self._hparam_rows):
+            if row[0] is None:
+                for p in group["params"]:
+                    gi, i = self._slots[p]
+                    tensors[gi][i] = group["lr"]
+        for gi, by_param in tensors.items():
+            flat = self._flat[gi]
+            column = flat.hparams[:, HP_LR]
+            # Parameters with a float lr keep the value uploaded into the column.
+            lrs = [by_param[i].reshape(()).to(torch.float64) if i in by_param else column[i] for i in range(len(flat.params))]
+            column.copy_(torch.stack(lrs))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -304,28 +358,57 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Everything that can be wrong is checked before anything changes.
+        live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
+        if any(row[0] is None for row in self._hparam_rows):
+            self._device_lrs()
+        inv_scale, skip = self._gradient_factors([group for group, _ in live])
+        for group, active in live:
+            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
+        return loss
+
+    def _prepare(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
+        """Everything before the update, eagerly: (re)build the buffers when the name sets or the
+        parameters' dtypes/devices changed, re-point parameters and gradients that stopped
+        aliasing them, upload changed hyperparameters. Everything that can be wrong is checked
+        before anything changes. Returns the groups to step, with their active flags."""
         rules = snapshot_rules(self)
         hparams_changed = self._read_hparams()
-        if self._flat is None or rules != self._rules:
+        if self._flat is None or rules != self._rules or any(group.moved() for group in self._flat):
             for name, p in self._named_params():
                 if p.grad is not None:
                     check_dense_grad(name, p.grad)
             self._build(rules)
             hparams_changed = True
+        if not self.capturable and any(g.device.type == "cuda" for g in self._flat) and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("AdamMini.step() is being captured in a CUDA graph: construct the optimizer with capturable=True")
         checks = [group.inspect() for group in self._flat]
         if hparams_changed:
             self._upload_hparams()
-        live = [(group, check) for group, check in zip(self._flat, checks) if check.active is None or any(check.active)]
-        for group, check in live:
-            group.repair(check)
-        inv_scale, skip = self._gradient_factors([group for group, _ in live])
-        for group, check in live:
-            active = None
-            if check.active is not None:
-                active = to_device(torch.tensor(check.active), group.device)
-            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
-        return loss
+        live = []
+        for group, check in zip(self._flat, checks):
+            if check.active is None or any(check.active):
+                group.repair(check)
+                active = None if check.active is None else group.active_flags(check.active, keep=self.capturable)
+                live.append((group, active))
+        return live
+
+    def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
+        """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
+        if self._flat is None or snapshot_rules(self) != self._rules:
+            raise RuntimeError(
+                "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
+                "(and again after changing name sets, adding param groups or loading a state dict)"
+            )
+        if self._read_hparams():
+            self._upload_hparams()
+        live = []
+        for group in self._flat:
+            check = group.inspect_traced()
+            if check.active is None or any(check.active):
+                group.repair(check)
+                active = None if check.active is None else group.active_flags(check.active, keep=False)
+                live.append((group, active))
+        return live
 
     def _gradient_factors(self, groups: List[FlatGroup]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The gradient multiplier and the skip flag of this step, as 0-dim device tensors (or

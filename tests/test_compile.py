@@ -2,6 +2,7 @@
 with no graph break and gives the eager result (to float32 rounding: inductor fuses the ops),
 with every parameter active and with idle parameters."""
 
+import pytest
 import torch
 
 from adam_mini_kernels import AdamMini
@@ -27,3 +28,94 @@ def test_torch_step_compiles_fullgraph_and_matches_eager():
         assert max_rel_err(a, b) <= 1e-6
     assert torch.equal(eager._flat[0].steps, compiled._flat[0].steps)
     assert max_rel_err(eager._flat[0].v, compiled._flat[0].v) <= 1e-6
+
+
+# -- opt.step() inside torch.compile(fullgraph=True) ------------------------------------------------
+# [Note: compiled steps] in optimizer.py / buffers.inspect_traced: the buffers are built by an
+# eager step, after which a compiled function calling opt.step() traces with no graph break, on
+# the torch backend (tensor ops) and the Triton backend (its kernels as torch.library operators;
+# on a CPU under the interpreter).
+
+BACKENDS = ["torch"] + (["triton"] if "triton" in __import__("adam_mini_kernels").available_backends([torch.device("cpu")]) else [])
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 8)
+        self.wq = torch.nn.Linear(8, 8, bias=False)
+        self.mlp = torch.nn.Linear(8, 8)
+        self.ln = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.wte(x)
+        return self.ln(self.mlp(torch.relu(self.wq(h)))).pow(2).mean()
+
+
+def _pair(backend, **kwargs):
+    torch.manual_seed(0)
+    a = _TinyModel()
+    b = _TinyModel()
+    b.load_state_dict(a.state_dict())
+    kw = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=8, n_heads=2, backend=backend, **kwargs)
+    return (a, AdamMini(a.named_parameters(), **kw)), (b, AdamMini(b.named_parameters(), **kw))
+
+
+def _train(model, opt, step_fn, steps, set_to_none, lr_values=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        if lr_values is not None:  # in place for a tensor lr, as LR schedulers do
+            for group in opt.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr_values[i])
+                else:
+                    group["lr"] = lr_values[i]
+        x = torch.randint(0, 11, (4, 5), generator=gen)
+        model(x).backward()
+        step_fn()
+        opt.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_compiled_opt_step_fullgraph_matches_eager(backend, set_to_none):
+    """fullgraph=True: a graph break inside opt.step() would raise. set_to_none=True makes every
+    step re-point the fresh gradients (the repair path, traced too)."""
+    torch._dynamo.reset()
+    (em, eo), (cm, co) = _pair(backend)
+    _train(em, eo, eo.step, 1, set_to_none)
+    _train(cm, co, co.step, 1, set_to_none)  # the eager step that builds the buffers
+    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    _train(em, eo, eo.step, 4, set_to_none)
+    _train(cm, co, compiled, 4, set_to_none)
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert torch.equal(eo._flat[0].steps, co._flat[0].steps)
+
+
+def test_compiled_step_with_tensor_lr_does_not_recompile():
+    """A tensor lr changed in place every step (as an LR scheduler does) is read on the device:
+    the result of float lrs (to the float32 rounding of the tensor), one compiled graph."""
+    torch._dynamo.reset()
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3, 5e-4]
+    (fm, fo), (tm, to) = _pair("torch")
+    for group in to.param_groups:
+        group["lr"] = torch.tensor(lrs[0])
+    _train(tm, to, to.step, 1, False, lrs[:1])
+    compiled = torch.compile(lambda: to.step(), fullgraph=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _train(tm, to, compiled, 4, False, lrs[1:], seed=2)
+    _train(fm, fo, fo.step, 1, False, lrs[:1])
+    _train(fm, fo, fo.step, 4, False, lrs[1:], seed=2)
+    for (n, a), (_, b) in zip(fm.named_parameters(), tm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_step_needs_an_eager_step_first():
+    torch._dynamo.reset()
+    (m, o), _ = _pair("torch")
+    m(torch.zeros(2, 3, dtype=torch.long)).backward()
+    with pytest.raises(Exception, match="call opt.step\\(\\) once eagerly first"):
+        torch.compile(lambda: o.step(), fullgraph=True)()

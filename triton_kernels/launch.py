@@ -1,5 +1,12 @@
 """The Triton backend's step: launches the kernels of ``kernels.py`` over the group's launch
-tables (``adam_mini_kernels.launch_tables``), a fixed number of launches per group."""
+tables (``adam_mini_kernels.launch_tables``), a fixed number of launches per group.
+
+The launchers below take tensors only, with the schemas of the CUDA extension's operators, and
+are also registered as operators (``ops.py``) so that ``torch.compile`` can trace a step that
+calls them. [Note: eager launches] An eager step calls the launchers directly: going through the
+dispatcher costs about 10 us of Python per call, which a launch-bound step cannot afford; under
+``torch.compile`` the operators are called instead, as opaque nodes of the graph.
+"""
 
 from __future__ import annotations
 
@@ -22,28 +29,52 @@ def _warps(block: int) -> int:
 
 
 def step_coefficients(
-    group: FlatGroup,
+    steps: torch.Tensor,
+    hparams: torch.Tensor,
+    coef: torch.Tensor,
     active: Optional[torch.Tensor],
-    inv_scale: Optional[torch.Tensor] = None,
-    found_inf: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Advance the step counters and compute this step's coefficient table in one launch (the
-    table of ``coefficients.next_step_coefficients``)."""
-    coef = group.cache.get("coef")
-    if coef is None:
-        coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
-    n = len(group.params)
+    inv_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    round_seed: int,
+    stochastic_rounding: bool,
+) -> None:
+    """Advance the step counters and write this step's coefficient table into ``coef`` in one
+    launch (the table of ``coefficients.next_step_coefficients``)."""
+    n = steps.shape[0]
     amp = inv_scale is not None or found_inf is not None
     if amp:
-        inv_scale = torch.ones((), device=group.device) if inv_scale is None else inv_scale
-        found_inf = torch.zeros((), device=group.device) if found_inf is None else found_inf
+        inv_scale = torch.ones((), device=steps.device) if inv_scale is None else inv_scale
+        found_inf = torch.zeros((), device=steps.device) if found_inf is None else found_inf
     K.step_coefficients_kernel[(triton.cdiv(n, COEF_BLOCK),)](
-        group.steps, group.steps if active is None else active, group.hparams, coef,
-        inv_scale if amp else coef, found_inf if amp else coef, n, group.round_seed or 0,
-        HAS_ACTIVE=active is not None, HAS_AMP=amp, ROUNDING=group.round_seed is not None,
+        steps, steps if active is None else active, hparams, coef,
+        inv_scale if amp else coef, found_inf if amp else coef, n, round_seed,
+        HAS_ACTIVE=active is not None, HAS_AMP=amp, ROUNDING=stochastic_rounding,
         BLOCK=COEF_BLOCK, num_warps=4,
     )
-    return coef
+
+
+def rows_step(p, g, m, v, coef, rows, width: int, stochastic_rounding: bool) -> None:
+    """Small blocks of at most ``width`` elements, one program per row of ``rows``."""
+    K.rows_step_kernel[(rows.shape[0],)](
+        p, g, m, v, coef, rows, BLOCK=width, ROUNDING=stochastic_rounding, num_warps=_warps(width)
+    )
+
+
+def large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding: bool) -> None:
+    """Large blocks: tile sums of g^2, block v, then m and p of every tile (three launches)."""
+    n_tiles = tiles.shape[0]
+    K.tile_sumsq_kernel[(n_tiles,)](g, tiles, partial, TILE=TILE, num_warps=8)
+    K.large_block_v_kernel[(blocks.shape[0],)](v, coef, partial, blocks, CHUNK=CHUNK, num_warps=4)
+    K.tile_step_kernel[(n_tiles,)](
+        p, g, m, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8
+    )
+
+
+def adam_step(p, g, m, v, coef, tiles, stochastic_rounding: bool) -> None:
+    """Adam blocks (one v per element), one program per Adam tile."""
+    K.adam_step_kernel[(tiles.shape[0],)](
+        p, g, m, v, coef, tiles, TILE=ADAM_TILE, ROUNDING=stochastic_rounding, num_warps=4
+    )
 
 
 def triton_step(
@@ -54,24 +85,21 @@ def triton_step(
 ) -> None:
     """Apply one step to ``group`` in place with the Triton kernels; ``active`` flags the
     parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
-    coef = step_coefficients(group, active, inv_scale, found_inf)
+    from . import ops  # registers the operators on first use
+
+    launch = ops.OPERATORS if torch.compiler.is_compiling() else ops.LAUNCHERS
+    coef = group.cache.get("coef")
+    if coef is None:
+        coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
-    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
     rounding = group.round_seed is not None
-    for block, rows in t.row_classes:
-        K.rows_step_kernel[(rows.shape[0],)](
-            p, g, m, v, coef, rows, BLOCK=block, ROUNDING=rounding, num_warps=_warps(block)
-        )
+    launch.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
+    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+    for width, rows in t.row_classes:
+        launch.rows_step(p, g, m, v, coef, rows, width, rounding)
     if t.tiles is not None:
-        n_tiles = t.tiles.shape[0]
-        K.tile_sumsq_kernel[(n_tiles,)](g, t.tiles, t.partial, TILE=TILE, num_warps=8)
-        K.large_block_v_kernel[(t.blocks.shape[0],)](v, coef, t.partial, t.blocks, CHUNK=CHUNK, num_warps=4)
-        K.tile_step_kernel[(n_tiles,)](
-            p, g, m, v, coef, t.tiles, t.blocks, TILE=TILE, ROUNDING=rounding, num_warps=8
-        )
+        launch.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
     if t.adam is not None:
-        K.adam_step_kernel[(t.adam.shape[0],)](
-            p, g, m, v, coef, t.adam, TILE=ADAM_TILE, ROUNDING=rounding, num_warps=4
-        )
+        launch.adam_step(p, g, m, v, coef, t.adam, rounding)

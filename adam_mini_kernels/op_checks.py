@@ -1,0 +1,74 @@
+"""What the fake (meta) implementations of the kernel operators check, for both fused backends.
+
+The operators (``torch.ops.adam_mini_kernels.*``: the CUDA extension's, registered in
+``csrc/bindings.cpp``, and the Triton backend's ``triton_*``, registered in
+``triton_kernels/ops.py``) mutate their arguments in place and return nothing, so a fake
+implementation only checks what it can see without data (shapes, dtypes, devices), as the real
+launchers do, and returns None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import coefficients, launch_tables
+
+
+def check_state(op: str, p, g, m, v, coef) -> None:
+    torch._check(p.dim() == 1, lambda: f"adam_mini_kernels::{op}: p must be 1-D, got {p.dim()}-D")
+    torch._check(
+        p.dtype in (torch.float32, torch.bfloat16, torch.float16),
+        lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
+    )
+    for name, t in (("g", g), ("m", m)):
+        wide_m = name == "m" and t.dtype == torch.float32  # float32 state for 16-bit params
+        torch._check(t.dtype == p.dtype or wide_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
+        torch._check(t.shape == p.shape, lambda: f"adam_mini_kernels::{op}: {name} has shape {t.shape}, p {p.shape}")
+    torch._check(v.dim() == 1 and v.dtype == torch.float32, lambda: f"adam_mini_kernels::{op}: v must be 1-D float32")
+    torch._check(
+        coef.dim() == 2 and coef.shape[1] == coefficients.NUM_COEFFICIENTS and coef.dtype == torch.float32,
+        lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table",
+    )
+    for name, t in (("g", g), ("m", m), ("v", v), ("coef", coef)):
+        torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
+
+
+def check_rounding(op: str, p, stochastic_rounding: bool) -> None:
+    torch._check(
+        not stochastic_rounding or p.dtype == torch.bfloat16,
+        lambda: f"adam_mini_kernels::{op}: stochastic_rounding needs bfloat16 p, got {p.dtype}",
+    )
+
+
+def check_table(op: str, name: str, table, cols: int) -> None:
+    torch._check(
+        table.dim() == 2 and table.shape[1] == cols and table.dtype == torch.int64,
+        lambda: f"adam_mini_kernels::{op}: {name} must be an int64 (n, {cols}) launch table",
+    )
+
+
+def check_rows(op: str, p, g, m, v, coef, rows, width, stochastic_rounding) -> None:
+    check_state(op, p, g, m, v, coef)
+    check_rounding(op, p, stochastic_rounding)
+    check_table(op, "rows", rows, launch_tables.ROW_COLS)
+    torch._check(
+        1 <= width <= launch_tables.ROW_MAX,
+        lambda: f"adam_mini_kernels::{op}: width must be in [1, {launch_tables.ROW_MAX}], got {width}",
+    )
+
+
+def check_large_blocks(op: str, p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding) -> None:
+    check_state(op, p, g, m, v, coef)
+    check_rounding(op, p, stochastic_rounding)
+    check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
+    check_table(op, "blocks", blocks, launch_tables.LB_COLS)
+    torch._check(
+        partial.dtype == torch.float32 and partial.dim() == 1 and partial.shape[0] >= tiles.shape[0],
+        lambda: f"adam_mini_kernels::{op}: partial must be float32 with one slot per tile",
+    )
+
+
+def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
+    check_state(op, p, g, m, v, coef)
+    check_rounding(op, p, stochastic_rounding)
+    check_table(op, "tiles", tiles, launch_tables.ROW_COLS)

@@ -1,0 +1,245 @@
+"""Tensor lr, capturable=True and CUDA graphs: the step reads everything it needs on the device,
+makes no host sync, and replays of a captured step equal eager steps. CPU: tensor lr (also with
+an LR scheduler), validation, rebuild after a model moves, the Triton operators' fake
+implementations (opcheck). GPU (marker): capture and replay on every backend, with AMP and
+clipping; no sync under set_sync_debug_mode("error"); compile of opt.step() on CUDA."""
+
+import pytest
+import torch
+
+from adam_mini_kernels import AdamMini, available_backends
+from grad_stream import clone_named, max_rel_err, run_stream
+
+HAS_GPU = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+CPU = torch.device("cpu")
+SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,), "big_norm.weight": (9000,)}
+KW = dict(weight_decay=0.1, verbose=False, dim=16, n_heads=2)
+
+
+def _named(device=CPU, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype))) for n, s in SHAPES.items()]
+
+
+# -- CPU ------------------------------------------------------------------------------------------
+
+
+def test_tensor_lr_with_a_scheduler_matches_float_lr():
+    """A tensor lr (shared by every group, as the constructor's default) driven by an LR
+    scheduler, which updates it in place: same steps as float lrs."""
+    named = _named()
+    runs = []
+    for lr in (1e-2, torch.tensor(1e-2, dtype=torch.float64)):
+        params = clone_named(named)
+        opt = AdamMini(params, lr=lr, **KW)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        for step in range(4):
+            run_stream([[p for _, p in params]], [opt], steps=1, seed=step, none_every=3)
+            scheduler.step()
+        runs.append(params)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # still the tensor, filled in place
+    for (n, a), (_, b) in zip(*runs):
+        assert max_rel_err(a, b) <= 1e-7, n
+
+
+def test_tensor_lr_per_group_and_mixed_with_floats():
+    """Tensor lrs in some param groups, floats in others, changed between steps."""
+    named = _named(seed=1)
+    a_params, b_params = clone_named(named), clone_named(named)
+    a, b = AdamMini(a_params, lr=1e-2, **KW), AdamMini(b_params, lr=1e-2, **KW)
+    for i, group in enumerate(b.param_groups):
+        if i % 2:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+    for step in range(3):
+        for i, (ga, gb) in enumerate(zip(a.param_groups, b.param_groups)):
+            lr = 1e-2 * (i + 1) / (step + 1)
+            ga["lr"] = lr
+            if isinstance(gb["lr"], torch.Tensor):
+                gb["lr"].fill_(lr)
+            else:
+                gb["lr"] = lr
+        run_stream([[p for _, p in a_params], [p for _, p in b_params]], [a, b], steps=1, seed=10 + step)
+    for (n, x), (_, y) in zip(a_params, b_params):
+        assert torch.equal(x, y), n
+
+
+def test_tensor_lr_is_validated():
+    for bad in (torch.tensor([1e-3, 1e-3]), torch.tensor(1), torch.tensor(-1e-3)):
+        with pytest.raises(ValueError, match="lr|learning rate"):
+            AdamMini(_named(), lr=bad, **KW)
+
+
+def test_capturable_needs_cuda_parameters():
+    with pytest.raises(ValueError, match="capturable=True"):
+        AdamMini(_named(), capturable=True, **KW)
+    with pytest.raises(TypeError, match="capturable must be True or False"):
+        AdamMini(_named(), capturable=1, **KW)
+
+
+def test_parameters_moved_after_the_first_step_are_rebuilt():
+    """``module.to(dtype)`` after the buffers were built: the next step rebuilds them in the new
+    dtype, carrying m, v and the step counters over (before, the old buffers would have been
+    stepped and the parameters re-pointed back to them)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    opt = AdamMini(model.named_parameters(), lr=1e-2, **KW)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    m_before = {n: opt.state[p]["m"].clone() for n, p in model.named_parameters()}
+    model.double()
+    model.zero_grad()
+    model(torch.randn(3, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert [g.dtype for g in opt._flat] == [torch.float64]
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float64 and int(opt.state[p]["step"]) == 2, n
+        assert opt.state[p]["m"].dtype == torch.float64 and not torch.equal(opt.state[p]["m"].float(), m_before[n]), n
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+
+@pytest.mark.skipif("triton" not in available_backends([CPU]), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_operators_opcheck(dtype):
+    """The Triton backend's operators: schema (what they mutate), fake implementations and
+    dispatch agree with the real launches (torch.library.opcheck), here on CPU tensors."""
+    from adam_mini_kernels.launch_tables import build_launch_tables
+    from adam_mini_kernels.triton_kernels import ops
+
+    named = _named(dtype=dtype)
+    opt = AdamMini(named, lr=1e-2, backend="triton", **KW)
+    run_stream([[p for _, p in named]], [opt], steps=1)
+    group = opt._flat[0]
+    t = build_launch_tables(group)
+    coef = group.cache["coef"]
+    rounding = dtype == torch.bfloat16
+    state = (group.param_buffer, group.grad_buffer, group.m, group.v, coef)
+    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, 7, rounding))
+    width, rows = t.row_classes[-1]
+    torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
+    torch.library.opcheck(ops.OPERATORS.large_blocks_step, state + (t.tiles, t.blocks, t.partial, rounding))
+    torch.library.opcheck(ops.OPERATORS.adam_step, state + (t.adam, rounding))
+
+
+# -- GPU: CUDA graphs -----------------------------------------------------------------------------
+
+GPU_BACKENDS = [b for b in ("torch", "triton", "cuda") if HAS_GPU and b in available_backends([torch.device("cuda")])]
+VARIANTS = {"plain": {}, "amp": {}, "clip": {"max_grad_norm": 0.5}}
+
+
+def _grads(params, step):
+    gen = torch.Generator(device="cuda").manual_seed(step)
+    return [torch.randn(p.shape, generator=gen, device="cuda") for p in params]
+
+
+def _set_amp(opt, scale):
+    opt.grad_scale = torch.full((), scale, device="cuda")
+    opt.found_inf = torch.zeros((), device="cuda")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_captured_step_replays_equal_eager_steps(backend, variant):
+    """Warm up, capture one step, replay it with new gradients copied into the (aliased, static)
+    gradient buffers and a tensor lr changed between replays: the same as eager steps."""
+    named = _named(torch.device("cuda"))
+    eager_params, graph_params = clone_named(named), clone_named(named)
+    kw = dict(KW, backend=backend, **VARIANTS[variant])
+    eager = AdamMini(eager_params, lr=torch.tensor(1e-2, device="cuda"), **kw)
+    graphed = AdamMini(graph_params, lr=torch.tensor(1e-2, device="cuda"), capturable=True, **kw)
+    amp_scale = 1024.0 if variant == "amp" else 1.0
+    if variant == "amp":
+        _set_amp(eager, amp_scale), _set_amp(graphed, amp_scale)
+
+    def load(params, step):
+        for p, g in zip(params, _grads(params, step)):
+            if p.grad is None:
+                p.grad = g * amp_scale
+            else:
+                p.grad.copy_(g * amp_scale)
+
+    eager_list, graph_list = [p for _, p in eager_params], [p for _, p in graph_params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):  # warm-up: builds the buffers, compiles kernels
+            load(graph_list, step)
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for step in range(3):
+        load(eager_list, step)
+        eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for step in range(3, 7):
+        lr = 1e-2 / step
+        eager.param_groups[0]["lr"].fill_(lr)
+        graphed.param_groups[0]["lr"].fill_(lr)
+        load(eager_list, step)
+        eager.step()
+        load(graph_list, step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for (n, a), (_, b) in zip(eager_params, graph_params):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert torch.equal(eager._flat[0].steps, graphed._flat[0].steps)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_capturable_step_makes_no_host_sync(backend):
+    named = _named(torch.device("cuda"))
+    opt = AdamMini(named, lr=torch.tensor(1e-2, device="cuda"), capturable=True, max_grad_norm=1.0, backend=backend, **KW)
+    params = [p for _, p in named]
+    for step in range(2):
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()  # builds (the first step may sync: allocations, uploads)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 4):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad.copy_(g)
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@needs_gpu
+def test_capture_without_capturable_is_an_error():
+    named = _named(torch.device("cuda"))
+    opt = AdamMini(named, lr=1e-2, **KW)
+    for p in (p for _, p in named):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compiled_opt_step_fullgraph_on_cuda(backend):
+    named = _named(torch.device("cuda"))
+    eager_params, compiled_params = clone_named(named), clone_named(named)
+    eager = AdamMini(eager_params, lr=1e-2, backend=backend, **KW)
+    compiled = AdamMini(compiled_params, lr=1e-2, backend=backend, **KW)
+    sets = [[p for _, p in eager_params], [p for _, p in compiled_params]]
+    run_stream(sets, [eager, compiled], steps=1, seed=0, none_every=0)
+    step = torch.compile(lambda: compiled.step(), fullgraph=True)
+    for i in range(1, 4):
+        for params in sets:
+            for p, g in zip(params, _grads(params, i)):
+                p.grad.copy_(g)
+        eager.step()
+        step()
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= 1e-6
