@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import coefficients, launch_tables, op_checks, rounding
+from . import buffers, coefficients, launch_tables, op_checks, rounding
 from .buffers import FlatGroup
 from .launch_tables import build_launch_tables
 
@@ -36,6 +36,8 @@ def _expected_constants() -> dict:
         expected[name] = getattr(coefficients, name)
     for name in ("MIX_MUL1", "MIX_MUL2", "GOLDEN", "MOMENT_STREAM"):
         expected[name] = getattr(rounding, name)
+    for name in ("HP_LR", "HP_WEIGHT_DECAY", "HP_BETA1", "HP_BETA2", "HP_EPS", "NUM_HPARAMS"):
+        expected[name] = getattr(buffers, name)
     return expected
 
 
@@ -53,7 +55,7 @@ def _check_constants() -> None:
 
 _check_constants()
 
-OPS = ("rows_step", "large_blocks_step", "adam_step")
+OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
 _ops = torch.ops.adam_mini_kernels
 
 
@@ -76,6 +78,11 @@ def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
     op_checks.check_adam("adam_step", p, g, m, v, coef, tiles, stochastic_rounding)
 
 
+@torch.library.register_fake("adam_mini_kernels::step_coefficients")
+def _step_coefficients_fake(steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding):
+    op_checks.check_coefficients("step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed)
+
+
 # -- the step --------------------------------------------------------------------------------------
 
 
@@ -85,15 +92,18 @@ def cuda_step(
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (torch
-    ops), then one operator call per row class, one for the large blocks (three launches), one
+    """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (one
+    launch), then one operator call per row class, one for the large blocks (three launches), one
     for the Adam tiles."""
-    coef = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
+    coef = group.cache.get("coef")
+    if coef is None:
+        coef = group.cache["coef"] = torch.empty(len(group.params), coefficients.NUM_COEFFICIENTS, device=group.device)
     t = group.cache.get("launch_tables")
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
-    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
     rounding = group.round_seed is not None
+    _ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
+    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
     for width, rows in t.row_classes:
         _ops.rows_step(p, g, m, v, coef, rows, width, rounding)
     if t.tiles is not None:

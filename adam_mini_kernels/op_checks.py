@@ -72,3 +72,26 @@ def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
     check_state(op, p, g, m, v, coef)
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "tiles", tiles, launch_tables.ROW_COLS)
+
+
+def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, round_seed) -> None:
+    torch._check(steps.dim() == 1 and steps.dtype == torch.int64, lambda: f"adam_mini_kernels::{op}: steps must be 1-D int64")
+    n = steps.shape[0]
+    torch._check(
+        hparams.dim() == 2 and hparams.shape[0] == n and hparams.dtype == torch.float64,
+        lambda: f"adam_mini_kernels::{op}: hparams must be a float64 (P, ...) table",
+    )
+    torch._check(
+        coef.dim() == 2 and coef.shape[0] == n and coef.shape[1] == coefficients.NUM_COEFFICIENTS and coef.dtype == torch.float32,
+        lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table",
+    )
+    torch._check(
+        active is None or (active.shape == steps.shape and active.dtype == torch.bool),
+        lambda: f"adam_mini_kernels::{op}: active must be a bool tensor like steps",
+    )
+    for name, t in (("inv_scale", inv_scale), ("found_inf", found_inf)):
+        torch._check(
+            t is None or (t.numel() == 1 and t.dtype == torch.float32),
+            lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
+        )
+    torch._check(0 <= round_seed < 2**32, lambda: f"adam_mini_kernels::{op}: round_seed must fit 32 bits")

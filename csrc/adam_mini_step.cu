@@ -14,6 +14,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 
 #include <c10/cuda/CUDAException.h>
@@ -215,6 +216,55 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
         aligned16(v), stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparams, const at::TensorBase& coef,
+                       const at::TensorBase* active, const at::TensorBase* inv_scale,
+                       const at::TensorBase* found_inf, int64_t round_seed, bool stochastic_rounding) {
+  constexpr const char* op = "step_coefficients";
+  TORCH_CHECK(steps.is_cuda(), "adam_mini_kernels::", op, ": steps must be a CUDA tensor, got one on ", steps.device());
+  check_contiguous(op, "steps", steps, 1);
+  TORCH_CHECK(steps.scalar_type() == at::kLong, "adam_mini_kernels::", op, ": steps must be int64, got ",
+              steps.scalar_type());
+  const int64_t n = steps.size(0);
+  check_on_device(op, "hparams", hparams, steps);
+  check_contiguous(op, "hparams", hparams, 2);
+  TORCH_CHECK(hparams.scalar_type() == at::kDouble && hparams.size(0) == n && hparams.size(1) == kNumHparams,
+              "adam_mini_kernels::", op, ": hparams must be a float64 (", n, ", ", kNumHparams, ") table, got ",
+              hparams.scalar_type(), " of shape ", hparams.sizes());
+  check_on_device(op, "coef", coef, steps);
+  check_contiguous(op, "coef", coef, 2);
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.size(0) == n && coef.size(1) == kNumCoefficients,
+              "adam_mini_kernels::", op, ": coef must be a float32 (", n, ", ", kNumCoefficients, ") table, got ",
+              coef.scalar_type(), " of shape ", coef.sizes());
+  if (active != nullptr) {
+    check_on_device(op, "active", *active, steps);
+    check_contiguous(op, "active", *active, 1);
+    TORCH_CHECK(active->scalar_type() == at::kBool && active->size(0) == n, "adam_mini_kernels::", op,
+                ": active must be a bool tensor of ", n, " flags");
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::TensorBase*>{"inv_scale", inv_scale},
+                                {"found_inf", found_inf}}) {
+    if (t != nullptr) {
+      check_on_device(op, name, *t, steps);
+      TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": ", name,
+                  " must be a one-element float32 tensor");
+    }
+  }
+  TORCH_CHECK(round_seed >= 0 && round_seed <= UINT32_MAX, "adam_mini_kernels::", op,
+              ": round_seed must fit 32 bits, got ", round_seed);
+  if (n == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(steps.device());
+  const unsigned blocks = static_cast<unsigned>((n + kCoefThreads - 1) / kCoefThreads);
+  step_coefficients_kernel<<<blocks, kCoefThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      static_cast<int64_t*>(steps.data_ptr()), active ? static_cast<const bool*>(active->data_ptr()) : nullptr,
+      static_cast<const double*>(hparams.data_ptr()), static_cast<float*>(coef.data_ptr()),
+      inv_scale ? static_cast<const float*>(inv_scale->data_ptr()) : nullptr,
+      found_inf ? static_cast<const float*>(found_inf->data_ptr()) : nullptr, n, static_cast<uint32_t>(round_seed),
+      stochastic_rounding);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace adam_mini

@@ -36,4 +36,11 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
                const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& tiles,
                bool stochastic_rounding);
 
+// The step counters and the coefficient table of one group (one launch): `steps` (P) int64,
+// `hparams` (P, kNumHparams) float64, `coef` (P, kNumCoefficients) float32; `active` (P) bool,
+// `inv_scale` and `found_inf` (0-dim float32, AMP) are optional.
+void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparams, const at::TensorBase& coef,
+                       const at::TensorBase* active, const at::TensorBase* inv_scale,
+                       const at::TensorBase* found_inf, int64_t round_seed, bool stochastic_rounding);
+
 }  // namespace adam_mini

@@ -6,6 +6,7 @@
 // adam_mini_kernels/cuda_backend.py, named by set_python_module so that torch can find them.
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 #include <pybind11/pybind11.h>
@@ -22,6 +23,7 @@
 //                      they share the scratch `partial` and are only correct together, so the
 //                      operator boundary is drawn around all three.
 //   adam_step          the Adam tiles.
+//   step_coefficients  the step counters and the coefficient table of a group (one launch).
 //
 // A step is then a handful of operator calls per group (one per row class, plus at most two),
 // independent of the number of parameters, each with a short fixed schema that torch.compile,
@@ -48,6 +50,14 @@ void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor&
   adam_mini::adam_step(p, g, m, v, coef, tiles, stochastic_rounding);
 }
 
+void step_coefficients_op(at::Tensor& steps, const at::Tensor& hparams, at::Tensor& coef,
+                          const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& inv_scale,
+                          const std::optional<at::Tensor>& found_inf, int64_t round_seed, bool stochastic_rounding) {
+  const auto ptr = [](const std::optional<at::Tensor>& t) -> const at::TensorBase* { return t ? &*t : nullptr; };
+  adam_mini::step_coefficients(steps, hparams, coef, ptr(active), ptr(inv_scale), ptr(found_inf), round_seed,
+                               stochastic_rounding);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(adam_mini_kernels, m) {
@@ -61,12 +71,16 @@ TORCH_LIBRARY(adam_mini_kernels, m) {
   m.def(
       "adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
       "bool stochastic_rounding) -> ()");
+  m.def(
+      "step_coefficients(Tensor(a!) steps, Tensor hparams, Tensor(b!) coef, Tensor? active, Tensor? inv_scale, "
+      "Tensor? found_inf, int round_seed, bool stochastic_rounding) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
   m.impl("rows_step", &rows_step_op);
   m.impl("large_blocks_step", &large_blocks_step_op);
   m.impl("adam_step", &adam_step_op);
+  m.impl("step_coefficients", &step_coefficients_op);
 }
 
 // The Python module: the constants the kernels were compiled with, which cuda_backend.py checks
@@ -100,6 +114,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"C_GRAD_SCALE", adam_mini::kGradScale},
       {"C_ROUND_KEY", adam_mini::kRoundKey},
       {"NUM_COEFFICIENTS", adam_mini::kNumCoefficients},
+      {"HP_LR", adam_mini::kHpLr},
+      {"HP_WEIGHT_DECAY", adam_mini::kHpWeightDecay},
+      {"HP_BETA1", adam_mini::kHpBeta1},
+      {"HP_BETA2", adam_mini::kHpBeta2},
+      {"HP_EPS", adam_mini::kHpEps},
+      {"NUM_HPARAMS", adam_mini::kNumHparams},
       {"MIX_MUL1", adam_mini::kMixMul1},
       {"MIX_MUL2", adam_mini::kMixMul2},
       {"GOLDEN", adam_mini::kGolden},

@@ -41,6 +41,14 @@ constexpr int kGradScale = 7;
 constexpr int kRoundKey = 8;  // uint32 stochastic rounding key, stored as float32 bits
 constexpr int kNumCoefficients = 9;
 
+// Columns of the float64 per-parameter hyperparameter table (adam_mini_kernels/buffers.py).
+constexpr int kHpLr = 0;
+constexpr int kHpWeightDecay = 1;
+constexpr int kHpBeta1 = 2;
+constexpr int kHpBeta2 = 3;
+constexpr int kHpEps = 4;
+constexpr int kNumHparams = 5;
+
 // The counter-based hash of stochastic rounding (adam_mini_kernels/rounding.py, [Note: stochastic
 // rounding]): multipliers of the 32-bit finaliser, the spread of an index's high word, and the
 // salt of m's stream.
@@ -61,6 +69,7 @@ constexpr int kElemsPerThread = 8;
 constexpr int kTileThreads = kTile / kElemsPerThread;      // tile_sumsq_kernel, tile_step_kernel
 constexpr int kAdamThreads = kAdamTile / kElemsPerThread;  // adam_step_kernel
 constexpr int kReduceThreads = 256;                        // large_block_v_kernel
+constexpr int kCoefThreads = 128;                          // step_coefficients_kernel
 constexpr int kRowMaxThreads = kRowMax / kElemsPerThread;  // rows_step_kernel, widest class
 
 // Threads of a rows_step_kernel CUDA block for a row class of `width` elements (1 <= width <=

@@ -10,6 +10,8 @@
 //   large_block_v_kernel large blocks, phase 2: a fixed-order sum of a block's slots, its v.
 //   tile_step_kernel     large blocks, phase 3: m and p of each tile with its block's new v.
 //   adam_step_kernel     Adam blocks (biases): one v per element.
+//   step_coefficients_kernel  the step counters and the coefficient table, one thread per
+//                        parameter.
 #pragma once
 
 #include <cmath>
@@ -489,6 +491,47 @@ __global__ void __launch_bounds__(kAdamThreads)
   } else {
     adam_tile<scalar_t, state_t, false, false>(p, g, m, v, numel, c, r);
   }
+}
+
+// [Note: coefficient kernel]
+// The table of adam_mini_kernels/coefficients.py (step_coefficients), in one launch instead of
+// about twenty small tensor ops: each thread advances one parameter's step counter (when it has a
+// gradient this step and AMP found no inf) and writes its row, computed in float64 and rounded
+// once to float32, as the Python function does (pow differs from the host's by at most an ulp of
+// float64, which the rounding to float32 hides). `active`, `inv_scale` and `found_inf` may be
+// null (every parameter active, no AMP).
+__global__ void __launch_bounds__(kCoefThreads)
+    step_coefficients_kernel(int64_t* __restrict__ steps, const bool* __restrict__ active,
+                             const double* __restrict__ hparams, float* __restrict__ coef,
+                             const float* __restrict__ inv_scale, const float* __restrict__ found_inf,
+                             int64_t num_params, uint32_t round_seed, bool stochastic_rounding) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_params) {
+    return;
+  }
+  bool on = active == nullptr || active[i];
+  if (found_inf != nullptr) {
+    on = on && *found_inf == 0.f;
+  }
+  const int64_t t = steps[i] + (on ? 1 : 0);
+  steps[i] = t;
+  const double* hp = hparams + i * kNumHparams;
+  const double lr = hp[kHpLr], wd = hp[kHpWeightDecay], beta1 = hp[kHpBeta1], beta2 = hp[kHpBeta2];
+  const double t_pos = static_cast<double>(t > 1 ? t : 1);  // t is 0 only for idle, never-stepped params
+  float* row = coef + i * kNumCoefficients;
+  // An idle parameter gets coefficients that leave it exactly as it is.
+  row[kDecay] = on && wd > 0 ? static_cast<float>(1.0 - lr * wd) : 1.f;
+  row[kStepSize] = on ? static_cast<float>(lr / (1.0 - pow(beta1, t_pos))) : 0.f;
+  row[kBc2Sqrt] = on ? static_cast<float>(sqrt(1.0 - pow(beta2, t_pos))) : 1.f;
+  row[kEps] = static_cast<float>(hp[kHpEps]);
+  row[kBeta2] = on ? static_cast<float>(beta2) : 1.f;
+  row[kVWeight] = on ? static_cast<float>(1.0 - beta2) : 0.f;
+  row[kMWeight] = on ? static_cast<float>(1.0 - beta1) : 0.f;
+  row[kGradScale] = on ? (inv_scale != nullptr ? *inv_scale : 1.f) : 0.f;
+  const uint32_t key = stochastic_rounding ? mix32(mix32(static_cast<uint32_t>(t)) + round_seed) : 0u;
+  float key_bits;
+  memcpy(&key_bits, &key, sizeof(key_bits));
+  row[kRoundKey] = key_bits;
 }
 
 }  // namespace kernels

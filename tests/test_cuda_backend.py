@@ -32,7 +32,7 @@ from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, d
 from adam_mini_kernels.launch_tables import build_launch_tables
 from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
-OPS = ("rows_step", "large_blocks_step", "adam_step")
+OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
 SCHEMAS = {
     "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
     "Tensor rows, int width, bool stochastic_rounding) -> ()",
@@ -40,6 +40,8 @@ SCHEMAS = {
     "Tensor coef, Tensor tiles, Tensor blocks, Tensor(d!) partial, bool stochastic_rounding) -> ()",
     "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
     "Tensor tiles, bool stochastic_rounding) -> ()",
+    "step_coefficients": "adam_mini_kernels::step_coefficients(Tensor(a!) steps, Tensor hparams, Tensor(b!) coef, "
+    "Tensor? active, Tensor? inv_scale, Tensor? found_inf, int round_seed, bool stochastic_rounding) -> ()",
 }
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -91,9 +93,10 @@ def test_op_is_registered_with_its_schema(backend, op):
     qualname = f"adam_mini_kernels::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
-    # The alias annotations (what functionalization and torch.compile rely on): p, m, v mutated.
+    # The alias annotations (what functionalization and torch.compile rely on): what is mutated.
     mutated = [a.name for a in packet.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    assert mutated == ["p", "m", "v"] + (["partial"] if op == "large_blocks_step" else [])
+    expected = {"large_blocks_step": ["p", "m", "v", "partial"], "step_coefficients": ["steps", "coef"]}
+    assert mutated == expected.get(op, ["p", "m", "v"])
     assert packet.default._schema.returns == []
 
 
@@ -125,6 +128,7 @@ def _cpu_inputs(dtype=torch.float32):
     real = dict(
         p=group.param_buffer.to(dtype), g=group.grad_buffer.to(dtype), m=group.m.to(dtype), v=group.v, coef=coef,
         rows=tables.row_classes, tiles=tables.tiles, blocks=tables.blocks, partial=tables.partial, adam=tables.adam,
+        steps=group.steps, hparams=group.hparams,
     )
     return real
 
@@ -145,6 +149,10 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         tiles, blocks, partial = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial"))
         assert ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, False) is None
         assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), False) is None
+        steps, hparams = _fake_like(real["steps"]), _fake_like(real["hparams"])
+        assert ops.step_coefficients(steps, hparams, coef, None, None, None, 0, False) is None
+        with pytest.raises(RuntimeError, match="hparams must be a float64"):
+            ops.step_coefficients(steps, hparams.float(), coef, None, None, None, 0, False)
         # What the fake implementations can see is checked, as the CUDA kernels' launchers do.
         with pytest.raises(RuntimeError, match="coef"):
             ops.adam_step(p, g, m, v, coef[:, :3], _fake_like(real["adam"]), False)
@@ -328,9 +336,23 @@ def emulator(tmp_path_factory):
     lib.emulate_rows_step.argtypes = [flag] + [ptr] * 6 + [i64, i64, flag, flag]
     lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 6 + [i64, ptr, i64, ptr, flag, flag]
     lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag, flag]
+    lib.emulate_step_coefficients.argtypes = [ptr] * 6 + [i64, ctypes.c_uint32, flag]
     lib.emulate_random_bits.argtypes = [ctypes.c_uint32, i64]
     lib.emulate_random_bits.restype = ctypes.c_uint32
     return lib
+
+
+def _emulated_coefficients(lib, group, active, inv_scale, found_inf):
+    """The coefficient table of this step from the emulated step_coefficients_kernel (advancing
+    the group's step counters), with the launcher's arguments."""
+    coef = torch.empty(len(group.params), coefficients.NUM_COEFFICIENTS)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    failures = lib.emulate_step_coefficients(
+        group.steps.data_ptr(), ptr(active), group.hparams.data_ptr(), coef.data_ptr(), ptr(inv_scale),
+        ptr(found_inf), len(group.params), group.round_seed or 0, int(group.round_seed is not None),
+    )
+    assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
+    return coef
 
 
 def _emulated_step(lib, force_scalar=False):
@@ -341,7 +363,7 @@ def _emulated_step(lib, force_scalar=False):
         return int(not force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
 
     def step(group, active, inv_scale=None, found_inf=None):
-        coef = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
+        coef = _emulated_coefficients(lib, group, active, inv_scale, found_inf)
         t = group.cache.get("launch_tables")
         if t is None:
             t = group.cache["launch_tables"] = build_launch_tables(group)
@@ -471,6 +493,35 @@ def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
     _assert_padding_zero(opts[1]._flat[0])
 
 
+@pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "rounding"])
+def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
+    """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
+    rounded once to float32) and advances the same step counters, at large step counts, with
+    per-parameter hyperparameters, idle parameters, AMP (unscale and skip) and rounding keys."""
+    named, dims = _odd_named()
+    group = _cpu_group(named, dims)
+    gen = torch.Generator().manual_seed(17)
+    n = len(group.params)
+    u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
+    group.set_hparams([(1e-4 + r[0].item(), r[1].item() * 0.2, 0.8 + 0.19 * r[2].item(), 0.9 + 0.0999 * r[3].item(), 1e-8 * r[4].item()) for r in u])
+    group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
+    active = (torch.rand(n, generator=gen) > 0.3) if case == "idle" else None
+    inv_scale = torch.tensor(1 / 1024.0) if case.startswith("amp") else None
+    found_inf = torch.tensor(1.0 if case == "amp_skip" else 0.0) if case.startswith("amp") else None
+    group.round_seed = 123456789 if case == "rounding" else None
+    start = group.steps.clone()
+
+    fused = _emulated_coefficients(emulator, group, active, inv_scale, found_inf)
+    fused_steps = group.steps.clone()
+    group.steps.copy_(start)
+    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
+    assert torch.equal(fused_steps, group.steps)
+    assert torch.equal(fused_steps, start) == (case == "amp_skip")
+    key = coefficients.C_ROUND_KEY
+    torch.testing.assert_close(fused[:, :key], expected[:, :key], rtol=2**-22, atol=0)
+    assert torch.equal(fused[:, key].contiguous().view(torch.int32), expected[:, key].contiguous().view(torch.int32))
+
+
 def test_emulated_random_bits_beyond_2_pow_32(emulator):
     """The kernels' hash at flat indices no CPU test buffer reaches (the high word)."""
     from test_stochastic_rounding import HIGH_INDICES, expected_bits
@@ -587,11 +638,14 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     for key in ("tiles", "blocks", "adam"):
         out[key] = real[key].cuda()
     out["partial"] = real["partial"].cuda()
+    out["steps"] = torch.randint(0, 1000, real["steps"].shape, generator=gen, device="cuda")
+    out["hparams"] = real["hparams"].cuda()
     return out
 
 
 def _call_all(x, rounding=False):
     ops = torch.ops.adam_mini_kernels
+    ops.step_coefficients(x["steps"], x["hparams"], x["coef"], None, None, None, 12345, rounding)
     for width, rows in x["rows"]:
         ops.rows_step(x["p"], x["g"], x["m"], x["v"], x["coef"], rows, width, rounding)
     ops.large_blocks_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"], rounding)
@@ -612,6 +666,11 @@ def test_opcheck(backend, dtype, rounding):
         torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"], rounding)
     )
     torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, base + (x["adam"], rounding))
+    amp = (torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
+    torch.library.opcheck(
+        torch.ops.adam_mini_kernels.step_coefficients.default,
+        (x["steps"], x["hparams"], x["coef"], x["steps"] > 500) + amp + (12345, rounding),
+    )
 
 
 @gpu
@@ -674,6 +733,12 @@ def test_launchers_check_their_inputs(backend):
         ops.adam_step(p, g, m, v, coef, x["adam"].cpu(), False)
     with pytest.raises(RuntimeError, match=r"adam_step: stochastic_rounding needs bfloat16 p, got Float"):
         ops.adam_step(p, g, m, v, coef, x["adam"], True)
+    with pytest.raises(RuntimeError, match=r"step_coefficients: hparams must be a float64"):
+        ops.step_coefficients(x["steps"], x["hparams"].float(), coef, None, None, None, 0, False)
+    with pytest.raises(RuntimeError, match=r"step_coefficients: active must be a bool tensor"):
+        ops.step_coefficients(x["steps"], x["hparams"], coef, x["steps"], None, None, 0, False)
+    with pytest.raises(RuntimeError, match=r"step_coefficients: round_seed must fit 32 bits"):
+        ops.step_coefficients(x["steps"], x["hparams"], coef, None, None, None, -1, False)
 
 
 # -- GPU: more than 2^31 elements ------------------------------------------------------------------

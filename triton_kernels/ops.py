@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .. import coefficients, op_checks
+from .. import op_checks
 from . import launch
 
 LAUNCHERS = SimpleNamespace(
@@ -37,15 +37,7 @@ def _step_coefficients(
 
 @_step_coefficients.register_fake
 def _(steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding):
-    op = "triton_step_coefficients"
-    torch._check(steps.dim() == 1 and steps.dtype == torch.int64, lambda: f"adam_mini_kernels::{op}: steps must be 1-D int64")
-    n = steps.shape[0]
-    torch._check(hparams.dim() == 2 and hparams.shape[0] == n and hparams.dtype == torch.float64,
-                 lambda: f"adam_mini_kernels::{op}: hparams must be a float64 (P, ...) table")
-    torch._check(tuple(coef.shape) == (n, coefficients.NUM_COEFFICIENTS) and coef.dtype == torch.float32,
-                 lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table")
-    torch._check(active is None or (active.shape == steps.shape and active.dtype == torch.bool),
-                 lambda: f"adam_mini_kernels::{op}: active must be a bool tensor like steps")
+    op_checks.check_coefficients("triton_step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed)
 
 
 @torch.library.custom_op("adam_mini_kernels::triton_rows_step", mutates_args=("p", "m", "v"))

@@ -175,6 +175,14 @@ int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, cons
   });
 }
 
+int emulate_step_coefficients(int64_t* steps, const bool* active, const double* hparams, float* coef,
+                              const float* inv_scale, const float* found_inf, int64_t num_params, uint32_t round_seed,
+                              int stochastic) {
+  const int64_t grid = (num_params + kCoefThreads - 1) / kCoefThreads;
+  return launch(&step_coefficients_kernel, grid, kCoefThreads, steps, active, hparams, coef, inv_scale, found_inf,
+                num_params, round_seed, stochastic != 0);
+}
+
 // The 16 random bits of stochastic rounding for one (salted key, flat index): lets tests check the
 // hash at indices beyond 2^32, which no CPU test buffer reaches.
 uint32_t emulate_random_bits(uint32_t key, int64_t index) {

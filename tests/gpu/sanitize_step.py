@@ -3,7 +3,8 @@ argument), small, for NVIDIA compute-sanitizer.
 
 Rows (aligned and not, a row of one element, zero-length rows, rows at exactly ROW_MAX), large
 blocks (three phases, an unaligned last tile), Adam tiles (v on a 16-byte boundary and not), in
-float32, bfloat16 and float16, with some gradients None; then every result is checked finite.
+float32, bfloat16 and float16 (also with stochastic rounding, float32 state and clipping), with
+some gradients None; then every result is checked finite.
 Run from the repository root, after building the extension:
 
     compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
@@ -38,10 +39,13 @@ def main(backend: str) -> int:
         print("sanitize_step: needs a CUDA GPU", file=sys.stderr)
         return 2
 
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    configs = [(torch.float32, {}), (torch.bfloat16, {}), (torch.float16, {}),
+               (torch.bfloat16, {"stochastic_rounding": True}), (torch.float16, {"state_dtype": torch.float32}),
+               (torch.float32, {"max_grad_norm": 0.1})]
+    for dtype, options in configs:
         named, dims = _odd_named()
         params = clone_named(named, device="cuda", dtype=dtype)
-        opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims)
+        opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims, **options)
         gen = torch.Generator(device="cuda").manual_seed(0)
         for step in range(STEPS):
             for i, (_, p) in enumerate(params):
@@ -53,7 +57,7 @@ def main(backend: str) -> int:
         assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 3
         for name, t in (("p", group.param_buffer), ("m", group.m), ("v", group.v)):
             assert torch.isfinite(t.float()).all(), f"{dtype}: non-finite values in {name}"
-        print(f"sanitize_step: {backend} {dtype} ({STEPS} steps, {len(tables.row_classes)} row classes, "
+        print(f"sanitize_step: {backend} {dtype} {options} ({STEPS} steps, {len(tables.row_classes)} row classes, "
               f"{tables.tiles.shape[0]} tiles, {tables.adam.shape[0]} Adam tiles)")
     print(f"sanitize_step: {backend} ok")
     return 0
