@@ -87,6 +87,7 @@ class OptSpec:
     backend: Optional[str] = None  # AdamMini backend
     compiled: bool = False
     variant: Optional[str] = None  # one of VARIANTS (AdamMini options of issue 6), or None
+    graph: bool = False  # capturable=True, step() captured once in a CUDA graph, replays timed
 
 
 # AdamMini rows beyond the plain step (``--optimizers variants``): mixed precision and clipping.
@@ -122,11 +123,18 @@ def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
         for b in backends:
             for variant, text in VARIANTS.items():
                 specs.append(OptSpec(f"ours-{b}-{variant}", f"AdamMini [{b}] {text}", "adam-mini", backend=b, variant=variant))
+    if "graphs" in which:
+        specs.append(OptSpec("adamw-fused-graph", "torch AdamW (fused, capturable), CUDA graph replay", "adamw", graph=True))
+        for b in backends:
+            specs.append(OptSpec(f"ours-{b}-graph", f"AdamMini [{b}] capturable, CUDA graph replay", "adam-mini", backend=b, graph=True))
     return specs
 
 
-OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official", "variants")
-DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-1]  # the variants run when asked for (a second call)
+OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official", "variants", "graphs")
+DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-2]  # variants and graphs run when asked for (another call)
+# Graph replay rows (issue 7): launch-bound sizes, about 1M, 10M and 124M parameters. Target:
+# within 1.2x the bandwidth floor plus 10 us.
+GRAPH_SETS = ("sweep-llama-1.32m", "sweep-llama-8.45m", "gpt2-124m-fp32")
 
 
 def official_status() -> (Optional[str], Optional[str]):
@@ -394,6 +402,8 @@ def unavailable_reason(spec: OptSpec, ctx: Context, in_sweep: bool) -> (Optional
             reason = f"its availability check raised {_error_text(err)}"
         if reason:
             return "unavailable", f"backend {spec.backend!r} cannot run here: {reason}"
+    if spec.graph and ctx.device.type != "cuda":
+        return "unavailable", "CUDA graph replay needs a CUDA device"
     if spec.compiled:
         if ctx.smoke:
             return "skipped", "skipped-in-smoke: torch.compile takes about a minute to compile the step"
@@ -405,10 +415,14 @@ def unavailable_reason(spec: OptSpec, ctx: Context, in_sweep: bool) -> (Optional
 def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
     params = [p for _, p in named]
     kw = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    if spec.graph:  # a device lr, as a scheduler would drive it between replays
+        kw["lr"] = torch.tensor(LR, device=params[0].device)
     if spec.id == "adamw-foreach":
         return torch.optim.AdamW(params, foreach=True, **kw)
     if spec.id == "adamw-fused":
         return torch.optim.AdamW(params, fused=True, **kw)
+    if spec.id == "adamw-fused-graph":
+        return torch.optim.AdamW(params, fused=True, capturable=True, **kw)
     if spec.id == "official":
         from adam_mini import Adam_mini
 
@@ -420,7 +434,25 @@ def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
         "stochastic-rounding": dict(stochastic_rounding=True),
         "clip": dict(max_grad_norm=CLIP),
     }.get(spec.variant, {})
+    if spec.graph:
+        options["capturable"] = True
     return AdamMini(named, verbose=False, backend=spec.backend, **kw, **pset.model_args, **options)
+
+
+def capture_step(opt: torch.optim.Optimizer, device: torch.device):
+    """Capture ``opt.step()`` in a CUDA graph (warm-up on a side stream, as CUDA graphs want) and
+    return the replay: the step with no launch from Python."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    opt._bench_graph = graph  # lives as long as the optimizer
+    return graph.replay
 
 
 def _error_text(err: BaseException) -> str:
@@ -443,11 +475,13 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
     if ref:
         if spec.id in ref:
             row["spec_reference_ms"] = ref[spec.id]
-        elif spec.backend in FUSED_BACKENDS and not spec.compiled:
+        elif spec.backend in FUSED_BACKENDS and not spec.compiled and not spec.graph:
             row["spec_reference_ms"] = ref["target"]
     status, reason = unavailable_reason(spec, ctx, in_sweep)
     if not status and spec.variant and in_sweep:
         status, reason = "skipped", "variants are timed on the named sets only"
+    if not status and spec.graph and pset.key not in GRAPH_SETS:
+        status, reason = "skipped", f"graph replay is timed on {', '.join(GRAPH_SETS)} only"
     if not status and spec.variant == "fp32-state" and rec["storage_bytes"] == 4:
         status, reason = "skipped", "float32 state is the default for float32 parameters"
     if not status and spec.variant == "stochastic-rounding" and rec["dtype"] != "bfloat16":
@@ -487,6 +521,8 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         for _ in range(ctx.warmup_steps):
             step()
         sync(device)
+        if spec.graph:
+            step = capture_step(opt, device)
         row["warmup_steps_s"] = time.perf_counter() - t0
         if spec.compiled:
             row["compile_s"] = row["warmup_steps_s"]
@@ -521,8 +557,11 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         row["achieved_gbps"] = mb / (row["median_ms"] * 1e-3) / 1e9
         row["floor_ms"] = mb / (ctx.copy_gbps * 1e9) * 1e3
         row["fraction_of_floor"] = row["floor_ms"] / row["median_ms"]
-        if spec.backend in FUSED_BACKENDS and not spec.compiled and ref and ctx.is_h100:
+        if spec.backend in FUSED_BACKENDS and not spec.compiled and not spec.graph and ref and ctx.is_h100:
             row["meets_target"] = row["median_ms"] <= ref["target"]
+        if spec.graph:
+            row["graph_target_ms"] = 1.2 * row["floor_ms"] + 0.010
+            row["meets_graph_target"] = row["median_ms"] <= row["graph_target_ms"]
         row["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - every failure is a row, never a crash of the run
         row["status"] = "oom" if _is_oom(err) else "error"
@@ -558,7 +597,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                     help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends; "
-                    "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, and clip_grad_norm_ + step)")
+                    "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, and clip_grad_norm_ + step; "
+                    "graphs = CUDA graph replay of a capturable step, ours and torch AdamW fused, on the 1M, 10M and 124M sets)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     ap.add_argument("--warmup-steps", type=int, default=None, help="steps after the first one, before timing (default 3)")

@@ -137,3 +137,13 @@ def test_smoke_variants_rows(tmp_path):
     for variant, why in (("fp32-state", "float32 state"), ("stochastic-rounding", "bfloat16")):
         row = rows[("llama-1.1b-fp32", f"ours-torch-{variant}")]
         assert row["status"] == "skipped" and why in row["reason"], row
+
+
+def test_smoke_graph_rows_say_why_they_cannot_run(tmp_path):
+    """The issue-7 rows (CUDA graph replay of ours and of torch fused AdamW) exist in the results;
+    on a CPU they are reported unavailable, with the reason, never dropped."""
+    res, _, _ = _run(tmp_path, "--no-sweep", "--sets", "gpt2-124m-fp32", "--backends", "torch", "--optimizers", "graphs")
+    rows = {r["optimizer"]: r for r in res["rows"]}
+    assert sorted(rows) == ["adamw-fused-graph", "ours-torch-graph"]
+    for row in rows.values():
+        assert row["status"] == "unavailable" and "CUDA graph" in row["reason"], row
