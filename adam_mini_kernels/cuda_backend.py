@@ -80,7 +80,9 @@ def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
 
 @torch.library.register_fake("adam_mini_kernels::step_coefficients")
 def _step_coefficients_fake(steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding):
-    op_checks.check_coefficients("step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed)
+    op_checks.check_coefficients(
+        "step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding
+    )
 
 
 # -- the step --------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
     check_table(op, "tiles", tiles, launch_tables.ROW_COLS)
 
 
-def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, round_seed) -> None:
+def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding) -> None:
     torch._check(steps.dim() == 1 and steps.dtype == torch.int64, lambda: f"adam_mini_kernels::{op}: steps must be 1-D int64")
     n = steps.shape[0]
     torch._check(

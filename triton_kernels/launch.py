@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch import Tensor
 
 from ..buffers import FlatGroup
 from ..coefficients import NUM_COEFFICIENTS
@@ -29,12 +30,12 @@ def _warps(block: int) -> int:
 
 
 def step_coefficients(
-    steps: torch.Tensor,
-    hparams: torch.Tensor,
-    coef: torch.Tensor,
-    active: Optional[torch.Tensor],
-    inv_scale: Optional[torch.Tensor],
-    found_inf: Optional[torch.Tensor],
+    steps: Tensor,
+    hparams: Tensor,
+    coef: Tensor,
+    active: Optional[Tensor],
+    inv_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
     round_seed: int,
     stochastic_rounding: bool,
 ) -> None:
@@ -53,14 +54,17 @@ def step_coefficients(
     )
 
 
-def rows_step(p, g, m, v, coef, rows, width: int, stochastic_rounding: bool) -> None:
+def rows_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, rows: Tensor, width: int, stochastic_rounding: bool) -> None:
     """Small blocks of at most ``width`` elements, one program per row of ``rows``."""
     K.rows_step_kernel[(rows.shape[0],)](
         p, g, m, v, coef, rows, BLOCK=width, ROUNDING=stochastic_rounding, num_warps=_warps(width)
     )
 
 
-def large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding: bool) -> None:
+def large_blocks_step(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, blocks: Tensor, partial: Tensor,
+    stochastic_rounding: bool,
+) -> None:
     """Large blocks: tile sums of g^2, block v, then m and p of every tile (three launches)."""
     n_tiles = tiles.shape[0]
     K.tile_sumsq_kernel[(n_tiles,)](g, tiles, partial, TILE=TILE, num_warps=8)
@@ -70,7 +74,7 @@ def large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, stochastic_round
     )
 
 
-def adam_step(p, g, m, v, coef, tiles, stochastic_rounding: bool) -> None:
+def adam_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, stochastic_rounding: bool) -> None:
     """Adam blocks (one v per element), one program per Adam tile."""
     K.adam_step_kernel[(tiles.shape[0],)](
         p, g, m, v, coef, tiles, TILE=ADAM_TILE, ROUNDING=stochastic_rounding, num_warps=4
