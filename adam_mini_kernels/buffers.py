@@ -14,9 +14,11 @@ Each parameter starts at a multiple of ``ALIGN_ELEMENTS`` elements (128 bytes fo
 kernels can use aligned vector loads on rows whose length is a multiple of the vector width. The
 gap after a parameter ("padding") belongs to no block and stays zero in every buffer.
 
-The per-parameter table (``table``) is what backends consume: offsets and block shapes on the
-group's device, built once. Backends derive their launch metadata from it once and keep it in
-``cache``.
+The per-parameter table (``table``) and the layouts' block sizes (``block_sizes``) are what
+backends consume, built once; backends derive their launch metadata from them once and keep it
+in ``cache``. A parameter with column blocks (see [Note: block layouts] in partition.py) is
+stored transposed: ``p.data`` and ``p.grad`` are then transposed (non-contiguous) views of their
+spans, so every block is still a contiguous span of the flat buffers.
 """
 
 from __future__ import annotations
@@ -108,13 +110,12 @@ class FlatGroup:
     # -- layout ------------------------------------------------------------------------------
     def _make_table(self) -> Dict[str, torch.Tensor]:
         """Per-parameter int64 columns on the device: where its elements and v values live, its
-        block shape, and the padded length up to the next parameter."""
+        number of blocks, and the padded length up to the next parameter."""
         ends = self.offsets[1:] + [self.numel]
         cols = {
             "offset": self.offsets,
             "numel": [p.numel() for p in self.params],
             "padded_numel": [end - off for off, end in zip(self.offsets, ends)],
-            "block_numel": [layout.block_numel for layout in self.layouts],
             "num_blocks": [layout.num_blocks for layout in self.layouts],
             "v_offset": self.v_offsets,
         }
@@ -127,11 +128,23 @@ class FlatGroup:
         start = self.offsets[i]
         return buffer[start : start + self.params[i].numel()]
 
+    def block_sizes(self) -> torch.Tensor:
+        """The size of every block of the group, in v order (int64, on the device)."""
+        sizes = [n for layout in self.layouts for n in layout.block_sizes()]
+        return torch.tensor(sizes, dtype=torch.int64, device=self.device)
+
+    def shaped(self, i: int, span: torch.Tensor) -> torch.Tensor:
+        """A flat span of parameter ``i`` (in storage order) as a view of the parameter's shape:
+        transposed for a parameter stored by columns."""
+        layout = self.layouts[i]
+        view = span.view(layout.storage_shape)
+        return view.t() if layout.columns else view
+
     def param_view(self, i: int) -> torch.Tensor:
-        return self._span(self.param_buffer, i).view(self.params[i].shape)
+        return self.shaped(i, self._span(self.param_buffer, i))
 
     def grad_view(self, i: int) -> torch.Tensor:
-        return self._span(self.grad_buffer, i).view(self.params[i].shape)
+        return self.shaped(i, self._span(self.grad_buffer, i))
 
     def m_view(self, i: int) -> torch.Tensor:
         """The first moment of parameter ``i``, flat."""

@@ -10,14 +10,22 @@ adam       ``m`` (param shape), ``step``, ``v`` (param shape)
 heads      ``m`` (heads, head_numel), ``head_per_gpu``, ``step``, ``vmean`` (heads, 1)
 rows       ``m`` (param shape), ``step``, ``neuron_per_gpu``, ``vmean`` (rows, 1)
 whole      ``m`` (param shape), ``step``, ``reduced``, ``vmean`` (0-dim), ``block_numel``
+blocks     ``m`` (param shape), ``step``, ``vmean`` (blocks,), ``block_runs``, ``columns``
 =========  ==========================================================================
 
 ``v``/``vmean`` are float32 here whatever the parameter dtype (official keeps the param dtype).
+
+The ``blocks`` kind is ours: layouts of ``AdamMini.for_model`` that official cannot represent
+(several sections, or column blocks; see [Note: block layouts] in partition.py). ``vmean`` has
+one value per block in storage order, ``block_runs`` lists ``(block_numel, num_blocks)`` per
+section and ``columns`` says whether the storage order is that of the transposed parameter, so
+that the saved second moments can be mapped onto any other partition of the parameter
+(``regroup_v``). ``m`` is always in the parameter's own shape.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
@@ -26,7 +34,7 @@ from .partition import BlockLayout
 
 
 def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
-    """The official-layout state of parameter ``i`` of ``group``, as views into its buffers."""
+    """The per-parameter state of parameter ``i`` of ``group``, as views into its buffers."""
     layout = group.layouts[i]
     m, v, step = group.m_view(i), group.v_view(i), group.step_view(i)
     kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
@@ -36,12 +44,25 @@ def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
         return {"m": m.view(blocks, layout.block_numel), "head_per_gpu": blocks, "step": step, "vmean": v.view(blocks, 1)}
     if kind == "rows":
         return {"m": m.view(shape), "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
+    if kind == "blocks":
+        runs = tuple((s.block_numel, s.num_blocks) for s in layout.sections)
+        return {"m": group.shaped(i, m), "step": step, "vmean": v, "block_runs": runs, "columns": layout.columns}
     return {"m": m.view(shape), "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
 
 
 def second_moment(state: Dict[str, Any]):
     """The second-moment tensor of a per-parameter state: ``v`` (Adam blocks) or ``vmean``."""
     return state["v"] if "v" in state else state.get("vmean")
+
+
+def saved_blocks(state: Dict[str, Any], numel: int) -> Tuple[Tuple[Tuple[int, int], ...], bool]:
+    """The block layout the second moments of ``state`` were saved for: ``(block_numel,
+    num_blocks)`` runs over the storage order, and whether that order is the transposed one.
+    Official's layouts (and ours of the same kinds) are equal chunks of the row-major tensor."""
+    if "block_runs" in state:
+        return tuple((int(n), int(c)) for n, c in state["block_runs"]), bool(state.get("columns", False))
+    k = second_moment(state).numel()
+    return ((numel // k if k else 0, k),), False
 
 
 def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
@@ -61,24 +82,43 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     if v is None:
         return
     k = v.numel()
-    if k != layout.num_blocks and (k == 0 or layout.numel % k):
+    if "block_runs" in state:
+        runs, columns = saved_blocks(state, layout.numel)
+        if sum(n * c for n, c in runs) != layout.numel or sum(c for _, c in runs) != k or (columns and len(layout.shape) != 2):
+            raise ValueError(
+                f"state of parameter '{layout.name}': {k} second-moment values over blocks "
+                f"{list(runs)} (columns={columns}) do not fit its shape {list(layout.shape)}"
+            )
+    elif k != layout.num_blocks and (k == 0 or layout.numel % k):
         raise ValueError(
             f"state of parameter '{layout.name}': {k} second-moment values do not divide its "
             f"{layout.numel} elements into equal blocks"
         )
 
 
-def regroup_v(v: torch.Tensor, numel: int, num_blocks: int) -> torch.Tensor:
-    """Second moments saved for another partition of the same parameter, moved to
-    ``num_blocks`` blocks: each element takes its old block's value, then each new block the
-    mean over its elements (exact when the partition did not change)."""
+def _storage_to_shape(values: torch.Tensor, shape: Sequence[int], columns: bool) -> torch.Tensor:
+    """Per-element values in storage order -> the parameter's shape."""
+    return values.view(shape[::-1]).t() if columns else values.view(shape)
+
+
+def regroup_v(v: torch.Tensor, saved: Tuple[Tuple[Tuple[int, int], ...], bool], layout: BlockLayout) -> torch.Tensor:
+    """Second moments saved for the block layout ``saved`` (``saved_blocks``), moved to
+    ``layout``: each element takes its old block's value, then each new block the mean over its
+    elements (exact when the partition did not change)."""
     v = v.reshape(-1).float()
-    if v.numel() == num_blocks:
+    runs, columns = saved
+    new_runs = tuple((s.block_numel, s.num_blocks) for s in layout.sections)
+    if (runs, columns) == (new_runs, layout.columns) or v.numel() == 0 and layout.num_blocks == 0:
         return v
-    if numel == 0 or num_blocks == 0:
-        return v.new_zeros(num_blocks)
-    per_element = v.repeat_interleave(numel // v.numel())
-    return per_element.view(num_blocks, -1).mean(dim=1)
+    if layout.numel == 0:
+        return v.new_zeros(layout.num_blocks)
+    old_sizes = torch.tensor([n for n, c in runs for _ in range(c)], dtype=torch.int64, device=v.device)
+    per_element = _storage_to_shape(v.repeat_interleave(old_sizes), layout.shape, columns)
+    stored = per_element.t() if layout.columns else per_element
+    new_sizes = torch.tensor(layout.block_sizes(), dtype=torch.int64, device=v.device)
+    block_of_element = torch.repeat_interleave(torch.arange(layout.num_blocks, device=v.device), new_sizes)
+    sums = v.new_zeros(layout.num_blocks).index_add_(0, block_of_element, stored.reshape(-1))
+    return sums / new_sizes.clamp(min=1)
 
 
 def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
@@ -88,9 +128,10 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
     for i, state in states.items():
         layout = group.layouts[i]
         if state.get("m") is not None:
-            group.m_view(i).copy_(state["m"].reshape(-1))
+            group.shaped(i, group.m_view(i)).copy_(state["m"].reshape(layout.shape))
         v = second_moment(state)
         if v is not None:
-            group.v_view(i).copy_(regroup_v(v.detach().to(group.device), layout.numel, layout.num_blocks))
+            saved = saved_blocks(state, layout.numel)
+            group.v_view(i).copy_(regroup_v(v.detach().to(group.device), saved, layout))
         steps[i] = int(state.get("step", 0))
     group.steps.copy_(torch.tensor(steps, dtype=torch.int64))

@@ -71,34 +71,40 @@ class _Columns:
 
 
 def build_launch_tables(group: FlatGroup) -> LaunchTables:
-    """The tables for ``group``, from its layouts, element offsets and v offsets."""
+    """The tables for ``group``, from its layouts (section by section), element offsets and v
+    offsets."""
     rows = {}
     tiles, blocks, adam = _Columns(TILE_COLS), _Columns(LB_COLS), _Columns(ROW_COLS)
     num_tiles = num_blocks = 0
     for i, layout in enumerate(group.layouts):
         offset, v_offset = group.offsets[i], group.v_offsets[i]
-        bn, nb = layout.block_numel, layout.num_blocks
-        if nb == 0:
-            continue
         if layout.rule == ADAM:
+            nb = layout.num_blocks
+            if nb == 0:
+                continue
             start = np.arange(0, nb, ADAM_TILE, dtype=np.int64)
             adam.add(offset + start, np.minimum(ADAM_TILE, nb - start), v_offset + start, i)
             continue
-        starts = offset + np.arange(nb, dtype=np.int64) * bn
-        v_index = v_offset + np.arange(nb, dtype=np.int64)
-        if bn <= ROW_MAX:
-            rows.setdefault(max(MIN_ROW_BLOCK, _next_pow2(bn)), _Columns(ROW_COLS)).add(starts, bn, v_index, i)
-            continue
-        within = np.arange(0, bn, TILE, dtype=np.int64)
-        per_block = len(within)
-        tiles.add(
-            (starts[:, None] + within[None, :]).reshape(-1),
-            np.tile(np.minimum(TILE, bn - within), nb),
-            num_blocks + np.repeat(np.arange(nb, dtype=np.int64), per_block),
-        )
-        blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, bn)
-        num_tiles += nb * per_block
-        num_blocks += nb
+        for section in layout.sections:  # consecutive spans of equal blocks (see partition.py)
+            bn, nb = section.block_numel, section.num_blocks
+            starts = offset + np.arange(nb, dtype=np.int64) * bn
+            v_index = v_offset + np.arange(nb, dtype=np.int64)
+            offset, v_offset = offset + bn * nb, v_offset + nb
+            if nb == 0:
+                continue
+            if bn <= ROW_MAX:
+                rows.setdefault(max(MIN_ROW_BLOCK, _next_pow2(bn)), _Columns(ROW_COLS)).add(starts, bn, v_index, i)
+                continue
+            within = np.arange(0, bn, TILE, dtype=np.int64)
+            per_block = len(within)
+            tiles.add(
+                (starts[:, None] + within[None, :]).reshape(-1),
+                np.tile(np.minimum(TILE, bn - within), nb),
+                num_blocks + np.repeat(np.arange(nb, dtype=np.int64), per_block),
+            )
+            blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, bn)
+            num_tiles += nb * per_block
+            num_blocks += nb
     device = group.device
     return LaunchTables(
         row_classes=[(width, cols.tensor(device)) for width, cols in sorted(rows.items())],

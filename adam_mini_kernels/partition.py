@@ -23,6 +23,10 @@ WQK = "wqk"
 ROW_RULES = ("embd", "output", "wv", "attn_proj", "mlp")
 WHOLE = "whole"
 RULE_ORDER = (ADAM, WQK) + ROW_RULES
+# Rules only ``AdamMini.for_model`` assigns: a fused query/key/value weight (sections of "wqk"
+# and "wv" blocks) and one block per output neuron of any other linear layer.
+QKV = "qkv"
+NEURON = "neuron"
 
 # The optimizer attribute holding each rule's name set, and its default (official 1.1.1).
 NAME_SET_ATTRS = {
@@ -51,28 +55,80 @@ NameRules = Tuple[Tuple[str, frozenset], ...]
 
 
 @dataclass(frozen=True)
+class Section:
+    """``num_blocks`` consecutive blocks of ``block_numel`` elements each, under one rule."""
+
+    rule: str
+    block_numel: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
 class BlockLayout:
-    """How one parameter is cut into blocks: ``num_blocks`` consecutive chunks of
-    ``block_numel`` elements of the flattened (row-major) tensor, one ``v`` value each."""
+    """How one parameter is cut into blocks, one ``v`` value each.
+
+    [Note: block layouts]
+    The blocks tile the parameter in its storage order, consecutively: ``sections`` in order, each
+    ``num_blocks`` chunks of ``block_numel`` elements. The name rules always give one section
+    (equal chunks of the row-major tensor, as official 1.1.1). ``AdamMini.for_model`` may give
+    several (a fused QKV weight: query and key heads, then value neurons) and may set ``columns``:
+    the 2-D parameter is stored transposed in the flat buffers (its storage order is that of
+    ``param.t()``), so that blocks of columns (HF ``Conv1D`` weights are (in, out): an output
+    neuron is a column) are contiguous spans like any other block. Every consumer (flat buffers,
+    backends, launch tables, checkpoints) sees only spans of the storage order."""
 
     name: str
     rule: str
     shape: Tuple[int, ...]
-    block_numel: int
-    num_blocks: int
+    sections: Tuple[Section, ...]
+    columns: bool = False
+
+    def __post_init__(self):
+        covered = sum(s.block_numel * s.num_blocks for s in self.sections)
+        if covered != self.numel:
+            raise ValueError(f"layout of '{self.name}': sections cover {covered} elements, the parameter has {self.numel}")
+        if self.columns and len(self.shape) != 2:
+            raise ValueError(f"layout of '{self.name}': column blocks need a 2-D parameter, got shape {list(self.shape)}")
+
+    @classmethod
+    def uniform(cls, name: str, rule: str, shape: Sequence[int], block_numel: int, num_blocks: int) -> "BlockLayout":
+        """``num_blocks`` equal chunks of the row-major tensor (the name rules' layouts)."""
+        return cls(name, rule, tuple(int(s) for s in shape), (Section(rule, block_numel, num_blocks),))
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def num_blocks(self) -> int:
+        return sum(s.num_blocks for s in self.sections)
+
+    @property
+    def block_numel(self) -> Optional[int]:
+        """The size shared by every block, or None when block sizes differ."""
+        sizes = {s.block_numel for s in self.sections}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def storage_shape(self) -> Tuple[int, ...]:
+        """The shape of the parameter as laid out in the flat buffers."""
+        return self.shape[::-1] if self.columns else self.shape
+
+    def block_sizes(self) -> List[int]:
+        """The size of every block, in storage order."""
+        return [s.block_numel for s in self.sections for _ in range(s.num_blocks)]
+
+    @property
     def state_kind(self) -> str:
-        """Which official state layout the parameter uses: adam, heads, rows or whole."""
+        """Which state layout the parameter uses: official's adam, heads, rows or whole, or
+        ``blocks`` (several sections or column blocks, which official cannot represent)."""
+        if len(self.sections) != 1 or self.columns:
+            return "blocks"
         if self.rule == ADAM:
             return "adam"
         if self.rule == WQK:
             return "heads"
-        if self.rule in ROW_RULES:
+        if self.rule in ROW_RULES + (NEURON,):
             return "rows"
         return "whole"
 
@@ -113,7 +169,7 @@ def layout_for(name: str, shape: Sequence[int], rule: str, head_numel: Optional[
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     if rule == ADAM:
-        return BlockLayout(name, rule, shape, 1, numel)
+        return BlockLayout.uniform(name, rule, shape, 1, numel)
     if rule == WQK:
         if numel % head_numel:
             raise ValueError(
@@ -122,12 +178,12 @@ def layout_for(name: str, shape: Sequence[int], rule: str, head_numel: Optional[
                 "elements (head_dim * dim, head_dim defaulting to dim // n_heads); pass the right "
                 "dim, n_heads and head_dim, or remove its key from optimizer.wqk_names"
             )
-        return BlockLayout(name, rule, shape, head_numel, numel // head_numel)
+        return BlockLayout.uniform(name, rule, shape, head_numel, numel // head_numel)
     if rule in ROW_RULES and len(shape) >= 2:
         rows = shape[0]
-        return BlockLayout(name, rule, shape, numel // rows if rows else 0, rows)
+        return BlockLayout.uniform(name, rule, shape, numel // rows if rows else 0, rows)
     # Whole tensor: names matching no rule, and row rules on 0-D/1-D tensors (official crashes).
-    return BlockLayout(name, WHOLE, shape, numel, 1)
+    return BlockLayout.uniform(name, WHOLE, shape, numel, 1)
 
 
 def build_partition(
@@ -148,7 +204,7 @@ def build_partition(
 
 def rule_counts(layouts: Iterable[BlockLayout]) -> Dict[str, int]:
     """Number of parameters per rule (for the partition log)."""
-    counts = {rule: 0 for rule in RULE_ORDER + (WHOLE,)}
+    counts = {rule: 0 for rule in RULE_ORDER + (QKV, NEURON, WHOLE)}
     for layout in layouts:
         counts[layout.rule] += 1
     return counts

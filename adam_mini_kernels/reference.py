@@ -2,13 +2,16 @@
 
 Every backend is tested against this function. It follows official ``adam-mini`` 1.1.1 (the
 formulas in ../shared/SPEC.md section 2) with the block layout given explicitly: the flattened
-parameter is ``num_blocks`` consecutive chunks of ``block_numel`` elements, and ``v`` holds one
-value per chunk (``block_numel == 1`` is plain Adam). Math in float32.
+(row-major) parameter is cut into consecutive blocks, of equal size by default or of the sizes
+``block_sizes`` gives, and ``v`` holds one value per block (blocks of 1 element are plain Adam).
+A parameter stored by columns (``BlockLayout.columns``) is stepped by passing its transpose.
+Math in float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,21 +29,27 @@ def adam_mini_step(
     beta2: float,
     eps: float,
     weight_decay: float,
+    block_sizes: Optional[Sequence[int]] = None,
 ) -> None:
     """Update ``param``, ``m`` (same numel as param) and ``v`` (one float per block) in place.
 
-    ``step`` is the step number after incrementing, so the first step is 1."""
+    ``step`` is the step number after incrementing, so the first step is 1. ``block_sizes``: the
+    number of elements of each block, in order (default: ``v.numel()`` equal blocks)."""
     num_blocks = v.numel()
     if num_blocks == 0:
         return
-    blocks = (num_blocks, param.numel() // num_blocks)
-    g = grad.detach().float().reshape(blocks)
-    p = param.detach().float().reshape(blocks)
-    m32 = m.float().reshape(blocks)
+    if block_sizes is None:
+        block_sizes = [param.numel() // num_blocks] * num_blocks
+    sizes = torch.tensor(list(block_sizes), dtype=torch.int64)
+    g = grad.detach().float().reshape(-1)
+    p = param.detach().float().reshape(-1)
+    m32 = m.float().reshape(-1)
     v32 = v.float().reshape(num_blocks)
 
     # Second moment: one value per block, the mean of g^2 over the block (0 for an empty block).
-    block_mean = (g * g).mean(dim=1) if blocks[1] else torch.zeros_like(v32)
+    block_of_element = torch.repeat_interleave(torch.arange(num_blocks), sizes).to(g.device)
+    block_sum = torch.zeros(num_blocks, device=g.device).index_add_(0, block_of_element, g * g)
+    block_mean = block_sum / sizes.clamp(min=1).to(g.device)
     v32 = beta2 * v32 + (1 - beta2) * block_mean
 
     # Decoupled weight decay, then the first moment per element.
@@ -51,7 +60,7 @@ def adam_mini_step(
     # Bias-corrected update; every element of a block shares the block's h.
     h = v32.sqrt() / math.sqrt(1 - beta2**step) + eps
     step_size = lr / (1 - beta1**step)
-    p = p - step_size * m32 / h[:, None]
+    p = p - step_size * m32 / h[block_of_element]
 
     param.copy_(p.reshape(param.shape))
     m.copy_(m32.reshape(m.shape))
