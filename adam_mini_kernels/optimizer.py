@@ -18,6 +18,7 @@ import torch
 from . import dispatch
 from .buffers import HP_LR, FlatGroup, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
+from .model_layouts import config_dims, model_layouts
 from .partition import (
     DEFAULT_NAMES,
     NAME_SET_ATTRS,
@@ -131,7 +132,9 @@ class AdamMini(torch.optim.Optimizer):
 
     The name sets ``adam_block_names``, ``wqk_names``, ``embd_names``, ``output_names``,
     ``wv_names``, ``attn_proj_names`` and ``mlp_names`` are plain attributes and may be edited
-    after construction, before or between steps.
+    after construction, before or between steps. ``layout_overrides`` (parameter name ->
+    ``BlockLayout``, filled by ``for_model``) takes precedence over them for the parameters it
+    names; it may be edited too.
     """
 
     # AMP: torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` (device tensors) on the
@@ -186,6 +189,7 @@ class AdamMini(torch.optim.Optimizer):
         self.verbose = verbose
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
+        self.layout_overrides: Dict[str, BlockLayout] = {}
         self._weight_decay = weight_decay
         self._flat: Optional[List[FlatGroup]] = None
         self._hparam_rows: Optional[List[tuple]] = None
@@ -218,6 +222,41 @@ class AdamMini(torch.optim.Optimizer):
         if model_sharding is not None and verbose:
             logger.warning("AdamMini: model_sharding is accepted for compatibility and ignored")
 
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        dim: Optional[int] = None,
+        n_heads: Optional[int] = None,
+        n_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        **kwargs,
+    ) -> "AdamMini":
+        """An ``AdamMini`` over ``model.named_parameters()`` whose blocks come from the model's
+        module types and dimensions instead of parameter names (recommended for ``transformers``
+        models): query and key weights one block per head (``head_dim`` from the config, GQA key
+        heads), values, attention outputs and MLPs one per output neuron (columns of HF
+        ``Conv1D`` weights, which are stored transposed in the flat buffers), fused QKV weights
+        (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, ``nn.MultiheadAttention``) split into
+        those, embeddings and an untied output layer one per token, biases Adam, norms one block.
+
+        ``dim``, ``n_heads``, ``n_kv_heads`` and ``head_dim`` default to the model's config
+        (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``); give
+        them for models without one. Other keywords go to the constructor. The layouts land in
+        ``opt.layout_overrides``; parameters of modules of other types follow the name sets.
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"AdamMini.for_model takes a torch.nn.Module, got {type(model).__name__}")
+        dims = config_dims(model, dim, n_heads, n_kv_heads, head_dim)
+        layouts = model_layouts(model, dims)
+        given = dict(dim=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads)
+        if dims.head_dim is not None and dims.hidden is not None and dims.head_dim * dims.n_heads != dims.hidden:
+            given["head_dim"] = dims.head_dim
+        opt = cls(model.named_parameters(), **{k: v for k, v in given.items() if v is not None}, **kwargs)
+        opt.layout_overrides.update(layouts)
+        return opt
+
     # -- param groups --------------------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group (``{"name": ..., "params": ...}``, other keys default as in the
@@ -236,22 +275,47 @@ class AdamMini(torch.optim.Optimizer):
         return [(group["name"], p) for group in self.param_groups for p in group["params"]]
 
     # -- partition and buffers -----------------------------------------------------------------
-    def _partition(self, rules) -> List[BlockLayout]:
-        return build_partition([(n, p.shape) for n, p in self._named_params()], rules, self.dim, self.n_heads, self.head_dim)
+    def _partition_key(self):
+        """What the partition depends on, as a comparable value: the name sets and the overrides."""
+        return snapshot_rules(self), frozenset(self.layout_overrides.items())
+
+    def _partition(self, key) -> List[BlockLayout]:
+        """Every parameter's layout: its override where there is one, else by the name rules."""
+        rules, overrides = key
+        overrides = dict(overrides)
+        named = self._named_params()
+        by_name = [(n, p.shape) for n, p in named if n not in overrides]
+        by_rules = iter(build_partition(by_name, rules, self.dim, self.n_heads, self.head_dim))
+        layouts = []
+        for name, p in named:
+            layout = overrides.get(name)
+            if layout is None:
+                layouts.append(next(by_rules))
+                continue
+            if layout.shape != tuple(p.shape):
+                raise ValueError(
+                    f"layout_overrides['{name}'] is for shape {list(layout.shape)}, the parameter has "
+                    f"shape {list(p.shape)}"
+                )
+            layouts.append(layout)
+        return layouts
 
     def partition_summary(self) -> List[Dict[str, Any]]:
-        """The partition under the current name sets: one dict per parameter with ``name``,
-        ``rule``, ``shape``, ``block_numel`` and ``num_blocks``."""
+        """The partition under the current name sets and overrides: one dict per parameter with
+        ``name``, ``rule``, ``shape``, ``block_numel`` (None when block sizes differ),
+        ``num_blocks``, ``sections`` (``(rule, block_numel, num_blocks)`` in storage order) and
+        ``columns`` (stored transposed: blocks are columns)."""
         return [
-            {"name": l.name, "rule": l.rule, "shape": l.shape, "block_numel": l.block_numel, "num_blocks": l.num_blocks}
-            for l in self._partition(snapshot_rules(self))
+            {"name": l.name, "rule": l.rule, "shape": l.shape, "block_numel": l.block_numel, "num_blocks": l.num_blocks,
+             "sections": [(s.rule, s.block_numel, s.num_blocks) for s in l.sections], "columns": l.columns}
+            for l in self._partition(self._partition_key())
         ]
 
-    def _build(self, rules) -> None:
+    def _build(self, key) -> None:
         """(Re)build the partition and the flat buffers, keeping every parameter's state.
         Everything is validated before anything is changed."""
         named = self._named_params()
-        layouts = self._partition(rules)
+        layouts = self._partition(key)
         for (_, p), layout in zip(named, layouts):
             if p in self.state:
                 check_state(self.state[p], layout)
@@ -279,7 +343,7 @@ class AdamMini(torch.optim.Optimizer):
                 self.state[p] = state_views(group, i)
                 self._slots[p] = (len(flat), i)
             flat.append(group)
-        self._flat, self._rules = flat, rules
+        self._flat, self._built_key = flat, key
         if self.verbose:
             self._log_partition(layouts)
 
@@ -290,6 +354,8 @@ class AdamMini(torch.optim.Optimizer):
             "AdamMini: %d parameters, %d second-moment values, backend %s; parameters per rule: %s",
             len(layouts), blocks, self.backend, ", ".join(f"{r}={c}" for r, c in counts.items()),
         )
+        if self.layout_overrides:  # for_model chose the blocks: the name sets hardly matter
+            return
         for rule, attr in (("embd", "embd_names"), ("output", "output_names"), ("wqk", "wqk_names")):
             if counts[rule] == 0:
                 logger.warning(
@@ -371,13 +437,13 @@ class AdamMini(torch.optim.Optimizer):
         parameters' dtypes/devices changed, re-point parameters and gradients that stopped
         aliasing them, upload changed hyperparameters. Everything that can be wrong is checked
         before anything changes. Returns the groups to step, with their active flags."""
-        rules = snapshot_rules(self)
+        key = self._partition_key()
         hparams_changed = self._read_hparams()
-        if self._flat is None or rules != self._rules or any(group.moved() for group in self._flat):
+        if self._flat is None or key != self._built_key or any(group.moved() for group in self._flat):
             for name, p in self._named_params():
                 if p.grad is not None:
                     check_dense_grad(name, p.grad)
-            self._build(rules)
+            self._build(key)
             hparams_changed = True
         if not self.capturable and any(g.device.type == "cuda" for g in self._flat) and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("AdamMini.step() is being captured in a CUDA graph: construct the optimizer with capturable=True")
@@ -394,7 +460,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
-        if self._flat is None or snapshot_rules(self) != self._rules:
+        if self._flat is None or self._partition_key() != self._built_key:
             raise RuntimeError(
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
                 "(and again after changing name sets, adding param groups or loading a state dict)"
@@ -442,7 +508,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_rules", "_hparam_rows", "_step_fn")
+    _UNPICKLED = ("_flat", "_slots", "_built_key", "_hparam_rows", "_step_fn")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -480,7 +546,7 @@ class AdamMini(torch.optim.Optimizer):
         moments stay float32; the flat buffers are refilled at the next step. The stochastic
         rounding seed is restored when saved (and this optimizer rounds stochastically)."""
         params = self._index_to_param()
-        layouts = self._partition(snapshot_rules(self))
+        layouts = self._partition(self._partition_key())
         saved = state_dict["state"]
         for idx, s in saved.items():
             if not 0 <= idx < len(params):

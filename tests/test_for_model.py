@@ -1,0 +1,436 @@
+"""``AdamMini.for_model``: blocks read from real model classes (tiny random configs, no download).
+
+* Per architecture, the number of blocks per rule equals the count written down here from the
+  config (layers, heads, kv heads, head_dim, hidden, intermediate, vocab), and a training step
+  runs.
+* Sectioned (fused QKV) and transposed (Conv1D column) parameters step exactly as
+  ``reference.adam_mini_step`` on their storage order, through real backward passes (gradients
+  accumulated into strided views of the flat buffer, and fresh ones after set_to_none).
+* The Triton backend (interpreter on the CPU) and the CUDA kernels (host emulator) match the
+  torch backend on those layouts; a model whose partition equals official's matches official.
+* Checkpoints of sectioned/transposed parameters round-trip bitwise and move to and from the
+  name-rule partition; bad input is a clear error; one HF ``Trainer`` step runs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from adam_mini_kernels import AdamMini
+from adam_mini_kernels.model_layouts import config_dims, model_layouts
+from adam_mini_kernels.reference import adam_mini_step
+from grad_stream import assert_backends_close, clone_named, max_rel_err, run_stream
+from test_cuda_backend import _emulated_step, emulator  # noqa: F401  (emulator: the fixture)
+
+transformers = pytest.importorskip("transformers")  # required in CI (conftest.py)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+V, H, I, L, NH = 64, 32, 48, 2, 4  # vocab, hidden, intermediate, layers, heads
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
+
+
+def _decoder(config_cls, model_cls, **extra):
+    cfg = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+               max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    return model_cls(getattr(transformers, config_cls)(**dict(cfg, **extra)))
+
+
+def _expected_decoder(nkv, hd, tied, q_norm=False, qkv_bias=False):
+    """Llama-family blocks: Q/K heads, V neurons, o/gate/up/down neurons, tokens, one per norm."""
+    return {
+        "wqk": (L * (NH + nkv), hd * H),
+        "wv": (L * nkv * hd, H),
+        "neuron": (L * (H + 2 * I + H), None),
+        "embd": (V, H),
+        "output": (0 if tied else V, H),
+        "whole": (2 * L + 1 + (2 * L if q_norm else 0), None),
+        "adam": (L * (NH + 2 * nkv) * hd if qkv_bias else 0, 1),
+    }
+
+
+def _gpt2(add_cross_attention=False):
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=16, bos_token_id=0,
+                                  eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  add_cross_attention=add_cross_attention)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _neox():
+    cfg = transformers.GPTNeoXConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                     num_attention_heads=NH, max_position_embeddings=32, bos_token_id=0,
+                                     eos_token_id=1, tie_word_embeddings=False)
+    return transformers.GPTNeoXForCausalLM(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+                                  num_attention_heads=NH, max_position_embeddings=16, type_vocab_size=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg)
+
+
+class _Encoder(nn.Module):
+    """A plain ``nn.TransformerEncoder`` (``nn.MultiheadAttention``'s fused in_proj_weight) with
+    an embedding; no transformers config."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        layer = nn.TransformerEncoderLayer(H, NH, dim_feedforward=I, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, L, enable_nested_tensor=False)
+
+    def forward(self, input_ids):
+        return self.encoder(self.embed(input_ids)).square().mean()
+
+
+HD = H // NH
+# name -> (builder, expected {rule: (blocks, block size of every such block or None)}, loss fn)
+ARCHS = {
+    "llama": (lambda: _decoder("LlamaConfig", transformers.LlamaForCausalLM, num_key_value_heads=2,
+                               tie_word_embeddings=False), _expected_decoder(2, HD, tied=False)),
+    "mistral": (lambda: _decoder("MistralConfig", transformers.MistralForCausalLM, num_key_value_heads=1,
+                                 tie_word_embeddings=False, sliding_window=None), _expected_decoder(1, HD, tied=False)),
+    "qwen2": (lambda: _decoder("Qwen2Config", transformers.Qwen2ForCausalLM, num_key_value_heads=2,
+                               tie_word_embeddings=True), _expected_decoder(2, HD, tied=True, qkv_bias=True)),
+    # head_dim 16 != hidden / heads = 8: official's head blocks would be half as big.
+    "qwen3": (lambda: _decoder("Qwen3Config", transformers.Qwen3ForCausalLM, num_key_value_heads=2, head_dim=16,
+                               tie_word_embeddings=False), _expected_decoder(2, 16, tied=False, q_norm=True)),
+    "gemma": (lambda: _decoder("GemmaConfig", transformers.GemmaForCausalLM, num_key_value_heads=1, head_dim=16,
+                               tie_word_embeddings=True), _expected_decoder(1, 16, tied=True)),
+    "gpt2": (_gpt2, {  # Conv1D: every weight by columns; c_attn = [Q | K | V]; tied lm_head
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + 4 * H + H), None),
+        "embd": (V + 16, H), "output": (0, H), "whole": (2 * L + 1, None),
+        "adam": (L * (3 * H + H + 4 * H + H + 2 * H) + H, 1),
+    }),
+    "gpt2_cross_attention": (lambda: _gpt2(add_cross_attention=True), {  # + q_attn, c_attn = [K | V]
+        "wqk": (L * 4 * NH, HD * H), "wv": (L * 2 * H, H), "neuron": (L * (H + 4 * H + H + H), None),
+        "embd": (V + 16, H), "output": (0, H), "whole": (3 * L + 1, None),
+        "adam": (L * (3 * H + H + 4 * H + H + 2 * H) + H + L * (2 * H + H + H + H), 1),
+    }),
+    "gpt_neox": (_neox, {  # query_key_value rows interleaved per head
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
+        "embd": (V, H), "output": (V, H), "whole": (2 * L + 1, None),
+        "adam": (L * (2 * H + 3 * H + H + I + H) + H, 1),
+    }),
+    "bert": (_bert, {  # word, position and token-type embeddings; pooler
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H) + H, None),
+        "embd": (V + 16 + 2, H), "output": (0, H), "whole": (1 + 2 * L, None),
+        "adam": (H + L * (3 * H + H + H + I + H + H) + H, 1),
+    }),
+    "transformer_encoder": (_Encoder, {  # in_proj_weight = [Q; K; V]
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
+        "embd": (V, H), "output": (0, H), "whole": (2 * L, None),
+        "adam": (L * (3 * H + H + I + H + 2 * H), 1),
+    }),
+}
+COLUMN_PARAMS = {"gpt2": 4 * L, "gpt2_cross_attention": 7 * L}  # Conv1D weights stored transposed; none elsewhere
+
+
+def _build(arch, seed=0):
+    torch.manual_seed(seed)
+    return ARCHS[arch][0]()
+
+
+def _loss(model, tokens):
+    """The next-token loss of a causal LM, else a function of the last hidden state."""
+    if isinstance(model, _Encoder):
+        return model(tokens)
+    if model.get_output_embeddings() is not None:
+        return model(input_ids=tokens, labels=tokens).loss
+    return model(input_ids=tokens).last_hidden_state.square().mean()
+
+
+def _tokens(seed, batch=2, seq=8):
+    return torch.randint(2, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _blocks_per_rule(opt):
+    counts, sizes = {}, {}
+    for row in opt.partition_summary():
+        for rule, block_numel, num_blocks in row["sections"]:
+            counts[rule] = counts.get(rule, 0) + num_blocks
+            sizes.setdefault(rule, set()).add(block_numel)
+    return counts, sizes
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_blocks_per_rule_follow_the_config(arch):
+    model = _build(arch)
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    counts, sizes = _blocks_per_rule(opt)
+    for rule, (blocks, size) in ARCHS[arch][1].items():
+        assert counts.get(rule, 0) == blocks, (rule, counts)
+        if blocks and size is not None:
+            assert sizes[rule] == {size}, (rule, sizes[rule])
+    assert set(counts) <= set(ARCHS[arch][1]), counts
+    summary = opt.partition_summary()
+    assert sum(row["columns"] for row in summary) == COLUMN_PARAMS.get(arch, 0)
+    # Every parameter is covered by the model's modules (the name sets decide nothing here).
+    assert {row["name"] for row in summary} <= set(opt.layout_overrides)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = _loss(model, _tokens(1))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
+    assert torch.isfinite(_loss(model, _tokens(2)))  # the forward still works on re-pointed storage
+
+
+def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads():
+    """The reason for head_dim: with official's dim*dim/n_heads, Qwen3's q_proj (n_heads * 16 rows)
+    would get twice as many head blocks as it has heads."""
+    model = _build("qwen3")
+    by_name = AdamMini(model.named_parameters(), dim=H, n_heads=NH, n_kv_heads=2, verbose=False).partition_summary()
+    q_rows = {r["name"]: r for r in by_name}["model.layers.0.self_attn.q_proj.weight"]
+    assert q_rows["num_blocks"] == 2 * NH
+    ours = {r["name"]: r for r in AdamMini.for_model(model, verbose=False).partition_summary()}
+    assert ours["model.layers.0.self_attn.q_proj.weight"]["num_blocks"] == NH
+
+
+class _Reference:
+    """``reference.adam_mini_step`` per parameter on its storage order (the transpose for column
+    layouts), with the layout the optimizer reports."""
+
+    def __init__(self, model, opt):
+        self.rows = {r["name"]: r for r in opt.partition_summary()}
+        self.groups = {g["name"]: g for g in opt.param_groups}
+        self.p = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.m = {n: torch.zeros_like(p) for n, p in self.p.items()}
+        self.v = {n: torch.zeros(self.rows[n]["num_blocks"]) for n in self.p}
+        self.t = dict.fromkeys(self.p, 0)
+
+    def step(self, grads):
+        for n, g in grads.items():
+            row, group = self.rows[n], self.groups[n]
+            stored = (lambda x: x.t()) if row["columns"] else (lambda x: x)
+            sizes = [size for _, size, count in row["sections"] for _ in range(count)]
+            self.t[n] += 1
+            adam_mini_step(stored(self.p[n]), stored(g), stored(self.m[n]), self.v[n], step=self.t[n], lr=group["lr"],
+                           beta1=group["beta1"], beta2=group["beta2"], eps=group["eps"],
+                           weight_decay=group["weight_decay"], block_sizes=sizes)
+
+    def check(self, model, opt):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), self.p[n], rtol=1e-5, atol=1e-6, msg=f"param {n}")
+            state = opt.state[p]
+            assert state["m"].shape == p.shape or "head_per_gpu" in state
+            torch.testing.assert_close(state["m"].reshape(p.shape), self.m[n], rtol=1e-5, atol=1e-6, msg=f"m {n}")
+            v = state["v"] if "v" in state else state["vmean"]
+            torch.testing.assert_close(v.reshape(-1), self.v[n], rtol=1e-5, atol=1e-9, msg=f"v {n}")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+def test_sectioned_and_transposed_params_step_as_the_reference(arch):
+    model = _build(arch)
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    ref = _Reference(model, opt)
+    for step in range(4):
+        opt.zero_grad(set_to_none=step == 2)  # step 2: fresh contiguous grads, copied and re-pointed
+        _loss(model, _tokens(10 + step)).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        ref.step(grads)
+        ref.check(model, opt)
+    group = opt._flat[0]
+    for i, layout in enumerate(group.layouts):
+        p = group.params[i]
+        assert p.data_ptr() == group._param_ptrs[i] and p.grad.data_ptr() == group._grad_ptrs[i], layout.name
+        assert p.is_contiguous() != layout.columns or p.numel() <= 1 or min(p.shape) == 1, layout.name
+
+
+def test_fused_clipping_with_column_layouts_equals_clip_grad_norm():
+    a, b = _build("gpt2"), _build("gpt2")
+    opt_a = AdamMini.for_model(a, backend="torch", max_grad_norm=0.05, **KW)
+    opt_b = AdamMini.for_model(b, backend="torch", **KW)
+    for step in range(3):  # both see a's gradients (see grad_stream.py for why not b's own)
+        opt_a.zero_grad(set_to_none=False)
+        _loss(a, _tokens(20 + step)).backward()
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+        opt_a.step()
+        opt_b.step()
+    assert opt_a.last_grad_norm > 0.05
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert max_rel_err(q, p) <= 1e-5, n
+
+
+# -- fused backends on for_model layouts -----------------------------------------------------------
+
+def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
+    """Clones of ``arch``'s parameters, one AdamMini per backend with for_model's layouts."""
+    model = _build(arch)
+    layouts = model_layouts(model, config_dims(model))
+    sets, opts = [], []
+    for backend in backends:
+        params = clone_named(list(model.named_parameters()), device=device, dtype=dtype)
+        opt = AdamMini(params, backend=backend, dim=H, n_heads=NH, **KW)
+        opt.layout_overrides.update(layouts)
+        sets.append([p for _, p in params])
+        opts.append(opt)
+    return sets, opts
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+def test_triton_backend_matches_torch_backend(arch):
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sets, opts = _for_model_runs(arch, ("torch", "triton"), device=device)
+    run_stream(sets, opts, steps=3, seed=7, none_every=4)
+    assert any(layout.columns or len(layout.sections) > 1 for layout in opts[1]._flat[0].layouts)
+    assert_backends_close(sets, opts, 2e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
+    sets, opts = _for_model_runs(arch, ("torch", "torch"))
+    opts[1]._step_fn = _emulated_step(emulator)
+    run_stream(sets, opts, steps=3, seed=8, none_every=4)
+    assert_backends_close(sets, opts, 2e-6)
+
+
+def test_same_partition_as_official_gives_official_results():
+    """Llama: for_model's blocks are official's (heads of dim/n_heads, rows elsewhere)."""
+    Adam_mini = pytest.importorskip("adam_mini").Adam_mini
+    model = _build("llama")
+    ours, theirs = clone_named(list(model.named_parameters())), clone_named(list(model.named_parameters()))
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    mine = AdamMini(ours, backend="torch", dim=H, n_heads=NH, n_kv_heads=2, **KW)
+    mine.layout_overrides.update(opt.layout_overrides)
+    official = Adam_mini(theirs, dim=H, n_heads=NH, n_kv_heads=2, **KW)
+    sets = [[p for _, p in theirs], [p for _, p in ours]]
+    run_stream(sets, [official, mine], steps=10, seed=5, none_every=0)
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= 1e-5
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def _train(model, opt, steps, start):
+    for step in range(start, start + steps):
+        opt.zero_grad(set_to_none=False)
+        _loss(model, _tokens(100 + step)).backward()
+        opt.step()
+
+
+def test_checkpoint_round_trip_with_sectioned_and_transposed_params():
+    straight = _build("gpt2")
+    opt = AdamMini.for_model(straight, backend="torch", **KW)
+    _train(straight, opt, 3, 0)
+    state = opt.state[straight.transformer.h[0].attn.c_attn.weight]
+    assert state["m"].shape == (H, 3 * H) and state["vmean"].shape == (2 * NH + H,)
+    assert state["block_runs"] == ((HD * H, 2 * NH), (H, H)) and state["columns"]
+    saved = _roundtrip({"model": straight.state_dict(), "opt": opt.state_dict()})
+    _train(straight, opt, 3, 3)
+
+    resumed = _build("gpt2", seed=1)
+    resumed.load_state_dict(saved["model"])
+    opt2 = AdamMini.for_model(resumed, backend="torch", **KW)
+    opt2.load_state_dict(saved["opt"])
+    _train(resumed, opt2, 3, 3)
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_moves_between_name_rules_and_for_model():
+    """A for_model checkpoint loads into a name-rule optimizer (and back): each element keeps its
+    old block's v, each new block takes the mean over its elements."""
+    model = _build("gpt2")
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    _train(model, opt, 2, 0)
+    w = model.transformer.h[0].mlp.c_fc.weight  # (in, out): for_model v per column
+    column_v = opt.state[w]["vmean"].clone()
+    saved = _roundtrip(opt.state_dict())
+
+    by_name = AdamMini(model.named_parameters(), backend="torch", dim=H, n_heads=NH, **KW)
+    by_name.load_state_dict(saved)
+    _train(model, by_name, 1, 2)  # builds the buffers from the loaded state
+    rows_v = by_name.state[w]["vmean"].reshape(-1)  # official: one v per row of (in, out)
+    assert rows_v.shape == (H,)
+    beta2 = 0.999
+    g = w.grad.float()
+    expected = beta2 * column_v.mean() + (1 - beta2) * (g * g).mean(dim=1)
+    torch.testing.assert_close(rows_v, expected, rtol=1e-5, atol=0)
+
+    back = AdamMini.for_model(model, backend="torch", **KW)
+    back.load_state_dict(_roundtrip(by_name.state_dict()))
+    _train(model, back, 1, 3)
+    assert back.state[w]["vmean"].shape == (4 * H,)
+
+
+# -- precedence and bad input ----------------------------------------------------------------------
+
+class _NoConfig(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.extra_mlp = nn.Parameter(torch.randn(3, 5))
+
+
+def test_name_sets_apply_to_parameters_for_model_does_not_cover():
+    model = _NoConfig()
+    opt = AdamMini.for_model(model, dim=16, n_heads=4, **KW)
+    rows = {r["name"]: r for r in opt.partition_summary()}
+    assert rows["q_proj.weight"]["num_blocks"] == 4 and rows["extra_mlp"]["num_blocks"] == 3
+    opt.mlp_names = set()
+    opt.wqk_names = set()
+    rows = {r["name"]: r for r in opt.partition_summary()}
+    assert rows["q_proj.weight"]["num_blocks"] == 4 and rows["extra_mlp"]["num_blocks"] == 1
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        AdamMini.for_model(_NoConfig().named_parameters())
+    with pytest.raises(ValueError, match="head size is unknown.*pass dim= and n_heads="):
+        AdamMini.for_model(_NoConfig(), n_heads=4)
+    with pytest.raises(ValueError, match="not a multiple of head_dim=3"):
+        AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, head_dim=3)
+    with pytest.raises(ValueError, match="fused query/key/value weight.*expected 144"):
+        AdamMini.for_model(_gpt2(), n_heads=NH, head_dim=12)
+    opt = AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, **KW)
+    opt.layout_overrides["extra_mlp"] = opt.layout_overrides["q_proj.weight"]
+    with pytest.raises(ValueError, match=r"layout_overrides\['extra_mlp'\] is for shape \[16, 16\]"):
+        opt.partition_summary()
+
+
+# -- HF Trainer -------------------------------------------------------------------------------------
+
+def test_one_trainer_step(tmp_path):
+    pytest.importorskip("accelerate")
+    from torch.utils.data import Dataset
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            x = _tokens(i, batch=1)[0]
+            return {"input_ids": x, "labels": x}
+
+    model = _build("llama")
+    opt = AdamMini.for_model(model, lr=1e-3, weight_decay=0.1, verbose=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, scheduler))
+    result = trainer.train()
+    assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+    assert opt._flat is not None and all(int(s["step"]) == 1 for s in opt.state.values())
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
