@@ -130,8 +130,7 @@ class FlatGroup:
 
     def block_sizes(self) -> torch.Tensor:
         """The size of every block of the group, in v order (int64, on the device)."""
-        sizes = [n for layout in self.layouts for n in layout.block_sizes()]
-        return torch.tensor(sizes, dtype=torch.int64, device=self.device)
+        return torch.cat([layout.block_sizes() for layout in self.layouts]).to(self.device)
 
     def shaped(self, i: int, span: torch.Tensor) -> torch.Tensor:
         """A flat span of parameter ``i`` (in storage order) as a view of the parameter's shape:

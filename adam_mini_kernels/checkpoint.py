@@ -115,7 +115,7 @@ def regroup_v(v: torch.Tensor, saved: Tuple[Tuple[Tuple[int, int], ...], bool], 
     old_sizes = torch.tensor([n for n, c in runs for _ in range(c)], dtype=torch.int64, device=v.device)
     per_element = _storage_to_shape(v.repeat_interleave(old_sizes), layout.shape, columns)
     stored = per_element.t() if layout.columns else per_element
-    new_sizes = torch.tensor(layout.block_sizes(), dtype=torch.int64, device=v.device)
+    new_sizes = layout.block_sizes().to(v.device)
     block_of_element = torch.repeat_interleave(torch.arange(layout.num_blocks, device=v.device), new_sizes)
     sums = v.new_zeros(layout.num_blocks).index_add_(0, block_of_element, stored.reshape(-1))
     return sums / new_sizes.clamp(min=1)

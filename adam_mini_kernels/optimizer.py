@@ -276,13 +276,13 @@ class AdamMini(torch.optim.Optimizer):
 
     # -- partition and buffers -----------------------------------------------------------------
     def _partition_key(self):
-        """What the partition depends on, as a comparable value: the name sets and the overrides."""
-        return snapshot_rules(self), frozenset(self.layout_overrides.items())
+        """What the partition depends on, as a comparable value: the name sets and (a copy of)
+        the overrides; comparing it with the last one is cheap (layouts compare by identity first)."""
+        return snapshot_rules(self), dict(self.layout_overrides)
 
     def _partition(self, key) -> List[BlockLayout]:
         """Every parameter's layout: its override where there is one, else by the name rules."""
         rules, overrides = key
-        overrides = dict(overrides)
         named = self._named_params()
         by_name = [(n, p.shape) for n, p in named if n not in overrides]
         by_rules = iter(build_partition(by_name, rules, self.dim, self.n_heads, self.head_dim))

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
+
 # Rule names, in the order they are tried. "whole" is the fallback.
 ADAM = "adam"
 WQK = "wqk"
@@ -114,9 +116,10 @@ class BlockLayout:
         """The shape of the parameter as laid out in the flat buffers."""
         return self.shape[::-1] if self.columns else self.shape
 
-    def block_sizes(self) -> List[int]:
-        """The size of every block, in storage order."""
-        return [s.block_numel for s in self.sections for _ in range(s.num_blocks)]
+    def block_sizes(self) -> torch.Tensor:
+        """The size of every block, in storage order (int64, on the CPU)."""
+        sizes = torch.tensor([s.block_numel for s in self.sections], dtype=torch.int64)
+        return sizes.repeat_interleave(torch.tensor([s.num_blocks for s in self.sections], dtype=torch.int64))
 
     @property
     def state_kind(self) -> str:

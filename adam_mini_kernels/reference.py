@@ -11,7 +11,7 @@ Math in float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -29,7 +29,7 @@ def adam_mini_step(
     beta2: float,
     eps: float,
     weight_decay: float,
-    block_sizes: Optional[Sequence[int]] = None,
+    block_sizes: Optional[Union[Sequence[int], torch.Tensor]] = None,
 ) -> None:
     """Update ``param``, ``m`` (same numel as param) and ``v`` (one float per block) in place.
 
@@ -40,7 +40,7 @@ def adam_mini_step(
         return
     if block_sizes is None:
         block_sizes = [param.numel() // num_blocks] * num_blocks
-    sizes = torch.tensor(list(block_sizes), dtype=torch.int64)
+    sizes = torch.as_tensor(block_sizes, dtype=torch.int64).cpu()
     g = grad.detach().float().reshape(-1)
     p = param.detach().float().reshape(-1)
     m32 = m.float().reshape(-1)

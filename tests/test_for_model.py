@@ -295,6 +295,15 @@ def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
     assert_backends_close(sets, opts, 2e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+def test_cuda_backend_matches_torch_backend(arch):
+    sets, opts = _for_model_runs(arch, ("torch", "cuda"), device=torch.device("cuda"))
+    run_stream(sets, opts, steps=3, seed=9, none_every=4)
+    assert_backends_close(sets, opts, 2e-6)
+
+
 def test_same_partition_as_official_gives_official_results():
     """Llama: for_model's blocks are official's (heads of dim/n_heads, rows elsewhere)."""
     Adam_mini = pytest.importorskip("adam_mini").Adam_mini
