@@ -16,10 +16,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (models, grad_stream)
 
-# Tests that need the official package (the oracle), transformers or triton skip where they are
+# Tests that need the official package (the oracle), transformers, accelerate or triton skip where they are
 # missing (the GPU machine, a CPU build of torch); in CI they must be there, so a broken install
 # fails loudly instead of skipping.
 if os.environ.get("CI") == "true":
+    import accelerate  # noqa: F401
     import adam_mini  # noqa: F401
     import transformers  # noqa: F401
     import triton  # noqa: F401
