@@ -1,0 +1,266 @@
+"""Convergence: the `make demo` tiny GPT trained with AdamMini, official adam-mini and AdamW.
+
+Every run starts from the same initial weights (one seed) and sees the same batches (one data
+generator seed) of the Python standard library's sources (``demo/train.py``'s corpus, no download);
+the hyperparameters (lr schedule, betas, eps, weight decay with the official no-decay names) are
+the same for every optimizer. Runs:
+
+* ``official``: ``adam_mini.Adam_mini`` 1.1.1 (the oracle), partition by names.
+* ``AdamMini[<backend>]``: ours, same name partition as official, one run per backend asked for
+  (``--backends``; by default every backend ``available_backends`` lists for the device). The
+  Triton interpreter on the CPU is far too slow for a full run: asking for ``triton`` on the CPU
+  runs it (under ``TRITON_INTERPRET=1``) for ``--interpreter-steps`` steps only, which is said in
+  the results.
+* ``AdamMini.for_model``: ours with the module-derived partition (position embeddings one block
+  per position instead of one block, the rest as official).
+* ``AdamW``: ``torch.optim.AdamW``.
+
+Written to ``bench/results/convergence_<device>_<date>.{json,md,png}`` (``--out`` to change):
+the per-step training losses, the validation losses, and the issue's two criteria, evaluated and
+reported, never asserted: (1) each ``AdamMini[...]`` curve equals official's, relative difference
+< 1e-3 at every logged step (training loss every step, validation loss every eval) and (2) its
+final validation loss within 1% of AdamW's.
+
+    python bench/convergence.py                 # CPU: the demo model, 500 steps (~5 min, 2 cores)
+    python bench/convergence.py --preset gpu    # GPU: ~26M parameters, 3000 steps
+    python bench/convergence.py --preset smoke --out /tmp/conv   # seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import torch  # noqa: E402
+
+from demo.tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
+from demo.train import NO_DECAY, SEED, RunConfig, evaluate, get_batch, load_corpus, lr_at  # noqa: E402
+
+PRESETS = {
+    "smoke": RunConfig(GPTConfig(block_size=32, n_layer=1, n_head=2, dim=32), steps=6, batch_size=4, eval_every=3,
+                       val_batches=2),
+    "cpu": RunConfig(GPTConfig()),  # the `make demo` model: 0.87M parameters
+    "gpu": RunConfig(GPTConfig(block_size=256, n_layer=8, n_head=8, dim=512), steps=3000, batch_size=32, lr=1e-3,
+                     eval_every=100, val_batches=20),
+}
+HPARAMS = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+CURVE_RTOL = 1e-3  # criterion 1: |ours - official| / official at every logged step
+FINAL_RTOL = 0.01  # criterion 2: |ours - AdamW| / AdamW of the final validation loss
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def make_optimizer(run: str, model: TinyGPT, cfg: RunConfig):
+    """The optimizer of run ``run`` ("official", "AdamMini[<backend>]", "AdamMini.for_model", "AdamW")."""
+    dims = dict(dim=cfg.model.dim, n_heads=cfg.model.n_head)
+    if run == "official":
+        from adam_mini import Adam_mini
+
+        return Adam_mini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False)
+    from adam_mini_kernels import AdamMini
+
+    if run == "AdamMini.for_model":
+        return AdamMini.for_model(model, lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend="torch")
+    if run.startswith("AdamMini["):
+        return AdamMini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend=run[9:-1])
+    decay = [p for n, p in model.named_parameters() if not any(k in n for k in NO_DECAY)]
+    no_decay = [p for n, p in model.named_parameters() if any(k in n for k in NO_DECAY)]
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, **HPARAMS)
+
+
+def train(run: str, cfg: RunConfig, train_data, val_set, device: str) -> Dict[str, object]:
+    """One run from SEED; per-step training loss, validation loss every ``eval_every`` steps."""
+    torch.manual_seed(SEED)
+    model = TinyGPT(cfg.model).to(device)
+    opt = make_optimizer(run, model, cfg)
+    gen = torch.Generator().manual_seed(SEED)
+    train_loss: List[float] = []
+    evals: List[Dict[str, float]] = []
+    start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, cfg)
+        x, y = get_batch(train_data, cfg, gen, device)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_loss.append(loss.item())
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            evals.append({"step": step, "val": evaluate(model, val_set)})
+    return {"steps": cfg.steps, "train_loss": train_loss, "evals": evals, "seconds": time.perf_counter() - start,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def max_rel_diff(ours: List[float], reference: List[float]) -> float:
+    """max over the common steps of |ours - reference| / |reference|."""
+    return max((abs(a - b) / abs(b) for a, b in zip(ours, reference)), default=float("nan"))
+
+
+def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
+    """The issue's criteria for every AdamMini run with official's partition."""
+    out = {}
+    official, adamw = results.get("official"), results.get("AdamW")
+    for run, r in results.items():
+        if not run.startswith("AdamMini") or "train_loss" not in r:
+            continue
+        row: Dict[str, object] = {}
+        if official is not None and run.startswith("AdamMini["):
+            n = min(r["steps"], official["steps"])
+            val = [e["val"] for e in r["evals"] if e["step"] <= n]
+            off_val = [e["val"] for e in official["evals"] if e["step"] <= n][: len(val)]
+            diff = max(max_rel_diff(r["train_loss"][:n], official["train_loss"][:n]), max_rel_diff(val, off_val))
+            row.update(curve_rel_diff_vs_official=diff, curve_steps_compared=n, curve_equal=diff < CURVE_RTOL)
+        if adamw is not None and r["steps"] == adamw["steps"]:
+            final = (r["evals"][-1]["val"] - adamw["evals"][-1]["val"]) / adamw["evals"][-1]["val"]
+            row.update(final_val_rel_vs_adamw=final, final_within_1pct=abs(final) < FINAL_RTOL)
+        out[run] = row
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The results table."""
+    lines = [
+        f"# Convergence: tiny GPT on stdlib sources ({report['device']['name']}, {report['date']})",
+        "",
+        f"Model {report['model']} ({report['params']:,} parameters), {report['config']['steps']} steps, batch "
+        f"{report['config']['batch_size']} x {report['config']['model']['block_size']} bytes, peak lr "
+        f"{report['config']['lr']}, betas {HPARAMS['betas']}, weight decay {HPARAMS['weight_decay']}; same "
+        "initial weights and batches for every run. Criteria: (1) curve equal to official's, relative "
+        f"difference < {CURVE_RTOL:g} at every logged step; (2) final val loss within {FINAL_RTOL:.0%} of AdamW's.",
+        "",
+        "| run | steps | final train loss (mean of last 10) | final val loss | time (s) | max rel diff vs official | (1) | val vs AdamW | (2) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, r in report["results"].items():
+        if "train_loss" not in r:
+            lines.append(f"| {run} | not run: {r['not_run']} | | | | | | | |")
+            continue
+        c = report["criteria"].get(run, {})
+        diff = c.get("curve_rel_diff_vs_official")
+        vs = c.get("final_val_rel_vs_adamw")
+        tail = r["train_loss"][-10:]
+        lines.append(
+            f"| {run} | {r['steps']}{' (' + r['note'] + ')' if 'note' in r else ''} | {sum(tail) / len(tail):.4f} | {r['evals'][-1]['val']:.4f} | {r['seconds']:.1f} | "
+            + (f"{diff:.2e} | {'pass' if c['curve_equal'] else 'FAIL'}" if diff is not None else " | ")
+            + " | "
+            + (f"{vs:+.2%} | {'pass' if c['final_within_1pct'] else 'FAIL'}" if vs is not None else " | ")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Training loss (smoothed over 10 steps) and validation loss of every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for run, r in report["results"].items():
+        if "train_loss" not in r:
+            continue
+        loss = r["train_loss"]
+        smooth = [sum(loss[max(0, i - 9): i + 1]) / len(loss[max(0, i - 9): i + 1]) for i in range(len(loss))]
+        line, = ax.plot(range(1, len(loss) + 1), smooth, lw=1, alpha=0.6, label=f"{run} train (10-step mean)")
+        ax.plot([e["step"] for e in r["evals"]], [e["val"] for e in r["evals"]], color=line.get_color(), marker="o",
+                ms=3, lw=2, ls="--", label=f"{run} val")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=f"Tiny GPT convergence, {report['device']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on a CUDA device, else cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, help="override the preset's steps")
+    ap.add_argument("--backends", help="AdamMini backends, comma-separated (default: every available one)")
+    ap.add_argument("--interpreter-steps", type=int, default=10,
+                    help="steps of a triton run on the CPU (Triton's interpreter is slow)")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--tag", help="suffix of the output file names")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    wanted = args.backends.split(",") if args.backends else None
+    interpret = device.type == "cpu" and (wanted is None or "triton" in wanted) and _importable("triton")
+    if interpret:  # before triton is first imported
+        os.environ["TRITON_INTERPRET"] = "1"
+    from adam_mini_kernels import available_backends
+
+    cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps)
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_float32_matmul_precision("highest")  # fp32 curves: no TF32 on GPUs
+
+    available = available_backends([device])
+    wanted = wanted or available
+    data = load_corpus()
+    split = int(0.9 * len(data))
+    val_gen = torch.Generator().manual_seed(SEED + 1)
+    val_set = [get_batch(data[split:], cfg, val_gen, args.device) for _ in range(cfg.val_batches)]
+
+    runs = ["official"] + [f"AdamMini[{b}]" for b in wanted] + ["AdamMini.for_model", "AdamW"]
+    results: Dict[str, dict] = {}
+    for run in runs:
+        backend = run[9:-1] if run.startswith("AdamMini[") else None
+        run_cfg = cfg
+        if backend is not None and backend not in available:
+            results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here (available: {available})"}
+            continue
+        if backend == "triton" and device.type == "cpu":
+            run_cfg = replace(cfg, steps=min(cfg.steps, args.interpreter_steps))
+        try:
+            results[run] = train(run, run_cfg, data[:split], val_set, args.device)
+        except ImportError as err:  # official missing
+            results[run] = {"not_run": str(err)}
+        if backend == "triton" and device.type == "cpu":
+            results[run]["note"] = f"Triton interpreter (CPU): first {run_cfg.steps} steps only"
+        print(f"{run}: {results[run].get('not_run') or '%.1f s' % results[run]['seconds']}", flush=True)
+
+    dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+           "threads": torch.get_num_threads()}
+    date = dt.date.today().isoformat()
+    done = [r for r in results.values() if "params" in r]
+    report = {
+        "device": dev, "date": date, "torch": torch.__version__, "model": asdict(cfg.model),
+        "params": done[0]["params"] if done else None, "config": asdict(cfg), "hparams": HPARAMS,
+        "results": results, "criteria": criteria(results),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (f"convergence_{_slug(dev['name'])}_{date}" + (f"_{_slug(args.tag)}" if args.tag else ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    print(f"results: {stem}.json / .md / .png")
+    return stem
+
+
+if __name__ == "__main__":
+    main()

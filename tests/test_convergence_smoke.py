@@ -1,0 +1,37 @@
+"""bench/convergence.py must keep working: its smoke preset trains every run for a few steps and
+writes the JSON, the markdown table and the PNG, with the issue's criteria evaluated."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_convergence_smoke(tmp_path):
+    pytest.importorskip("adam_mini")  # the official run (required in CI: conftest.py)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "bench/convergence.py", "--preset", "smoke", "--backends", "torch", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_path] = tmp_path.glob("convergence_*.json")
+    assert json_path.with_suffix(".png").stat().st_size > 10_000
+    table = json_path.with_suffix(".md").read_text()
+    report = json.loads(json_path.read_text())
+    runs = report["results"]
+    assert set(runs) == {"official", "AdamMini[torch]", "AdamMini.for_model", "AdamW"}
+    for name, run in runs.items():
+        assert len(run["train_loss"]) == 6 and all(0 < x < 10 for x in run["train_loss"]), name
+        assert name in table
+    # Same partition as official, same seed and data: the same curve.
+    criteria = report["criteria"]["AdamMini[torch]"]
+    assert criteria["curve_steps_compared"] == 6 and criteria["curve_rel_diff_vs_official"] < 1e-3
+    assert criteria["curve_equal"] and "final_val_rel_vs_adamw" in criteria
+    assert "curve_rel_diff_vs_official" not in report["criteria"]["AdamMini.for_model"]
