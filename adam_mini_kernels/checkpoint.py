@@ -30,7 +30,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 
 from .buffers import FlatGroup
-from .partition import BlockLayout
+from .partition import BlockLayout, run_block_sizes
 
 
 def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
@@ -45,8 +45,7 @@ def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
     if kind == "rows":
         return {"m": m.view(shape), "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
     if kind == "blocks":
-        runs = tuple((s.block_numel, s.num_blocks) for s in layout.sections)
-        return {"m": group.shaped(i, m), "step": step, "vmean": v, "block_runs": runs, "columns": layout.columns}
+        return {"m": group.shaped(i, m), "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
     return {"m": m.view(shape), "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
 
 
@@ -107,12 +106,11 @@ def regroup_v(v: torch.Tensor, saved: Tuple[Tuple[Tuple[int, int], ...], bool], 
     elements (exact when the partition did not change)."""
     v = v.reshape(-1).float()
     runs, columns = saved
-    new_runs = tuple((s.block_numel, s.num_blocks) for s in layout.sections)
-    if (runs, columns) == (new_runs, layout.columns) or v.numel() == 0 and layout.num_blocks == 0:
+    if (runs, columns) == (layout.runs, layout.columns) or (v.numel() == 0 and layout.num_blocks == 0):
         return v
     if layout.numel == 0:
         return v.new_zeros(layout.num_blocks)
-    old_sizes = torch.tensor([n for n, c in runs for _ in range(c)], dtype=torch.int64, device=v.device)
+    old_sizes = run_block_sizes(runs).to(v.device)
     per_element = _storage_to_shape(v.repeat_interleave(old_sizes), layout.shape, columns)
     stored = per_element.t() if layout.columns else per_element
     new_sizes = layout.block_sizes().to(v.device)

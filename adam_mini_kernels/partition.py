@@ -56,6 +56,12 @@ NO_DECAY_KEYS = ("norm", "ln", "bias")
 NameRules = Tuple[Tuple[str, frozenset], ...]
 
 
+def run_block_sizes(runs: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """The size of every block of ``(block_numel, num_blocks)`` runs, in order (int64, CPU)."""
+    sizes = torch.tensor([n for n, _ in runs], dtype=torch.int64)
+    return sizes.repeat_interleave(torch.tensor([c for _, c in runs], dtype=torch.int64))
+
+
 @dataclass(frozen=True)
 class Section:
     """``num_blocks`` consecutive blocks of ``block_numel`` elements each, under one rule."""
@@ -116,10 +122,14 @@ class BlockLayout:
         """The shape of the parameter as laid out in the flat buffers."""
         return self.shape[::-1] if self.columns else self.shape
 
+    @property
+    def runs(self) -> Tuple[Tuple[int, int], ...]:
+        """``(block_numel, num_blocks)`` of each section."""
+        return tuple((s.block_numel, s.num_blocks) for s in self.sections)
+
     def block_sizes(self) -> torch.Tensor:
         """The size of every block, in storage order (int64, on the CPU)."""
-        sizes = torch.tensor([s.block_numel for s in self.sections], dtype=torch.int64)
-        return sizes.repeat_interleave(torch.tensor([s.num_blocks for s in self.sections], dtype=torch.int64))
+        return run_block_sizes(self.runs)
 
     @property
     def state_kind(self) -> str:
