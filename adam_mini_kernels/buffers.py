@@ -14,7 +14,7 @@ Each parameter starts at a multiple of ``ALIGN_ELEMENTS`` elements (128 bytes fo
 kernels can use aligned vector loads on rows whose length is a multiple of the vector width. The
 gap after a parameter ("padding") belongs to no block and stays zero in every buffer.
 
-The per-parameter table (``table``) and the layouts' block sizes (``block_sizes``) are what
+The per-parameter table (``table``) and the size of every block (``block_sizes``) are what
 backends consume, built once; backends derive their launch metadata from them once and keep it
 in ``cache``. A parameter with column blocks (see [Note: block layouts] in partition.py) is
 stored transposed: ``p.data`` and ``p.grad`` are then transposed (non-contiguous) views of their
@@ -92,6 +92,8 @@ class FlatGroup:
         self.v = torch.zeros(num_v, dtype=torch.float32, **make)
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
         self.table = self._make_table()
+        # The size of every block of the group, in v order (built here, outside any traced step).
+        self.block_sizes = torch.cat([layout.block_sizes() for layout in self.layouts]).to(self.device)
         self.hparams: Optional[torch.Tensor] = None
         self._captured_uploads: List[torch.Tensor] = []
         self._active_flags: Dict[tuple, torch.Tensor] = {}
@@ -127,10 +129,6 @@ class FlatGroup:
     def _span(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         start = self.offsets[i]
         return buffer[start : start + self.params[i].numel()]
-
-    def block_sizes(self) -> torch.Tensor:
-        """The size of every block of the group, in v order (int64, on the device)."""
-        return torch.cat([layout.block_sizes() for layout in self.layouts]).to(self.device)
 
     def shaped(self, i: int, span: torch.Tensor) -> torch.Tensor:
         """A flat span of parameter ``i`` (in storage order) as a view of the parameter's shape:

@@ -47,7 +47,7 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
     t = group.table
     num_blocks = t["num_blocks"]
     block_param = torch.repeat_interleave(torch.arange(len(num_blocks), device=group.device), num_blocks)
-    block_numel = group.block_sizes()
+    block_numel = group.block_sizes
     pad = t["padded_numel"] - t["numel"]
     last_block = torch.cumsum(num_blocks, 0) - 1
     seg_len = block_numel.clone()
