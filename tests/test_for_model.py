@@ -261,6 +261,30 @@ def test_fused_clipping_with_column_layouts_equals_clip_grad_norm():
         assert max_rel_err(q, p) <= 1e-5, n
 
 
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_compiled_opt_step_with_for_model_layouts_matches_eager(set_to_none):
+    """opt.step() under torch.compile(fullgraph=True) (after the eager step that builds the
+    buffers) on transposed and sectioned parameters: no graph break, the eager result."""
+    torch._dynamo.reset()
+    models = [_build("gpt2"), _build("gpt2")]
+    opts = [AdamMini.for_model(model, backend="torch", **KW) for model in models]
+    steps = [opts[0].step, opts[1].step]
+    for i in range(4):  # both step a's gradients (see grad_stream.py for why not b's own)
+        _loss(models[0], _tokens(40 + i)).backward()
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            if q.grad is None:
+                q.grad = p.grad.clone()
+            else:
+                q.grad.copy_(p.grad)
+        for step, opt in zip(steps, opts):
+            step()
+            opt.zero_grad(set_to_none=set_to_none)
+        if i == 0:
+            steps[1] = torch.compile(lambda: opts[1].step(), fullgraph=True)
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+
+
 # -- fused backends on for_model layouts -----------------------------------------------------------
 
 def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
