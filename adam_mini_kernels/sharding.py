@@ -88,7 +88,7 @@ def shard_info(name: str, p: Any) -> ShardInfo:
         dim = None
     else:
         raise NotImplementedError(
-            f"parameter '{name}' has placement {placement}; AdamMini supports Shard(d) and Replicate parameters"
+            f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports Shard(d) and Replicate parameters"
         )
     info = ShardInfo(mesh, placements, dim, mesh.get_local_rank(), mesh.size(), tuple(p.shape), tuple(p._local_tensor.shape))
     expected = list(info.global_shape)
