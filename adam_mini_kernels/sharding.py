@@ -260,7 +260,7 @@ class ShardedGroup:
         """After ``FlatGroup.repair``: re-point gradients that were copied in as DTensors over the
         flat gradient buffer."""
         for i, p, lb in self.members:
-            if p.grad is not None and p.grad._local_tensor is not group.grad_views[i]:
+            if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
                 p.grad = as_dtensor(group.grad_views[i], lb.info)
 
     def push(self, group) -> None:

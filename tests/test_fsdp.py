@@ -94,9 +94,9 @@ class _CountAllReduce:
         dist.all_reduce = self._original
 
 
-def _train(model, opt, rank: int, steps: range, counts=None) -> None:
+def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True) -> None:
     for step in steps:
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         model(_batch(step).chunk(WORLD)[rank]).backward()
         with _CountAllReduce() as counter:
             opt.step()
@@ -119,22 +119,25 @@ def _single_process(steps: int, max_grad_norm=None) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _fsdp_worker(rank, port, out, max_grad_norm):
+def _fsdp_worker(rank, port, out, max_grad_norm, set_to_none):
     _init(rank, port)
     try:
         model = _model()
         fully_shard(model)
         opt = AdamMini(model.named_parameters(), max_grad_norm=max_grad_norm, **KW)
         counts = []
-        _train(model, opt, rank, range(STEPS), counts)
-        torch.save({"params": _gathered(model), "counts": counts}, f"{out}/rank{rank}.pt")
+        _train(model, opt, rank, range(STEPS), counts, set_to_none)
+        aliased = all(p.grad._local_tensor.data_ptr() == g.data_ptr() for p, g in zip(opt._owners[0], opt._flat[0].grad_views))
+        torch.save({"params": _gathered(model), "counts": counts, "aliased": aliased}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
-def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, max_grad_norm):
-    _spawn(_fsdp_worker, str(tmp_path), max_grad_norm)
+@pytest.mark.parametrize("max_grad_norm, set_to_none", [(None, True), (0.05, False)])
+def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, max_grad_norm, set_to_none):
+    """zero_grad(set_to_none=False): FSDP2 accumulates into the gradients the optimizer
+    re-pointed into its flat buffer, which one fill zeroes."""
+    _spawn(_fsdp_worker, str(tmp_path), max_grad_norm, set_to_none)
     expected = _single_process(STEPS, max_grad_norm)
     initial = dict(_model().named_parameters())
     for rank in range(WORLD):
@@ -145,6 +148,7 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, max
         # One fp32 group on one mesh: one all-reduce of the split blocks' sums per step, plus
         # one for the global gradient norm when clipping.
         assert saved["counts"] == [1 + (max_grad_norm is not None)] * STEPS, saved["counts"]
+        assert saved["aliased"]  # p.grad re-pointed into the flat gradient buffer
 
 
 def _dtensor_worker(rank, port, out):
