@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .checkpoint import regroup_v, second_moment
 from .partition import ADAM, BlockLayout
 
 try:
@@ -350,8 +351,6 @@ def local_state(state: Dict[str, Any], lb: LocalBlocks) -> Dict[str, Any]:
     if "v" in state and lb.global_layout.rule == ADAM:
         local["v"] = shard(state["v"])
     else:
-        from .checkpoint import regroup_v, second_moment
-
         v = _full(second_moment(state))
         if v is not None:
             layout = lb.global_layout
