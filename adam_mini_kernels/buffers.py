@@ -101,6 +101,8 @@ class FlatGroup:
         # Seed of stochastic rounding (rounding.py) for a bfloat16 group that uses it; None:
         # every backend writes p and m rounded to nearest.
         self.round_seed: Optional[int] = None
+        # The DTensor side of a group of sharded parameters (sharding.ShardedGroup), or None.
+        self.sharded = None
 
         # The gradient views the parameters' .grad point at (the very objects: a compiled step
         # checks aliasing by identity) and that max_grad_norm takes norms of.

@@ -29,6 +29,7 @@ from .partition import (
     snapshot_rules,
 )
 from .rounding import SEED_BOUND, group_seed
+from .sharding import ShardedGroup, global_state, is_sharded, local_blocks, local_state, local_state_views, shard_info
 
 logger = logging.getLogger("adam_mini_kernels")
 
@@ -64,10 +65,11 @@ def _check_param(name: str, p: Any) -> None:
         raise ValueError(f"parameter '{name}' is complex ({p.dtype}); AdamMini supports real floating-point parameters only")
     if not p.is_floating_point():
         raise ValueError(f"parameter '{name}' has dtype {p.dtype}; AdamMini needs floating-point parameters")
-    if type(p.data) is not torch.Tensor:
+    if is_sharded(p):
+        shard_info(name, p)  # raises for placements that are not supported
+    elif type(p.data) is not torch.Tensor:
         raise NotImplementedError(
-            f"parameter '{name}' is a {type(p.data).__name__}; tensor subclasses (DTensor, FSDP2) "
-            "are not supported yet"
+            f"parameter '{name}' is a {type(p.data).__name__}; tensor subclasses other than DTensor are not supported"
         )
 
 
@@ -217,8 +219,11 @@ class AdamMini(torch.optim.Optimizer):
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if capturable and any(d.type != "cuda" for d in devices):
             raise ValueError("capturable=True (CUDA graph capture of step()) needs every parameter on a CUDA device")
+        if capturable and any(is_sharded(p) for _, p in self._named_params()):
+            raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
         self._step_fn = dispatch.load_backend(self.backend)
+        self._reference_step = dispatch.load_backend("torch")
         if model_sharding is not None and verbose:
             logger.warning("AdamMini: model_sharding is accepted for compatibility and ignored")
 
@@ -311,38 +316,55 @@ class AdamMini(torch.optim.Optimizer):
             for l in self._partition(self._partition_key())
         ]
 
+    def _local_blocks(self, layouts: List[BlockLayout]) -> Dict[int, Any]:
+        """Index -> ``LocalBlocks`` of every sharded parameter (see [Note: sharded parameters])."""
+        return {
+            k: local_blocks(layout, shard_info(name, p))
+            for k, ((name, p), layout) in enumerate(zip(self._named_params(), layouts))
+            if is_sharded(p)
+        }
+
     def _build(self, key) -> None:
         """(Re)build the partition and the flat buffers, keeping every parameter's state.
-        Everything is validated before anything is changed."""
+        Everything is validated before anything is changed. Sharded parameters are held by their
+        local shards, grouped apart per process group."""
         named = self._named_params()
         layouts = self._partition(key)
+        local = self._local_blocks(layouts)
+        layouts = [local[k].layout if k in local else layout for k, layout in enumerate(layouts)]
         for (_, p), layout in zip(named, layouts):
             if p in self.state:
                 check_state(self.state[p], layout)
 
-        by_key: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+        by_key: Dict[tuple, List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
-            by_key[(p.device, p.dtype)].append(k)
-        dtypes = {dtype for _, dtype in by_key}
+            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None)].append(k)
+        dtypes = {key[1] for key in by_key}
         if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
             raise ValueError(
                 "stochastic_rounding=True rounds bfloat16 parameters and state; this optimizer has "
                 f"parameters of dtypes {sorted(str(d) for d in dtypes)}: float16 is not supported "
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
-        flat, self._slots = [], {}
+        flat, self._slots, self._owners = [], {}, []
         for members in by_key.values():
             params = [named[k][1] for k in members]
             wide = self.state_dtype if params[0].dtype in (torch.bfloat16, torch.float16) else None
-            group = FlatGroup(params, [layouts[k] for k in members], wide)
+            # A sharded parameter enters the flat group as a plain proxy of its local shard.
+            proxies = [p._local_tensor.detach() if k in local else p for k, p in zip(members, params)]
+            group = FlatGroup(proxies, [layouts[k] for k in members], wide)
+            sharded = [(i, named[k][1], local[k]) for i, k in enumerate(members) if k in local]
+            if sharded:
+                group.sharded = ShardedGroup(group, sharded)
             if self.stochastic_rounding and group.dtype == torch.bfloat16:
                 group.round_seed = group_seed(self._round_seed, len(flat))
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
             for i, k in enumerate(members):
                 p = named[k][1]
-                self.state[p] = state_views(group, i)
+                self.state[p] = local_state_views(group, i) if k in local else state_views(group, i)
                 self._slots[p] = (len(flat), i)
             flat.append(group)
+            self._owners.append(params)
         self._flat, self._built_key = flat, key
         if self.verbose:
             self._log_partition(layouts)
@@ -429,7 +451,12 @@ class AdamMini(torch.optim.Optimizer):
             self._device_lrs()
         inv_scale, skip = self._gradient_factors([group for group, _ in live])
         for group, active in live:
-            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
+            step_fn = self._step_fn
+            if group.sharded is not None and group.sharded.needs_reference:
+                step_fn = self._reference_step  # see [Note: fused backends on shards]
+            step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
+            if group.sharded is not None:
+                group.sharded.push(group)
         return loss
 
     def _prepare(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
@@ -447,6 +474,9 @@ class AdamMini(torch.optim.Optimizer):
             hparams_changed = True
         if not self.capturable and any(g.device.type == "cuda" for g in self._flat) and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("AdamMini.step() is being captured in a CUDA graph: construct the optimizer with capturable=True")
+        for group in self._flat:
+            if group.sharded is not None:
+                group.sharded.pull(group)
         checks = [group.inspect() for group in self._flat]
         if hparams_changed:
             self._upload_hparams()
@@ -454,6 +484,8 @@ class AdamMini(torch.optim.Optimizer):
         for group, check in zip(self._flat, checks):
             if check.active is None or any(check.active):
                 group.repair(check)
+                if group.sharded is not None:
+                    group.sharded.adopt_grads(group)
                 active = None if check.active is None else group.active_flags(check.active, keep=self.capturable)
                 live.append((group, active))
         return live
@@ -465,6 +497,8 @@ class AdamMini(torch.optim.Optimizer):
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
                 "(and again after changing name sets, adding param groups or loading a state dict)"
             )
+        if any(group.sharded is not None for group in self._flat):
+            raise NotImplementedError("torch.compile of AdamMini.step() with sharded (DTensor, FSDP2) parameters is not supported yet")
         if self._read_hparams():
             self._upload_hparams()
         live = []
@@ -488,15 +522,30 @@ class AdamMini(torch.optim.Optimizer):
         skip = None if found_inf is None else _on(found_inf, device)
         if self.max_grad_norm is None:
             return inv_scale, skip
-        # As clip_grad_norm_: the norm of the per-tensor norms (idle params' zeroed grads add 0).
-        norms = [n.to(device, non_blocking=True) for g in groups for n in torch._foreach_norm(g.grad_views)]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0).float()
+        total = self._global_grad_norm(groups, device)
         if inv_scale is not None:
             total = total * inv_scale
         self.last_grad_norm = total
         clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
         nonfinite = (~torch.isfinite(total)).float()
         return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
+
+    def _global_grad_norm(self, groups: List[FlatGroup], device: torch.device) -> torch.Tensor:
+        """As clip_grad_norm_: the norm of the per-tensor norms (idle params' zeroed grads add 0).
+        The squares of sharded gradients' local norms are summed over their mesh (one all-reduce
+        per process group)."""
+        squares = []
+        for group in groups:
+            norms = torch._foreach_norm(group.grad_views)
+            partial = set(group.sharded.partial_members()) if group.sharded is not None else set()
+            local = [n for i, n in enumerate(norms) if i not in partial]
+            if local:
+                squares.append(torch.stack(local).double().square().sum().to(device, non_blocking=True))
+            if partial:
+                shard_sum = torch.stack([norms[i] for i in sorted(partial)]).double().square().sum()
+                torch.distributed.all_reduce(shard_sum, group=group.sharded.process_group)
+                squares.append(shard_sum.to(device, non_blocking=True))
+        return torch.stack(squares).sum().sqrt().float()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` the flat gradient
@@ -508,7 +557,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_built_key", "_hparam_rows", "_step_fn")
+    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn", "_reference_step")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -521,22 +570,30 @@ class AdamMini(torch.optim.Optimizer):
         super().__setstate__(state)
         self._flat, self._hparam_rows = None, None
         self._step_fn = dispatch.load_backend(self.backend)
+        self._reference_step = dispatch.load_backend("torch")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _index_to_param(self) -> List[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self) -> Dict[str, Any]:
-        """As torch's, in official 1.1.1's per-parameter layout, with ``step`` as a Python int."""
+        """As torch's, in official 1.1.1's per-parameter layout, with ``step`` as a Python int.
+        Sharded parameters' states are saved as ``sharding.global_state`` describes (DTensors;
+        a collective: every rank of their mesh must call it)."""
         state_dict = super().state_dict()
         steps: Dict[torch.Tensor, int] = {}
-        for group in self._flat or []:
-            steps.update(zip(group.params, group.steps.tolist()))
+        for group, owners in zip(self._flat or [], getattr(self, "_owners", [])):
+            steps.update(zip(owners, group.steps.tolist()))
         params = self._index_to_param()
         state_dict["state"] = {
             idx: {**s, "step": steps[params[idx]] if params[idx] in steps else int(s["step"])}
             for idx, s in state_dict["state"].items()
         }
+        local = self._local_blocks(self._partition(self._partition_key()))
+        sharded = sorted(idx for idx in state_dict["state"] if idx in local)
+        if sharded:
+            saved = global_state([(state_dict["state"][idx], local[idx]) for idx in sharded])
+            state_dict["state"].update(zip(sharded, saved))
         if self._round_seed is not None:
             state_dict[ROUNDING_KEY] = {"seed": self._round_seed}
         return state_dict
@@ -547,11 +604,17 @@ class AdamMini(torch.optim.Optimizer):
         rounding seed is restored when saved (and this optimizer rounds stochastically)."""
         params = self._index_to_param()
         layouts = self._partition(self._partition_key())
-        saved = state_dict["state"]
-        for idx, s in saved.items():
-            if not 0 <= idx < len(params):
-                raise ValueError(f"state dict has state for parameter index {idx}; this optimizer has {len(params)}")
+        # As torch: state keys are the ids listed in the saved param groups, by position (ints
+        # from state_dict(); names from torch.distributed.checkpoint.state_dict).
+        saved_ids = [key for group in state_dict["param_groups"] for key in group["params"]]
+        position = dict(zip(saved_ids, range(len(saved_ids))))
+        saved = {}
+        for key, s in state_dict["state"].items():
+            idx = position.get(key, key) if len(saved_ids) == len(params) else key
+            if not (isinstance(idx, int) and 0 <= idx < len(params)):
+                raise ValueError(f"state dict has state for parameter {key!r}; this optimizer has {len(params)} parameters")
             check_state(s, layouts[idx])
+            saved[idx] = s
         # torch's loader casts every state tensor to the parameter's dtype: keep v/vmean float32
         # and m in the dtype it was saved in (absorb_state casts it to this optimizer's m dtype).
         moments = {
@@ -569,4 +632,7 @@ class AdamMini(torch.optim.Optimizer):
             self._round_seed = rounding["seed"]
         for idx, kept in moments.items():
             self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})
+        for idx, lb in self._local_blocks(layouts).items():
+            if params[idx] in self.state:
+                self.state[params[idx]] = local_state(self.state[params[idx]], lb)
         self._flat = None

@@ -47,10 +47,13 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
     t = group.table
     num_blocks = t["num_blocks"]
     block_param = torch.repeat_interleave(torch.arange(len(num_blocks), device=group.device), num_blocks)
-    block_numel = group.block_sizes
+    if group.sharded is None:
+        block_numel = group.block_sizes
+        seg_len = block_numel.clone()
+    else:  # local segments of shards; the mean divides by the global block size
+        block_numel, seg_len = group.sharded.divisors, group.sharded.segment_sizes.clone()
     pad = t["padded_numel"] - t["numel"]
     last_block = torch.cumsum(num_blocks, 0) - 1
-    seg_len = block_numel.clone()
     has_blocks = num_blocks > 0
     seg_len.index_add_(0, last_block[has_blocks], pad[has_blocks])
     return _SegmentTable(
@@ -76,6 +79,8 @@ def torch_step(
 
     g = group.grad_buffer.float()
     block_sum = torch.segment_reduce(g * g, "sum", lengths=seg.seg_len)
+    if group.sharded is not None:
+        group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
     block_coef = coef.index_select(0, seg.block_param)
     grad_scale = block_coef[:, C_GRAD_SCALE]  # see [Note: gradient multiplier] in coefficients.py
     block_sum = torch.where(grad_scale == 0, 0.0, block_sum * (grad_scale * grad_scale))

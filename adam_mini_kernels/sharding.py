@@ -1,0 +1,365 @@
+"""Sharded parameters (DTensor, FSDP2 ``fully_shard``): local blocks, split blocks, one all-reduce.
+
+[Note: sharded parameters]
+The partition is computed on a DTensor parameter's global (logical) shape and full name, exactly
+as for a plain tensor. Each rank steps only its local shard. Reading the shard in storage order
+keeps the global order of its elements, so the global blocks it touches are consecutive runs of
+local elements, one run per block ("local segments"). A segment holding a whole block is reduced
+and updated locally. A block split across ranks (a whole-tensor norm weight, a head straddling the
+shard boundary, every row under a ``Shard(1)`` placement) needs the sum of g^2 over all its
+pieces: every rank computes its pieces' partial sums, all split blocks of a flat group go into
+one vector (slots in a global order every rank derives from the sharding alone), and ONE
+``all_reduce`` per group per step sums them, between the reduction and the update. The mean
+divides by the global block size; padding (FSDP2 pads dim 0) is never part of a segment. A split
+block's ``v`` is kept on every rank holding a piece of it, identical everywhere.
+
+The flat buffers hold the local shards. A sharded parameter's storage belongs to its DTensor (and
+to FSDP2, which all-gathers from its own padded buffer), so it is not re-pointed: each step copies
+the local shards into the flat buffer and the results back (one foreach copy each way). Gradients
+are re-pointed: ``p.grad`` becomes a DTensor over the flat gradient buffer, which FSDP2
+accumulates into and ``zero_grad(set_to_none=False)`` zeroes in one fill.
+
+Supported: DTensors on a 1-D device mesh with a ``Shard(d)`` or ``Replicate`` placement (FSDP2
+gives ``Shard(0)``), gradients placed like their parameter. Anything else (``Partial``, strided
+or multi-dimensional meshes) is a ``NotImplementedError`` rather than a wrong ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .checkpoint import regroup_v, saved_blocks, second_moment
+from .partition import ADAM, BlockLayout, Section
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch built without distributed support
+    DTensor = None
+
+
+def is_sharded(p: Any) -> bool:
+    """True for a DTensor parameter (FSDP2, ``distribute_tensor``)."""
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where one rank's local shard sits in a DTensor parameter."""
+
+    mesh: Any  # the 1-D DeviceMesh
+    placements: tuple
+    dim: Optional[int]  # the sharded dim, None when replicated
+    rank: int  # this rank's coordinate on the mesh
+    world: int  # ranks of the mesh
+    global_shape: Tuple[int, ...]
+    local_shape: Tuple[int, ...]
+
+    @property
+    def process_group(self):
+        return self.mesh.get_group()
+
+    def shard_range(self, rank: int) -> Tuple[int, int]:
+        """(first index, length) along ``dim`` of ``rank``'s shard (torch.chunk's split, as
+        DTensor and FSDP2 use: equal chunks of ceil(n / world), the last ones shorter or empty)."""
+        n = self.global_shape[self.dim]
+        chunk = -(-n // self.world)
+        start = min(rank * chunk, n)
+        return start, min(chunk, n - start)
+
+
+def shard_info(name: str, p: Any) -> ShardInfo:
+    """The ``ShardInfo`` of DTensor parameter ``p``; raises ``NotImplementedError`` for
+    placements this optimizer does not support."""
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"parameter '{name}' is a DTensor on a {mesh.ndim}-D device mesh; AdamMini supports 1-D meshes "
+            "(FSDP2 fully_shard without HSDP, or distribute_tensor on a 1-D mesh)"
+        )
+    (placement,) = placements
+    if type(placement) is Shard:
+        dim = placement.dim
+    elif type(placement) is Replicate:
+        dim = None
+    else:
+        raise NotImplementedError(
+            f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports Shard(d) and Replicate parameters"
+        )
+    info = ShardInfo(mesh, placements, dim, mesh.get_local_rank(), mesh.size(), tuple(p.shape), tuple(p._local_tensor.shape))
+    expected = list(info.global_shape)
+    if dim is not None:
+        expected[dim] = info.shard_range(info.rank)[1]
+    if tuple(expected) != info.local_shape:
+        raise NotImplementedError(
+            f"parameter '{name}': local shard of shape {list(info.local_shape)} is not the even split "
+            f"{expected} of {list(info.global_shape)} over {info.world} ranks; uneven DTensor shards are not supported"
+        )
+    return info
+
+
+def check_grad_placement(name: str, p: Any) -> None:
+    """Raise when the gradient of a DTensor parameter is not placed like the parameter."""
+    g = p.grad
+    if g is not None and (not isinstance(g, DTensor) or tuple(g.placements) != tuple(p.placements)):
+        where = tuple(g.placements) if isinstance(g, DTensor) else type(g).__name__
+        raise NotImplementedError(
+            f"gradient of sharded parameter '{name}' is placed as {where}, the parameter as {tuple(p.placements)}; "
+            "AdamMini needs gradients sharded like their parameters (reduce Partial gradients first)"
+        )
+
+
+def segments(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(global block id, number of local elements) of each local segment of ``rank``'s shard, in
+    storage order (see [Note: sharded parameters])."""
+    shape, bn = info.global_shape, layout.block_numel
+    if info.dim is None:
+        starts, run = np.zeros(1, dtype=np.int64), layout.numel
+    else:
+        start, length = info.shard_range(rank)
+        outer, inner = math.prod(shape[: info.dim]), math.prod(shape[info.dim + 1 :])
+        starts = np.arange(outer, dtype=np.int64) * (shape[info.dim] * inner) + start * inner
+        run = length * inner
+    if run == 0 or bn == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    first, last = starts // bn, (starts + run - 1) // bn
+    per_run = last - first + 1
+    run_of = np.repeat(np.arange(len(starts)), per_run)
+    ids = first[run_of] + np.arange(per_run.sum()) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+    lo = np.maximum(starts[run_of], ids * bn)
+    hi = np.minimum(starts[run_of] + run, (ids + 1) * bn)
+    # Runs end where the next begins in local order: merge pieces of one block.
+    new = np.r_[True, ids[1:] != ids[:-1]]
+    return ids[new], np.add.reduceat(hi - lo, np.flatnonzero(new))
+
+
+@dataclass
+class LocalBlocks:
+    """One sharded parameter's local part of the partition."""
+
+    info: ShardInfo
+    global_layout: BlockLayout
+    layout: BlockLayout  # of the local shard: what the flat buffers hold
+    block_ids: np.ndarray  # global block of each local segment
+    sizes: np.ndarray  # local elements of each segment
+    split: np.ndarray  # bool: the block has pieces on other ranks
+
+def _sections(rule: str, sizes: np.ndarray) -> Tuple[Section, ...]:
+    """Consecutive local segments of equal size, as the sections of a block layout."""
+    if len(sizes) == 0:
+        return (Section(rule, 0, 0),)
+    starts = np.flatnonzero(np.r_[True, sizes[1:] != sizes[:-1]])
+    counts = np.diff(np.r_[starts, len(sizes)])
+    return tuple(Section(rule, int(sizes[a]), int(c)) for a, c in zip(starts, counts))
+
+
+def local_blocks(layout: BlockLayout, info: ShardInfo) -> LocalBlocks:
+    """The local segments of this rank's shard of a parameter laid out as ``layout``: the local
+    layout has one block per segment (sections of equal-size segments)."""
+    if layout.block_numel is None or layout.columns:
+        raise NotImplementedError(
+            f"parameter '{layout.name}' is sharded and has a sectioned or column-stored layout "
+            "(AdamMini.for_model's fused QKV or Conv1D blocks); sharded parameters support one-section layouts "
+            "(the name rules) for now"
+        )
+    ids, sizes = segments(layout, info, info.rank)
+    split = sizes < layout.block_numel
+    local = BlockLayout(layout.name, layout.rule, info.local_shape, _sections(layout.rule, sizes))
+    return LocalBlocks(info, layout, local, ids, sizes, split)
+
+
+def split_slots(blocks: Sequence[LocalBlocks]) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
+    """The all-reduce vector of a flat group's sharded parameters (``blocks``, in group order,
+    the same list on every rank): one slot per block split across ranks, numbered in a global
+    order every rank derives from the sharding alone. Returns, per parameter, this rank's split
+    local segments and their slots, and the number of slots."""
+    segs, slots, base = [], [], 0
+    for lb in blocks:
+        bn = lb.global_layout.block_numel
+        held = [segments(lb.global_layout, lb.info, r) for r in range(lb.info.world)]
+        split_ids = np.unique(np.concatenate([ids[sizes < bn] for ids, sizes in held]))
+        mine = np.flatnonzero(lb.split)
+        segs.append(mine)
+        slots.append(base + np.searchsorted(split_ids, lb.block_ids[mine]))
+        base += len(split_ids)
+    return segs, slots, base
+
+
+class SplitReducer:
+    """Sums a flat group's split-block partial sums across the ranks of its mesh, one
+    ``all_reduce`` per call (see [Note: sharded parameters])."""
+
+    def __init__(self, process_group, positions: np.ndarray, slots: np.ndarray, num_slots: int, device: torch.device):
+        self.process_group = process_group
+        self.positions = torch.from_numpy(positions).to(device)
+        self.slots = torch.from_numpy(slots).to(device)
+        self.num_slots = num_slots
+
+    def __call__(self, block_sum: torch.Tensor) -> None:
+        """Replace the split entries of ``block_sum`` (one per local segment, float32) by their
+        sums over all ranks, in place."""
+        if self.num_slots == 0:
+            return
+        buffer = block_sum.new_zeros(self.num_slots)
+        buffer.index_copy_(0, self.slots, block_sum.index_select(0, self.positions))
+        dist.all_reduce(buffer, group=self.process_group)
+        block_sum.index_copy_(0, self.positions, buffer.index_select(0, self.slots))
+
+
+def as_dtensor(local: torch.Tensor, info: ShardInfo) -> Any:
+    """A DTensor over ``local`` (no copy), placed as the parameter ``info`` describes."""
+    shape = torch.Size(info.global_shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, info.mesh, info.placements, run_check=False, shape=shape, stride=stride)
+
+
+class ShardedGroup:
+    """The sharded parameters of one flat group (``FlatGroup.sharded``): their DTensors, local
+    blocks and the split-block all-reduce. The group's ``params`` are plain proxies of the local
+    shards (see [Note: sharded parameters])."""
+
+    def __init__(self, group, members: Sequence[Tuple[int, Any, LocalBlocks]]):
+        self.members = list(members)  # (index in the group, DTensor parameter, LocalBlocks)
+        (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
+        by_index = {i: lb for i, _, lb in self.members}
+        sizes, divisors = [], []
+        for i, layout in enumerate(group.layouts):
+            lb = by_index.get(i)
+            if lb is None:
+                sizes.append(layout.block_sizes().numpy())
+                divisors.append(sizes[-1])
+            else:
+                sizes.append(lb.sizes.astype(np.int64))
+                divisors.append(np.full(len(lb.sizes), lb.global_layout.block_numel, dtype=np.int64))
+        # One entry per v value of the group: local elements, and the global block size (mean).
+        self.segment_sizes = torch.from_numpy(np.concatenate(sizes)).to(group.device)
+        self.divisors = torch.from_numpy(np.concatenate(divisors)).to(group.device)
+        segs, slots, num_slots = split_slots([lb for _, _, lb in self.members])
+        positions = [group.v_offsets[i] + seg for (i, _, _), seg in zip(self.members, segs)]  # in the group's v
+        self.reduce_split = SplitReducer(
+            self.process_group, np.concatenate(positions).astype(np.int64), np.concatenate(slots).astype(np.int64), num_slots, group.device
+        )
+        # [Note: fused backends on shards]
+        # The Triton and CUDA kernels fuse the reduction of a block with its update and divide
+        # by the block's local size; they step a sharded group only when every local segment is
+        # a whole block (e.g. rows or heads aligned with the shards; segments of several sizes
+        # are sections of the local layout, which the launch tables handle). A group with blocks
+        # split across ranks (FSDP2 always has some: norm weights) is stepped by the torch
+        # backend's split-aware path (segment sums, the all-reduce, the update). Fusing it needs
+        # kernels that take the reduced split sums (follow-up).
+        self.needs_reference = num_slots > 0
+
+    def pull(self, group) -> None:
+        """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy
+        the local shards of the parameters into the flat buffer."""
+        for i, p, _ in self.members:
+            check_grad_placement(group.layouts[i].name, p)
+            group.params[i].grad = None if p.grad is None else p.grad._local_tensor
+        torch._foreach_copy_([group.param_view(i) for i, _, _ in self.members], [p._local_tensor for _, p, _ in self.members])
+
+    def adopt_grads(self, group) -> None:
+        """After ``FlatGroup.repair``: re-point gradients that were copied in as DTensors over the
+        flat gradient buffer."""
+        for i, p, lb in self.members:
+            if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
+                p.grad = as_dtensor(group.grad_views[i], lb.info)
+
+    def push(self, group) -> None:
+        """After a step: copy the updated local shards back into the DTensors."""
+        torch._foreach_copy_([p._local_tensor for _, p, _ in self.members], [group.param_view(i) for i, _, _ in self.members])
+
+    def partial_members(self) -> List[int]:
+        """Indices of the members whose gradients are split across ranks (not replicated): their
+        squared norms are summed over the mesh for the global gradient norm."""
+        return [i for i, _, lb in self.members if lb.info.dim is not None]
+
+
+def local_state_views(group, i: int) -> Dict[str, Any]:
+    """The state of sharded member ``i`` of ``group`` as views of the local shard: ``m`` (local
+    shape), ``v`` (Adam blocks, local shape) or ``vmean`` (one value per local segment)."""
+    layout = group.layouts[i]
+    m, v, step = group.m_view(i).view(layout.shape), group.v_view(i), group.step_view(i)
+    if layout.rule == ADAM:
+        return {"m": m, "step": step, "v": v.view(layout.shape)}
+    return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": False}
+
+
+def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[Dict[str, Any]]:
+    """The saved form of sharded parameters' local states (``(state, LocalBlocks)``, the same
+    parameters in the same order on every rank): ``m`` (and Adam ``v``) as DTensors sharded like
+    the parameter, ``vmean`` as a replicated DTensor of every global block in official's shape,
+    with official's metadata keys. One all-reduce per process group, a collective: every rank
+    must call it."""
+    out: List[Optional[Dict[str, Any]]] = [None] * len(entries)
+    by_group: Dict[Any, List[int]] = {}
+    for k, (state, lb) in enumerate(entries):
+        saved = {"m": as_dtensor(state["m"], lb.info), "step": state["step"]}
+        if "v" in state:
+            saved["v"] = as_dtensor(state["v"], lb.info)
+        else:
+            by_group.setdefault(lb.info.process_group, []).append(k)
+        out[k] = saved
+    for process_group, ks in by_group.items():
+        sizes = [entries[k][1].global_layout.num_blocks for k in ks]
+        full = torch.zeros(sum(sizes), dtype=torch.float32, device=entries[ks[0]][0]["vmean"].device)
+        base = 0
+        for k, n in zip(ks, sizes):
+            state, lb = entries[k]
+            full[base + torch.from_numpy(lb.block_ids).to(full.device)] = state["vmean"].float()
+            base += n
+        # v >= 0 and blocks a rank does not hold are 0 there: the max is every block's value.
+        dist.all_reduce(full, op=dist.ReduceOp.MAX, group=process_group)
+        for k, vmean in zip(ks, full.split(sizes)):
+            lb = entries[k][1]
+            layout, mesh = lb.global_layout, lb.info.mesh
+            kind = layout.state_kind
+            shaped = vmean.reshape(()) if kind == "whole" else vmean.reshape(-1, 1)
+            out[k]["vmean"] = DTensor.from_local(shaped.clone(), mesh, (Replicate(),), run_check=False)
+            if kind == "heads":
+                out[k]["head_per_gpu"] = layout.num_blocks
+            elif kind == "rows":
+                out[k]["neuron_per_gpu"] = layout.num_blocks
+            elif kind == "whole":
+                out[k].update(reduced=False, block_numel=float(layout.numel))
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_state(state: Dict[str, Any], lb: LocalBlocks) -> Dict[str, Any]:
+    """A saved state of a sharded parameter (DTensors as ``global_state`` writes them, or plain
+    tensors of the global shape, e.g. from a single-process run or official 1.1.1) cut to this
+    rank's local shard."""
+    info = lb.info
+
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, DTensor):
+            if tuple(t.placements) == info.placements and t.device_mesh == info.mesh:
+                return t._local_tensor
+            t = t.full_tensor()
+        t = t.reshape(info.global_shape)
+        if info.dim is None:
+            return t
+        start, length = info.shard_range(info.rank)
+        return t.narrow(info.dim, start, length)
+
+    local = {k: v for k, v in state.items() if k not in ("m", "v", "vmean", "block_runs", "columns")}
+    if state.get("m") is not None:
+        local["m"] = shard(state["m"])
+    if "v" in state and lb.global_layout.rule == ADAM:
+        local["v"] = shard(state["v"])
+    else:
+        v = _full(second_moment(state))
+        if v is not None:
+            layout = lb.global_layout
+            v = regroup_v(v, saved_blocks({**state, "vmean": v}, layout.numel), layout)
+            local["vmean"] = v[torch.from_numpy(lb.block_ids).to(v.device)]
+            local.update(block_runs=lb.layout.runs, columns=False)
+    return local
