@@ -347,7 +347,6 @@ def test_fsdp2_world_size_one_on_cuda(tmp_path, backend):
 
 def test_sectioned_layouts_on_sharded_parameters_are_a_clear_error():
     """for_model's multi-section / column layouts are not cut into shards yet: refused, not wrong."""
-    from torch.distributed.tensor import Shard
     from adam_mini_kernels.partition import BlockLayout, Section
     from adam_mini_kernels.sharding import ShardInfo, local_blocks
 
