@@ -1,0 +1,68 @@
+"""Block-wise 8-bit quantization of the first moment (the format of issue 10, readable).
+
+[Note: int8 first moment]
+``m`` is stored as signed 8-bit codes with one float32 scale per quantization block: consecutive
+``QBLOCK`` elements of one Adam-mini block (a row, a head, a whole tensor), the last chunk of a
+block possibly shorter, so that a kernel that holds a block on chip also holds its quantization
+blocks. The scale is the block's largest magnitude; a code ``c`` in [-127, 127] stands for
+``scale * f(c / 127)`` with one of two code maps:
+
+* ``linear``: f(y) = y. Uniform steps of scale / 127.
+* ``sqrt``: f(y) = sign(y) y^2 (codes are sqrt-companded): steps ~scale / 127^2 near zero, where
+  most of m's values are, and ~2 scale / 127 near the block's maximum.
+
+Rounding to a code is to nearest, or stochastic (unbiased in the code domain) given 8 random
+bits per element. Which map and rounding the optimizer uses is chosen by measured convergence
+(bench/int8_m_study.py, results in bench/results/).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+QBLOCK = 256
+CODE_MAX = 127
+CODE_MAPS = ("linear", "sqrt")
+
+
+def _chunks(x: torch.Tensor, qblock: int) -> Tuple[torch.Tensor, int]:
+    """``x`` (rows, row_len) zero-padded to whole quantization blocks: (rows, chunks, qblock)."""
+    rows, length = x.shape
+    chunks = max(1, math.ceil(length / qblock))
+    padded = torch.zeros(rows, chunks * qblock, dtype=torch.float32, device=x.device)
+    padded[:, :length] = x
+    return padded.view(rows, chunks, qblock), length
+
+
+def quantize(
+    x: torch.Tensor, code_map: str = "linear", qblock: int = QBLOCK, random: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8, x's shape) and scales (float32, (rows, chunks)) of a (rows, row_len) float
+    tensor. ``random``: uniform [0, 1) per element for stochastic rounding (None: nearest)."""
+    if code_map not in CODE_MAPS:
+        raise ValueError(f"code_map must be one of {CODE_MAPS}, got {code_map!r}")
+    blocks, length = _chunks(x.float(), qblock)
+    scales = blocks.abs().amax(dim=2)
+    y = blocks / torch.where(scales == 0, 1.0, scales)[..., None]  # in [-1, 1]
+    if code_map == "sqrt":
+        y = y.sign() * y.abs().sqrt()
+    y = y * CODE_MAX
+    if random is None:
+        codes = y.round()
+    else:
+        r, _ = _chunks(random, qblock)
+        codes = (y + r).floor()  # unbiased: rounds up with probability frac(y)
+    codes = codes.clamp(-CODE_MAX, CODE_MAX).to(torch.int8)
+    return codes.flatten(1)[:, :length].reshape(x.shape), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, code_map: str = "linear", qblock: int = QBLOCK) -> torch.Tensor:
+    """float32 values of (rows, row_len) ``codes`` with their (rows, chunks) ``scales``."""
+    blocks, length = _chunks(codes.float(), qblock)
+    y = blocks / CODE_MAX
+    if code_map == "sqrt":
+        y = y.sign() * y * y
+    return (y * scales[..., None]).flatten(1)[:, :length]

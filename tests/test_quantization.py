@@ -1,0 +1,78 @@
+"""The 8-bit first-moment format (adam_mini_kernels/quantization.py, issue 10's reference):
+block-wise absmax codes, both code maps, nearest and stochastic rounding; and the format study
+script in its smoke mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adam_mini_kernels.quantization import CODE_MAX, QBLOCK, dequantize, quantize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("code_map", ["linear", "sqrt"])
+def test_round_trip_error_is_within_half_a_step(code_map):
+    """Odd row lengths (a partial last quantization block), a zero row, a row of one element."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 700), (1, 1), (4, QBLOCK), (2, 5)]:
+        x = torch.randn(shape, generator=gen) * torch.logspace(-6, 0, shape[1])
+        x[0] = 0.0 if shape[0] > 1 else x[0]
+        codes, scales = quantize(x, code_map)
+        assert codes.dtype == torch.int8 and codes.shape == x.shape
+        assert scales.shape == (shape[0], -(-shape[1] // QBLOCK))
+        y = dequantize(codes, scales, code_map)
+        per_element_scale = scales.repeat_interleave(QBLOCK, dim=1)[:, : shape[1]]
+        if code_map == "linear":  # uniform steps of scale / 127: error at most half a step
+            bound = per_element_scale / CODE_MAX / 2
+        else:  # y = s (c/127)^2: a step near |x| is 2 sqrt(|x| s) / 127 (+ s / 127^2)
+            bound = (x.abs() * per_element_scale).sqrt() / CODE_MAX + per_element_scale / CODE_MAX**2
+        assert ((y - x).abs() <= bound * 1.0001 + 1e-30).all(), (shape, code_map)
+        # The block's largest magnitude is exact (it is the scale).
+        assert torch.allclose(y.abs().amax(), x.abs().amax())
+
+
+def test_sqrt_codes_are_finer_near_zero():
+    x = torch.cat([torch.full((1, 255), 1e-3), torch.ones(1, 1)], dim=1)
+    lin = dequantize(*quantize(x, "linear"), "linear")
+    sq = dequantize(*quantize(x, "sqrt"), "sqrt")
+    assert (lin[0, :255] == 0).all()  # 1e-3 of the block's max is below half a linear step
+    assert ((sq[0, :255] - 1e-3).abs() < 2e-4).all()
+
+
+@pytest.mark.parametrize("code_map", ["linear", "sqrt"])
+def test_stochastic_codes_are_unbiased_in_the_code_domain(code_map):
+    n = 100_000
+    x = torch.full((1, n), 0.3)
+    x[0, ::QBLOCK] = 1.0  # every quantization block has the same scale, 1
+    random = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    codes, _ = quantize(x, code_map, random=random)
+    y = 0.3 if code_map == "linear" else 0.3**0.5
+    target = y * CODE_MAX
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[::QBLOCK] = False
+    got = codes[0, mask].double()
+    assert set(got.unique().tolist()) <= {float(int(target)), float(int(target) + 1)}
+    assert abs(got.mean().item() - target) < 4 * 0.5 / (mask.sum().item() ** 0.5)
+
+
+def test_bad_code_map():
+    with pytest.raises(ValueError, match="code_map"):
+        quantize(torch.zeros(1, 4), "log")
+
+
+def test_format_study_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "int8_m_study.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())["results"]
+    assert set(results) == {"float32", "linear-nearest", "linear-stochastic", "sqrt-nearest", "sqrt-stochastic"}
+    for name, r in results.items():
+        assert r["final_val"] > 0
+        assert r["quantized_fraction"] == 0 if name == "float32" else 0.9 < r["quantized_fraction"] <= 1.0
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
