@@ -45,6 +45,7 @@ def _worker(rank, port, bucket_view, out):
             ddp(batch.chunk(WORLD)[rank]).backward()
             opt.step()
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears the group (rank 0: its TCP store) down while the other still uses it
     finally:
         dist.destroy_process_group()
 

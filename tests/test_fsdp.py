@@ -5,6 +5,7 @@ optimizer issues one all-reduce per step, and a distributed checkpoint resumes e
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -75,6 +76,15 @@ def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def _teardown() -> None:
+    """Leave the process group together: after a barrier (skipped when this rank is failing, so
+    that it cannot hang on a peer that already died), no rank destroys the group, and rank 0 its
+    TCP store, while the other is still in a collective or talking to the store."""
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class _CountAllReduce:
     """Counts ``torch.distributed.all_reduce`` calls while active."""
 
@@ -130,7 +140,7 @@ def _fsdp_worker(rank, port, out, max_grad_norm, set_to_none):
         aliased = all(p.grad._local_tensor.data_ptr() == g.data_ptr() for p, g in zip(opt._owners[0], opt._flat[0].grad_views))
         torch.save({"params": _gathered(model), "counts": counts, "aliased": aliased}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 @pytest.mark.parametrize("max_grad_norm, set_to_none", [(None, True), (0.05, False)])
@@ -178,7 +188,7 @@ def _dtensor_worker(rank, port, out):
                     p.copy_(sharded[n].full_tensor())
         torch.save({"params": {n: p.full_tensor() for n, p in sharded.items()}, "counts": counts}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_dtensor_placements_match_single_process(tmp_path):
@@ -225,7 +235,7 @@ def _dcp_worker(rank, port, out, resume):
             _train(model, opt, rank, range(SAVE_AT, STEPS))
         torch.save(_gathered(model), f"{out}/{'resumed' if resume else 'straight'}{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path):
@@ -288,7 +298,7 @@ def _errors_and_fused_worker(rank, port, out):
         }
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_path):
@@ -319,7 +329,7 @@ def _cuda_worker(rank, port, out, backend):
             opt.step()
         torch.save({n: p.full_tensor().cpu() for n, p in model.named_parameters()}, f"{out}/cuda.pt")
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 @pytest.mark.gpu
