@@ -45,15 +45,16 @@ def _float_m(state, runs):
     return dequantize_runs(codes, state["m_scales"], runs).view(state["m_codes"].shape)
 
 
-def _round_trip_m(opt, named):
+def _round_trip_m(opt, named, quantized=QUANTIZED):
     """Replace m of the would-be quantized parameters of a float32-state optimizer by
-    dequantize(quantize(m))."""
+    dequantize(quantize(m)), chunks taken along the storage order (transposed for columns)."""
     runs = _runs(opt)
     for name, p in named:
-        if name in QUANTIZED:
-            m = opt.state[p]["m"]
-            codes, scales = quantize_runs(m.reshape(-1), runs[name][0])
-            m.copy_(dequantize_runs(codes, scales, runs[name][0]).view(m.shape))
+        if name in quantized:
+            (blocks, columns), m = runs[name], opt.state[p]["m"]
+            stored = m.t() if columns else m
+            codes, scales = quantize_runs(stored.reshape(-1), blocks)
+            stored.copy_(dequantize_runs(codes, scales, blocks).view(stored.shape))
 
 
 def test_which_parameters_are_quantized():
@@ -95,6 +96,39 @@ def test_matches_float_state_with_round_trip():
         else:
             assert torch.equal(s["m"], r["m"]), name
         assert int(s["step"]) == int(r["step"]), name
+
+
+def test_for_model_column_and_section_layouts():
+    """GPT-2 through for_model: Conv1D weights stored by columns, c_attn in sections (heads, then
+    neurons); same bitwise check as above, and a bitwise resume."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    models = [transformers.GPT2LMHeadModel(cfg) for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    kw = dict(lr=1e-2, weight_decay=0.1, verbose=False, backend="torch")
+    opt, ref = AdamMini.for_model(models[0], state_dtype=torch.int8, **kw), AdamMini.for_model(models[1], **kw)
+    params = [[p for p in model.parameters()] for model in models]
+    run_stream(params[:2], [opt, ref], steps=1, none_every=0)
+    quantized = {n for n, p in models[0].named_parameters() if "m_codes" in opt.state[p]}
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"} <= quantized
+    assert any(s["columns"] for s in opt.partition_summary() if s["name"] in quantized)
+    ref_named = list(models[1].named_parameters())
+    _round_trip_m(ref, ref_named, quantized)
+    for step in range(3):
+        run_stream(params[:2], [opt, ref], steps=1, seed=step + 1, none_every=4)
+        _round_trip_m(ref, ref_named, quantized)
+    for (name, p), q in zip(models[0].named_parameters(), params[1]):
+        assert torch.equal(p, q), name
+
+    resumed = AdamMini.for_model(models[2], state_dtype=torch.int8, **kw)
+    models[2].load_state_dict(models[0].state_dict())
+    resumed.load_state_dict(_save_load(opt.state_dict()))
+    run_stream([params[0], params[2]], [opt, resumed], steps=2, seed=9)
+    for (name, p), q in zip(models[0].named_parameters(), params[2]):
+        assert torch.equal(p, q), name
+        assert torch.equal(opt.state[p].get("m_codes", p), resumed.state[q].get("m_codes", q)), name
 
 
 def _bytes(t):
