@@ -131,7 +131,7 @@ def _dequantize_m(group: FlatGroup) -> torch.Tensor:
 
 def _requantize_m(group: FlatGroup, m: torch.Tensor) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
-    rounded to nearest (padding is 0 and stays code 0)."""
+    rounded to nearest (padding is 0 and stays code 0). ``m`` is overwritten (by the codes)."""
     scales = torch.segment_reduce(m.abs(), "max", lengths=group.chunk_lengths)
     group.m_scales.copy_(scales)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), group.chunk_lengths, output_size=group.numel)
