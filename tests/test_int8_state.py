@@ -159,14 +159,15 @@ def _save_load(state_dict):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_checkpoint_resume_is_bitwise(dtype):
+@pytest.mark.parametrize("dtype, stochastic", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_checkpoint_resume_is_bitwise(dtype, stochastic):
     named = _named(dtype)
-    opt = AdamMini(named, state_dtype=torch.int8, **KW)
+    kw = dict(KW, state_dtype=torch.int8, stochastic_rounding=stochastic)
+    opt = AdamMini(named, **kw)
     run_stream([[p for _, p in named]], [opt], steps=3, seed=1)
     saved = _save_load(opt.state_dict())
     resumed_named = clone_named(named)
-    resumed = AdamMini(resumed_named, state_dtype=torch.int8, **KW)
+    resumed = AdamMini(resumed_named, **kw)
     resumed.load_state_dict(saved)
     run_stream([[p for _, p in named], [p for _, p in resumed_named]], [opt, resumed], steps=3, seed=2)
     for (name, p), (_, q) in zip(named, resumed_named):
