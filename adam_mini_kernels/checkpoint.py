@@ -107,16 +107,18 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
                 f"state of parameter '{layout.name}': {k} second-moment values over blocks "
                 f"{list(runs)} (columns={columns}) do not fit its shape {list(layout.shape)}"
             )
-        if codes is not None and len(chunk_lengths(run_block_sizes(runs))) != state["m_scales"].numel():
-            raise ValueError(
-                f"state of parameter '{layout.name}': {state['m_scales'].numel()} 'm_scales' for blocks {list(runs)}; "
-                f"expected one per {QBLOCK}-element chunk of each block"
-            )
     elif k != layout.num_blocks and (k == 0 or layout.numel % k):
         raise ValueError(
             f"state of parameter '{layout.name}': {k} second-moment values do not divide its "
             f"{layout.numel} elements into equal blocks"
         )
+    if codes is not None:
+        runs, _ = saved_blocks(state, layout.numel)
+        if len(chunk_lengths(run_block_sizes(runs))) != state["m_scales"].numel():
+            raise ValueError(
+                f"state of parameter '{layout.name}': {state['m_scales'].numel()} 'm_scales' for blocks {list(runs)}; "
+                f"expected one per {QBLOCK}-element chunk of each block"
+            )
 
 
 def _storage_to_shape(values: torch.Tensor, shape: Sequence[int], columns: bool) -> torch.Tensor:

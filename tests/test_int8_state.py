@@ -217,12 +217,18 @@ def test_fused_backends_refuse_int8(backend, monkeypatch):
         AdamMini(_named(), state_dtype=torch.int8, **dict(KW, backend=backend))
 
 
-def test_bad_codes_in_checkpoint_are_refused():
+@pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs"])
+def test_bad_codes_in_checkpoint_are_refused(damage):
     named = _named()
     opt = AdamMini(named, state_dtype=torch.int8, **KW)
     run_stream([[p for _, p in named]], [opt], steps=1, none_every=0)
     saved = copy.deepcopy(opt.state_dict())
-    saved["state"][0]["m_scales"] = saved["state"][0]["m_scales"][:-1]
+    state = saved["state"][0]
+    if damage == "one scale short":
+        state["m_scales"] = state["m_scales"][:-1]
+    else:  # the blocks are then taken from the number of vmean values, as for official's layouts
+        del state["block_runs"], state["columns"]
+        state["m_scales"] = torch.cat([state["m_scales"], state["m_scales"][:1]])
     fresh = AdamMini(clone_named(named), state_dtype=torch.int8, **KW)
     with pytest.raises(ValueError, match="m_scales"):
         fresh.load_state_dict(saved)
