@@ -19,6 +19,12 @@ backends consume, built once; backends derive their launch metadata from them on
 in ``cache``. A parameter with column blocks (see [Note: block layouts] in partition.py) is
 stored transposed: ``p.data`` and ``p.grad`` are then transposed (non-contiguous) views of their
 spans, so every block is still a contiguous span of the flat buffers.
+
+A group built with ``state_dtype=torch.int8`` stores ``m`` as 8-bit codes with one float32 scale
+per quantization chunk (``m_scales``; see [Note: int8 first moment] in quantization.py): the
+chunks of every block in storage order, each block cut into ``QBLOCK``-element chunks, its last
+one possibly shorter. ``chunk_lengths`` gives every chunk's length in the flat buffer; the padding
+after a parameter is counted in its last chunk (its codes stay zero).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .partition import BlockLayout
+from .quantization import QBLOCK
 
 ALIGN_ELEMENTS = 32
 
@@ -48,6 +55,18 @@ def check_dense_grad(name: str, grad: torch.Tensor) -> None:
     """Raise for a sparse gradient (AdamMini steps dense tensors only)."""
     if grad.layout != torch.strided:
         raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}' has a {grad.layout} gradient)")
+
+
+def chunk_lengths(block_sizes: torch.Tensor) -> torch.Tensor:
+    """Lengths of the quantization chunks of blocks of ``block_sizes`` (int64), block after
+    block: ``QBLOCK`` each, the last of a block the remainder (an empty block has one empty chunk,
+    as ``quantization.quantize`` counts them)."""
+    sizes = block_sizes.tolist()
+    out: List[int] = []
+    for n in sizes:
+        full, rest = divmod(n, QBLOCK)
+        out += [QBLOCK] * full + ([rest] if rest or not full else [])
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _align(n: int) -> int:
@@ -92,6 +111,12 @@ class FlatGroup:
         self.v = torch.zeros(num_v, dtype=torch.float32, **make)
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
         self.table = self._make_table()
+        self.quantized = state_dtype == torch.int8
+        self.m_scales: Optional[torch.Tensor] = None
+        self.chunk_lengths: Optional[torch.Tensor] = None
+        self.scale_offsets: List[int] = []
+        if self.quantized:
+            self._make_chunks()
         # The size of every block of the group, in v order (built here, outside any traced step).
         self.block_sizes = torch.cat([layout.block_sizes() for layout in self.layouts]).to(self.device)
         self.hparams: Optional[torch.Tensor] = None
@@ -125,6 +150,20 @@ class FlatGroup:
         }
         return {k: torch.tensor(v, dtype=torch.int64, device=self.device) for k, v in cols.items()}
 
+    def _make_chunks(self) -> None:
+        """The quantization chunks of an int8 group: ``m_scales`` (zeros) and ``chunk_lengths``."""
+        lengths: List[torch.Tensor] = []
+        num = 0
+        ends = self.offsets[1:] + [self.numel]
+        for p, layout, off, end in zip(self.params, self.layouts, self.offsets, ends):
+            self.scale_offsets.append(num)
+            per_param = chunk_lengths(layout.block_sizes())
+            per_param[-1] += end - off - p.numel()  # padding joins the last chunk
+            lengths.append(per_param)
+            num += len(per_param)
+        self.chunk_lengths = torch.cat(lengths).to(self.device)
+        self.m_scales = torch.zeros(num, dtype=torch.float32, device=self.device)
+
     def _ptr(self, buffer: torch.Tensor, i: int) -> int:
         return buffer.data_ptr() + self.offsets[i] * buffer.element_size()
 
@@ -148,6 +187,11 @@ class FlatGroup:
     def m_view(self, i: int) -> torch.Tensor:
         """The first moment of parameter ``i``, flat."""
         return self._span(self.m, i)
+
+    def m_scale_view(self, i: int) -> torch.Tensor:
+        """The quantization scales of parameter ``i`` of an int8 group, flat, in storage order."""
+        ends = self.scale_offsets[1:] + [len(self.m_scales)]
+        return self.m_scales[self.scale_offsets[i] : ends[i]]
 
     def v_view(self, i: int) -> torch.Tensor:
         """The second-moment values of parameter ``i``, one per block, flat."""

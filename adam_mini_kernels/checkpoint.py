@@ -21,6 +21,10 @@ one value per block in storage order, ``block_runs`` lists ``(block_numel, num_b
 section and ``columns`` says whether the storage order is that of the transposed parameter, so
 that the saved second moments can be mapped onto any other partition of the parameter
 (``regroup_v``). ``m`` is always in the parameter's own shape.
+
+A parameter whose ``m`` is stored as int8 codes (``state_dtype=torch.int8``) has ``m_codes``
+(int8, the parameter's shape) and ``m_scales`` (float32, flat: the chunks of its blocks in
+storage order) in place of ``m``; see [Note: int8 first moment] in quantization.py.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
-from .buffers import FlatGroup
+from .buffers import FlatGroup, chunk_lengths
 from .partition import BlockLayout, run_block_sizes
+from .quantization import QBLOCK, dequantize_runs, quantize_runs
 
 
 def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
@@ -38,6 +43,10 @@ def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
     layout = group.layouts[i]
     m, v, step = group.m_view(i), group.v_view(i), group.step_view(i)
     kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
+    if group.quantized:
+        codes = {"m_codes": group.shaped(i, m), "m_scales": group.m_scale_view(i)}
+        second = {"v": v.view(shape)} if kind == "adam" else {"vmean": v}
+        return {**codes, "step": step, **second, "block_runs": layout.runs, "columns": layout.columns}
     if kind == "adam":
         return {"m": m.view(shape), "step": step, "v": v.view(shape)}
     if kind == "heads":
@@ -77,6 +86,16 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
                 f"state of parameter '{layout.name}': 'm' has shape {list(m.shape)}, the parameter "
                 f"has shape {list(layout.shape)}"
             )
+    codes = state.get("m_codes")
+    if codes is not None:
+        scales = state.get("m_scales")
+        if tuple(codes.shape) != layout.shape or codes.dtype != torch.int8 or not torch.is_tensor(scales):
+            raise ValueError(
+                f"state of parameter '{layout.name}': 'm_codes' must be int8 of the parameter's shape "
+                f"{list(layout.shape)} beside a tensor 'm_scales', got {codes.dtype} {list(codes.shape)}"
+            )
+        if second_moment(state) is None:
+            raise ValueError(f"state of parameter '{layout.name}': 'm_codes' without its second moments")
     v = second_moment(state)
     if v is None:
         return
@@ -93,6 +112,13 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
             f"state of parameter '{layout.name}': {k} second-moment values do not divide its "
             f"{layout.numel} elements into equal blocks"
         )
+    if codes is not None:
+        runs, _ = saved_blocks(state, layout.numel)
+        if len(chunk_lengths(run_block_sizes(runs))) != state["m_scales"].numel():
+            raise ValueError(
+                f"state of parameter '{layout.name}': {state['m_scales'].numel()} 'm_scales' for blocks {list(runs)}; "
+                f"expected one per {QBLOCK}-element chunk of each block"
+            )
 
 
 def _storage_to_shape(values: torch.Tensor, shape: Sequence[int], columns: bool) -> torch.Tensor:
@@ -125,7 +151,11 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
     steps = [0] * len(group.params)
     for i, state in states.items():
         layout = group.layouts[i]
-        if state.get("m") is not None:
+        if group.quantized:
+            _absorb_codes(group, i, state)
+        elif state.get("m_codes") is not None:
+            group.shaped(i, group.m_view(i)).copy_(_saved_codes_as_float(state, layout))
+        elif state.get("m") is not None:
             group.shaped(i, group.m_view(i)).copy_(state["m"].reshape(layout.shape))
         v = second_moment(state)
         if v is not None:
@@ -133,3 +163,31 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
             group.v_view(i).copy_(regroup_v(v.detach().to(group.device), saved, layout))
         steps[i] = int(state.get("step", 0))
     group.steps.copy_(torch.tensor(steps, dtype=torch.int64))
+
+
+def _storage_flat(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """A tensor of the parameter's shape, flat in the storage order (transposed for columns)."""
+    return (t.t() if columns else t).reshape(-1)
+
+
+def _saved_codes_as_float(state: Dict[str, Any], layout: BlockLayout) -> torch.Tensor:
+    """The float32 first moment (parameter's shape) of a state saved as ``m_codes``/``m_scales``."""
+    runs, columns = saved_blocks(state, layout.numel)
+    codes = _storage_flat(state["m_codes"], columns)
+    flat = dequantize_runs(codes, state["m_scales"].to(codes.device, torch.float32).reshape(-1), runs)
+    return _storage_to_shape(flat, layout.shape, columns)
+
+
+def _absorb_codes(group: FlatGroup, i: int, state: Dict[str, Any]) -> None:
+    """Fill the codes and scales of parameter ``i`` of an int8 group from a saved state: copied
+    when saved for the same blocks, else (re)quantized from the float first moment (lossy)."""
+    layout = group.layouts[i]
+    if state.get("m_codes") is not None and saved_blocks(state, layout.numel) == (layout.runs, layout.columns):
+        codes, scales = _storage_flat(state["m_codes"], layout.columns), state["m_scales"].reshape(-1)
+    elif state.get("m_codes") is not None or state.get("m") is not None:
+        m = _saved_codes_as_float(state, layout) if state.get("m_codes") is not None else state["m"].reshape(layout.shape)
+        codes, scales = quantize_runs(_storage_flat(m.float(), layout.columns), layout.runs)
+    else:
+        return
+    group.m_view(i).copy_(codes)
+    group.m_scale_view(i).copy_(scales)

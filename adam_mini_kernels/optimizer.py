@@ -19,6 +19,7 @@ from . import dispatch
 from .buffers import HP_LR, FlatGroup, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
 from .model_layouts import config_dims, model_layouts
+from .quantization import int8_first_moment
 from .partition import (
     DEFAULT_NAMES,
     NAME_SET_ATTRS,
@@ -109,7 +110,11 @@ class AdamMini(torch.optim.Optimizer):
             an explicit backend that cannot run raises ``BackendUnavailableError``.
         state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
-            ``state_dict``/``load_state_dict``). ``v`` is always float32.
+            ``state_dict``/``load_state_dict``), or ``torch.int8`` (work in progress, torch backend
+            only): ``m`` of every parameter with at least ``INT8_MIN_NUMEL`` elements that is not
+            an Adam block (biases) as 8-bit codes with a float32 scale per 256-element chunk of a
+            block, see [Note: int8 first moment] in quantization.py; other parameters keep ``m``
+            in their dtype. ``v`` is always float32.
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
@@ -172,8 +177,10 @@ class AdamMini(torch.optim.Optimizer):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
-        if state_dtype not in (None, torch.float32):
-            raise ValueError(f"state_dtype must be None (the parameters' dtype) or torch.float32, got {state_dtype!r}")
+        if state_dtype not in (None, torch.float32, torch.int8):
+            raise ValueError(
+                f"state_dtype must be None (the parameters' dtype), torch.float32 or torch.int8, got {state_dtype!r}"
+            )
         self.state_dtype = state_dtype
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
@@ -222,6 +229,11 @@ class AdamMini(torch.optim.Optimizer):
         if capturable and any(is_sharded(p) for _, p in self._named_params()):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
+        if state_dtype == torch.int8 and self.backend != "torch":
+            raise NotImplementedError(
+                f"state_dtype=torch.int8 runs on the torch backend only for now (backend {self.backend!r} was "
+                "chosen); pass backend='torch'"
+            )
         self._step_fn = dispatch.load_backend(self.backend)
         self._reference_step = dispatch.load_backend("torch")
         if model_sharding is not None and verbose:
@@ -336,9 +348,12 @@ class AdamMini(torch.optim.Optimizer):
             if p in self.state:
                 check_state(self.state[p], layout)
 
+        if self.state_dtype == torch.int8 and local:
+            raise NotImplementedError("state_dtype=torch.int8 is not supported with sharded (DTensor, FSDP2) parameters yet")
         by_key: Dict[tuple, List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
-            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None)].append(k)
+            quantized = self.state_dtype == torch.int8 and int8_first_moment(layouts[k])
+            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, quantized)].append(k)
         dtypes = {key[1] for key in by_key}
         if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
             raise ValueError(
@@ -347,12 +362,17 @@ class AdamMini(torch.optim.Optimizer):
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
         flat, self._slots, self._owners = [], {}, []
-        for members in by_key.values():
+        for (*_, quantized), members in by_key.items():
             params = [named[k][1] for k in members]
-            wide = self.state_dtype if params[0].dtype in (torch.bfloat16, torch.float16) else None
+            if quantized:
+                m_dtype = torch.int8
+            elif self.state_dtype == torch.float32 and params[0].dtype in (torch.bfloat16, torch.float16):
+                m_dtype = torch.float32
+            else:
+                m_dtype = None  # the parameters' dtype
             # A sharded parameter enters the flat group as a plain proxy of its local shard.
             proxies = [p._local_tensor.detach() if k in local else p for k, p in zip(members, params)]
-            group = FlatGroup(proxies, [layouts[k] for k in members], wide)
+            group = FlatGroup(proxies, [layouts[k] for k in members], m_dtype)
             sharded = [(i, named[k][1], local[k]) for i, k in enumerate(members) if k in local]
             if sharded:
                 group.sharded = ShardedGroup(group, sharded)
@@ -618,12 +638,13 @@ class AdamMini(torch.optim.Optimizer):
         # torch's loader casts every state tensor to the parameter's dtype: keep v/vmean float32
         # and m in the dtype it was saved in (absorb_state casts it to this optimizer's m dtype).
         moments = {
-            idx: {k: s[k].detach().to(torch.float32, copy=True) for k in ("v", "vmean") if k in s}
+            idx: {k: s[k].detach().to(torch.float32, copy=True) for k in ("v", "vmean", "m_scales") if k in s}
             for idx, s in saved.items()
         }
         for idx, s in saved.items():
-            if torch.is_tensor(s.get("m")):
-                moments[idx]["m"] = s["m"].detach()
+            for k in ("m", "m_codes"):
+                if torch.is_tensor(s.get(k)):
+                    moments[idx][k] = s[k].detach()
         rounding = state_dict.get(ROUNDING_KEY)
         if rounding is not None and not (isinstance(rounding.get("seed"), int) and 0 <= rounding["seed"] < SEED_BOUND):
             raise ValueError(f"state dict entry '{ROUNDING_KEY}' must be {{'seed': int in [0, 2**31)}}, got {rounding!r}")

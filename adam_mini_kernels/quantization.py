@@ -14,6 +14,16 @@ blocks. The scale is the block's largest magnitude; a code ``c`` in [-127, 127] 
 Rounding to a code is to nearest, or stochastic (unbiased in the code domain) given 8 random
 bits per element. Which map and rounding the optimizer uses is chosen by measured convergence
 (bench/int8_m_study.py, results in bench/results/).
+
+``AdamMini(state_dtype=torch.int8)`` (torch backend only, for now) uses linear codes rounded to
+nearest, the provisional choice of bench/NOTES.md. Only parameters with at least
+``INT8_MIN_NUMEL`` elements that are not Adam blocks are quantized (``int8_first_moment``): a
+bias or a norm weight holds too little of the state to matter and keeps ``m`` in its own dtype.
+Such parameters sit in flat groups of their own (buffers.py), so that a backend steps groups
+that are all-int8 or all-float. Per-parameter state (checkpoint.py) holds ``m_codes`` (int8, the
+parameter's shape) and ``m_scales`` (float32, flat, chunk after chunk of the blocks in storage
+order) in place of ``m``. Loading a float ``m`` into an int8 optimizer quantizes it (lossy);
+loading codes into a float optimizer dequantizes them (exact in float32).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 QBLOCK = 256
+INT8_MIN_NUMEL = 4096  # smaller parameters keep m in their own dtype
 CODE_MAX = 127
 CODE_MAPS = ("linear", "sqrt")
 
@@ -66,3 +77,35 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, code_map: str = "linea
     if code_map == "sqrt":
         y = y.sign() * y * y
     return (y * scales[..., None]).flatten(1)[:, :length]
+
+
+def int8_first_moment(layout) -> bool:
+    """Whether ``AdamMini(state_dtype=torch.int8)`` stores the ``m`` of a parameter laid out as
+    ``layout`` (a ``partition.BlockLayout``) as int8 codes."""
+    return layout.numel >= INT8_MIN_NUMEL and all(s.rule != "adam" for s in layout.sections)
+
+
+def quantize_runs(m: torch.Tensor, runs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8, flat) and scales (float32, flat) of a flat first moment in storage order cut
+    into blocks of ``runs`` (``(block_numel, num_blocks)`` sections, as ``BlockLayout.runs``)."""
+    codes, scales, start = [], [], 0
+    for block_numel, num_blocks in runs:
+        part = m[start : start + block_numel * num_blocks].reshape(num_blocks, block_numel)
+        c, s = quantize(part)
+        codes.append(c.reshape(-1))
+        scales.append(s.reshape(-1))
+        start += block_numel * num_blocks
+    return torch.cat(codes), torch.cat(scales)
+
+
+def dequantize_runs(codes: torch.Tensor, scales: torch.Tensor, runs) -> torch.Tensor:
+    """The float32 flat first moment of flat ``codes`` and ``scales`` (``quantize_runs``)."""
+    out, start, s_start = [], 0, 0
+    for block_numel, num_blocks in runs:
+        part = codes[start : start + block_numel * num_blocks].reshape(num_blocks, block_numel)
+        chunks = max(1, math.ceil(block_numel / QBLOCK))
+        s = scales[s_start : s_start + num_blocks * chunks].reshape(num_blocks, chunks)
+        out.append(dequantize(part, s).reshape(-1))
+        start += block_numel * num_blocks
+        s_start += num_blocks * chunks
+    return torch.cat(out) if out else codes.new_zeros(0, dtype=torch.float32)

@@ -5,6 +5,9 @@ one ``segment_reduce`` over the flat gradient, and per-block / per-parameter val
 elements with ``repeat_interleave``. Runs wherever PyTorch runs; it is the fallback of ``auto``
 and the flat-buffer counterpart of ``reference.adam_mini_step``. Math in float32, whatever the
 storage dtype. It trades memory for simplicity: a few float32 temporaries the size of the group.
+An int8 group (``state_dtype=torch.int8``) dequantizes ``m``, updates it in float32 and
+requantizes it (``_dequantize_m``, ``_requantize_m``): the format of quantization.py, linear codes
+rounded to nearest, with the same float32 operations, so the result is bitwise the reference's.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Optional
 import torch
 
 from .buffers import FlatGroup
+from .quantization import CODE_MAX
 from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_round_to_bf16
 from .coefficients import (
     C_BC2_SQRT,
@@ -95,12 +99,14 @@ def torch_step(
     per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale], dim=1)
     scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
     g = torch.where(g_mul == 0, 0.0, g * g_mul)
-    m = group.m.float().lerp_(g, m_weight)
+    m = (_dequantize_m(group) if group.quantized else group.m.float()).lerp_(g, m_weight)
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
+    if group.quantized:
+        _requantize_m(group, m)
     if group.round_seed is not None:
         _store_rounded(group, seg, block_coef[:, C_ROUND_KEY], p, m)
         return
-    if group.m.dtype != torch.float32:
+    if group.m.dtype not in (torch.float32, torch.int8):
         group.m.copy_(m)
     if group.param_buffer.dtype != torch.float32:
         group.param_buffer.copy_(p)
@@ -115,3 +121,19 @@ def _store_rounded(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tenso
     group.param_buffer.copy_(stochastic_round_to_bf16(p, random_bits(keys, seg.index, 0)))
     if group.m.dtype == torch.bfloat16:  # else m is the float32 state, updated in place
         group.m.copy_(stochastic_round_to_bf16(m, random_bits(keys, seg.index, MOMENT_STREAM)))
+
+
+def _dequantize_m(group: FlatGroup) -> torch.Tensor:
+    """The float32 first moment of an int8 group: code / 127 * its chunk's scale."""
+    scales = torch.repeat_interleave(group.m_scales, group.chunk_lengths, output_size=group.numel)
+    return group.m.float().div_(CODE_MAX).mul_(scales)
+
+
+def _requantize_m(group: FlatGroup, m: torch.Tensor) -> None:
+    """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
+    rounded to nearest (padding is 0 and stays code 0). ``m`` is overwritten (by the codes)."""
+    scales = torch.segment_reduce(m.abs(), "max", lengths=group.chunk_lengths)
+    group.m_scales.copy_(scales)
+    divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), group.chunk_lengths, output_size=group.numel)
+    codes = m.div_(divisor).mul_(CODE_MAX).round_().clamp_(-CODE_MAX, CODE_MAX)
+    group.m.copy_(codes)
