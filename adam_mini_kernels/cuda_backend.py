@@ -17,7 +17,7 @@ import torch
 
 from . import buffers, coefficients, launch_tables, op_checks, rounding
 from .buffers import FlatGroup
-from .launch_tables import build_launch_tables
+from .launch_tables import fused_step
 
 try:
     from . import _C
@@ -97,18 +97,4 @@ def cuda_step(
     """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (one
     launch), then one operator call per row class, one for the large blocks (three launches), one
     for the Adam tiles."""
-    coef = group.cache.get("coef")
-    if coef is None:
-        coef = group.cache["coef"] = torch.empty(len(group.params), coefficients.NUM_COEFFICIENTS, device=group.device)
-    t = group.cache.get("launch_tables")
-    if t is None:
-        t = group.cache["launch_tables"] = build_launch_tables(group)
-    rounding = group.round_seed is not None
-    _ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
-    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
-    for width, rows in t.row_classes:
-        _ops.rows_step(p, g, m, v, coef, rows, width, rounding)
-    if t.tiles is not None:
-        _ops.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
-    if t.adam is not None:
-        _ops.adam_step(p, g, m, v, coef, t.adam, rounding)
+    fused_step(group, _ops, active, inv_scale, found_inf)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .buffers import FlatGroup
+from .coefficients import NUM_COEFFICIENTS
 from .partition import ADAM
 
 ROW_MAX = 8192  # blocks up to this many elements are rows (held on chip)
@@ -113,3 +114,31 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
         partial=torch.empty(num_tiles, dtype=torch.float32, device=device) if num_tiles else None,
         adam=adam.tensor(device),
     )
+
+
+def fused_step(
+    group: FlatGroup,
+    ops,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
+    """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
+    ``rows_step``, ``large_blocks_step``, ``adam_step``, with the schemas of csrc/bindings.cpp):
+    the coefficient table, then one call per row class, one for the large blocks, one for the
+    Adam tiles. The tables and the coefficient buffer are built once and kept in ``group.cache``."""
+    coef = group.cache.get("coef")
+    if coef is None:
+        coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
+    t = group.cache.get("launch_tables")
+    if t is None:
+        t = group.cache["launch_tables"] = build_launch_tables(group)
+    rounding = group.round_seed is not None
+    ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
+    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+    for width, rows in t.row_classes:
+        ops.rows_step(p, g, m, v, coef, rows, width, rounding)
+    if t.tiles is not None:
+        ops.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
+    if t.adam is not None:
+        ops.adam_step(p, g, m, v, coef, t.adam, rounding)

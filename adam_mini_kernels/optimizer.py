@@ -431,6 +431,7 @@ class AdamMini(torch.optim.Optimizer):
         for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
             _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         self._hparam_rows = rows
+        self._device_lr = any(lr is None for lr, *_ in rows)  # read on the device every step
         return True
 
     def _upload_hparams(self) -> None:
@@ -467,7 +468,7 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
-        if any(row[0] is None for row in self._hparam_rows):
+        if self._device_lr:
             self._device_lrs()
         inv_scale, skip = self._gradient_factors([group for group, _ in live])
         for group, active in live:

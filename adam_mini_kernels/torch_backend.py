@@ -101,26 +101,28 @@ def torch_step(
     g = torch.where(g_mul == 0, 0.0, g * g_mul)
     m = (_dequantize_m(group) if group.quantized else group.m.float()).lerp_(g, m_weight)
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
+    # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
+    keys = None if group.round_seed is None else _element_keys(group, seg, block_coef[:, C_ROUND_KEY])
     if group.quantized:
         _requantize_m(group, m)
-    if group.round_seed is not None:
-        _store_rounded(group, seg, block_coef[:, C_ROUND_KEY], p, m)
-        return
-    if group.m.dtype not in (torch.float32, torch.int8):
-        group.m.copy_(m)
+    elif group.m.dtype != torch.float32:  # float32 m was updated in place
+        group.m.copy_(_rounded(m, keys, seg, MOMENT_STREAM))
     if group.param_buffer.dtype != torch.float32:
-        group.param_buffer.copy_(p)
+        group.param_buffer.copy_(_rounded(p, keys, seg, 0))
 
 
-def _store_rounded(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> None:
-    """Write the float32 results ``p`` and ``m`` of a bfloat16 group with stochastic rounding (m
-    only when it is stored in bfloat16); see [Note: stochastic rounding] in rounding.py."""
+def _element_keys(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tensor) -> torch.Tensor:
+    """Every element's stochastic rounding key (from its block's), for a bfloat16 group; see
+    [Note: stochastic rounding] in rounding.py."""
     if seg.index is None:
         seg.index = torch.arange(group.numel, device=group.device)
-    keys = torch.repeat_interleave(keys_from_float(block_keys), seg.seg_len, output_size=group.numel)
-    group.param_buffer.copy_(stochastic_round_to_bf16(p, random_bits(keys, seg.index, 0)))
-    if group.m.dtype == torch.bfloat16:  # else m is the float32 state, updated in place
-        group.m.copy_(stochastic_round_to_bf16(m, random_bits(keys, seg.index, MOMENT_STREAM)))
+    return torch.repeat_interleave(keys_from_float(block_keys), seg.seg_len, output_size=group.numel)
+
+
+def _rounded(x: torch.Tensor, keys: Optional[torch.Tensor], seg: _SegmentTable, stream: int) -> torch.Tensor:
+    """float32 ``x`` ready to copy into its 16-bit buffer: as is (round to nearest on the copy),
+    or rounded stochastically to bfloat16 with ``stream``'s bits."""
+    return x if keys is None else stochastic_round_to_bf16(x, random_bits(keys, seg.index, stream))
 
 
 def _dequantize_m(group: FlatGroup) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 import models
 from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables, rounding
-from adam_mini_kernels.launch_tables import build_launch_tables
+from adam_mini_kernels.launch_tables import build_launch_tables, fused_step
 from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
 OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
@@ -342,51 +342,65 @@ def emulator(tmp_path_factory):
     return lib
 
 
+class _EmulatedOps:
+    """The operators of csrc/bindings.cpp (same schemas, so ``launch_tables.fused_step`` drives
+    them as it drives the real ones), running the emulated kernels with the launchers' arguments
+    (``force_scalar``: every span takes the masked scalar path)."""
+
+    def __init__(self, lib, force_scalar=False):
+        self.lib, self.force_scalar = lib, force_scalar
+
+    def _aligned(self, *tensors):
+        return int(not self.force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+    @staticmethod
+    def _check(failures):
+        assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
+
+    @staticmethod
+    def _state(p, g, m, v, coef):
+        code = DTYPE_CODE[p.dtype] + (WIDE_STATE if m.dtype != p.dtype else 0)
+        return (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
+
+    def step_coefficients(self, steps, hparams, coef, active, inv_scale, found_inf, round_seed, rounding):
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self._check(self.lib.emulate_step_coefficients(
+            steps.data_ptr(), ptr(active), hparams.data_ptr(), coef.data_ptr(), ptr(inv_scale), ptr(found_inf),
+            steps.shape[0], round_seed, int(rounding),
+        ))
+
+    def rows_step(self, p, g, m, v, coef, rows, width, rounding):
+        self._check(self.lib.emulate_rows_step(
+            *self._state(p, g, m, v, coef), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
+        ))
+
+    def large_blocks_step(self, p, g, m, v, coef, tiles, blocks, partial, rounding):
+        self._check(self.lib.emulate_large_blocks_step(
+            *self._state(p, g, m, v, coef), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
+            partial.data_ptr(), self._aligned(p, g, m), int(rounding),
+        ))
+
+    def adam_step(self, p, g, m, v, coef, tiles, rounding):
+        self._check(self.lib.emulate_adam_step(
+            *self._state(p, g, m, v, coef), tiles.data_ptr(), tiles.shape[0], self._aligned(p, g, m), self._aligned(v),
+            int(rounding),
+        ))
+
+
 def _emulated_coefficients(lib, group, active, inv_scale, found_inf):
     """The coefficient table of this step from the emulated step_coefficients_kernel (advancing
-    the group's step counters), with the launcher's arguments."""
+    the group's step counters)."""
     coef = torch.empty(len(group.params), coefficients.NUM_COEFFICIENTS)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    failures = lib.emulate_step_coefficients(
-        group.steps.data_ptr(), ptr(active), group.hparams.data_ptr(), coef.data_ptr(), ptr(inv_scale),
-        ptr(found_inf), len(group.params), group.round_seed or 0, int(group.round_seed is not None),
+    _EmulatedOps(lib).step_coefficients(
+        group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, group.round_seed is not None
     )
-    assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
     return coef
 
 
 def _emulated_step(lib, force_scalar=False):
-    """A step function with the signature of ``cuda_step`` that runs the emulated kernels with the
-    launchers' arguments (``force_scalar``: every span takes the masked scalar path)."""
-
-    def aligned(*tensors):
-        return int(not force_scalar and all(t.data_ptr() % 16 == 0 for t in tensors))
-
-    def step(group, active, inv_scale=None, found_inf=None):
-        coef = _emulated_coefficients(lib, group, active, inv_scale, found_inf)
-        t = group.cache.get("launch_tables")
-        if t is None:
-            t = group.cache["launch_tables"] = build_launch_tables(group)
-        p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
-        coef = coef.contiguous()
-        code = DTYPE_CODE[p.dtype] + (WIDE_STATE if m.dtype != p.dtype else 0)
-        state = (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
-        rounding = int(group.round_seed is not None)
-        failures = 0
-        for width, rows in t.row_classes:
-            failures += lib.emulate_rows_step(*state, rows.data_ptr(), rows.shape[0], width, aligned(p, g, m), rounding)
-        if t.tiles is not None:
-            failures += lib.emulate_large_blocks_step(
-                *state, t.tiles.data_ptr(), t.tiles.shape[0], t.blocks.data_ptr(), t.blocks.shape[0],
-                t.partial.data_ptr(), aligned(p, g, m), rounding,
-            )
-        if t.adam is not None:
-            failures += lib.emulate_adam_step(
-                *state, t.adam.data_ptr(), t.adam.shape[0], aligned(p, g, m), aligned(v), rounding
-            )
-        assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
-
-    return step
+    """A step function with the signature of ``cuda_step``, through the emulated kernels."""
+    ops = _EmulatedOps(lib, force_scalar)
+    return lambda group, active, inv_scale=None, found_inf=None: fused_step(group, ops, active, inv_scale, found_inf)
 
 
 def _emulated_runs(named, dims, dtype, lib, variants, **opt_kwargs):

@@ -17,8 +17,7 @@ import triton
 from torch import Tensor
 
 from ..buffers import FlatGroup
-from ..coefficients import NUM_COEFFICIENTS
-from ..launch_tables import ADAM_TILE, TILE, build_launch_tables
+from ..launch_tables import ADAM_TILE, TILE, fused_step
 from . import kernels as K
 
 CHUNK = 1024  # tile sums added per iteration when reducing a large block
@@ -91,19 +90,4 @@ def triton_step(
     parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
     from . import ops  # registers the operators on first use
 
-    launch = ops.OPERATORS if torch.compiler.is_compiling() else ops.LAUNCHERS
-    coef = group.cache.get("coef")
-    if coef is None:
-        coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
-    t = group.cache.get("launch_tables")
-    if t is None:
-        t = group.cache["launch_tables"] = build_launch_tables(group)
-    rounding = group.round_seed is not None
-    launch.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
-    p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
-    for width, rows in t.row_classes:
-        launch.rows_step(p, g, m, v, coef, rows, width, rounding)
-    if t.tiles is not None:
-        launch.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
-    if t.adam is not None:
-        launch.adam_step(p, g, m, v, coef, t.adam, rounding)
+    fused_step(group, ops.OPERATORS if torch.compiler.is_compiling() else ops.LAUNCHERS, active, inv_scale, found_inf)
