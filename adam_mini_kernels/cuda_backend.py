@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import buffers, coefficients, launch_tables, op_checks, rounding
+from . import buffers, coefficients, launch_tables, op_checks, quantization, rounding
 from .buffers import FlatGroup
 from .launch_tables import fused_step
 
@@ -28,12 +28,13 @@ except ImportError as err:  # not built: a CPU-only torch, no nvcc, ADAM_MINI_SK
 def _expected_constants() -> dict:
     """The constants the kernels must have been compiled with, from their Python definitions."""
     names = (
-        "ROW_START ROW_NUMEL ROW_V ROW_PARAM ROW_COLS TILE_START TILE_NUMEL TILE_BLOCK TILE_COLS "
+        "ROW_START ROW_NUMEL ROW_V ROW_PARAM ROW_SCALE ROW_COLS TILE_START TILE_NUMEL TILE_BLOCK TILE_SCALE TILE_COLS "
         "LB_V LB_PARAM LB_FIRST_TILE LB_NUM_TILES LB_NUMEL LB_COLS ROW_MAX TILE ADAM_TILE"
     ).split()
     expected = {name: getattr(launch_tables, name) for name in names}
     for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE C_ROUND_KEY NUM_COEFFICIENTS").split():
         expected[name] = getattr(coefficients, name)
+    expected["QBLOCK"] = quantization.QBLOCK
     for name in ("MIX_MUL1", "MIX_MUL2", "GOLDEN", "MOMENT_STREAM"):
         expected[name] = getattr(rounding, name)
     for name in ("HP_LR", "HP_WEIGHT_DECAY", "HP_BETA1", "HP_BETA2", "HP_EPS", "NUM_HPARAMS"):
@@ -64,13 +65,15 @@ _ops = torch.ops.adam_mini_kernels
 
 
 @torch.library.register_fake("adam_mini_kernels::rows_step")
-def _rows_step_fake(p, g, m, v, coef, rows, width, stochastic_rounding):
-    op_checks.check_rows("rows_step", p, g, m, v, coef, rows, width, stochastic_rounding)
+def _rows_step_fake(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding):
+    op_checks.check_rows("rows_step", p, g, m, m_scales, v, coef, rows, width, stochastic_rounding)
 
 
 @torch.library.register_fake("adam_mini_kernels::large_blocks_step")
-def _large_blocks_step_fake(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding):
-    op_checks.check_large_blocks("large_blocks_step", p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding)
+def _large_blocks_step_fake(p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding):
+    op_checks.check_large_blocks(
+        "large_blocks_step", p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding
+    )
 
 
 @torch.library.register_fake("adam_mini_kernels::adam_step")

@@ -13,6 +13,13 @@ not by the number of parameters:
   slots in a fixed order and updates its v; phase 3 updates each tile's m and p. Deterministic,
   no atomics, one extra read of g.
 * Adam tiles: ``ADAM_TILE`` consecutive elements of an Adam-block (per-element v) parameter.
+
+Rows and tiles also name the index of their first quantization scale (``ROW_SCALE``,
+``TILE_SCALE``): in an int8 group (see [Note: int8 first moment] in quantization.py) a block's
+``QBLOCK``-element chunks have their scales one after the other in ``m_scales``, and rows and
+tiles start at chunk boundaries (``TILE`` is a multiple of ``QBLOCK``), so a program reads and
+writes the scales of its own chunks only. In a float group the column is computed all the same
+and not read.
 """
 
 from __future__ import annotations
@@ -26,16 +33,18 @@ import torch
 from .buffers import FlatGroup
 from .coefficients import NUM_COEFFICIENTS
 from .partition import ADAM
+from .quantization import QBLOCK
 
 ROW_MAX = 8192  # blocks up to this many elements are rows (held on chip)
 MIN_ROW_BLOCK = 16
 TILE = 4096  # elements per tile of a large block
 ADAM_TILE = 1024  # elements per Adam tile
 
-# Columns. Rows and Adam tiles: first element, number of elements, index of the (first) v, param.
-ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = range(5)
-# Large-block tiles: first element, number of elements, index of the large block.
-TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = range(4)
+# Columns. Rows and Adam tiles: first element, number of elements, index of the (first) v, param,
+# index of the first quantization scale (0 for Adam tiles, which are never quantized).
+ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_SCALE, ROW_COLS = range(6)
+# Large-block tiles: first element, number of elements, index of the large block, first scale.
+TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_SCALE, TILE_COLS = range(5)
 # Large blocks: v index, parameter, first tile, number of tiles, number of elements.
 LB_V, LB_PARAM, LB_FIRST_TILE, LB_NUM_TILES, LB_NUMEL, LB_COLS = range(6)
 
@@ -72,11 +81,11 @@ class _Columns:
 
 
 def build_launch_tables(group: FlatGroup) -> LaunchTables:
-    """The tables for ``group``, from its layouts (section by section), element offsets and v
-    offsets."""
+    """The tables for ``group``, from its layouts (section by section), element offsets, v
+    offsets and quantization chunks (counted as ``buffers.chunk_lengths`` does)."""
     rows = {}
     tiles, blocks, adam = _Columns(TILE_COLS), _Columns(LB_COLS), _Columns(ROW_COLS)
-    num_tiles = num_blocks = 0
+    num_tiles = num_blocks = num_scales = 0
     for i, layout in enumerate(group.layouts):
         offset, v_offset = group.offsets[i], group.v_offsets[i]
         if layout.rule == ADAM:
@@ -84,17 +93,20 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
             if nb == 0:
                 continue
             start = np.arange(0, nb, ADAM_TILE, dtype=np.int64)
-            adam.add(offset + start, np.minimum(ADAM_TILE, nb - start), v_offset + start, i)
+            adam.add(offset + start, np.minimum(ADAM_TILE, nb - start), v_offset + start, i, 0)
             continue
         for section in layout.sections:  # consecutive spans of equal blocks (see partition.py)
             bn, nb = section.block_numel, section.num_blocks
+            chunks = max(1, -(-bn // QBLOCK))  # quantization chunks per block
             starts = offset + np.arange(nb, dtype=np.int64) * bn
             v_index = v_offset + np.arange(nb, dtype=np.int64)
-            offset, v_offset = offset + bn * nb, v_offset + nb
+            scale_index = num_scales + np.arange(nb, dtype=np.int64) * chunks
+            offset, v_offset, num_scales = offset + bn * nb, v_offset + nb, num_scales + chunks * nb
             if nb == 0:
                 continue
             if bn <= ROW_MAX:
-                rows.setdefault(max(MIN_ROW_BLOCK, _next_pow2(bn)), _Columns(ROW_COLS)).add(starts, bn, v_index, i)
+                width = max(MIN_ROW_BLOCK, _next_pow2(bn))
+                rows.setdefault(width, _Columns(ROW_COLS)).add(starts, bn, v_index, i, scale_index)
                 continue
             within = np.arange(0, bn, TILE, dtype=np.int64)
             per_block = len(within)
@@ -102,10 +114,13 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
                 (starts[:, None] + within[None, :]).reshape(-1),
                 np.tile(np.minimum(TILE, bn - within), nb),
                 num_blocks + np.repeat(np.arange(nb, dtype=np.int64), per_block),
+                (scale_index[:, None] + within[None, :] // QBLOCK).reshape(-1),
             )
             blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, bn)
             num_tiles += nb * per_block
             num_blocks += nb
+    if group.quantized and num_scales != len(group.m_scales):
+        raise RuntimeError(f"internal error: the launch tables count {num_scales} quantization chunks, the group has {len(group.m_scales)}")
     device = group.device
     return LaunchTables(
         row_classes=[(width, cols.tensor(device)) for width, cols in sorted(rows.items())],
@@ -126,7 +141,8 @@ def fused_step(
     """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
     ``rows_step``, ``large_blocks_step``, ``adam_step``, with the schemas of csrc/bindings.cpp):
     the coefficient table, then one call per row class, one for the large blocks, one for the
-    Adam tiles. The tables and the coefficient buffer are built once and kept in ``group.cache``."""
+    Adam tiles. The tables and the coefficient buffer are built once and kept in ``group.cache``.
+    A float group passes an empty ``m_scales`` (the operators read it only for int8 ``m``)."""
     coef = group.cache.get("coef")
     if coef is None:
         coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
@@ -136,9 +152,14 @@ def fused_step(
     rounding = group.round_seed is not None
     ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
     p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
+    scales = group.m_scales
+    if scales is None:
+        scales = group.cache.get("no_scales")
+        if scales is None:
+            scales = group.cache["no_scales"] = torch.empty(0, dtype=torch.float32, device=group.device)
     for width, rows in t.row_classes:
-        ops.rows_step(p, g, m, v, coef, rows, width, rounding)
+        ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)
     if t.tiles is not None:
-        ops.large_blocks_step(p, g, m, v, coef, t.tiles, t.blocks, t.partial, rounding)
+        ops.large_blocks_step(p, g, m, scales, v, coef, t.tiles, t.blocks, t.partial, rounding)
     if t.adam is not None:
         ops.adam_step(p, g, m, v, coef, t.adam, rounding)

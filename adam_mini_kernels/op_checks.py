@@ -14,23 +14,40 @@ import torch
 from . import coefficients, launch_tables
 
 
-def check_state(op: str, p, g, m, v, coef) -> None:
+def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
     torch._check(p.dim() == 1, lambda: f"adam_mini_kernels::{op}: p must be 1-D, got {p.dim()}-D")
     torch._check(
         p.dtype in (torch.float32, torch.bfloat16, torch.float16),
         lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
     )
     for name, t in (("g", g), ("m", m)):
-        wide_m = name == "m" and t.dtype == torch.float32  # float32 state for 16-bit params
-        torch._check(t.dtype == p.dtype or wide_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
+        # m may also be float32 (state for 16-bit params) or int8 codes (with m_scales).
+        other_m = name == "m" and t.dtype in (torch.float32, torch.int8)
+        torch._check(t.dtype == p.dtype or other_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
         torch._check(t.shape == p.shape, lambda: f"adam_mini_kernels::{op}: {name} has shape {t.shape}, p {p.shape}")
+    if m_scales is not None:
+        check_scales(op, m, m_scales)
     torch._check(v.dim() == 1 and v.dtype == torch.float32, lambda: f"adam_mini_kernels::{op}: v must be 1-D float32")
     torch._check(
         coef.dim() == 2 and coef.shape[1] == coefficients.NUM_COEFFICIENTS and coef.dtype == torch.float32,
         lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table",
     )
-    for name, t in (("g", g), ("m", m), ("v", v), ("coef", coef)):
-        torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
+    for name, t in (("g", g), ("m", m), ("m_scales", m_scales), ("v", v), ("coef", coef)):
+        if t is not None:
+            torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
+
+
+def check_scales(op: str, m, m_scales) -> None:
+    """``m_scales``: float32, 1-D; one scale per quantization chunk for int8 ``m`` (the launch
+    tables index it), and unused otherwise (empty by convention)."""
+    torch._check(
+        m_scales.dim() == 1 and m_scales.dtype == torch.float32,
+        lambda: f"adam_mini_kernels::{op}: m_scales must be a 1-D float32 tensor, got {m_scales.dtype} of shape {tuple(m_scales.shape)}",
+    )
+    torch._check(
+        m.dtype != torch.int8 or m_scales.shape[0] >= 1,
+        lambda: f"adam_mini_kernels::{op}: int8 m needs its quantization scales, m_scales is empty",
+    )
 
 
 def check_rounding(op: str, p, stochastic_rounding: bool) -> None:
@@ -47,8 +64,8 @@ def check_table(op: str, name: str, table, cols: int) -> None:
     )
 
 
-def check_rows(op: str, p, g, m, v, coef, rows, width, stochastic_rounding) -> None:
-    check_state(op, p, g, m, v, coef)
+def check_rows(op: str, p, g, m, m_scales, v, coef, rows, width, stochastic_rounding) -> None:
+    check_state(op, p, g, m, m_scales, v, coef)
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "rows", rows, launch_tables.ROW_COLS)
     torch._check(
@@ -57,8 +74,8 @@ def check_rows(op: str, p, g, m, v, coef, rows, width, stochastic_rounding) -> N
     )
 
 
-def check_large_blocks(op: str, p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding) -> None:
-    check_state(op, p, g, m, v, coef)
+def check_large_blocks(op: str, p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding) -> None:
+    check_state(op, p, g, m, m_scales, v, coef)
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
     check_table(op, "blocks", blocks, launch_tables.LB_COLS)
@@ -69,7 +86,8 @@ def check_large_blocks(op: str, p, g, m, v, coef, tiles, blocks, partial, stocha
 
 
 def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
-    check_state(op, p, g, m, v, coef)
+    check_state(op, p, g, m, None, v, coef)
+    torch._check(m.dtype != torch.int8, lambda: f"adam_mini_kernels::{op}: Adam blocks keep m in a float dtype, got int8")
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "tiles", tiles, launch_tables.ROW_COLS)
 

@@ -110,8 +110,8 @@ class AdamMini(torch.optim.Optimizer):
             an explicit backend that cannot run raises ``BackendUnavailableError``.
         state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
-            ``state_dict``/``load_state_dict``), or ``torch.int8`` (work in progress, torch backend
-            only): ``m`` of every parameter with at least ``INT8_MIN_NUMEL`` elements that is not
+            ``state_dict``/``load_state_dict``), or ``torch.int8`` (torch and triton backends):
+            ``m`` of every parameter with at least ``INT8_MIN_NUMEL`` elements that is not
             an Adam block (biases) as 8-bit codes with a float32 scale per 256-element chunk of a
             block, see [Note: int8 first moment] in quantization.py; other parameters keep ``m``
             in their dtype. ``v`` is always float32.
@@ -229,10 +229,10 @@ class AdamMini(torch.optim.Optimizer):
         if capturable and any(is_sharded(p) for _, p in self._named_params()):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
-        if state_dtype == torch.int8 and self.backend != "torch":
+        if state_dtype == torch.int8 and self.backend == "cuda":
             raise NotImplementedError(
-                f"state_dtype=torch.int8 runs on the torch backend only for now (backend {self.backend!r} was "
-                "chosen); pass backend='torch'"
+                "state_dtype=torch.int8 runs on the torch and triton backends only for now (backend 'cuda' was "
+                "chosen); pass backend='triton' or 'torch'"
             )
         self._step_fn = dispatch.load_backend(self.backend)
         self._reference_step = dispatch.load_backend("torch")

@@ -7,7 +7,10 @@ block possibly shorter, so that a kernel that holds a block on chip also holds i
 blocks. The scale is the block's largest magnitude; a code ``c`` in [-127, 127] stands for
 ``scale * f(c / 127)`` with one of two code maps:
 
-* ``linear``: f(y) = y. Uniform steps of scale / 127.
+* ``linear``: f(y) = y. Uniform steps of scale / 127. Computed as ``rint(m * 127 / scale)`` and
+  ``c * scale / 127`` (IEEE float32, in this order in every backend): each expression ends in a
+  division, which a GPU compiler cannot contract into a fused multiply-add with what follows, so
+  the kernels give the same codes as this reference from the same ``m``.
 * ``sqrt``: f(y) = sign(y) y^2 (codes are sqrt-companded): steps ~scale / 127^2 near zero, where
   most of m's values are, and ~2 scale / 127 near the block's maximum.
 
@@ -57,10 +60,12 @@ def quantize(
         raise ValueError(f"code_map must be one of {CODE_MAPS}, got {code_map!r}")
     blocks, length = _chunks(x.float(), qblock)
     scales = blocks.abs().amax(dim=2)
-    y = blocks / torch.where(scales == 0, 1.0, scales)[..., None]  # in [-1, 1]
+    divisor = torch.where(scales == 0, 1.0, scales)[..., None]
     if code_map == "sqrt":
-        y = y.sign() * y.abs().sqrt()
-    y = y * CODE_MAX
+        y = blocks / divisor  # in [-1, 1]
+        y = y.sign() * y.abs().sqrt() * CODE_MAX
+    else:
+        y = blocks * CODE_MAX / divisor
     if random is None:
         codes = y.round()
     else:
@@ -73,10 +78,12 @@ def quantize(
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, code_map: str = "linear", qblock: int = QBLOCK) -> torch.Tensor:
     """float32 values of (rows, row_len) ``codes`` with their (rows, chunks) ``scales``."""
     blocks, length = _chunks(codes.float(), qblock)
-    y = blocks / CODE_MAX
     if code_map == "sqrt":
-        y = y.sign() * y * y
-    return (y * scales[..., None]).flatten(1)[:, :length]
+        y = blocks / CODE_MAX
+        y = y.sign() * y * y * scales[..., None]
+    else:
+        y = blocks * scales[..., None] / CODE_MAX
+    return y.flatten(1)[:, :length]
 
 
 def int8_first_moment(layout) -> bool:

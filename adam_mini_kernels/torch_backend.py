@@ -126,9 +126,9 @@ def _rounded(x: torch.Tensor, keys: Optional[torch.Tensor], seg: _SegmentTable, 
 
 
 def _dequantize_m(group: FlatGroup) -> torch.Tensor:
-    """The float32 first moment of an int8 group: code / 127 * its chunk's scale."""
+    """The float32 first moment of an int8 group: code * its chunk's scale / 127."""
     scales = torch.repeat_interleave(group.m_scales, group.chunk_lengths, output_size=group.numel)
-    return group.m.float().div_(CODE_MAX).mul_(scales)
+    return group.m.float().mul_(scales).div_(CODE_MAX)
 
 
 def _requantize_m(group: FlatGroup, m: torch.Tensor) -> None:
@@ -137,5 +137,5 @@ def _requantize_m(group: FlatGroup, m: torch.Tensor) -> None:
     scales = torch.segment_reduce(m.abs(), "max", lengths=group.chunk_lengths)
     group.m_scales.copy_(scales)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), group.chunk_lengths, output_size=group.numel)
-    codes = m.div_(divisor).mul_(CODE_MAX).round_().clamp_(-CODE_MAX, CODE_MAX)
+    codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
     group.m.copy_(codes)

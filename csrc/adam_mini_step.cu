@@ -101,6 +101,16 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
               " of shape ", coef.sizes());
 }
 
+// m_scales: float32, 1-D, on p's device; the quantization scales of an int8 m (empty otherwise).
+void check_scales(const char* op, const at::TensorBase& m, const at::TensorBase& m_scales, const at::TensorBase& p) {
+  check_on_device(op, "m_scales", m_scales, p);
+  check_contiguous(op, "m_scales", m_scales, 1);
+  TORCH_CHECK(m_scales.scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": m_scales must be float32, got ",
+              m_scales.scalar_type());
+  TORCH_CHECK(m.scalar_type() != at::kChar, "adam_mini_kernels::", op,
+              ": int8 m is not implemented by the CUDA kernels yet");
+}
+
 // Stochastic rounding writes bfloat16 only (see [Note: stochastic rounding in the kernels]).
 void check_rounding(const char* op, bool stochastic_rounding, const at::TensorBase& p) {
   TORCH_CHECK(!stochastic_rounding || p.scalar_type() == at::kBFloat16, "adam_mini_kernels::", op,
@@ -123,10 +133,12 @@ void check_table(const char* op, const char* name, const at::TensorBase& t, int6
 // would need a device-to-host copy, a sync, every step. A row longer than its kernel's span trips
 // a device-side assertion instead of writing out of bounds.
 
-void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
-               const at::TensorBase& coef, const at::TensorBase& rows, int64_t width, bool stochastic_rounding) {
+void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+               const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
+               const at::TensorBase& rows, int64_t width, bool stochastic_rounding) {
   constexpr const char* op = "rows_step";
   check_buffers(op, p, g, m, v, coef);
+  check_scales(op, m, m_scales, p);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "rows", rows, kRowCols, p);
   TORCH_CHECK(width >= 1 && width <= kRowMax, "adam_mini_kernels::", op, ": width must be in [1, ", kRowMax,
@@ -152,10 +164,12 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
 }
 
 void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                       const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& tiles,
-                       const at::TensorBase& blocks, const at::TensorBase& partial, bool stochastic_rounding) {
+                       const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
+                       const at::TensorBase& tiles, const at::TensorBase& blocks, const at::TensorBase& partial,
+                       bool stochastic_rounding) {
   constexpr const char* op = "large_blocks_step";
   check_buffers(op, p, g, m, v, coef);
+  check_scales(op, m, m_scales, p);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kTileCols, p);
   check_table(op, "blocks", blocks, kLbCols, p);

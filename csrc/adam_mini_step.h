@@ -21,13 +21,13 @@ namespace adam_mini {
 // Small blocks ("rows", at most `width` <= kRowMax elements each), one CUDA block per row of
 // `rows` (R, kRowCols): sum of g^2, v, m and p in one pass.
 void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-               const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& rows,
+               const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& rows,
                int64_t width, bool stochastic_rounding);
 
 // Large blocks, in three launches: tile sums of g^2 into `partial` (one slot per tile), a
 // fixed-order sum per block and its v update, then m and p of every tile.
 void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                       const at::TensorBase& v, const at::TensorBase& coef,
+                       const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
                        const at::TensorBase& tiles, const at::TensorBase& blocks,
                        const at::TensorBase& partial, bool stochastic_rounding);
 

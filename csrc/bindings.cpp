@@ -22,6 +22,9 @@
 //   large_blocks_step  the three phases of the large blocks (tile sums, block v, tile update):
 //                      they share the scratch `partial` and are only correct together, so the
 //                      operator boundary is drawn around all three.
+//
+// rows_step and large_blocks_step also take `m_scales`, the quantization scales of an int8 m
+// (empty and unused for a float m), so that one schema serves every storage of m.
 //   adam_step          the Adam tiles.
 //   step_coefficients  the step counters and the coefficient table of a group (one launch).
 //
@@ -34,15 +37,15 @@
 
 namespace {
 
-void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
-                  const at::Tensor& rows, int64_t width, bool stochastic_rounding) {
-  adam_mini::rows_step(p, g, m, v, coef, rows, width, stochastic_rounding);
+void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& m_scales, at::Tensor& v,
+                  const at::Tensor& coef, const at::Tensor& rows, int64_t width, bool stochastic_rounding) {
+  adam_mini::rows_step(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding);
 }
 
-void large_blocks_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
-                          const at::Tensor& tiles, const at::Tensor& blocks, at::Tensor& partial,
-                          bool stochastic_rounding) {
-  adam_mini::large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, stochastic_rounding);
+void large_blocks_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& m_scales, at::Tensor& v,
+                          const at::Tensor& coef, const at::Tensor& tiles, const at::Tensor& blocks,
+                          at::Tensor& partial, bool stochastic_rounding) {
+  adam_mini::large_blocks_step(p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding);
 }
 
 void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
@@ -63,11 +66,11 @@ void step_coefficients_op(at::Tensor& steps, const at::Tensor& hparams, at::Tens
 TORCH_LIBRARY(adam_mini_kernels, m) {
   m.set_python_module("adam_mini_kernels.cuda_backend");
   m.def(
-      "rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor rows, int width, "
-      "bool stochastic_rounding) -> ()");
+      "rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
+      "Tensor rows, int width, bool stochastic_rounding) -> ()");
   m.def(
-      "large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
-      "Tensor blocks, Tensor(d!) partial, bool stochastic_rounding) -> ()");
+      "large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
+      "Tensor tiles, Tensor blocks, Tensor(e!) partial, bool stochastic_rounding) -> ()");
   m.def(
       "adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
       "bool stochastic_rounding) -> ()");
@@ -93,10 +96,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"ROW_NUMEL", adam_mini::kRowNumel},
       {"ROW_V", adam_mini::kRowV},
       {"ROW_PARAM", adam_mini::kRowParam},
+      {"ROW_SCALE", adam_mini::kRowScale},
       {"ROW_COLS", adam_mini::kRowCols},
       {"TILE_START", adam_mini::kTileStart},
       {"TILE_NUMEL", adam_mini::kTileNumel},
       {"TILE_BLOCK", adam_mini::kTileBlock},
+      {"TILE_SCALE", adam_mini::kTileScale},
       {"TILE_COLS", adam_mini::kTileCols},
       {"LB_V", adam_mini::kLbV},
       {"LB_PARAM", adam_mini::kLbParam},
@@ -127,6 +132,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"ROW_MAX", adam_mini::kRowMax},
       {"TILE", adam_mini::kTile},
       {"ADAM_TILE", adam_mini::kAdamTile},
+      {"QBLOCK", adam_mini::kQBlock},
       {"ELEMS_PER_THREAD", adam_mini::kElemsPerThread},
   };
   pybind11::dict table;

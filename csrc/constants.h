@@ -8,17 +8,21 @@
 namespace adam_mini {
 
 // Columns of the int64 launch tables (adam_mini_kernels/launch_tables.py, [Note: launch tables]).
-// Rows and Adam tiles: first element, number of elements, index of the (first) v, parameter.
+// Rows and Adam tiles: first element, number of elements, index of the (first) v, parameter,
+// index of the first quantization scale (int8 m).
 constexpr int kRowStart = 0;
 constexpr int kRowNumel = 1;
 constexpr int kRowV = 2;
 constexpr int kRowParam = 3;
-constexpr int kRowCols = 4;
-// Tiles of large blocks: first element, number of elements, index of the large block.
+constexpr int kRowScale = 4;
+constexpr int kRowCols = 5;
+// Tiles of large blocks: first element, number of elements, index of the large block, index of
+// the first quantization scale.
 constexpr int kTileStart = 0;
 constexpr int kTileNumel = 1;
 constexpr int kTileBlock = 2;
-constexpr int kTileCols = 3;
+constexpr int kTileScale = 3;
+constexpr int kTileCols = 4;
 // Large blocks: v index, parameter, first tile, number of tiles, number of elements.
 constexpr int kLbV = 0;
 constexpr int kLbParam = 1;
@@ -62,6 +66,8 @@ constexpr uint32_t kMomentStream = 0x68E31DA4u;
 constexpr int kRowMax = 8192;
 constexpr int kTile = 4096;
 constexpr int kAdamTile = 1024;
+// Elements per quantization chunk of an int8 m (adam_mini_kernels/quantization.py, QBLOCK).
+constexpr int kQBlock = 256;
 
 // Every kernel gives each thread this many elements of its span (see [Note: thread fragments] in
 // kernels.cuh), which fixes the threads per CUDA block of each kernel.
@@ -82,5 +88,6 @@ constexpr int row_threads(int64_t width) {
 static_assert(kTile % (32 * kElemsPerThread) == 0 && kAdamTile % (32 * kElemsPerThread) == 0,
               "tiles must be whole warps");
 static_assert(kRowMaxThreads <= 1024, "the widest row must fit one CUDA block");
+static_assert(kTile % kQBlock == 0, "tiles must start at quantization chunk boundaries");
 
 }  // namespace adam_mini

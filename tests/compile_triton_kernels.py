@@ -21,25 +21,31 @@ STORAGE = {  # (parameter/gradient dtype, m dtype) pairs the optimizer creates
     "fp16": ("fp16", "fp16"),
     "bf16, fp32 state": ("bf16", "fp32"),
     "fp16, fp32 state": ("fp16", "fp32"),
+    "fp32, int8 state": ("fp32", "i8"),
+    "bf16, int8 state": ("bf16", "i8"),
+    "fp16, int8 state": ("fp16", "i8"),
 }
 
 
 def configurations():
     """(name, kernel, signature, constexprs, num_warps) for everything ``launch.py`` launches."""
     from adam_mini_kernels.launch_tables import ADAM_TILE, ROW_MAX, TILE
+    from adam_mini_kernels.quantization import QBLOCK
     from adam_mini_kernels.triton_kernels import kernels as K
     from adam_mini_kernels.triton_kernels.launch import CHUNK, COEF_BLOCK, _warps
 
-    tables = {"v_ptr": "*fp32", "coef_ptr": "*fp32", "rows_ptr": "*i64", "tiles_ptr": "*i64", "blocks_ptr": "*i64"}
+    tables = {"scales_ptr": "*fp32", "v_ptr": "*fp32", "coef_ptr": "*fp32", "rows_ptr": "*i64", "tiles_ptr": "*i64",
+              "blocks_ptr": "*i64"}
     for label, (dtype, state) in STORAGE.items():
         buffers = {"p_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "m_ptr": f"*{state}", **tables}
         for rounding in (False, True) if dtype == "bf16" else (False,):
             tag = f"{label}{', stochastic rounding' if rounding else ''}"
             for block in (16, 1024, ROW_MAX):
                 yield (f"rows_step BLOCK={block} ({tag})", K.rows_step_kernel, buffers,
-                       {"BLOCK": block, "ROUNDING": rounding}, _warps(block))
+                       {"BLOCK": block, "QCHUNK": min(block, QBLOCK), "ROUNDING": rounding}, _warps(block))
             yield (f"tile_step ({tag})", K.tile_step_kernel, buffers, {"TILE": TILE, "ROUNDING": rounding}, 8)
-            yield (f"adam_step ({tag})", K.adam_step_kernel, buffers, {"TILE": ADAM_TILE, "ROUNDING": rounding}, 4)
+            if state != "i8":  # Adam blocks never have an int8 m
+                yield (f"adam_step ({tag})", K.adam_step_kernel, buffers, {"TILE": ADAM_TILE, "ROUNDING": rounding}, 4)
         yield (f"tile_sumsq ({label})", K.tile_sumsq_kernel,
                {"g_ptr": f"*{dtype}", "tiles_ptr": "*i64", "partial_ptr": "*fp32"}, {"TILE": TILE}, 8)
     yield ("large_block_v", K.large_block_v_kernel,

@@ -113,12 +113,12 @@ def test_triton_operators_opcheck(dtype):
     t = build_launch_tables(group)
     coef = group.cache["coef"]
     rounding = dtype == torch.bfloat16
-    state = (group.param_buffer, group.grad_buffer, group.m, group.v, coef)
+    state = (group.param_buffer, group.grad_buffer, group.m, torch.empty(0), group.v, coef)
     torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, 7, rounding))
     width, rows = t.row_classes[-1]
     torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
     torch.library.opcheck(ops.OPERATORS.large_blocks_step, state + (t.tiles, t.blocks, t.partial, rounding))
-    torch.library.opcheck(ops.OPERATORS.adam_step, state + (t.adam, rounding))
+    torch.library.opcheck(ops.OPERATORS.adam_step, (group.param_buffer, group.grad_buffer, group.m, group.v, coef, t.adam, rounding))
 
 
 # -- GPU: CUDA graphs -----------------------------------------------------------------------------

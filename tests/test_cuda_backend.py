@@ -34,10 +34,11 @@ from grad_stream import assert_backends_close, backend_runs, clone_named, max_re
 
 OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
 SCHEMAS = {
-    "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
-    "Tensor rows, int width, bool stochastic_rounding) -> ()",
-    "large_blocks_step": "adam_mini_kernels::large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, "
-    "Tensor coef, Tensor tiles, Tensor blocks, Tensor(d!) partial, bool stochastic_rounding) -> ()",
+    "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, "
+    "Tensor(d!) v, Tensor coef, Tensor rows, int width, bool stochastic_rounding) -> ()",
+    "large_blocks_step": "adam_mini_kernels::large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, "
+    "Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, Tensor tiles, Tensor blocks, Tensor(e!) partial, "
+    "bool stochastic_rounding) -> ()",
     "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
     "Tensor tiles, bool stochastic_rounding) -> ()",
     "step_coefficients": "adam_mini_kernels::step_coefficients(Tensor(a!) steps, Tensor hparams, Tensor(b!) coef, "
@@ -95,7 +96,11 @@ def test_op_is_registered_with_its_schema(backend, op):
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
     # The alias annotations (what functionalization and torch.compile rely on): what is mutated.
     mutated = [a.name for a in packet.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    expected = {"large_blocks_step": ["p", "m", "v", "partial"], "step_coefficients": ["steps", "coef"]}
+    expected = {
+        "rows_step": ["p", "m", "m_scales", "v"],
+        "large_blocks_step": ["p", "m", "m_scales", "v", "partial"],
+        "step_coefficients": ["steps", "coef"],
+    }
     assert mutated == expected.get(op, ["p", "m", "v"])
     assert packet.default._schema.returns == []
 
@@ -127,6 +132,7 @@ def _cpu_inputs(dtype=torch.float32):
     coef = torch.zeros(len(group.params), coefficients.NUM_COEFFICIENTS)
     real = dict(
         p=group.param_buffer.to(dtype), g=group.grad_buffer.to(dtype), m=group.m.to(dtype), v=group.v, coef=coef,
+        m_scales=torch.empty(0),
         rows=tables.row_classes, tiles=tables.tiles, blocks=tables.blocks, partial=tables.partial, adam=tables.adam,
         steps=group.steps, hparams=group.hparams,
     )
@@ -142,12 +148,12 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
 
     real = _cpu_inputs()
     with FakeTensorMode():
-        p, g, m, v, coef = (_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef"))
+        p, g, m, s, v, coef = (_fake_like(real[k]) for k in ("p", "g", "m", "m_scales", "v", "coef"))
         ops = torch.ops.adam_mini_kernels
         for width, rows in real["rows"]:
-            assert ops.rows_step(p, g, m, v, coef, _fake_like(rows), width, False) is None
+            assert ops.rows_step(p, g, m, s, v, coef, _fake_like(rows), width, False) is None
         tiles, blocks, partial = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial"))
-        assert ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, False) is None
+        assert ops.large_blocks_step(p, g, m, s, v, coef, tiles, blocks, partial, False) is None
         assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), False) is None
         steps, hparams = _fake_like(real["steps"]), _fake_like(real["hparams"])
         assert ops.step_coefficients(steps, hparams, coef, None, None, None, 0, False) is None
@@ -161,7 +167,7 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         with pytest.raises(RuntimeError, match="stochastic_rounding needs bfloat16"):
             ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), True)
         with pytest.raises(RuntimeError, match="dtype"):
-            ops.rows_step(p, g.to(torch.bfloat16), m, v, coef, _fake_like(real["rows"][0][1]), 16, False)
+            ops.rows_step(p, g.to(torch.bfloat16), m, s, v, coef, _fake_like(real["rows"][0][1]), 16, False)
 
 
 def test_traces_with_make_fx(backend):
@@ -172,15 +178,16 @@ def test_traces_with_make_fx(backend):
 
     real = _cpu_inputs(torch.bfloat16)
 
-    def step(p, g, m, v, coef, tiles, blocks, partial, adam, *rows):
+    def step(p, g, m, s, v, coef, tiles, blocks, partial, adam, *rows):
         ops = torch.ops.adam_mini_kernels
         for (width, _), table in zip(real["rows"], rows):
-            ops.rows_step(p, g, m, v, coef, table, width, True)
-        ops.large_blocks_step(p, g, m, v, coef, tiles, blocks, partial, True)
+            ops.rows_step(p, g, m, s, v, coef, table, width, True)
+        ops.large_blocks_step(p, g, m, s, v, coef, tiles, blocks, partial, True)
         ops.adam_step(p, g, m, v, coef, adam, True)
 
     with FakeTensorMode():
-        args = [_fake_like(real[k]) for k in ("p", "g", "m", "v", "coef", "tiles", "blocks", "partial", "adam")]
+        keys = ("p", "g", "m", "m_scales", "v", "coef", "tiles", "blocks", "partial", "adam")
+        args = [_fake_like(real[k]) for k in keys]
         args += [_fake_like(rows) for _, rows in real["rows"]]
         graph = make_fx(step)(*args)
     called = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
@@ -369,12 +376,12 @@ class _EmulatedOps:
             steps.shape[0], round_seed, int(rounding),
         ))
 
-    def rows_step(self, p, g, m, v, coef, rows, width, rounding):
+    def rows_step(self, p, g, m, m_scales, v, coef, rows, width, rounding):
         self._check(self.lib.emulate_rows_step(
             *self._state(p, g, m, v, coef), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
         ))
 
-    def large_blocks_step(self, p, g, m, v, coef, tiles, blocks, partial, rounding):
+    def large_blocks_step(self, p, g, m, m_scales, v, coef, tiles, blocks, partial, rounding):
         self._check(self.lib.emulate_large_blocks_step(
             *self._state(p, g, m, v, coef), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
             partial.data_ptr(), self._aligned(p, g, m), int(rounding),
@@ -638,6 +645,7 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     out = {}
     for key in ("p", "g", "m"):
         out[key] = torch.randn(real[key].shape, generator=gen, device="cuda").to(dtype)
+    out["m_scales"] = torch.empty(0, device="cuda")
     out["v"] = torch.rand(real["v"].shape, generator=gen, device="cuda")
     C = coefficients
     row = {C.C_DECAY: 0.999, C.C_STEP_SIZE: 1e-3, C.C_BC2_SQRT: 0.3, C.C_EPS: 1e-8, C.C_BETA2: 0.999,
@@ -661,8 +669,8 @@ def _call_all(x, rounding=False):
     ops = torch.ops.adam_mini_kernels
     ops.step_coefficients(x["steps"], x["hparams"], x["coef"], None, None, None, 12345, rounding)
     for width, rows in x["rows"]:
-        ops.rows_step(x["p"], x["g"], x["m"], x["v"], x["coef"], rows, width, rounding)
-    ops.large_blocks_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"], rounding)
+        ops.rows_step(x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], rows, width, rounding)
+    ops.large_blocks_step(x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"], rounding)
     ops.adam_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], rounding)
 
 
@@ -673,13 +681,14 @@ def test_opcheck(backend, dtype, rounding):
     """Schema (exactly p, m, v, partial mutated), fake implementation and AOT dispatch, on real
     inputs."""
     x = _gpu_inputs(dtype)
-    base = (x["p"], x["g"], x["m"], x["v"], x["coef"])
+    base = (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"])
     width, rows = x["rows"][-1]
     torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width, rounding))
     torch.library.opcheck(
         torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"], rounding)
     )
-    torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, base + (x["adam"], rounding))
+    adam_args = (x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], rounding)
+    torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, adam_args)
     amp = (torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
     torch.library.opcheck(
         torch.ops.adam_mini_kernels.step_coefficients.default,
@@ -725,24 +734,24 @@ def test_cuda_graph_capture(backend):
 def test_launchers_check_their_inputs(backend):
     ops = torch.ops.adam_mini_kernels
     x = _gpu_inputs()
-    p, g, m, v, coef = x["p"], x["g"], x["m"], x["v"], x["coef"]
+    p, g, m, s, v, coef = x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"]
     width, rows = x["rows"][0]
     with pytest.raises(RuntimeError, match=r"rows_step: g has dtype"):
-        ops.rows_step(p, g.half(), m, v, coef, rows, width, False)
+        ops.rows_step(p, g.half(), m, s, v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: m must be contiguous"):
-        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], v, coef, rows, width, False)
+        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], s, v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: v must be float32"):
-        ops.rows_step(p, g, m, v.double(), coef, rows, width, False)
+        ops.rows_step(p, g, m, s, v.double(), coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: coef must be a float32"):
-        ops.rows_step(p, g, m, v, coef[:, :4].contiguous(), rows, width, False)
+        ops.rows_step(p, g, m, s, v, coef[:, :4].contiguous(), rows, width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: rows must be an int64"):
-        ops.rows_step(p, g, m, v, coef, rows.int(), width, False)
+        ops.rows_step(p, g, m, s, v, coef, rows.int(), width, False)
     with pytest.raises(RuntimeError, match=r"rows_step: width must be in"):
-        ops.rows_step(p, g, m, v, coef, rows, launch_tables.ROW_MAX * 2, False)
+        ops.rows_step(p, g, m, s, v, coef, rows, launch_tables.ROW_MAX * 2, False)
     with pytest.raises(RuntimeError, match=r"rows_step: p must be float32, bfloat16 or float16"):
-        ops.rows_step(p.double(), g.double(), m.double(), v, coef, rows, width, False)
+        ops.rows_step(p.double(), g.double(), m.double(), s, v, coef, rows, width, False)
     with pytest.raises(RuntimeError, match=r"large_blocks_step: partial must be float32 with one slot per tile"):
-        ops.large_blocks_step(p, g, m, v, coef, x["tiles"], x["blocks"], x["partial"][:1], False)
+        ops.large_blocks_step(p, g, m, s, v, coef, x["tiles"], x["blocks"], x["partial"][:1], False)
     with pytest.raises(RuntimeError, match=r"adam_step: tiles is on cpu"):
         ops.adam_step(p, g, m, v, coef, x["adam"].cpu(), False)
     with pytest.raises(RuntimeError, match=r"adam_step: stochastic_rounding needs bfloat16 p, got Float"):

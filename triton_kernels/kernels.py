@@ -13,6 +13,12 @@ All math is float32 whatever the storage dtype; offsets are int64. Each paramete
 coefficients come from the table of ``coefficients.step_coefficients``. With ``ROUNDING`` the
 bfloat16 stores of p and m round stochastically (``adam_mini_kernels/rounding.py``: the same
 hash, so the same bits, as the other backends).
+
+An int8 ``m`` (``state_dtype=torch.int8``; the kernels see it from ``m_ptr``'s dtype, so each
+storage is a compiled variant of the same kernel) is dequantized on load and requantized on
+store in the same pass: a program's span (a row, a tile) starts at a quantization chunk
+boundary, so it holds whole chunks, takes each chunk's new absmax on chip and writes the chunk's
+scale and codes (``_load_m``, ``_store_m``; the format of ``adam_mini_kernels/quantization.py``).
 """
 
 import triton
@@ -21,6 +27,7 @@ import triton.language as tl
 from .. import launch_tables as T
 from .. import rounding as R
 from ..buffers import HP_BETA1, HP_BETA2, HP_EPS, HP_LR, HP_WEIGHT_DECAY, NUM_HPARAMS
+from ..quantization import CODE_MAX, QBLOCK
 from ..coefficients import (
     C_BC2_SQRT,
     C_BETA2,
@@ -35,11 +42,11 @@ from ..coefficients import (
 )
 
 # Triton kernels may only read globals that are constexpr: the column indices, as constexprs.
-ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_COLS = (
-    tl.constexpr(c) for c in (T.ROW_START, T.ROW_NUMEL, T.ROW_V, T.ROW_PARAM, T.ROW_COLS)
+ROW_START, ROW_NUMEL, ROW_V, ROW_PARAM, ROW_SCALE, ROW_COLS = (
+    tl.constexpr(c) for c in (T.ROW_START, T.ROW_NUMEL, T.ROW_V, T.ROW_PARAM, T.ROW_SCALE, T.ROW_COLS)
 )
-TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_COLS = (
-    tl.constexpr(c) for c in (T.TILE_START, T.TILE_NUMEL, T.TILE_BLOCK, T.TILE_COLS)
+TILE_START, TILE_NUMEL, TILE_BLOCK, TILE_SCALE, TILE_COLS = (
+    tl.constexpr(c) for c in (T.TILE_START, T.TILE_NUMEL, T.TILE_BLOCK, T.TILE_SCALE, T.TILE_COLS)
 )
 LB_V, LB_PARAM, LB_NUM_TILES, LB_FIRST_TILE, LB_NUMEL, LB_COLS = (
     tl.constexpr(c) for c in (T.LB_V, T.LB_PARAM, T.LB_NUM_TILES, T.LB_FIRST_TILE, T.LB_NUMEL, T.LB_COLS)
@@ -60,6 +67,9 @@ _HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
 _MIX_MUL1, _MIX_MUL2, _GOLDEN, _MOMENT_STREAM = (
     tl.constexpr(c) for c in (R.MIX_MUL1, R.MIX_MUL2, R.GOLDEN, R.MOMENT_STREAM)
 )
+_QBLOCK = tl.constexpr(QBLOCK)
+_CODE_MAX = tl.constexpr(float(CODE_MAX))
+_RINT_MAGIC = tl.constexpr(1.5 * 2.0**23)  # x + this - this rounds |x| < 2^22 to nearest even
 
 
 @triton.jit
@@ -113,34 +123,74 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
 
 
 @triton.jit
-def _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef, ROUNDING: tl.constexpr):
-    """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps).
-    ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
+def _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start):
+    """m of a span as float32: an int8 m dequantized, code * its chunk's scale / 127."""
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
+    if m_ptr.dtype.element_ty == tl.int8:
+        scale = tl.load(scales_ptr + scale_start + lanes // _QBLOCK, mask=mask, other=0.0)
+        m = tl.math.div_rn(m * scale, _CODE_MAX)
+    return m
+
+
+@triton.jit
+def _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr):
+    """Store float32 ``m`` of a span of ``numel`` (<= SPAN) elements: in m's dtype, or for int8 m
+    each chunk's absmax in its scale slot and rint(m * 127 / scale) as codes. QCHUNK is
+    min(SPAN, QBLOCK): the span's chunks seen as the rows of a (SPAN / QCHUNK, QCHUNK) tile."""
+    if m_ptr.dtype.element_ty == tl.int8:
+        chunked = tl.reshape(m, (SPAN // QCHUNK, QCHUNK))
+        absmax = tl.max(tl.abs(chunked), axis=1)  # lanes past the span hold m = 0
+        chunk = tl.arange(0, SPAN // QCHUNK)
+        tl.store(scales_ptr + scale_start + chunk, absmax, mask=chunk * QCHUNK < numel)
+        divisor = tl.where(absmax == 0, 1.0, absmax)
+        y = tl.math.div_rn(chunked * _CODE_MAX, divisor[:, None])
+        codes = (y + _RINT_MAGIC) - _RINT_MAGIC
+        codes = tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX)
+        tl.store(m_ptr + offs, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=mask)
+    else:
+        _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)
+
+
+@triton.jit
+def _update_elements(
+    p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, scale_start, g, v, coef,
+    ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr,
+):
+    """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+    over a span of ``numel`` elements (``lanes`` < SPAN from the span's first element, at
+    ``offs``). ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
     h = tl.sqrt(v) / tl.load(coef + _C_BC2_SQRT) + tl.load(coef + _C_EPS)
     step_size = tl.load(coef + _C_STEP_SIZE)
     # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
     scale = tl.where(step_size == 0, 0.0, step_size / h)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start)
     m = m + tl.load(coef + _C_M_WEIGHT) * (g - m)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * tl.load(coef + _C_DECAY) - scale * m
     key = tl.load(coef + _C_ROUND_KEY).to(tl.uint32, bitcast=True)
-    _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)
+    _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, ROUNDING, SPAN, QCHUNK)
     _store(p_ptr, offs, mask, p, key, 0, ROUNDING)
 
 
 @triton.jit
-def rows_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, rows_ptr, BLOCK: tl.constexpr, ROUNDING: tl.constexpr):
+def rows_step_kernel(
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, rows_ptr,
+    BLOCK: tl.constexpr, QCHUNK: tl.constexpr, ROUNDING: tl.constexpr,
+):
     """One program per small block of at most BLOCK elements: the whole step in one pass."""
     row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
     start = tl.load(row + ROW_START)
     numel = tl.load(row + ROW_NUMEL)
     coef = coef_ptr + tl.load(row + ROW_PARAM) * _NUM_COEF
-    offs = start + tl.arange(0, BLOCK)
-    mask = tl.arange(0, BLOCK) < numel
+    lanes = tl.arange(0, BLOCK)
+    offs = start + lanes
+    mask = lanes < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
-    _update_elements(p_ptr, m_ptr, offs, mask, _scaled_grad(g, coef), v, coef, ROUNDING)
+    _update_elements(
+        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(row + ROW_SCALE), _scaled_grad(g, coef), v, coef,
+        ROUNDING, BLOCK, QCHUNK,
+    )
 
 
 @triton.jit
@@ -170,16 +220,21 @@ def large_block_v_kernel(v_ptr, coef_ptr, partial_ptr, blocks_ptr, CHUNK: tl.con
 
 @triton.jit
 def tile_step_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
 ):
     """Large blocks, phase 3: update m and p of one tile with its block's new v."""
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
     block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
-    offs = tl.load(tile + TILE_START) + tl.arange(0, TILE)
-    mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
+    numel = tl.load(tile + TILE_NUMEL)
+    lanes = tl.arange(0, TILE)
+    offs = tl.load(tile + TILE_START) + lanes
+    mask = lanes < numel
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
-    _update_elements(p_ptr, m_ptr, offs, mask, g, tl.load(v_ptr + tl.load(block + LB_V)), coef, ROUNDING)
+    _update_elements(
+        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(tile + TILE_SCALE),
+        g, tl.load(v_ptr + tl.load(block + LB_V)), coef, ROUNDING, TILE, _QBLOCK,
+    )
 
 
 @triton.jit
@@ -194,7 +249,8 @@ def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.c
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
-    _update_elements(p_ptr, m_ptr, offs, mask, g, v, coef, ROUNDING)
+    # Adam blocks never have an int8 m (quantization.int8_first_moment): no scales.
+    _update_elements(p_ptr, m_ptr, m_ptr, offs, lanes, mask, 0, 0, g, v, coef, ROUNDING, TILE, TILE)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..buffers import FlatGroup
 from ..launch_tables import ADAM_TILE, TILE, fused_step
+from ..quantization import QBLOCK
 from . import kernels as K
 
 CHUNK = 1024  # tile sums added per iteration when reducing a large block
@@ -53,23 +54,28 @@ def step_coefficients(
     )
 
 
-def rows_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, rows: Tensor, width: int, stochastic_rounding: bool) -> None:
-    """Small blocks of at most ``width`` elements, one program per row of ``rows``."""
+def rows_step(
+    p: Tensor, g: Tensor, m: Tensor, m_scales: Tensor, v: Tensor, coef: Tensor, rows: Tensor, width: int,
+    stochastic_rounding: bool,
+) -> None:
+    """Small blocks of at most ``width`` elements, one program per row of ``rows``; ``m_scales``
+    are the quantization scales of an int8 ``m`` (read and written only then)."""
     K.rows_step_kernel[(rows.shape[0],)](
-        p, g, m, v, coef, rows, BLOCK=width, ROUNDING=stochastic_rounding, num_warps=_warps(width)
+        p, g, m, m_scales, v, coef, rows,
+        BLOCK=width, QCHUNK=min(width, QBLOCK), ROUNDING=stochastic_rounding, num_warps=_warps(width),
     )
 
 
 def large_blocks_step(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, blocks: Tensor, partial: Tensor,
-    stochastic_rounding: bool,
+    p: Tensor, g: Tensor, m: Tensor, m_scales: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, blocks: Tensor,
+    partial: Tensor, stochastic_rounding: bool,
 ) -> None:
     """Large blocks: tile sums of g^2, block v, then m and p of every tile (three launches)."""
     n_tiles = tiles.shape[0]
     K.tile_sumsq_kernel[(n_tiles,)](g, tiles, partial, TILE=TILE, num_warps=8)
     K.large_block_v_kernel[(blocks.shape[0],)](v, coef, partial, blocks, CHUNK=CHUNK, num_warps=4)
     K.tile_step_kernel[(n_tiles,)](
-        p, g, m, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8
+        p, g, m, m_scales, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8
     )
 
 

@@ -28,7 +28,7 @@ def _operator(name: str, mutates: tuple, fake):
 
 OPERATORS = SimpleNamespace(
     step_coefficients=_operator("step_coefficients", ("steps", "coef"), op_checks.check_coefficients),
-    rows_step=_operator("rows_step", ("p", "m", "v"), op_checks.check_rows),
-    large_blocks_step=_operator("large_blocks_step", ("p", "m", "v", "partial"), op_checks.check_large_blocks),
+    rows_step=_operator("rows_step", ("p", "m", "m_scales", "v"), op_checks.check_rows),
+    large_blocks_step=_operator("large_blocks_step", ("p", "m", "m_scales", "v", "partial"), op_checks.check_large_blocks),
     adam_step=_operator("adam_step", ("p", "m", "v"), op_checks.check_adam),
 )

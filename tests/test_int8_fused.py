@@ -1,0 +1,129 @@
+"""state_dtype=torch.int8 on the fused backends (issue 10): dequantize, update and requantize m
+inside the step kernels, against the torch backend (the readable format of quantization.py).
+
+On a machine without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with a
+GPU the same tests run the compiled kernels on CUDA tensors. The parameter set has every kind of
+span the kernels cut: rows of a full and a short chunk (300), rows narrower than a chunk (100, 16
+under the size threshold), heads of 16 chunks (4096), a whole-tensor row (6000) and a whole-tensor
+large block of 12588 elements (three full tiles and a tile of one full and one short chunk).
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # CPU builds of torch come without it (required in CI: conftest.py)
+
+from adam_mini_kernels import AdamMini
+from adam_mini_kernels.quantization import quantize_runs
+from grad_stream import clone_named, max_rel_err, run_stream
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = {
+    "embed.weight": (20, 300),
+    "layers.0.q_proj.weight": (64, 128),
+    "conv.weight": (60, 100),
+    "wide.weight": (3, 4196),
+    "layers.0.mlp.up.weight": (50, 100),
+    "mlp.weight": (40, 300),
+    "mlp.bias": (40,),
+    "ln.weight": (300,),
+    "small.mlp.weight": (8, 16),
+}
+QUANTIZED = {"embed.weight", "layers.0.q_proj.weight", "conv.weight", "wide.weight", "layers.0.mlp.up.weight", "mlp.weight"}
+KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=128, n_heads=4)
+# Params after 4 steps against the torch backend, per storage dtype (see test_triton_backend.py).
+TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2}
+FUSED = ["triton"]  # the fused backends whose kernels run here
+
+
+def _named(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (n, torch.nn.Parameter(torch.randn(s, generator=gen).to(device=DEVICE, dtype=dtype))) for n, s in SHAPES.items()
+    ]
+
+
+def _optimizer(backend, named, **kw):
+    return AdamMini(named, backend=backend, **dict(KW, **kw))
+
+
+def _runs(opt):
+    return {s["name"]: tuple((n, c) for _, n, c in s["sections"]) for s in opt.partition_summary()}
+
+
+def _code_diffs(a, b):
+    """(largest difference, number of differing codes) of two int8 code tensors."""
+    diff = (a.int() - b.int()).abs()
+    return int(diff.max()), int((diff > 0).sum())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize(
+    "dtype, stochastic", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_matches_torch_backend(backend, dtype, stochastic):
+    """Four steps, some parameters idle on some: the same parameters (to float32 rounding), v,
+    scales (to 1e-6) and codes (within one, at most 0.5 % of them) as the torch backend."""
+    named, ref_named = _named(dtype), _named(dtype)
+    kw = dict(state_dtype=torch.int8, stochastic_rounding=stochastic)
+    torch.manual_seed(0)
+    opt = _optimizer(backend, named, **kw)
+    torch.manual_seed(0)  # the same stochastic rounding seed
+    ref = _optimizer("torch", ref_named, **kw)
+    run_stream([[p for _, p in named], [p for _, p in ref_named]], [opt, ref], steps=4, seed=3, none_every=4)
+    assert {n for n, p in named if "m_codes" in opt.state[p]} == QUANTIZED
+    for (name, p), (_, q) in zip(named, ref_named):
+        assert max_rel_err(p, q) <= TOL[dtype], name
+        s, r = opt.state[p], ref.state[q]
+        if name in QUANTIZED:
+            largest, count = _code_diffs(s["m_codes"], r["m_codes"])
+            assert largest <= 1 and count <= 0.005 * p.numel(), (name, largest, count)
+            assert max_rel_err(s["m_scales"], r["m_scales"]) <= 1e-6, name
+            assert torch.equal(s["m_codes"].abs().amax(), torch.tensor(127, dtype=torch.int8, device=DEVICE)), name
+        else:
+            assert max_rel_err(s["m"].float(), r["m"].float()) <= TOL[dtype], name
+        assert int(s["step"]) == int(r["step"]), name
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_requantizes_its_own_update_exactly(backend):
+    """The codes and scales the kernels write are exactly quantization.quantize_runs of the m they
+    computed: an int8 optimizer and a float32-state one loaded from its checkpoint (codes
+    dequantized, exact in float32) take the same step on the same backend; the int8 one's new
+    codes and scales must equal the float one's new m quantized by the reference, and the
+    parameters must be equal (the update uses m before requantization)."""
+    named = _named()
+    opt = _optimizer(backend, named, state_dtype=torch.int8)
+    run_stream([[p for _, p in named]], [opt], steps=2, seed=5, none_every=0)
+    float_named = clone_named(named)
+    float_opt = _optimizer(backend, float_named)
+    float_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() holds live views, as torch's
+    run_stream([[p for _, p in named], [p for _, p in float_named]], [opt, float_opt], steps=1, seed=6, none_every=0)
+    runs = _runs(opt)
+    for (name, p), (_, q) in zip(named, float_named):
+        if DEVICE.type == "cpu":  # the interpreter: numpy float32, no FMA contraction
+            assert torch.equal(p, q), name
+        else:
+            assert max_rel_err(p, q) <= 1e-6, name
+        if name in QUANTIZED:
+            codes, scales = quantize_runs(float_opt.state[q]["m"].reshape(-1), runs[name])
+            assert torch.equal(opt.state[p]["m_scales"], scales), name
+            assert torch.equal(opt.state[p]["m_codes"].reshape(-1), codes), name
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_bitwise_deterministic(backend):
+    results = []
+    for _ in range(2):
+        named = _named(torch.bfloat16)
+        opt = _optimizer(backend, named, state_dtype=torch.int8)
+        run_stream([[p for _, p in named]], [opt], steps=2, seed=1)
+        results.append((named, opt))
+    (a_named, a), (b_named, b) = results
+    for (name, p), (_, q) in zip(a_named, b_named):
+        assert torch.equal(p, q), name
+        for key, value in a.state[p].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b.state[q][key]), (name, key)
