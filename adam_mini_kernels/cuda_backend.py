@@ -34,7 +34,7 @@ def _expected_constants() -> dict:
     expected = {name: getattr(launch_tables, name) for name in names}
     for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE C_ROUND_KEY NUM_COEFFICIENTS").split():
         expected[name] = getattr(coefficients, name)
-    expected["QBLOCK"] = quantization.QBLOCK
+    expected["QBLOCK"], expected["CODE_MAX"] = quantization.QBLOCK, quantization.CODE_MAX
     for name in ("MIX_MUL1", "MIX_MUL2", "GOLDEN", "MOMENT_STREAM"):
         expected[name] = getattr(rounding, name)
     for name in ("HP_LR", "HP_WEIGHT_DECAY", "HP_BETA1", "HP_BETA2", "HP_EPS", "NUM_HPARAMS"):

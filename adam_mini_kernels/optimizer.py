@@ -110,11 +110,12 @@ class AdamMini(torch.optim.Optimizer):
             an explicit backend that cannot run raises ``BackendUnavailableError``.
         state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
-            ``state_dict``/``load_state_dict``), or ``torch.int8`` (torch and triton backends):
-            ``m`` of every parameter with at least ``INT8_MIN_NUMEL`` elements that is not
-            an Adam block (biases) as 8-bit codes with a float32 scale per 256-element chunk of a
-            block, see [Note: int8 first moment] in quantization.py; other parameters keep ``m``
-            in their dtype. ``v`` is always float32.
+            ``state_dict``/``load_state_dict``), or ``torch.int8``: ``m`` of every parameter with
+            at least ``INT8_MIN_NUMEL`` elements that is not an Adam block (biases) as 8-bit codes
+            with a float32 scale per 256-element chunk of a block, dequantized, updated and
+            requantized inside the step on every backend (see [Note: int8 first moment] in
+            quantization.py; not yet with sharded parameters); other parameters keep ``m`` in
+            their dtype. ``v`` is always float32.
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
@@ -229,11 +230,6 @@ class AdamMini(torch.optim.Optimizer):
         if capturable and any(is_sharded(p) for _, p in self._named_params()):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
-        if state_dtype == torch.int8 and self.backend == "cuda":
-            raise NotImplementedError(
-                "state_dtype=torch.int8 runs on the torch and triton backends only for now (backend 'cuda' was "
-                "chosen); pass backend='triton' or 'torch'"
-            )
         self._step_fn = dispatch.load_backend(self.backend)
         self._reference_step = dispatch.load_backend("torch")
         if model_sharding is not None and verbose:

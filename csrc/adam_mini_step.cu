@@ -15,6 +15,7 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include <c10/cuda/CUDAException.h>
@@ -37,21 +38,29 @@ struct TypeTag {
 };
 
 // Calls fn(TypeTag<parameter storage type>{}, TypeTag<state (m) storage type>{}) for the storage
-// combinations there are: m in the parameters' dtype, or float32 m for 16-bit parameters
-// (state_dtype=torch.float32). One instantiation of each kernel per combination, nothing else.
+// combinations there are: m in the parameters' dtype, float32 m for 16-bit parameters
+// (state_dtype=torch.float32), or int8 codes (state_dtype=torch.int8). One instantiation of
+// each kernel per combination, nothing else.
+template <typename scalar_t, typename Fn>
+void dispatch_state(at::ScalarType state_dtype, Fn&& fn) {
+  if (state_dtype == at::kChar) {
+    fn(TypeTag<scalar_t>{}, TypeTag<int8_t>{});
+  } else if (std::is_same_v<scalar_t, float> || state_dtype != at::kFloat) {
+    fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+  } else {
+    fn(TypeTag<scalar_t>{}, TypeTag<float>{});
+  }
+}
+
 template <typename Fn>
 void dispatch_storage(const char* op, at::ScalarType dtype, at::ScalarType state_dtype, Fn&& fn) {
-  const bool wide_state = state_dtype == at::kFloat;
   switch (dtype) {
     case at::kFloat:
-      fn(TypeTag<float>{}, TypeTag<float>{});
-      return;
+      return dispatch_state<float>(state_dtype, fn);
     case at::kBFloat16:
-      wide_state ? fn(TypeTag<c10::BFloat16>{}, TypeTag<float>{}) : fn(TypeTag<c10::BFloat16>{}, TypeTag<c10::BFloat16>{});
-      return;
+      return dispatch_state<c10::BFloat16>(state_dtype, fn);
     case at::kHalf:
-      wide_state ? fn(TypeTag<c10::Half>{}, TypeTag<float>{}) : fn(TypeTag<c10::Half>{}, TypeTag<c10::Half>{});
-      return;
+      return dispatch_state<c10::Half>(state_dtype, fn);
     default:
       TORCH_CHECK(false, "adam_mini_kernels::", op, ": unsupported parameter dtype ", dtype);
   }
@@ -72,10 +81,11 @@ void check_contiguous(const char* op, const char* name, const at::TensorBase& t,
   TORCH_CHECK(t.is_contiguous(), "adam_mini_kernels::", op, ": ", name, " must be contiguous");
 }
 
-// The flat buffers of a group: p, g, m (1-D, same length and storage dtype), v (float32), and
-// the (P, kNumCoefficients) float32 coefficient table, all on one CUDA device.
+// The flat buffers of a group: p, g, m (1-D, same length and storage dtype, or float32 m, or int8
+// m where `int8_m` allows it), v (float32), and the (P, kNumCoefficients) float32 coefficient
+// table, all on one CUDA device.
 void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                   const at::TensorBase& v, const at::TensorBase& coef) {
+                   const at::TensorBase& v, const at::TensorBase& coef, bool int8_m) {
   TORCH_CHECK(p.is_cuda(), "adam_mini_kernels::", op, ": p must be a CUDA tensor, got one on ", p.device());
   const at::ScalarType dtype = p.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "adam_mini_kernels::", op,
@@ -84,9 +94,10 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
   for (const auto& [name, t] : state) {
     check_on_device(op, name, *t, p);
     check_contiguous(op, name, *t, 1);
-    const bool wide_m = t == &m && t->scalar_type() == at::kFloat;
-    TORCH_CHECK(t->scalar_type() == dtype || wide_m, "adam_mini_kernels::", op, ": ", name, " has dtype ",
-                t->scalar_type(), ", expected ", dtype, " (the dtype of p)", t == &m ? " or float32" : "");
+    const bool other_m = t == &m && (t->scalar_type() == at::kFloat || (int8_m && t->scalar_type() == at::kChar));
+    TORCH_CHECK(t->scalar_type() == dtype || other_m, "adam_mini_kernels::", op, ": ", name, " has dtype ",
+                t->scalar_type(), ", expected ", dtype, " (the dtype of p)",
+                t == &m ? (int8_m ? ", float32 or int8" : " or float32") : "");
     TORCH_CHECK(t->numel() == p.numel(), "adam_mini_kernels::", op, ": ", name, " has ", t->numel(),
                 " elements, p has ", p.numel());
   }
@@ -101,14 +112,15 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
               " of shape ", coef.sizes());
 }
 
-// m_scales: float32, 1-D, on p's device; the quantization scales of an int8 m (empty otherwise).
+// m_scales: float32, 1-D, on p's device; the quantization scales of an int8 m (empty and unused
+// otherwise). Their count is the launch tables' business (trusted, see below).
 void check_scales(const char* op, const at::TensorBase& m, const at::TensorBase& m_scales, const at::TensorBase& p) {
   check_on_device(op, "m_scales", m_scales, p);
   check_contiguous(op, "m_scales", m_scales, 1);
   TORCH_CHECK(m_scales.scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": m_scales must be float32, got ",
               m_scales.scalar_type());
-  TORCH_CHECK(m.scalar_type() != at::kChar, "adam_mini_kernels::", op,
-              ": int8 m is not implemented by the CUDA kernels yet");
+  TORCH_CHECK(m.scalar_type() != at::kChar || m_scales.numel() > 0, "adam_mini_kernels::", op,
+              ": int8 m needs its quantization scales, m_scales is empty");
 }
 
 // Stochastic rounding writes bfloat16 only (see [Note: stochastic rounding in the kernels]).
@@ -137,7 +149,7 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
                const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
                const at::TensorBase& rows, int64_t width, bool stochastic_rounding) {
   constexpr const char* op = "rows_step";
-  check_buffers(op, p, g, m, v, coef);
+  check_buffers(op, p, g, m, v, coef, /*int8_m=*/true);
   check_scales(op, m, m_scales, p);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "rows", rows, kRowCols, p);
@@ -156,7 +168,7 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
     using state_t = typename decltype(state_tag)::type;
     rows_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_rows), threads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(m_scales.data_ptr()), static_cast<float*>(v.data_ptr()),
         static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(rows.data_ptr()), aligned,
         stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -168,7 +180,7 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
                        const at::TensorBase& tiles, const at::TensorBase& blocks, const at::TensorBase& partial,
                        bool stochastic_rounding) {
   constexpr const char* op = "large_blocks_step";
-  check_buffers(op, p, g, m, v, coef);
+  check_buffers(op, p, g, m, v, coef, /*int8_m=*/true);
   check_scales(op, m, m_scales, p);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kTileCols, p);
@@ -202,7 +214,8 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     tile_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<state_t*>(m.data_ptr()), v_ptr, coef_ptr, tiles_ptr, blocks_ptr, aligned, stochastic_rounding);
+        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(m_scales.data_ptr()), v_ptr, coef_ptr, tiles_ptr,
+        blocks_ptr, aligned, stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -210,7 +223,7 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
 void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
                const at::TensorBase& coef, const at::TensorBase& tiles, bool stochastic_rounding) {
   constexpr const char* op = "adam_step";
-  check_buffers(op, p, g, m, v, coef);
+  check_buffers(op, p, g, m, v, coef, /*int8_m=*/false);  // Adam blocks never have an int8 m
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kRowCols, p);
   const int64_t num_tiles = tiles.size(0);
@@ -223,12 +236,16 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
   dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
     using state_t = typename decltype(state_tag)::type;
-    adam_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kAdamThreads, 0, stream>>>(
-        static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
-        static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), aligned,
-        aligned16(v), stochastic_rounding);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (std::is_same_v<state_t, int8_t>) {
+      return;  // refused by check_buffers; no int8 instantiation of the Adam kernel
+    } else {
+      adam_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kAdamThreads, 0, stream>>>(
+          static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
+          static_cast<state_t*>(m.data_ptr()), static_cast<float*>(v.data_ptr()),
+          static_cast<const float*>(coef.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), aligned,
+          aligned16(v), stochastic_rounding);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

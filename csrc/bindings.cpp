@@ -133,6 +133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"TILE", adam_mini::kTile},
       {"ADAM_TILE", adam_mini::kAdamTile},
       {"QBLOCK", adam_mini::kQBlock},
+      {"CODE_MAX", static_cast<int64_t>(adam_mini::kCodeMax)},
       {"ELEMS_PER_THREAD", adam_mini::kElemsPerThread},
   };
   pybind11::dict table;

@@ -66,8 +66,10 @@ constexpr uint32_t kMomentStream = 0x68E31DA4u;
 constexpr int kRowMax = 8192;
 constexpr int kTile = 4096;
 constexpr int kAdamTile = 1024;
-// Elements per quantization chunk of an int8 m (adam_mini_kernels/quantization.py, QBLOCK).
+// Elements per quantization chunk of an int8 m and its largest code (adam_mini_kernels/
+// quantization.py: QBLOCK, CODE_MAX).
 constexpr int kQBlock = 256;
+constexpr float kCodeMax = 127.f;
 
 // Every kernel gives each thread this many elements of its span (see [Note: thread fragments] in
 // kernels.cuh), which fixes the threads per CUDA block of each kernel.

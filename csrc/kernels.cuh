@@ -12,6 +12,9 @@
 //   adam_step_kernel     Adam blocks (biases): one v per element.
 //   step_coefficients_kernel  the step counters and the coefficient table, one thread per
 //                        parameter.
+//
+// The rows and tile kernels also step an int8 m (state_t = int8_t): see [Note: int8 first moment
+// in the kernels].
 #pragma once
 
 #include <cmath>
@@ -47,16 +50,21 @@ namespace kernels {
 //
 // The choice is made per span at run time (uniform over the CUDA block, no divergence); the
 // load/store routines take it as a compile-time flag so each path is straight-line code.
-template <typename T>
-struct alignas(16) Chunk {
-  static constexpr int kSize = 16 / sizeof(T);  // elements per 16-byte access
-  T val[kSize];
+template <typename T, int N = 16 / static_cast<int>(sizeof(T))>
+struct alignas(N * sizeof(T)) Chunk {
+  static constexpr int kSize = N;  // elements per access: 16 bytes by default
+  T val[N];
 };
 
 template <typename scalar_t>
 constexpr int vec_width() {
   return Chunk<scalar_t>::kSize;
 }
+
+// The access that moves T elements of a fragment unit of kVec elements: 16 bytes, or the whole
+// unit when it is narrower (int8 codes: 4 or 8 bytes, still one aligned access per unit).
+template <typename T, int kVec>
+using UnitChunk = Chunk<T, (16 / static_cast<int>(sizeof(T)) < kVec ? 16 / static_cast<int>(sizeof(T)) : kVec)>;
 
 using Fragment = float[kElemsPerThread];
 
@@ -65,7 +73,8 @@ using Fragment = float[kElemsPerThread];
 // float (the per-element v of Adam tiles follows the layout of the 16-bit parameters).
 template <int kVec, bool kVectorized, typename T>
 __device__ __forceinline__ void load_fragment(Fragment& x, const T* __restrict__ base, int numel) {
-  constexpr int kChunk = Chunk<T>::kSize;
+  using Access = UnitChunk<T, kVec>;
+  constexpr int kChunk = Access::kSize;
   static_assert(kElemsPerThread % kVec == 0 && kVec % kChunk == 0, "fragment layout");
 #pragma unroll
   for (int i = 0; i < kElemsPerThread / kVec; ++i) {
@@ -74,7 +83,7 @@ __device__ __forceinline__ void load_fragment(Fragment& x, const T* __restrict__
       if (first < numel) {  // numel is a multiple of kVec: the whole unit is in the span
 #pragma unroll
         for (int c = 0; c < kVec / kChunk; ++c) {
-          const Chunk<T> raw = reinterpret_cast<const Chunk<T>*>(base + first)[c];
+          const Access raw = reinterpret_cast<const Access*>(base + first)[c];
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
             x[i * kVec + c * kChunk + j] = static_cast<float>(raw.val[j]);
@@ -152,7 +161,8 @@ __device__ __forceinline__ T to_storage(float x, const Rounding& r, int64_t offs
 template <int kVec, bool kVectorized, typename T>
 __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragment& x, int numel,
                                                Rounding r = {}) {
-  constexpr int kChunk = Chunk<T>::kSize;
+  using Access = UnitChunk<T, kVec>;
+  constexpr int kChunk = Access::kSize;
   static_assert(kElemsPerThread % kVec == 0 && kVec % kChunk == 0, "fragment layout");
 #pragma unroll
   for (int i = 0; i < kElemsPerThread / kVec; ++i) {
@@ -161,12 +171,12 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
       if (first < numel) {
 #pragma unroll
         for (int c = 0; c < kVec / kChunk; ++c) {
-          Chunk<T> raw;
+          Access raw;
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
             raw.val[j] = to_storage<T>(x[i * kVec + c * kChunk + j], r, first + c * kChunk + j);
           }
-          reinterpret_cast<Chunk<T>*>(base + first)[c] = raw;
+          reinterpret_cast<Access*>(base + first)[c] = raw;
         }
       }
     } else {
@@ -181,13 +191,92 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
   }
 }
 
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// [Note: int8 first moment in the kernels]
+// An int8 m (adam_mini_kernels/quantization.py, [Note: int8 first moment]) is held in the
+// fragments as float32 like any m: load_span dequantizes the codes, code * scale / 127, and
+// store_span requantizes: each kQBlock-element chunk's new absmax becomes its scale and the codes
+// rint(m * 127 / scale), the format's own expressions, so the kernels write the codes the
+// PyTorch backend computes from the same m. A span (a row or a tile) starts at a chunk boundary
+// (launch_tables.py), so its CUDA block holds whole chunks, and `scales` points at the scale of
+// its first chunk. In the fragment layout the 32 units of a warp in one slot are 32 * kVec
+// consecutive elements (128 or 256), which lie in one chunk: each warp takes the absmax of its
+// units with shuffles and puts it in shared memory, and after one barrier every thread reads
+// its chunk's one or two warp maxima. A max is exact in any order, so this is deterministic.
+// The codes move with the same aligned accesses as other storage, 4 or 8 bytes per unit.
+template <int kVec>
+__device__ __forceinline__ void dequantize_fragment(Fragment& m, const float* __restrict__ scales, int numel) {
+#pragma unroll
+  for (int i = 0; i < kElemsPerThread / kVec; ++i) {
+    const int first = (i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * kVec;
+    if (first < numel) {
+      const float scale = scales[first / kQBlock];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        m[i * kVec + j] = m[i * kVec + j] * scale / kCodeMax;
+      }
+    }
+  }
+}
+
+// Writes the scale of every chunk of the span and turns `m` into codes (float values in
+// [-127, 127]). Every thread of the CUDA block must call it (it has a barrier).
+template <int kVec>
+__device__ __forceinline__ void quantize_fragment(Fragment& m, float* __restrict__ scales, int numel) {
+  constexpr int kSlots = kElemsPerThread / kVec;
+  constexpr int kWarpsPerChunk = kQBlock / (32 * kVec);
+  static_assert(kQBlock % (32 * kVec) == 0, "a warp's units in one slot must lie in one chunk");
+  __shared__ float warp_absmax[kSlots * (kRowMaxThreads / 32)];  // [slot][warp]
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    float absmax = 0.f;  // lanes past the span hold m = 0
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      absmax = fmaxf(absmax, fabsf(m[i * kVec + j]));
+    }
+    absmax = warp_max(absmax);
+    if (threadIdx.x % 32 == 0) {
+      warp_absmax[i * warps + warp] = absmax;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int first = (i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * kVec;
+    const int chunk = first / kQBlock;
+    float scale = warp_absmax[chunk * kWarpsPerChunk];
+#pragma unroll
+    for (int k = 1; k < kWarpsPerChunk; ++k) {
+      scale = fmaxf(scale, warp_absmax[chunk * kWarpsPerChunk + k]);
+    }
+    if (first < numel && first % kQBlock == 0) {
+      scales[chunk] = scale;
+    }
+    const float divisor = scale == 0.f ? 1.f : scale;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      m[i * kVec + j] = fminf(fmaxf(rintf(m[i * kVec + j] * kCodeMax / divisor), -kCodeMax), kCodeMax);
+    }
+  }
+}
+
 // The g, m and p fragments of one span, through the path chosen for the span at run time. m may
-// be stored wider than p and g (float32 state for 16-bit parameters): it follows the same
-// fragment layout, in units of the parameter's vector width.
+// be stored wider than p and g (float32 state for 16-bit parameters) or as int8 codes with their
+// `scales` (see [Note: int8 first moment in the kernels]; `scales` is unused otherwise): it follows
+// the same fragment layout, in units of the parameter's vector width.
 template <typename scalar_t, typename state_t>
 __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& pf, const scalar_t* __restrict__ g,
-                                          const state_t* __restrict__ m, const scalar_t* __restrict__ p, int numel,
-                                          bool vectorized) {
+                                          const state_t* __restrict__ m, const scalar_t* __restrict__ p,
+                                          const float* __restrict__ scales, int numel, bool vectorized) {
   constexpr int kVec = vec_width<scalar_t>();
   if (vectorized) {
     load_fragment<kVec, true>(gf, g, numel);
@@ -198,14 +287,22 @@ __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& 
     load_fragment<kVec, false>(mf, m, numel);
     load_fragment<kVec, false>(pf, p, numel);
   }
+  if constexpr (std::is_same_v<state_t, int8_t>) {
+    dequantize_fragment<kVec>(mf, scales, numel);
+  }
 }
 
 // Stores the m and p fragments of one span, through the path it was loaded with; `r` is p's
-// rounding (m's is the same with its stream's salt).
+// rounding (m's is the same with its stream's salt). An int8 m is requantized first (a barrier:
+// every thread of the CUDA block calls this).
 template <typename scalar_t, typename state_t>
-__device__ __forceinline__ void store_span(state_t* __restrict__ m, scalar_t* __restrict__ p, const Fragment& mf,
-                                           const Fragment& pf, int numel, bool vectorized, const Rounding& r) {
+__device__ __forceinline__ void store_span(state_t* __restrict__ m, scalar_t* __restrict__ p, Fragment& mf,
+                                           const Fragment& pf, float* __restrict__ scales, int numel,
+                                           bool vectorized, const Rounding& r) {
   constexpr int kVec = vec_width<scalar_t>();
+  if constexpr (std::is_same_v<state_t, int8_t>) {
+    quantize_fragment<kVec>(mf, scales, numel);
+  }
   const Rounding rm = moment_rounding(r);
   if (vectorized) {
     store_fragment<kVec, true>(m, mf, numel, rm);
@@ -328,8 +425,8 @@ __device__ __forceinline__ void update_element(float& p, float& m, float g, floa
 template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kRowMaxThreads)
     rows_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
-                     float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ rows,
-                     bool aligned_buffers, bool stochastic_rounding) {
+                     float* __restrict__ m_scales, float* __restrict__ v, const float* __restrict__ coef,
+                     const int64_t* __restrict__ rows, bool aligned_buffers, bool stochastic_rounding) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t* row = rows + static_cast<int64_t>(blockIdx.x) * kRowCols;
   const int64_t start = row[kRowStart];
@@ -340,10 +437,11 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   p += start;
   g += start;
   m += start;
+  m_scales += row[kRowScale];
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
-  load_span(gf, mf, pf, g, m, p, numel, vectorized);
+  load_span(gf, mf, pf, g, m, p, m_scales, numel, vectorized);
 
   __shared__ float warp_sums[32];
   __shared__ float row_scale;
@@ -360,7 +458,7 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
+  store_span(m, p, mf, pf, m_scales, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
@@ -413,8 +511,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kTileThreads)
     tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,
-                     const float* __restrict__ v, const float* __restrict__ coef, const int64_t* __restrict__ tiles,
-                     const int64_t* __restrict__ blocks, bool aligned_buffers, bool stochastic_rounding) {
+                     float* __restrict__ m_scales, const float* __restrict__ v, const float* __restrict__ coef,
+                     const int64_t* __restrict__ tiles, const int64_t* __restrict__ blocks, bool aligned_buffers,
+                     bool stochastic_rounding) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t* tile = tiles + static_cast<int64_t>(blockIdx.x) * kTileCols;
   const int64_t start = tile[kTileStart];
@@ -426,15 +525,16 @@ __global__ void __launch_bounds__(kTileThreads)
   p += start;
   g += start;
   m += start;
+  m_scales += tile[kTileScale];
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
-  load_span(gf, mf, pf, g, m, p, numel, vectorized);
+  load_span(gf, mf, pf, g, m, p, m_scales, numel, vectorized);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
+  store_span(m, p, mf, pf, m_scales, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // [Note: v of Adam tiles]

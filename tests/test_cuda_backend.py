@@ -322,6 +322,7 @@ def _model_named(model_name):
 EMULATOR = Path(__file__).resolve().parent / "gpu" / "host_emulator.cpp"
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 WIDE_STATE = 8  # added to the code when m is float32 for 16-bit parameters (host_emulator.cpp)
+INT8_STATE = 16  # added to the code when m is int8 codes
 
 
 @pytest.fixture(scope="module")
@@ -340,8 +341,8 @@ def emulator(tmp_path_factory):
         pytest.skip(f"the kernel emulator does not compile with {cxx}: {result.stderr[-500:]}")
     lib = ctypes.CDLL(str(library))
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.emulate_rows_step.argtypes = [flag] + [ptr] * 6 + [i64, i64, flag, flag]
-    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 6 + [i64, ptr, i64, ptr, flag, flag]
+    lib.emulate_rows_step.argtypes = [flag] + [ptr] * 7 + [i64, i64, flag, flag]
+    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 7 + [i64, ptr, i64, ptr, flag, flag]
     lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag, flag]
     lib.emulate_step_coefficients.argtypes = [ptr] * 6 + [i64, ctypes.c_uint32, flag]
     lib.emulate_random_bits.argtypes = [ctypes.c_uint32, i64]
@@ -365,9 +366,10 @@ class _EmulatedOps:
         assert failures == 0, "a CUDA_KERNEL_ASSERT failed"
 
     @staticmethod
-    def _state(p, g, m, v, coef):
-        code = DTYPE_CODE[p.dtype] + (WIDE_STATE if m.dtype != p.dtype else 0)
-        return (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), coef.data_ptr())
+    def _state(p, g, m, v, coef, m_scales=None):
+        code = DTYPE_CODE[p.dtype] + {torch.int8: INT8_STATE, p.dtype: 0}.get(m.dtype, WIDE_STATE)
+        scales = () if m_scales is None else (m_scales.data_ptr(),)
+        return (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), *scales, v.data_ptr(), coef.data_ptr())
 
     def step_coefficients(self, steps, hparams, coef, active, inv_scale, found_inf, round_seed, rounding):
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
@@ -378,12 +380,12 @@ class _EmulatedOps:
 
     def rows_step(self, p, g, m, m_scales, v, coef, rows, width, rounding):
         self._check(self.lib.emulate_rows_step(
-            *self._state(p, g, m, v, coef), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
+            *self._state(p, g, m, v, coef, m_scales), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
         ))
 
     def large_blocks_step(self, p, g, m, m_scales, v, coef, tiles, blocks, partial, rounding):
         self._check(self.lib.emulate_large_blocks_step(
-            *self._state(p, g, m, v, coef), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
+            *self._state(p, g, m, v, coef, m_scales), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
             partial.data_ptr(), self._aligned(p, g, m), int(rounding),
         ))
 

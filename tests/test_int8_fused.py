@@ -1,8 +1,9 @@
 """state_dtype=torch.int8 on the fused backends (issue 10): dequantize, update and requantize m
 inside the step kernels, against the torch backend (the readable format of quantization.py).
 
-On a machine without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; with a
-GPU the same tests run the compiled kernels on CUDA tensors. The parameter set has every kind of
+On a machine without a GPU the Triton kernels run in Triton's interpreter on CPU tensors and the
+CUDA kernels in the host emulator of tests/gpu/host_emulator.cpp ("cuda-emulated"); with a GPU
+the same tests run both backends' compiled kernels on CUDA tensors. The parameter set has every kind of
 span the kernels cut: rows of a full and a short chunk (300), rows narrower than a chunk (100, 16
 under the size threshold), heads of 16 chunks (4096), a whole-tensor row (6000) and a whole-tensor
 large block of 12588 elements (three full tiles and a tile of one full and one short chunk).
@@ -18,6 +19,7 @@ pytest.importorskip("triton")  # CPU builds of torch come without it (required i
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.quantization import quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
+from test_cuda_backend import _emulated_step, emulator  # noqa: F401  (emulator: the fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = {
@@ -35,7 +37,7 @@ QUANTIZED = {"embed.weight", "layers.0.q_proj.weight", "conv.weight", "wide.weig
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=128, n_heads=4)
 # Params after 4 steps against the torch backend, per storage dtype (see test_triton_backend.py).
 TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2}
-FUSED = ["triton"]  # the fused backends whose kernels run here
+FUSED = ["triton", "cuda" if DEVICE.type == "cuda" else "cuda-emulated"]  # the fused kernels, as they run here
 
 
 def _named(dtype=torch.float32, seed=0):
@@ -45,8 +47,19 @@ def _named(dtype=torch.float32, seed=0):
     ]
 
 
-def _optimizer(backend, named, **kw):
-    return AdamMini(named, backend=backend, **dict(KW, **kw))
+@pytest.fixture
+def make_optimizer(request):
+    """AdamMini(named, backend=...) for a backend of FUSED or "torch"; "cuda-emulated" is the torch
+    backend's optimizer stepping through the emulated CUDA kernels."""
+
+    def make(backend, named, **kw):
+        if backend != "cuda-emulated":
+            return AdamMini(named, backend=backend, **dict(KW, **kw))
+        opt = AdamMini(named, backend="torch", **dict(KW, **kw))
+        opt._step_fn = _emulated_step(request.getfixturevalue("emulator"))
+        return opt
+
+    return make
 
 
 def _runs(opt):
@@ -63,15 +76,15 @@ def _code_diffs(a, b):
 @pytest.mark.parametrize(
     "dtype, stochastic", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
 )
-def test_matches_torch_backend(backend, dtype, stochastic):
+def test_matches_torch_backend(make_optimizer, backend, dtype, stochastic):
     """Four steps, some parameters idle on some: the same parameters (to float32 rounding), v,
     scales (to 1e-6) and codes (within one, at most 0.5 % of them) as the torch backend."""
     named, ref_named = _named(dtype), _named(dtype)
     kw = dict(state_dtype=torch.int8, stochastic_rounding=stochastic)
     torch.manual_seed(0)
-    opt = _optimizer(backend, named, **kw)
+    opt = make_optimizer(backend, named, **kw)
     torch.manual_seed(0)  # the same stochastic rounding seed
-    ref = _optimizer("torch", ref_named, **kw)
+    ref = make_optimizer("torch", ref_named, **kw)
     run_stream([[p for _, p in named], [p for _, p in ref_named]], [opt, ref], steps=4, seed=3, none_every=4)
     assert {n for n, p in named if "m_codes" in opt.state[p]} == QUANTIZED
     for (name, p), (_, q) in zip(named, ref_named):
@@ -88,18 +101,20 @@ def test_matches_torch_backend(backend, dtype, stochastic):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FUSED)
-def test_requantizes_its_own_update_exactly(backend):
+def test_requantizes_its_own_update_exactly(make_optimizer, backend):
     """The codes and scales the kernels write are exactly quantization.quantize_runs of the m they
     computed: an int8 optimizer and a float32-state one loaded from its checkpoint (codes
     dequantized, exact in float32) take the same step on the same backend; the int8 one's new
     codes and scales must equal the float one's new m quantized by the reference, and the
     parameters must be equal (the update uses m before requantization)."""
     named = _named()
-    opt = _optimizer(backend, named, state_dtype=torch.int8)
+    opt = make_optimizer(backend, named, state_dtype=torch.int8)
     run_stream([[p for _, p in named]], [opt], steps=2, seed=5, none_every=0)
     float_named = clone_named(named)
-    float_opt = _optimizer(backend, float_named)
+    float_opt = make_optimizer(backend, float_named)
+    step_fn = float_opt._step_fn  # load_state_dict re-dispatches the step: keep an emulated one
     float_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() holds live views, as torch's
+    float_opt._step_fn = step_fn
     run_stream([[p for _, p in named], [p for _, p in float_named]], [opt, float_opt], steps=1, seed=6, none_every=0)
     runs = _runs(opt)
     for (name, p), (_, q) in zip(named, float_named):
@@ -114,11 +129,11 @@ def test_requantizes_its_own_update_exactly(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_bitwise_deterministic(backend):
+def test_bitwise_deterministic(make_optimizer, backend):
     results = []
     for _ in range(2):
         named = _named(torch.bfloat16)
-        opt = _optimizer(backend, named, state_dtype=torch.int8)
+        opt = make_optimizer(backend, named, state_dtype=torch.int8)
         run_stream([[p for _, p in named]], [opt], steps=2, seed=1)
         results.append((named, opt))
     (a_named, a), (b_named, b) = results

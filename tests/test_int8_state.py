@@ -209,13 +209,6 @@ def test_float_checkpoint_into_int8_quantizes_and_back_dequantizes():
         assert "m_codes" not in back.state[r]
 
 
-def test_cuda_backend_refuses_int8(monkeypatch):
-    """Whatever the backend can do here, asking for it with int8 m is a clear error."""
-    monkeypatch.setattr("adam_mini_kernels.dispatch.resolve_backend", lambda request, devices: request)
-    with pytest.raises(NotImplementedError, match="torch and triton backends only"):
-        AdamMini(_named(), state_dtype=torch.int8, **dict(KW, backend="cuda"))
-
-
 @pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs"])
 def test_bad_codes_in_checkpoint_are_refused(damage):
     named = _named()

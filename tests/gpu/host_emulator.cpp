@@ -15,7 +15,8 @@
 // tests/test_cuda_backend.py builds it with g++ and calls it through ctypes.
 //
 // C interface: dtype 0 = float, 1 = bfloat16, 2 = float16 (the parameters'), plus kWideState (8)
-// when m is float32 for 16-bit parameters; pointers to the flat buffers and the
+// when m is float32 for 16-bit parameters or kInt8State (16) when m is int8 codes (with the
+// pointer to their scales); pointers to the flat buffers and the
 // launch tables of one group and the flags (as the launchers in csrc/adam_mini_step.cu receive
 // them); the return value counts failed CUDA_KERNEL_ASSERTs.
 
@@ -112,11 +113,18 @@ int launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) {
 }
 
 constexpr int kWideState = 8;
+constexpr int kInt8State = 16;
 
 // Calls fn(parameter storage value, state storage value) for the dtype code.
 template <typename Fn>
 int dispatch(int dtype, Fn&& fn) {
   switch (dtype) {
+    case 0 + kInt8State:
+      return fn(float{}, int8_t{});
+    case 1 + kInt8State:
+      return fn(c10::BFloat16{}, int8_t{});
+    case 2 + kInt8State:
+      return fn(c10::Half{}, int8_t{});
     case 0:
       return fn(float{}, float{});
     case 1:
@@ -136,20 +144,20 @@ int dispatch(int dtype, Fn&& fn) {
 
 extern "C" {
 
-int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef, const int64_t* rows,
-                      int64_t num_rows, int64_t width, int aligned, int stochastic) {
+int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* m_scales, float* v, const float* coef,
+                      const int64_t* rows, int64_t num_rows, int64_t width, int aligned, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
     return launch(&rows_step_kernel<scalar_t, state_t>, num_rows, row_threads(width), static_cast<scalar_t*>(p),
-                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, rows, aligned != 0,
+                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), m_scales, v, coef, rows, aligned != 0,
                   stochastic != 0);
   });
 }
 
-int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* v, const float* coef,
-                              const int64_t* tiles, int64_t num_tiles, const int64_t* blocks, int64_t num_blocks,
-                              float* partial, int aligned, int stochastic) {
+int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* m_scales, float* v,
+                              const float* coef, const int64_t* tiles, int64_t num_tiles, const int64_t* blocks,
+                              int64_t num_blocks, float* partial, int aligned, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
@@ -158,8 +166,8 @@ int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float*
     failures += launch(&large_block_v_kernel, num_blocks, kReduceThreads, v, coef,
                        static_cast<const float*>(partial), blocks);
     failures += launch(&tile_step_kernel<scalar_t, state_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
-                       static_cast<const scalar_t*>(g), static_cast<state_t*>(m), static_cast<const float*>(v),
-                       coef, tiles, blocks, aligned != 0, stochastic != 0);
+                       static_cast<const scalar_t*>(g), static_cast<state_t*>(m), m_scales,
+                       static_cast<const float*>(v), coef, tiles, blocks, aligned != 0, stochastic != 0);
     return failures;
   });
 }
@@ -169,9 +177,13 @@ int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, cons
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
-    return launch(&adam_step_kernel<scalar_t, state_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
-                  static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, tiles, aligned != 0,
-                  aligned_v != 0, stochastic != 0);
+    if constexpr (std::is_same_v<state_t, int8_t>) {
+      return -1;  // Adam blocks never have an int8 m (the launcher refuses it)
+    } else {
+      return launch(&adam_step_kernel<scalar_t, state_t>, num_tiles, kAdamThreads, static_cast<scalar_t*>(p),
+                    static_cast<const scalar_t*>(g), static_cast<state_t*>(m), v, coef, tiles, aligned != 0,
+                    aligned_v != 0, stochastic != 0);
+    }
   });
 }
 

@@ -19,8 +19,8 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
-if ls wheels/adam_mini-*.whl > /dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/adam_mini-*.whl && export PYTHONPATH=/tmp/site
+if ls wheels/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site
 fi
 MAX_JOBS=16 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { echo "build failed"; status=1; }
 tail -3 "$OUT/build.log"

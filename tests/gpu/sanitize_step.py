@@ -3,8 +3,8 @@ argument), small, for NVIDIA compute-sanitizer.
 
 Rows (aligned and not, a row of one element, zero-length rows, rows at exactly ROW_MAX), large
 blocks (three phases, an unaligned last tile), Adam tiles (v on a 16-byte boundary and not), in
-float32, bfloat16 and float16 (also with stochastic rounding, float32 state and clipping), with
-some gradients None; then every result is checked finite.
+float32, bfloat16 and float16 (also with stochastic rounding, float32 state, int8 state and
+clipping), with some gradients None; then every result is checked finite.
 Run from the repository root, after building the extension:
 
     compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
@@ -41,7 +41,8 @@ def main(backend: str) -> int:
 
     configs = [(torch.float32, {}), (torch.bfloat16, {}), (torch.float16, {}),
                (torch.bfloat16, {"stochastic_rounding": True}), (torch.float16, {"state_dtype": torch.float32}),
-               (torch.float32, {"max_grad_norm": 0.1})]
+               (torch.float32, {"max_grad_norm": 0.1}), (torch.float32, {"state_dtype": torch.int8}),
+               (torch.bfloat16, {"state_dtype": torch.int8, "stochastic_rounding": True})]
     for dtype, options in configs:
         named, dims = _odd_named()
         params = clone_named(named, device="cuda", dtype=dtype)
@@ -52,13 +53,17 @@ def main(backend: str) -> int:
                 p.grad = None if (i + step) % 4 == 0 else torch.randn(p.shape, generator=gen, device="cuda").to(dtype)
             opt.step()
         torch.cuda.synchronize()
-        (group,) = opt._flat
-        tables = group.cache["launch_tables"]
-        assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 3
-        for name, t in (("p", group.param_buffer), ("m", group.m), ("v", group.v)):
-            assert torch.isfinite(t.float()).all(), f"{dtype}: non-finite values in {name}"
-        print(f"sanitize_step: {backend} {dtype} {options} ({STEPS} steps, {len(tables.row_classes)} row classes, "
-              f"{tables.tiles.shape[0]} tiles, {tables.adam.shape[0]} Adam tiles)")
+        counts = {"row classes": 0, "tiles": 0, "Adam tiles": 0}
+        for group in opt._flat:  # one group; two with int8 state (int8 m and float m)
+            tables = group.cache["launch_tables"]
+            counts["row classes"] += len(tables.row_classes)
+            counts["tiles"] += 0 if tables.tiles is None else tables.tiles.shape[0]
+            counts["Adam tiles"] += 0 if tables.adam is None else tables.adam.shape[0]
+            for name, t in (("p", group.param_buffer), ("m", group.m), ("v", group.v), ("m_scales", group.m_scales)):
+                assert t is None or torch.isfinite(t.float()).all(), f"{dtype}: non-finite values in {name}"
+            assert group.m_scales is None or group.cache["launch_tables"].tiles is not None, "int8 large blocks"
+        assert counts["tiles"] and counts["Adam tiles"] and counts["row classes"] >= 3, counts
+        print(f"sanitize_step: {backend} {dtype} {options} ({STEPS} steps, {counts})")
     print(f"sanitize_step: {backend} ok")
     return 0
 
