@@ -97,7 +97,14 @@ VARIANTS = {
     "stochastic-rounding": "stochastic_rounding=True",  # bf16 sets only
     "clip": f"max_grad_norm={CLIP:g}",
     "clip-then-step": f"clip_grad_norm_({CLIP:g}, foreach) + step",  # what clipping costs without us
+    "int8-state": "state_dtype=int8",  # issue 10: m as 8-bit codes + a scale per 256 elements
 }
+# 8-bit AdamW anchors of issue 10 (``--optimizers adamw8bit``): id -> (label, module to import).
+ADAMW_8BIT = {
+    "adamw8bit-torchao": ("torchao AdamW8bit", "torchao.optim"),
+    "adamw8bit-bnb": ("bitsandbytes AdamW8bit", "bitsandbytes.optim"),
+}
+QBLOCK = 256  # elements per 8-bit quantization block (ours, torchao's and bitsandbytes' default)
 
 
 def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
@@ -123,6 +130,8 @@ def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
         for b in backends:
             for variant, text in VARIANTS.items():
                 specs.append(OptSpec(f"ours-{b}-{variant}", f"AdamMini [{b}] {text}", "adam-mini", backend=b, variant=variant))
+    if "adamw8bit" in which:
+        specs += [OptSpec(key, label, "adamw8bit") for key, (label, _) in ADAMW_8BIT.items()]
     if "graphs" in which:
         specs.append(OptSpec("adamw-fused-graph", "torch AdamW (fused, capturable), CUDA graph replay", "adamw", graph=True))
         for b in backends:
@@ -130,8 +139,8 @@ def optimizer_specs(backends: List[str], which: List[str]) -> List[OptSpec]:
     return specs
 
 
-OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official", "variants", "graphs")
-DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-2]  # variants and graphs run when asked for (another call)
+OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "official", "variants", "adamw8bit", "graphs")
+DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-3]  # variants, 8-bit AdamW and graphs run when asked for (another call)
 # Graph replay rows (issue 7): launch-bound sizes, about 1M, 10M and 124M parameters. Target:
 # within 1.2x the bandwidth floor plus 10 us.
 GRAPH_SETS = ("sweep-llama-1.32m", "sweep-llama-8.45m", "gpt2-124m-fp32")
@@ -342,15 +351,22 @@ def set_record(pset: PS.ParamSet, copy_gbps: float) -> Dict[str, object]:
 def min_bytes(spec: OptSpec, rec: Dict[str, object]) -> int:
     """Fewest bytes the step must move (SPEC 4/5, bench/NOTES.md). Adam-mini: read p, g, m and
     write p, m (5 x storage bytes per param) plus reading and writing each v; AdamW: read p, g,
-    m, v and write p, m, v (7 x). Official keeps v in the param dtype, ours in float32."""
+    m, v and write p, m, v (7 x). Official keeps v in the param dtype, ours in float32. 8-bit
+    states (ours: m; AdamW8bit: m and v) move 1 B per element each way plus a float32 scale per
+    QBLOCK elements, counted as if every parameter were quantized (ours keeps m of parameters
+    under 4096 elements and of biases in their dtype: a few thousandths of a byte per param)."""
+    n, s = rec["n_params"], rec["storage_bytes"]
+    scales = -(-n // QBLOCK)
     if spec.family == "adamw":
         return int(rec["adamw_min_bytes"])
+    if spec.family == "adamw8bit":
+        return n * (3 * s + 4) + 2 * 2 * 4 * scales
     v_bytes = rec["storage_bytes"] if spec.id == "official" else 4
-    n, s = rec["n_params"], rec["storage_bytes"]
-    per_param = 3 * s + 8 if spec.variant == "fp32-state" else 5 * s  # fp32 m: read and write 4 B
+    per_param = {"fp32-state": 3 * s + 8, "int8-state": 3 * s + 2}.get(spec.variant, 5 * s)
     if spec.variant in ("clip", "clip-then-step"):
         per_param += s  # the norm needs the gradients before the update: one more read of g
-    return n * per_param + 2 * v_bytes * rec["num_v"]
+    scale_bytes = 2 * 4 * scales if spec.variant == "int8-state" else 0
+    return n * per_param + 2 * v_bytes * rec["num_v"] + scale_bytes
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -390,6 +406,11 @@ def unavailable_reason(spec: OptSpec, ctx: Context, in_sweep: bool) -> (Optional
         return "skipped", f"not run: the CUDA context was lost earlier in this run ({ctx.lost_context})"
     if spec.id == "official":
         return ("unavailable", ctx.official_reason) if ctx.official_reason else (None, None)
+    if spec.family == "adamw8bit":
+        try:
+            importlib.import_module(ADAMW_8BIT[spec.id][1])
+        except Exception as err:  # noqa: BLE001 - not installed, or no build for this machine
+            return "unavailable", f"does not import here: {_error_text(err)[:300]}"
     if spec.backend is not None:
         from adam_mini_kernels import dispatch
 
@@ -423,6 +444,8 @@ def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
         return torch.optim.AdamW(params, fused=True, **kw)
     if spec.id == "adamw-fused-graph":
         return torch.optim.AdamW(params, fused=True, capturable=True, **kw)
+    if spec.family == "adamw8bit":
+        return importlib.import_module(ADAMW_8BIT[spec.id][1]).AdamW8bit(params, **kw)
     if spec.id == "official":
         from adam_mini import Adam_mini
 
@@ -433,6 +456,7 @@ def build_optimizer(spec: OptSpec, named: List[tuple], pset: PS.ParamSet):
         "fp32-state": dict(state_dtype=torch.float32),
         "stochastic-rounding": dict(stochastic_rounding=True),
         "clip": dict(max_grad_norm=CLIP),
+        "int8-state": dict(state_dtype=torch.int8),
     }.get(spec.variant, {})
     if spec.graph:
         options["capturable"] = True
@@ -597,7 +621,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
                     help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends; "
-                    "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, and clip_grad_norm_ + step; "
+                    "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, clip_grad_norm_ + step "
+                    "and state_dtype=int8; adamw8bit = torchao's and bitsandbytes' AdamW8bit, where they import; "
                     "graphs = CUDA graph replay of a capturable step, ours and torch AdamW fused, on the 1M, 10M and 124M sets)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")

@@ -124,19 +124,38 @@ def test_smoke_flags_pick_sets_backends_and_optimizers(tmp_path):
 
 
 def test_smoke_variants_rows(tmp_path):
-    """The issue-6 rows (float32 state, stochastic rounding, fused clipping, clip_grad_norm_ +
-    step): timed where they apply, skipped with the reason where not, with their byte floors."""
+    """The issue-6 and issue-10 rows (float32 state, stochastic rounding, fused clipping,
+    clip_grad_norm_ + step, int8 state): timed where they apply, skipped with the reason where
+    not, with their byte floors."""
     res, _, _ = _run(tmp_path, "--no-sweep", "--backends", "torch", "--optimizers", "variants")
     rows = {(r["set"], r["optimizer"]): r for r in res["rows"]}
-    for variant in ("fp32-state", "stochastic-rounding", "clip", "clip-then-step"):
+    for variant in ("fp32-state", "stochastic-rounding", "clip", "clip-then-step", "int8-state"):
         bf16 = rows[("llama-1.1b-bf16", f"ours-torch-{variant}")]
         assert bf16["status"] == "ok", bf16
+    for dtype, floor in (("bf16", 8), ("fp32", 14)):  # issue 10: 8 and 14 B/param, + scales
+        row = rows[(f"llama-1.1b-{dtype}", "ours-torch-int8-state")]
+        assert row["status"] == "ok" and row["min_bytes_per_param"] == pytest.approx(floor, abs=0.2), row
+    # The smoke shapes are small, so part of them keeps m in float (under 4096 elements).
+    assert rows[("llama-1.1b-fp32", "ours-torch-int8-state")]["state_bytes_per_param"] < 3
     assert rows[("llama-1.1b-bf16", "ours-torch-fp32-state")]["min_bytes_per_param"] == pytest.approx(14, abs=0.2)
     assert rows[("llama-1.1b-bf16", "ours-torch-stochastic-rounding")]["min_bytes_per_param"] == pytest.approx(10, abs=0.2)
     assert rows[("llama-1.1b-bf16", "ours-torch-clip")]["min_bytes_per_param"] == pytest.approx(12, abs=0.2)
     for variant, why in (("fp32-state", "float32 state"), ("stochastic-rounding", "bfloat16")):
         row = rows[("llama-1.1b-fp32", f"ours-torch-{variant}")]
         assert row["status"] == "skipped" and why in row["reason"], row
+
+
+def test_smoke_8bit_adamw_rows_run_or_say_why(tmp_path):
+    """The 8-bit AdamW anchors of issue 10 (torchao, bitsandbytes): timed where they import and
+    run, otherwise reported with the reason, never dropped."""
+    res, _, _ = _run(tmp_path, "--no-sweep", "--sets", "llama-1.1b-fp32", "--optimizers", "adamw8bit")
+    rows = {r["optimizer"]: r for r in res["rows"]}
+    assert sorted(rows) == ["adamw8bit-bnb", "adamw8bit-torchao"]
+    for row in rows.values():
+        if row["status"] == "ok":  # fp32: read p, g, m, v codes, write p and the codes, + scales
+            assert row["min_bytes_per_param"] == pytest.approx(16.06, abs=0.05), row
+        else:
+            assert row["status"] in ("unavailable", "failed") and row["reason"], row
 
 
 def test_smoke_graph_rows_say_why_they_cannot_run(tmp_path):
