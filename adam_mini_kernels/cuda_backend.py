@@ -56,7 +56,7 @@ def _check_constants() -> None:
 
 _check_constants()
 
-OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
+OPS = ("rows_step", "large_blocks_sumsq", "large_blocks_update", "adam_step", "step_coefficients")
 _ops = torch.ops.adam_mini_kernels
 
 
@@ -69,10 +69,15 @@ def _rows_step_fake(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding
     op_checks.check_rows("rows_step", p, g, m, m_scales, v, coef, rows, width, stochastic_rounding)
 
 
-@torch.library.register_fake("adam_mini_kernels::large_blocks_step")
-def _large_blocks_step_fake(p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding):
-    op_checks.check_large_blocks(
-        "large_blocks_step", p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding
+@torch.library.register_fake("adam_mini_kernels::large_blocks_sumsq")
+def _large_blocks_sumsq_fake(g, tiles, blocks, partial, block_sums):
+    op_checks.check_large_blocks_sumsq("large_blocks_sumsq", g, tiles, blocks, partial, block_sums)
+
+
+@torch.library.register_fake("adam_mini_kernels::large_blocks_update")
+def _large_blocks_update_fake(p, g, m, m_scales, v, coef, tiles, blocks, block_sums, stochastic_rounding):
+    op_checks.check_large_blocks_update(
+        "large_blocks_update", p, g, m, m_scales, v, coef, tiles, blocks, block_sums, stochastic_rounding
     )
 
 
@@ -98,6 +103,6 @@ def cuda_step(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (one
-    launch), then one operator call per row class, one for the large blocks (three launches), one
-    for the Adam tiles."""
+    launch), then one operator call per row class, two for the large blocks (two launches each),
+    one for the Adam tiles (see ``launch_tables.fused_step``)."""
     fused_step(group, _ops, active, inv_scale, found_inf)

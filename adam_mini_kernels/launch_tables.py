@@ -10,8 +10,13 @@ not by the number of parameters:
   program's width fits its rows.
 * large blocks (more than ``ROW_MAX`` elements): cut into tiles of ``TILE`` elements. Phase 1
   writes the sum of g^2 of each tile to its own slot of ``partial``; phase 2 adds a block's
-  slots in a fixed order and updates its v; phase 3 updates each tile's m and p. Deterministic,
-  no atomics, one extra read of g.
+  slots in a fixed order into its slot of ``block_sums``; phase 3 updates its v; phase 4 each
+  tile's m and p. Deterministic, no atomics, one extra read of g. Two operators: the sums
+  (phases 1-2) and the update (3-4).
+* blocks split across ranks (sharded parameters, see [Note: sharded parameters] in
+  sharding.py), whatever their size, are large blocks too: between the two operators one
+  all-reduce per group adds their pieces' sums over the ranks (``LaunchTables.reduce_split``),
+  and their v takes the mean over the global block size (the ``LB_NUMEL`` column).
 * Adam tiles: ``ADAM_TILE`` consecutive elements of an Adam-block (per-element v) parameter.
 
 Rows and tiles also name the index of their first quantization scale (``ROW_SCALE``,
@@ -25,7 +30,7 @@ and not read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +60,9 @@ class LaunchTables:
     tiles: Optional[torch.Tensor]  # (T, TILE_COLS)
     blocks: Optional[torch.Tensor]  # (L, LB_COLS)
     partial: Optional[torch.Tensor]  # (T,) float32 scratch: one slot per tile
+    block_sums: Optional[torch.Tensor]  # (L,) float32 scratch: one slot per large block
     adam: Optional[torch.Tensor]  # (A, ROW_COLS)
+    reduce_split: Optional[Callable[[torch.Tensor], None]] = None  # all-reduce of split blocks' sums
 
 
 def _next_pow2(n: int) -> int:
@@ -82,7 +89,11 @@ class _Columns:
 
 def build_launch_tables(group: FlatGroup) -> LaunchTables:
     """The tables for ``group``, from its layouts (section by section), element offsets, v
-    offsets and quantization chunks (counted as ``buffers.chunk_lengths`` does)."""
+    offsets and quantization chunks (counted as ``buffers.chunk_lengths`` does), and for a
+    sharded group its split blocks and their global sizes."""
+    sharded = group.sharded
+    split_v = np.zeros(0, dtype=np.int64) if sharded is None else sharded.split_positions
+    divisors = None if sharded is None else sharded.divisors.cpu().numpy()
     rows = {}
     tiles, blocks, adam = _Columns(TILE_COLS), _Columns(LB_COLS), _Columns(ROW_COLS)
     num_tiles = num_blocks = num_scales = 0
@@ -104,10 +115,14 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
             offset, v_offset, num_scales = offset + bn * nb, v_offset + nb, num_scales + chunks * nb
             if nb == 0:
                 continue
-            if bn <= ROW_MAX:
+            large = np.isin(v_index, split_v) if bn <= ROW_MAX else np.ones(nb, dtype=bool)
+            if not large.all():
+                whole = ~large
                 width = max(MIN_ROW_BLOCK, _next_pow2(bn))
-                rows.setdefault(width, _Columns(ROW_COLS)).add(starts, bn, v_index, i, scale_index)
+                rows.setdefault(width, _Columns(ROW_COLS)).add(starts[whole], bn, v_index[whole], i, scale_index[whole])
+            if not large.any():
                 continue
+            starts, v_index, scale_index, nb = starts[large], v_index[large], scale_index[large], int(large.sum())
             within = np.arange(0, bn, TILE, dtype=np.int64)
             per_block = len(within)
             tiles.add(
@@ -116,18 +131,25 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
                 num_blocks + np.repeat(np.arange(nb, dtype=np.int64), per_block),
                 (scale_index[:, None] + within[None, :] // QBLOCK).reshape(-1),
             )
-            blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, bn)
+            global_numel = bn if divisors is None else divisors[v_index]
+            blocks.add(v_index, i, num_tiles + np.arange(nb, dtype=np.int64) * per_block, per_block, global_numel)
             num_tiles += nb * per_block
             num_blocks += nb
     if group.quantized and num_scales != len(group.m_scales):
         raise RuntimeError(f"internal error: the launch tables count {num_scales} quantization chunks, the group has {len(group.m_scales)}")
     device = group.device
+    blocks_table = blocks.tensor(device)
+    reduce_split = None
+    if sharded is not None and len(split_v):
+        reduce_split = sharded.split_reducer(np.concatenate(blocks.cols[LB_V]))
     return LaunchTables(
         row_classes=[(width, cols.tensor(device)) for width, cols in sorted(rows.items())],
         tiles=tiles.tensor(device),
-        blocks=blocks.tensor(device),
+        blocks=blocks_table,
         partial=torch.empty(num_tiles, dtype=torch.float32, device=device) if num_tiles else None,
+        block_sums=torch.empty(num_blocks, dtype=torch.float32, device=device) if num_blocks else None,
         adam=adam.tensor(device),
+        reduce_split=reduce_split,
     )
 
 
@@ -139,10 +161,12 @@ def fused_step(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
-    ``rows_step``, ``large_blocks_step``, ``adam_step``, with the schemas of csrc/bindings.cpp):
-    the coefficient table, then one call per row class, one for the large blocks, one for the
-    Adam tiles. The tables and the coefficient buffer are built once and kept in ``group.cache``.
-    A float group passes an empty ``m_scales`` (the operators read it only for int8 ``m``)."""
+    ``rows_step``, ``large_blocks_sumsq``, ``large_blocks_update``, ``adam_step``, with the
+    schemas of csrc/bindings.cpp): the coefficient table, the large blocks' sums (and for a
+    sharded group the one all-reduce of its split blocks'), one call per row class, the large
+    blocks' update, the Adam tiles. The tables and the coefficient buffer are built once and kept
+    in ``group.cache``. A float group passes an empty ``m_scales`` (the operators read it only
+    for int8 ``m``)."""
     coef = group.cache.get("coef")
     if coef is None:
         coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
@@ -157,9 +181,13 @@ def fused_step(
         scales = group.cache.get("no_scales")
         if scales is None:
             scales = group.cache["no_scales"] = torch.empty(0, dtype=torch.float32, device=group.device)
+    if t.tiles is not None:
+        ops.large_blocks_sumsq(g, t.tiles, t.blocks, t.partial, t.block_sums)
+        if t.reduce_split is not None:
+            t.reduce_split(t.block_sums)
     for width, rows in t.row_classes:
         ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)
     if t.tiles is not None:
-        ops.large_blocks_step(p, g, m, scales, v, coef, t.tiles, t.blocks, t.partial, rounding)
+        ops.large_blocks_update(p, g, m, scales, v, coef, t.tiles, t.blocks, t.block_sums, rounding)
     if t.adam is not None:
         ops.adam_step(p, g, m, v, coef, t.adam, rounding)

@@ -74,15 +74,28 @@ def check_rows(op: str, p, g, m, m_scales, v, coef, rows, width, stochastic_roun
     )
 
 
-def check_large_blocks(op: str, p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding) -> None:
+def check_sums(op: str, name: str, sums, table, what: str) -> None:
+    torch._check(
+        sums.dtype == torch.float32 and sums.dim() == 1 and sums.shape[0] >= table.shape[0],
+        lambda: f"adam_mini_kernels::{op}: {name} must be float32 with one slot per {what}",
+    )
+    torch._check(sums.device == table.device, lambda: f"adam_mini_kernels::{op}: {name} is on {sums.device}, {what}s on {table.device}")
+
+
+def check_large_blocks_sumsq(op: str, g, tiles, blocks, partial, block_sums) -> None:
+    check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
+    check_table(op, "blocks", blocks, launch_tables.LB_COLS)
+    check_sums(op, "partial", partial, tiles, "tile")
+    check_sums(op, "block_sums", block_sums, blocks, "block")
+    torch._check(g.dim() == 1, lambda: f"adam_mini_kernels::{op}: g must be 1-D, got {g.dim()}-D")
+
+
+def check_large_blocks_update(op: str, p, g, m, m_scales, v, coef, tiles, blocks, block_sums, stochastic_rounding) -> None:
     check_state(op, p, g, m, m_scales, v, coef)
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
     check_table(op, "blocks", blocks, launch_tables.LB_COLS)
-    torch._check(
-        partial.dtype == torch.float32 and partial.dim() == 1 and partial.shape[0] >= tiles.shape[0],
-        lambda: f"adam_mini_kernels::{op}: partial must be float32 with one slot per tile",
-    )
+    check_sums(op, "block_sums", block_sums, blocks, "block")
 
 
 def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:

@@ -231,7 +231,6 @@ class AdamMini(torch.optim.Optimizer):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
         self._step_fn = dispatch.load_backend(self.backend)
-        self._reference_step = dispatch.load_backend("torch")
         if model_sharding is not None and verbose:
             logger.warning("AdamMini: model_sharding is accepted for compatibility and ignored")
 
@@ -468,10 +467,7 @@ class AdamMini(torch.optim.Optimizer):
             self._device_lrs()
         inv_scale, skip = self._gradient_factors([group for group, _ in live])
         for group, active in live:
-            step_fn = self._step_fn
-            if group.sharded is not None and group.sharded.needs_reference:
-                step_fn = self._reference_step  # see [Note: fused backends on shards]
-            step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
+            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
             if group.sharded is not None:
                 group.sharded.push(group)
         return loss
@@ -574,7 +570,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn", "_reference_step")
+    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -587,7 +583,6 @@ class AdamMini(torch.optim.Optimizer):
         super().__setstate__(state)
         self._flat, self._hparam_rows = None, None
         self._step_fn = dispatch.load_backend(self.backend)
-        self._reference_step = dispatch.load_backend("torch")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _index_to_param(self) -> List[torch.Tensor]:

@@ -225,6 +225,7 @@ class ShardedGroup:
 
     def __init__(self, group, members: Sequence[Tuple[int, Any, LocalBlocks]]):
         self.members = list(members)  # (index in the group, DTensor parameter, LocalBlocks)
+        self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
         by_index = {i: lb for i, _, lb in self.members}
         sizes, divisors = [], []
@@ -241,18 +242,22 @@ class ShardedGroup:
         self.divisors = torch.from_numpy(np.concatenate(divisors)).to(group.device)
         segs, slots, num_slots = split_slots([lb for _, _, lb in self.members])
         positions = [group.v_offsets[i] + seg for (i, _, _), seg in zip(self.members, segs)]  # in the group's v
-        self.reduce_split = SplitReducer(
-            self.process_group, np.concatenate(positions).astype(np.int64), np.concatenate(slots).astype(np.int64), num_slots, group.device
-        )
-        # [Note: fused backends on shards]
-        # The Triton and CUDA kernels fuse the reduction of a block with its update and divide
-        # by the block's local size; they step a sharded group only when every local segment is
-        # a whole block (e.g. rows or heads aligned with the shards; segments of several sizes
-        # are sections of the local layout, which the launch tables handle). A group with blocks
-        # split across ranks (FSDP2 always has some: norm weights) is stepped by the torch
-        # backend's split-aware path (segment sums, the all-reduce, the update). Fusing it needs
-        # kernels that take the reduced split sums (follow-up).
-        self.needs_reference = num_slots > 0
+        # The split blocks: their v indices (sorted) and all-reduce slots.
+        positions, slots = np.concatenate(positions).astype(np.int64), np.concatenate(slots).astype(np.int64)
+        order = np.argsort(positions)
+        self.split_positions, self.split_slots, self.num_slots = positions[order], slots[order], num_slots
+        # The torch backend's per-block sums are indexed by v.
+        self.reduce_split = self.split_reducer(np.arange(group.v.numel(), dtype=np.int64))
+
+    def split_reducer(self, v_index: np.ndarray) -> SplitReducer:
+        """The one all-reduce of the split blocks' sums of g^2 for a vector of per-block sums
+        whose entry k belongs to the block of v index ``v_index[k]`` (the group's v for the
+        torch backend, the large-block table for the fused ones)."""
+        at = np.searchsorted(self.split_positions, v_index)
+        found = at < len(self.split_positions)
+        found[found] = self.split_positions[at[found]] == v_index[found]
+        positions = np.flatnonzero(found).astype(np.int64)
+        return SplitReducer(self.process_group, positions, self.split_slots[at[found]], self.num_slots, self.device)
 
     def pull(self, group) -> None:
         """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy

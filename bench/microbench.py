@@ -11,8 +11,8 @@ of one kind, so that a backend's step launches exactly one path of its kernels:
 
 * ``rows``: one parameter of R rows of W elements (an MLP weight, rule ``mlp``), W from 64 to
   8192 (``launch_tables.ROW_MAX``): ``rows_step_kernel``, one program per row, one pass.
-* ``large``: blocks of 16K to 4M elements (query/key heads, rule ``wqk``): the three phases
-  ``tile_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``.
+* ``large``: blocks of 16K to 4M elements (query/key heads, rule ``wqk``): the four phases
+  ``tile_sumsq_kernel``, ``block_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``.
 * ``adam``: a bias-named parameter (rule ``adam``, one v per element): ``adam_step_kernel``.
 
 Lines are backend x storage dtype: ``triton`` and ``cuda`` (the extension's step, when it is
@@ -155,7 +155,7 @@ def run_gpu(args) -> int:
             args=dict(path="rows"), **common))
     if "large" in args.paths:
         benches.append(triton.testing.Benchmark(
-            x_names=["size"], x_vals=LARGE_BLOCKS, xlabel="block size (elements), three phases", plot_name="large_blocks",
+            x_names=["size"], x_vals=LARGE_BLOCKS, xlabel="block size (elements), four phases", plot_name="large_blocks",
             args=dict(path="large"), **common))
     if "adam" in args.paths:
         benches.append(triton.testing.Benchmark(

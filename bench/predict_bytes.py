@@ -10,8 +10,9 @@ counts the bytes that Triton kernel v1 (``triton_kernels/kernels.py``) reads and
 * rows (blocks of at most ROW_MAX elements), per row of n elements: g, p, m read and p, m
   written (5 n s), its v read and written (8 B), its launch-table row read (ROW_COLS int64).
 * large blocks, per tile of t <= TILE elements: phase 1 reads g (t s) and its tile row and writes
-  a float32 partial sum; phase 2, per block, reads its block row, its partials and v, writes v;
-  phase 3 reads the tile row, g, p, m and writes p, m (5 t s). So g is read twice: 6 s per element.
+  a float32 partial sum; phase 2, per block, reads its block row and its partials and writes the
+  block's sum; phase 3 reads the block row, the sum and v, writes v; phase 4 reads the tile row,
+  g, p, m and writes p, m (5 t s). So g is read twice: 6 s per element.
 * Adam tiles (per-element v), per tile of t <= ADAM_TILE: 5 t s for g, p, m, plus 8 t for v,
   plus the tile row.
 
@@ -64,11 +65,12 @@ def traffic(pset: PS.ParamSet) -> dict:
             tiles = -(-bn // T.TILE)
             per_block = (
                 s * bn + tiles * (T.TILE_COLS * INT64 + 4)  # phase 1: g, tile rows, partial sums
-                + T.LB_COLS * INT64 + 4 * tiles + 8  # phase 2: block row, partials, v
-                + 5 * s * bn + tiles * T.TILE_COLS * INT64  # phase 3: g, p, m in; p, m out; tile rows
+                + T.LB_COLS * INT64 + 4 * tiles + 4  # phase 2: block row, partials, block sum
+                + T.LB_COLS * INT64 + 4 + 8  # phase 3: block row, block sum, v
+                + 5 * s * bn + tiles * T.TILE_COLS * INT64  # phase 4: g, p, m in; p, m out; tile rows
             )
             v1 += nb * per_block
-    launches = len(widths) + (3 if has_tiles else 0) + (1 if has_adam else 0)
+    launches = len(widths) + (4 if has_tiles else 0) + (1 if has_adam else 0)
     return dict(n_params=n_params, num_v=num_v, minimum=minimum, v1=v1, launches=launches)
 
 

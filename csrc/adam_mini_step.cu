@@ -175,21 +175,57 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
   });
 }
 
-void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                       const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
-                       const at::TensorBase& tiles, const at::TensorBase& blocks, const at::TensorBase& partial,
-                       bool stochastic_rounding) {
-  constexpr const char* op = "large_blocks_step";
+// A float32 scratch vector with one slot per row of `table` ("tile" or "block").
+void check_sums(const char* op, const char* name, const at::TensorBase& sums, const at::TensorBase& table,
+                const char* what) {
+  check_on_device(op, name, sums, table);
+  check_contiguous(op, name, sums, 1);
+  TORCH_CHECK(sums.scalar_type() == at::kFloat && sums.numel() >= table.size(0), "adam_mini_kernels::", op, ": ",
+              name, " must be float32 with one slot per ", what, " (", table.size(0), "), got ", sums.scalar_type(),
+              " of shape ", sums.sizes());
+}
+
+void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase& tiles, const at::TensorBase& blocks,
+                        const at::TensorBase& partial, const at::TensorBase& block_sums) {
+  constexpr const char* op = "large_blocks_sumsq";
+  TORCH_CHECK(g.is_cuda(), "adam_mini_kernels::", op, ": g must be a CUDA tensor, got one on ", g.device());
+  check_contiguous(op, "g", g, 1);
+  check_table(op, "tiles", tiles, kTileCols, g);
+  check_table(op, "blocks", blocks, kLbCols, g);
+  check_sums(op, "partial", partial, tiles, "tile");
+  check_sums(op, "block_sums", block_sums, blocks, "block");
+  const int64_t num_tiles = tiles.size(0);
+  const int64_t num_blocks = blocks.size(0);
+  if (num_tiles == 0 || num_blocks == 0) {
+    return;
+  }
+  const bool aligned = aligned16(g);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* partial_ptr = static_cast<float*>(partial.data_ptr());
+  dispatch_storage(op, g.scalar_type(), g.scalar_type(), [&](auto tag, auto) {
+    using scalar_t = typename decltype(tag)::type;
+    tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(g.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), partial_ptr,
+        aligned);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  block_sumsq_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(
+      partial_ptr, static_cast<const int64_t*>(blocks.data_ptr()), static_cast<float*>(block_sums.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+                         const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
+                         const at::TensorBase& tiles, const at::TensorBase& blocks, const at::TensorBase& block_sums,
+                         bool stochastic_rounding) {
+  constexpr const char* op = "large_blocks_update";
   check_buffers(op, p, g, m, v, coef, /*int8_m=*/true);
   check_scales(op, m, m_scales, p);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kTileCols, p);
   check_table(op, "blocks", blocks, kLbCols, p);
-  check_on_device(op, "partial", partial, p);
-  check_contiguous(op, "partial", partial, 1);
-  TORCH_CHECK(partial.scalar_type() == at::kFloat && partial.numel() >= tiles.size(0), "adam_mini_kernels::", op,
-              ": partial must be float32 with one slot per tile (", tiles.size(0), "), got ", partial.scalar_type(),
-              " of shape ", partial.sizes());
+  check_sums(op, "block_sums", block_sums, blocks, "block");
   const int64_t num_tiles = tiles.size(0);
   const int64_t num_blocks = blocks.size(0);
   if (num_tiles == 0 || num_blocks == 0) {
@@ -198,24 +234,20 @@ void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const a
   const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
   const c10::cuda::CUDAGuard guard(p.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto* partial_ptr = static_cast<float*>(partial.data_ptr());
-  auto* tiles_ptr = static_cast<const int64_t*>(tiles.data_ptr());
   auto* blocks_ptr = static_cast<const int64_t*>(blocks.data_ptr());
   auto* v_ptr = static_cast<float*>(v.data_ptr());
   auto* coef_ptr = static_cast<const float*>(coef.data_ptr());
+  const unsigned v_blocks = static_cast<unsigned>((num_blocks + kBlockVThreads - 1) / kBlockVThreads);
+  large_block_v_kernel<<<v_blocks, kBlockVThreads, 0, stream>>>(
+      v_ptr, coef_ptr, static_cast<const float*>(block_sums.data_ptr()), blocks_ptr, num_blocks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
     using state_t = typename decltype(state_tag)::type;
-    tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(g.data_ptr()), tiles_ptr, partial_ptr, aligned);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    large_block_v_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(v_ptr, coef_ptr,
-                                                                                           partial_ptr, blocks_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     tile_step_kernel<scalar_t, state_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
         static_cast<scalar_t*>(p.data_ptr()), static_cast<const scalar_t*>(g.data_ptr()),
-        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(m_scales.data_ptr()), v_ptr, coef_ptr, tiles_ptr,
-        blocks_ptr, aligned, stochastic_rounding);
+        static_cast<state_t*>(m.data_ptr()), static_cast<float*>(m_scales.data_ptr()), v_ptr, coef_ptr,
+        static_cast<const int64_t*>(tiles.data_ptr()), blocks_ptr, aligned, stochastic_rounding);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -2,7 +2,7 @@
 //
 // kernels.cuh holds the kernels, adam_mini_step.cu the launchers declared here, constants.h the
 // table layout and launch shapes they share; bindings.cpp registers the launchers as the operators
-// adam_mini_kernels::{rows_step, large_blocks_step, adam_step} and exports the constants to
+// adam_mini_kernels::{rows_step, large_blocks_sumsq, large_blocks_update, adam_step, step_coefficients} and exports the constants to
 // Python, where tests check them against their Python definitions.
 #pragma once
 
@@ -24,12 +24,17 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
                const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& rows,
                int64_t width, bool stochastic_rounding);
 
-// Large blocks, in three launches: tile sums of g^2 into `partial` (one slot per tile), a
-// fixed-order sum per block and its v update, then m and p of every tile.
-void large_blocks_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                       const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
-                       const at::TensorBase& tiles, const at::TensorBase& blocks,
-                       const at::TensorBase& partial, bool stochastic_rounding);
+// Large blocks, first half (two launches): the sum of g^2 of every tile into `partial` (one slot
+// per tile), then of every block into `block_sums` (a fixed-order sum of its tiles' slots).
+void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase& tiles, const at::TensorBase& blocks,
+                        const at::TensorBase& partial, const at::TensorBase& block_sums);
+
+// Large blocks, second half (two launches): every block's v from `block_sums` (all-reduced over
+// the ranks in between for blocks split across them), then m and p of every tile.
+void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
+                         const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
+                         const at::TensorBase& tiles, const at::TensorBase& blocks,
+                         const at::TensorBase& block_sums, bool stochastic_rounding);
 
 // Adam blocks (one v per element), one CUDA block per Adam tile of `tiles` (A, kRowCols).
 void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,

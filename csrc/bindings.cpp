@@ -18,21 +18,23 @@
 // One operator per kind of work of the launch tables (see [Note: launch tables] in
 // adam_mini_kernels/launch_tables.py), rather than one operator for the whole group step:
 //
-//   rows_step          one row class (its table and its width); called once per class.
-//   large_blocks_step  the three phases of the large blocks (tile sums, block v, tile update):
-//                      they share the scratch `partial` and are only correct together, so the
-//                      operator boundary is drawn around all three.
+//   rows_step            one row class (its table and its width); called once per class.
+//   large_blocks_sumsq   the large blocks' sums of g^2: per tile into the scratch `partial`,
+//                        then per block into `block_sums`.
+//   large_blocks_update  the large blocks' v from `block_sums`, then m and p of every tile.
+//                        The boundary between the two is where a sharded group all-reduces the
+//                        sums of its blocks split across ranks (one collective, in Python).
+//   adam_step            the Adam tiles.
+//   step_coefficients    the step counters and the coefficient table of a group (one launch).
 //
-// rows_step and large_blocks_step also take `m_scales`, the quantization scales of an int8 m
+// rows_step and large_blocks_update also take `m_scales`, the quantization scales of an int8 m
 // (empty and unused for a float m), so that one schema serves every storage of m.
-//   adam_step          the Adam tiles.
-//   step_coefficients  the step counters and the coefficient table of a group (one launch).
 //
-// A step is then a handful of operator calls per group (one per row class, plus at most two),
+// A step is then a handful of operator calls per group (one per row class, plus at most three),
 // independent of the number of parameters, each with a short fixed schema that torch.compile,
 // CUDA graphs and opcheck handle without special cases (a single group operator would need lists
-// of tables and optional mutable scratch). Every operator mutates p, m, v (and large_blocks_step
-// also `partial`) in place and returns nothing; the alias annotations say so, so that
+// of tables and optional mutable scratch). Every operator mutates its outputs in place (p, m,
+// m_scales, v; the scratch sums) and returns nothing; the alias annotations say so, so that
 // functionalization and torch.compile treat them as the in-place updates they are.
 
 namespace {
@@ -42,10 +44,15 @@ void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor&
   adam_mini::rows_step(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding);
 }
 
-void large_blocks_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& m_scales, at::Tensor& v,
-                          const at::Tensor& coef, const at::Tensor& tiles, const at::Tensor& blocks,
-                          at::Tensor& partial, bool stochastic_rounding) {
-  adam_mini::large_blocks_step(p, g, m, m_scales, v, coef, tiles, blocks, partial, stochastic_rounding);
+void large_blocks_sumsq_op(const at::Tensor& g, const at::Tensor& tiles, const at::Tensor& blocks,
+                           at::Tensor& partial, at::Tensor& block_sums) {
+  adam_mini::large_blocks_sumsq(g, tiles, blocks, partial, block_sums);
+}
+
+void large_blocks_update_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& m_scales, at::Tensor& v,
+                            const at::Tensor& coef, const at::Tensor& tiles, const at::Tensor& blocks,
+                            const at::Tensor& block_sums, bool stochastic_rounding) {
+  adam_mini::large_blocks_update(p, g, m, m_scales, v, coef, tiles, blocks, block_sums, stochastic_rounding);
 }
 
 void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& v, const at::Tensor& coef,
@@ -69,8 +76,10 @@ TORCH_LIBRARY(adam_mini_kernels, m) {
       "rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
       "Tensor rows, int width, bool stochastic_rounding) -> ()");
   m.def(
-      "large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
-      "Tensor tiles, Tensor blocks, Tensor(e!) partial, bool stochastic_rounding) -> ()");
+      "large_blocks_sumsq(Tensor g, Tensor tiles, Tensor blocks, Tensor(a!) partial, Tensor(b!) block_sums) -> ()");
+  m.def(
+      "large_blocks_update(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
+      "Tensor tiles, Tensor blocks, Tensor block_sums, bool stochastic_rounding) -> ()");
   m.def(
       "adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, Tensor tiles, "
       "bool stochastic_rounding) -> ()");
@@ -81,7 +90,8 @@ TORCH_LIBRARY(adam_mini_kernels, m) {
 
 TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
   m.impl("rows_step", &rows_step_op);
-  m.impl("large_blocks_step", &large_blocks_step_op);
+  m.impl("large_blocks_sumsq", &large_blocks_sumsq_op);
+  m.impl("large_blocks_update", &large_blocks_update_op);
   m.impl("adam_step", &adam_step_op);
   m.impl("step_coefficients", &step_coefficients_op);
 }

@@ -76,7 +76,8 @@ constexpr float kCodeMax = 127.f;
 constexpr int kElemsPerThread = 8;
 constexpr int kTileThreads = kTile / kElemsPerThread;      // tile_sumsq_kernel, tile_step_kernel
 constexpr int kAdamThreads = kAdamTile / kElemsPerThread;  // adam_step_kernel
-constexpr int kReduceThreads = 256;                        // large_block_v_kernel
+constexpr int kReduceThreads = 256;                        // block_sumsq_kernel
+constexpr int kBlockVThreads = 128;                        // large_block_v_kernel (a block each)
 constexpr int kCoefThreads = 128;                          // step_coefficients_kernel
 constexpr int kRowMaxThreads = kRowMax / kElemsPerThread;  // rows_step_kernel, widest class
 

@@ -7,8 +7,10 @@
 //   rows_step_kernel     one CUDA block per small block ("row", <= kRowMax elements), held in
 //                        registers: sum of g^2, v, m and p in one pass.
 //   tile_sumsq_kernel    large blocks, phase 1: sum of g^2 of each tile into the tile's own slot.
-//   large_block_v_kernel large blocks, phase 2: a fixed-order sum of a block's slots, its v.
-//   tile_step_kernel     large blocks, phase 3: m and p of each tile with its block's new v.
+//   block_sumsq_kernel   large blocks, phase 2: a fixed-order sum of a block's slots, into its
+//                        slot of `sums` (a sharded group all-reduces split blocks' sums next).
+//   large_block_v_kernel large blocks, phase 3: each block's v from its sum, one thread each.
+//   tile_step_kernel     large blocks, phase 4: m and p of each tile with its block's new v.
 //   adam_step_kernel     Adam blocks (biases): one v per element.
 //   step_coefficients_kernel  the step counters and the coefficient table, one thread per
 //                        parameter.
@@ -329,7 +331,7 @@ __device__ __forceinline__ float sum_of_squares(const Fragment& g) {
 // __shfl_xor_sync, and warp 0 adds the per-warp sums in warp order from shared memory. A large
 // block adds the sums of its tiles (phase 1 writes each tile's sum to its own slot of `partial`)
 // with kReduceThreads threads taking slots t, t + kReduceThreads, ... in order, then the same
-// block sum. The Triton backend adds in another (also fixed) order, so the two agree to float32
+// block sum (into its slot of `sums`, which a sharded group's one all-reduce adds over ranks). The Triton backend adds in another (also fixed) order, so the two agree to float32
 // rounding, not bitwise.
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -487,10 +489,10 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-// Large blocks, phase 2: add a block's tile sums in a fixed order and update its v.
+// Large blocks, phase 2: add a block's tile sums in a fixed order into its slot of `sums`.
 __global__ void __launch_bounds__(kReduceThreads)
-    large_block_v_kernel(float* __restrict__ v, const float* __restrict__ coef, const float* __restrict__ partial,
-                         const int64_t* __restrict__ blocks) {
+    block_sumsq_kernel(const float* __restrict__ partial, const int64_t* __restrict__ blocks,
+                       float* __restrict__ sums) {
   const int64_t* block = blocks + static_cast<int64_t>(blockIdx.x) * kLbCols;
   const int64_t first = block[kLbFirstTile];
   const int64_t num_tiles = block[kLbNumTiles];
@@ -501,13 +503,26 @@ __global__ void __launch_bounds__(kReduceThreads)
   __shared__ float warp_sums[32];
   const float sumsq = block_sum(acc, warp_sums);
   if (threadIdx.x == 0) {
-    const Coefficients c = load_coefficients(coef, block[kLbParam]);
-    const int64_t v_index = block[kLbV];
-    v[v_index] = updated_v(v[v_index], sumsq, block[kLbNumel], c);
+    sums[blockIdx.x] = sumsq;
   }
 }
 
-// Large blocks, phase 3: m and p of one tile, with its block's v (final after phase 2).
+// Large blocks, phase 3: each block's v from its sum of g^2 (over every rank for a block split
+// across ranks), the mean over kLbNumel elements (the global block size).
+__global__ void __launch_bounds__(kBlockVThreads)
+    large_block_v_kernel(float* __restrict__ v, const float* __restrict__ coef, const float* __restrict__ sums,
+                         const int64_t* __restrict__ blocks, int64_t num_blocks) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= num_blocks) {
+    return;
+  }
+  const int64_t* block = blocks + b * kLbCols;
+  const Coefficients c = load_coefficients(coef, block[kLbParam]);
+  const int64_t v_index = block[kLbV];
+  v[v_index] = updated_v(v[v_index], sums[b], block[kLbNumel], c);
+}
+
+// Large blocks, phase 4: m and p of one tile, with its block's v (final after phase 3).
 template <typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kTileThreads)
     tile_step_kernel(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ m,

@@ -48,8 +48,10 @@ def configurations():
                 yield (f"adam_step ({tag})", K.adam_step_kernel, buffers, {"TILE": ADAM_TILE, "ROUNDING": rounding}, 4)
         yield (f"tile_sumsq ({label})", K.tile_sumsq_kernel,
                {"g_ptr": f"*{dtype}", "tiles_ptr": "*i64", "partial_ptr": "*fp32"}, {"TILE": TILE}, 8)
+    yield ("block_sumsq", K.block_sumsq_kernel,
+           {"partial_ptr": "*fp32", "blocks_ptr": "*i64", "sums_ptr": "*fp32"}, {"CHUNK": CHUNK}, 4)
     yield ("large_block_v", K.large_block_v_kernel,
-           {"v_ptr": "*fp32", "coef_ptr": "*fp32", "partial_ptr": "*fp32", "blocks_ptr": "*i64"}, {"CHUNK": CHUNK}, 4)
+           {"v_ptr": "*fp32", "coef_ptr": "*fp32", "sums_ptr": "*fp32", "blocks_ptr": "*i64"}, {}, 1)
     coef_args = {"steps_ptr": "*i64", "active_ptr": "*i1", "hp_ptr": "*fp64", "coef_ptr": "*fp32",
                  "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "num_params": "i32", "round_seed": "i32"}
     for has_active in (False, True):

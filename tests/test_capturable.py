@@ -117,7 +117,8 @@ def test_triton_operators_opcheck(dtype):
     torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, 7, rounding))
     width, rows = t.row_classes[-1]
     torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
-    torch.library.opcheck(ops.OPERATORS.large_blocks_step, state + (t.tiles, t.blocks, t.partial, rounding))
+    torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, (group.grad_buffer, t.tiles, t.blocks, t.partial, t.block_sums))
+    torch.library.opcheck(ops.OPERATORS.large_blocks_update, state + (t.tiles, t.blocks, t.block_sums, rounding))
     torch.library.opcheck(ops.OPERATORS.adam_step, (group.param_buffer, group.grad_buffer, group.m, group.v, coef, t.adam, rounding))
 
 

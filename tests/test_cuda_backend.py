@@ -32,12 +32,14 @@ from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, d
 from adam_mini_kernels.launch_tables import build_launch_tables, fused_step
 from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
 
-OPS = ("rows_step", "large_blocks_step", "adam_step", "step_coefficients")
+OPS = ("rows_step", "large_blocks_sumsq", "large_blocks_update", "adam_step", "step_coefficients")
 SCHEMAS = {
     "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, "
     "Tensor(d!) v, Tensor coef, Tensor rows, int width, bool stochastic_rounding) -> ()",
-    "large_blocks_step": "adam_mini_kernels::large_blocks_step(Tensor(a!) p, Tensor g, Tensor(b!) m, "
-    "Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, Tensor tiles, Tensor blocks, Tensor(e!) partial, "
+    "large_blocks_sumsq": "adam_mini_kernels::large_blocks_sumsq(Tensor g, Tensor tiles, Tensor blocks, "
+    "Tensor(a!) partial, Tensor(b!) block_sums) -> ()",
+    "large_blocks_update": "adam_mini_kernels::large_blocks_update(Tensor(a!) p, Tensor g, Tensor(b!) m, "
+    "Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, Tensor tiles, Tensor blocks, Tensor block_sums, "
     "bool stochastic_rounding) -> ()",
     "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
     "Tensor tiles, bool stochastic_rounding) -> ()",
@@ -98,7 +100,8 @@ def test_op_is_registered_with_its_schema(backend, op):
     mutated = [a.name for a in packet.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     expected = {
         "rows_step": ["p", "m", "m_scales", "v"],
-        "large_blocks_step": ["p", "m", "m_scales", "v", "partial"],
+        "large_blocks_sumsq": ["partial", "block_sums"],
+        "large_blocks_update": ["p", "m", "m_scales", "v"],
         "step_coefficients": ["steps", "coef"],
     }
     assert mutated == expected.get(op, ["p", "m", "v"])
@@ -133,7 +136,8 @@ def _cpu_inputs(dtype=torch.float32):
     real = dict(
         p=group.param_buffer.to(dtype), g=group.grad_buffer.to(dtype), m=group.m.to(dtype), v=group.v, coef=coef,
         m_scales=torch.empty(0),
-        rows=tables.row_classes, tiles=tables.tiles, blocks=tables.blocks, partial=tables.partial, adam=tables.adam,
+        rows=tables.row_classes, tiles=tables.tiles, blocks=tables.blocks, partial=tables.partial,
+        block_sums=tables.block_sums, adam=tables.adam,
         steps=group.steps, hparams=group.hparams,
     )
     return real
@@ -152,8 +156,11 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         ops = torch.ops.adam_mini_kernels
         for width, rows in real["rows"]:
             assert ops.rows_step(p, g, m, s, v, coef, _fake_like(rows), width, False) is None
-        tiles, blocks, partial = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial"))
-        assert ops.large_blocks_step(p, g, m, s, v, coef, tiles, blocks, partial, False) is None
+        tiles, blocks, partial, sums = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial", "block_sums"))
+        assert ops.large_blocks_sumsq(g, tiles, blocks, partial, sums) is None
+        assert ops.large_blocks_update(p, g, m, s, v, coef, tiles, blocks, sums, False) is None
+        with pytest.raises(RuntimeError, match="block_sums must be float32 with one slot per block"):
+            ops.large_blocks_sumsq(g, tiles, blocks, partial, sums[:1])
         assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), False) is None
         steps, hparams = _fake_like(real["steps"]), _fake_like(real["hparams"])
         assert ops.step_coefficients(steps, hparams, coef, None, None, None, 0, False) is None
@@ -178,21 +185,22 @@ def test_traces_with_make_fx(backend):
 
     real = _cpu_inputs(torch.bfloat16)
 
-    def step(p, g, m, s, v, coef, tiles, blocks, partial, adam, *rows):
+    def step(p, g, m, s, v, coef, tiles, blocks, partial, sums, adam, *rows):
         ops = torch.ops.adam_mini_kernels
+        ops.large_blocks_sumsq(g, tiles, blocks, partial, sums)
         for (width, _), table in zip(real["rows"], rows):
             ops.rows_step(p, g, m, s, v, coef, table, width, True)
-        ops.large_blocks_step(p, g, m, s, v, coef, tiles, blocks, partial, True)
+        ops.large_blocks_update(p, g, m, s, v, coef, tiles, blocks, sums, True)
         ops.adam_step(p, g, m, v, coef, adam, True)
 
     with FakeTensorMode():
-        keys = ("p", "g", "m", "m_scales", "v", "coef", "tiles", "blocks", "partial", "adam")
+        keys = ("p", "g", "m", "m_scales", "v", "coef", "tiles", "blocks", "partial", "block_sums", "adam")
         args = [_fake_like(real[k]) for k in keys]
         args += [_fake_like(rows) for _, rows in real["rows"]]
         graph = make_fx(step)(*args)
     called = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
-    expected = ["adam_mini_kernels.rows_step.default"] * len(real["rows"])
-    expected += ["adam_mini_kernels.large_blocks_step.default", "adam_mini_kernels.adam_step.default"]
+    expected = ["adam_mini_kernels.large_blocks_sumsq.default"] + ["adam_mini_kernels.rows_step.default"] * len(real["rows"])
+    expected += ["adam_mini_kernels.large_blocks_update.default", "adam_mini_kernels.adam_step.default"]
     assert called == expected
 
 
@@ -339,10 +347,17 @@ def emulator(tmp_path_factory):
         if BUILD_EXPECTED:  # the CUDA build works here, so the kernels compile: a real failure
             pytest.fail(f"the kernel emulator does not compile:\n{result.stderr[-4000:]}")
         pytest.skip(f"the kernel emulator does not compile with {cxx}: {result.stderr[-500:]}")
+    return load_emulator(library)
+
+
+def load_emulator(library):
+    """The compiled emulator (``emulator`` builds it; a spawned test process loads it by path)."""
     lib = ctypes.CDLL(str(library))
+    lib.path = str(library)
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.emulate_rows_step.argtypes = [flag] + [ptr] * 7 + [i64, i64, flag, flag]
-    lib.emulate_large_blocks_step.argtypes = [flag] + [ptr] * 7 + [i64, ptr, i64, ptr, flag, flag]
+    lib.emulate_large_blocks_sumsq.argtypes = [flag, ptr, ptr, i64, ptr, i64, ptr, ptr, flag]
+    lib.emulate_large_blocks_update.argtypes = [flag] + [ptr] * 7 + [i64, ptr, i64, ptr, flag, flag]
     lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag, flag]
     lib.emulate_step_coefficients.argtypes = [ptr] * 6 + [i64, ctypes.c_uint32, flag]
     lib.emulate_random_bits.argtypes = [ctypes.c_uint32, i64]
@@ -383,10 +398,16 @@ class _EmulatedOps:
             *self._state(p, g, m, v, coef, m_scales), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
         ))
 
-    def large_blocks_step(self, p, g, m, m_scales, v, coef, tiles, blocks, partial, rounding):
-        self._check(self.lib.emulate_large_blocks_step(
-            *self._state(p, g, m, v, coef, m_scales), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
-            partial.data_ptr(), self._aligned(p, g, m), int(rounding),
+    def large_blocks_sumsq(self, g, tiles, blocks, partial, block_sums):
+        self._check(self.lib.emulate_large_blocks_sumsq(
+            DTYPE_CODE[g.dtype], g.data_ptr(), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
+            partial.data_ptr(), block_sums.data_ptr(), self._aligned(g),
+        ))
+
+    def large_blocks_update(self, p, g, m, m_scales, v, coef, tiles, blocks, block_sums, rounding):
+        self._check(self.lib.emulate_large_blocks_update(
+            *self._state(p, g, m, v, coef, m_scales), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(),
+            blocks.shape[0], block_sums.data_ptr(), self._aligned(p, g, m), int(rounding),
         ))
 
     def adam_step(self, p, g, m, v, coef, tiles, rounding):
@@ -662,6 +683,7 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     for key in ("tiles", "blocks", "adam"):
         out[key] = real[key].cuda()
     out["partial"] = real["partial"].cuda()
+    out["block_sums"] = real["block_sums"].cuda()
     out["steps"] = torch.randint(0, 1000, real["steps"].shape, generator=gen, device="cuda")
     out["hparams"] = real["hparams"].cuda()
     return out
@@ -670,9 +692,12 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
 def _call_all(x, rounding=False):
     ops = torch.ops.adam_mini_kernels
     ops.step_coefficients(x["steps"], x["hparams"], x["coef"], None, None, None, 12345, rounding)
+    ops.large_blocks_sumsq(x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"])
     for width, rows in x["rows"]:
         ops.rows_step(x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], rows, width, rounding)
-    ops.large_blocks_step(x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"], x["partial"], rounding)
+    ops.large_blocks_update(
+        x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"], x["block_sums"], rounding
+    )
     ops.adam_step(x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], rounding)
 
 
@@ -680,14 +705,19 @@ def _call_all(x, rounding=False):
 @needs_gpu
 @pytest.mark.parametrize("dtype, rounding", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_opcheck(backend, dtype, rounding):
-    """Schema (exactly p, m, v, partial mutated), fake implementation and AOT dispatch, on real
+    """Schema (exactly what each operator mutates), fake implementation and AOT dispatch, on real
     inputs."""
     x = _gpu_inputs(dtype)
     base = (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"])
     width, rows = x["rows"][-1]
     torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width, rounding))
     torch.library.opcheck(
-        torch.ops.adam_mini_kernels.large_blocks_step.default, base + (x["tiles"], x["blocks"], x["partial"], rounding)
+        torch.ops.adam_mini_kernels.large_blocks_sumsq.default,
+        (x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"]),
+    )
+    torch.library.opcheck(
+        torch.ops.adam_mini_kernels.large_blocks_update.default,
+        base + (x["tiles"], x["blocks"], x["block_sums"], rounding),
     )
     adam_args = (x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], rounding)
     torch.library.opcheck(torch.ops.adam_mini_kernels.adam_step.default, adam_args)
@@ -752,8 +782,12 @@ def test_launchers_check_their_inputs(backend):
         ops.rows_step(p, g, m, s, v, coef, rows, launch_tables.ROW_MAX * 2, False)
     with pytest.raises(RuntimeError, match=r"rows_step: p must be float32, bfloat16 or float16"):
         ops.rows_step(p.double(), g.double(), m.double(), s, v, coef, rows, width, False)
-    with pytest.raises(RuntimeError, match=r"large_blocks_step: partial must be float32 with one slot per tile"):
-        ops.large_blocks_step(p, g, m, s, v, coef, x["tiles"], x["blocks"], x["partial"][:1], False)
+    with pytest.raises(RuntimeError, match=r"large_blocks_sumsq: partial must be float32 with one slot per tile"):
+        ops.large_blocks_sumsq(g, x["tiles"], x["blocks"], x["partial"][:1], x["block_sums"])
+    with pytest.raises(RuntimeError, match=r"large_blocks_update: block_sums must be float32 with one slot per block"):
+        ops.large_blocks_update(p, g, m, s, v, coef, x["tiles"], x["blocks"], x["block_sums"][:0], False)
+    with pytest.raises(RuntimeError, match=r"adam_step: m has dtype Char"):
+        ops.adam_step(p, g, m.to(torch.int8), v, coef, x["adam"], False)
     with pytest.raises(RuntimeError, match=r"adam_step: tiles is on cpu"):
         ops.adam_step(p, g, m, v, coef, x["adam"].cpu(), False)
     with pytest.raises(RuntimeError, match=r"adam_step: stochastic_rounding needs bfloat16 p, got Float"):

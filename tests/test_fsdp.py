@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
+from test_cuda_backend import _emulated_step, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -114,6 +115,35 @@ def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True) -
             counts.append(counter.calls)
 
 
+# The backends the sharded tests step with: the fused ones (the Triton interpreter, the emulated CUDA
+# kernels on the CPU) take the split blocks' sums through their own all-reduce between their
+# reduction and update operators.
+BACKENDS = ["torch", "triton", "cuda-emulated"]
+
+
+@pytest.fixture
+def backend_arg(request, backend):
+    """What a spawned worker needs to build the optimizer for ``backend``: its name, and for
+    cuda-emulated the path of the compiled emulator."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    return (backend, request.getfixturevalue("emulator").path if backend == "cuda-emulated" else None)
+
+
+def _optimizer(named, backend_arg, **kw) -> AdamMini:
+    backend, emulator_path = backend_arg
+    opt = AdamMini(named, backend="torch" if emulator_path else backend, **KW, **kw)
+    if emulator_path:
+        opt._step_fn = _emulated_step(load_emulator(emulator_path))
+    return opt
+
+
+def _fused_split_blocks(opt) -> int:
+    """Blocks split across ranks that this rank's fused launch tables took (0 for the torch backend)."""
+    tables = [g.cache.get("launch_tables") for g in opt._flat]
+    return sum(int(t.reduce_split.positions.numel()) for t in tables if t is not None and t.reduce_split is not None)
+
+
 def _gathered(model) -> dict:
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
@@ -129,25 +159,30 @@ def _single_process(steps: int, max_grad_norm=None) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _fsdp_worker(rank, port, out, max_grad_norm, set_to_none):
+def _fsdp_worker(rank, port, out, max_grad_norm, set_to_none, backend_arg):
     _init(rank, port)
     try:
         model = _model()
         fully_shard(model)
-        opt = AdamMini(model.named_parameters(), max_grad_norm=max_grad_norm, **KW)
+        opt = _optimizer(model.named_parameters(), backend_arg, max_grad_norm=max_grad_norm)
         counts = []
         _train(model, opt, rank, range(STEPS), counts, set_to_none)
         aliased = all(p.grad._local_tensor.data_ptr() == g.data_ptr() for p, g in zip(opt._owners[0], opt._flat[0].grad_views))
-        torch.save({"params": _gathered(model), "counts": counts, "aliased": aliased}, f"{out}/rank{rank}.pt")
+        result = {"params": _gathered(model), "counts": counts, "aliased": aliased, "fused_split": _fused_split_blocks(opt)}
+        torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-@pytest.mark.parametrize("max_grad_norm, set_to_none", [(None, True), (0.05, False)])
-def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, max_grad_norm, set_to_none):
+@pytest.mark.parametrize(
+    "backend, max_grad_norm, set_to_none",
+    [("torch", None, True), ("torch", 0.05, False), ("triton", None, True), ("cuda-emulated", 0.05, False)],
+)
+def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, backend_arg, max_grad_norm, set_to_none):
     """zero_grad(set_to_none=False): FSDP2 accumulates into the gradients the optimizer
-    re-pointed into its flat buffer, which one fill zeroes."""
-    _spawn(_fsdp_worker, str(tmp_path), max_grad_norm, set_to_none)
+    re-pointed into its flat buffer, which one fill zeroes. The fused backends step the split
+    blocks themselves (their sums all-reduced between their two large-block operators)."""
+    _spawn(_fsdp_worker, str(tmp_path), max_grad_norm, set_to_none, backend_arg)
     expected = _single_process(STEPS, max_grad_norm)
     initial = dict(_model().named_parameters())
     for rank in range(WORLD):
@@ -159,9 +194,11 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, max
         # one for the global gradient norm when clipping.
         assert saved["counts"] == [1 + (max_grad_norm is not None)] * STEPS, saved["counts"]
         assert saved["aliased"]  # p.grad re-pointed into the flat gradient buffer
+        # Norm weights (2), a straddling head (q_proj, k_proj), a split MLP row: all fused.
+        assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
 
 
-def _dtensor_worker(rank, port, out):
+def _dtensor_worker(rank, port, out, backend_arg):
     """Hand-placed DTensor parameters: Shard(0), Shard(1) (every row and head split), Replicate.
     A plain copy of the model computes the full gradients, which are then sharded."""
     _init(rank, port)
@@ -173,7 +210,7 @@ def _dtensor_worker(rank, port, out):
             n: nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [placements.get(n, Shard(0))]))
             for n, p in plain.named_parameters()
         }
-        opt = AdamMini(list(sharded.items()), **KW)
+        opt = _optimizer(list(sharded.items()), backend_arg)
         counts = []
         for step in range(STEPS):
             plain.zero_grad()
@@ -186,19 +223,25 @@ def _dtensor_worker(rank, port, out):
             with torch.no_grad():
                 for n, p in plain.named_parameters():
                     p.copy_(sharded[n].full_tensor())
-        torch.save({"params": {n: p.full_tensor() for n, p in sharded.items()}, "counts": counts}, f"{out}/rank{rank}.pt")
+        result = {"params": {n: p.full_tensor() for n, p in sharded.items()}, "counts": counts,
+                  "fused_split": _fused_split_blocks(opt)}
+        torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-def test_dtensor_placements_match_single_process(tmp_path):
-    _spawn(_dtensor_worker, str(tmp_path))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtensor_placements_match_single_process(tmp_path, backend_arg):
+    """Shard(1) splits every row and head of q_proj and mlp: on the fused backends they all take
+    the split path."""
+    _spawn(_dtensor_worker, str(tmp_path), backend_arg)
     expected = _single_process(STEPS)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         for name, p in expected.items():
             assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
         assert saved["counts"] == [1] * STEPS
+        assert (saved["fused_split"] >= 8) == (backend_arg[0] != "torch"), saved["fused_split"]
 
 
 SAVE_AT = 4
@@ -293,7 +336,7 @@ def _errors_and_fused_worker(rank, port, out):
         result = {
             "errors": errors,
             "unchanged": unchanged,
-            "fused": not group.sharded.needs_reference,
+            "fused": "launch_tables" in group.cache and group.cache["launch_tables"].reduce_split is None,
             "err": max(max_rel_err(plain[n], sharded[n].full_tensor()) for n in full),
         }
         torch.save(result, f"{out}/rank{rank}.pt")

@@ -3,8 +3,10 @@
 
 * ``rows_step_kernel``: one program per small block (a row, a head, a norm weight), held in
   registers: sum of g^2, v update, m and p in one pass (fp32: read p, g, m; write p, m = 20 B).
-* ``tile_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``: the three phases of a
-  large block, deterministic (fixed slots, fixed order), no atomics.
+* ``tile_sumsq_kernel``, ``block_sumsq_kernel``, ``large_block_v_kernel``, ``tile_step_kernel``:
+  the phases of a large block (or a block split across ranks), deterministic (fixed slots, fixed
+  order), no atomics; a sharded group all-reduces the split blocks' sums between the second and
+  the third.
 * ``adam_step_kernel``: Adam blocks (biases), one v per element.
 * ``step_coefficients_kernel``: advances the step counters and writes the coefficient table, the
   same table as ``coefficients.step_coefficients`` in one launch.
@@ -205,24 +207,34 @@ def tile_sumsq_kernel(g_ptr, tiles_ptr, partial_ptr, TILE: tl.constexpr):
 
 
 @triton.jit
-def large_block_v_kernel(v_ptr, coef_ptr, partial_ptr, blocks_ptr, CHUNK: tl.constexpr):
-    """Large blocks, phase 2: add a block's tile sums in a fixed order and update its v."""
-    block = blocks_ptr + tl.program_id(0).to(tl.int64) * LB_COLS
+def block_sumsq_kernel(partial_ptr, blocks_ptr, sums_ptr, CHUNK: tl.constexpr):
+    """Large blocks, phase 2: add a block's tile sums in a fixed order into its slot of ``sums``."""
+    block_id = tl.program_id(0).to(tl.int64)
+    block = blocks_ptr + block_id * LB_COLS
     first = tl.load(block + LB_FIRST_TILE)
     num_tiles = tl.load(block + LB_NUM_TILES)
     acc = tl.zeros((CHUNK,), dtype=tl.float32)
     for k in range(0, num_tiles, CHUNK):
         idx = k + tl.arange(0, CHUNK)
         acc += tl.load(partial_ptr + first + idx, mask=idx < num_tiles, other=0.0)
+    tl.store(sums_ptr + block_id, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def large_block_v_kernel(v_ptr, coef_ptr, sums_ptr, blocks_ptr):
+    """Large blocks, phase 3: a block's v from its sum of g^2 (over all ranks for a block split
+    across them), the mean taken over LB_NUMEL elements (the global block size)."""
+    block_id = tl.program_id(0).to(tl.int64)
+    block = blocks_ptr + block_id * LB_COLS
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
-    _new_v(v_ptr, tl.load(block + LB_V), tl.sum(acc, axis=0), tl.load(block + LB_NUMEL), coef)
+    _new_v(v_ptr, tl.load(block + LB_V), tl.load(sums_ptr + block_id), tl.load(block + LB_NUMEL), coef)
 
 
 @triton.jit
 def tile_step_kernel(
     p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
 ):
-    """Large blocks, phase 3: update m and p of one tile with its block's new v."""
+    """Large blocks, phase 4: update m and p of one tile with its block's new v."""
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
     block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
     numel = tl.load(tile + TILE_NUMEL)

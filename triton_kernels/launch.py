@@ -66,15 +66,21 @@ def rows_step(
     )
 
 
-def large_blocks_step(
+def large_blocks_sumsq(g: Tensor, tiles: Tensor, blocks: Tensor, partial: Tensor, block_sums: Tensor) -> None:
+    """Large blocks, first half: each tile's sum of g^2 into ``partial``, then each block's (a
+    fixed-order sum of its tiles') into ``block_sums`` (two launches)."""
+    K.tile_sumsq_kernel[(tiles.shape[0],)](g, tiles, partial, TILE=TILE, num_warps=8)
+    K.block_sumsq_kernel[(blocks.shape[0],)](partial, blocks, block_sums, CHUNK=CHUNK, num_warps=4)
+
+
+def large_blocks_update(
     p: Tensor, g: Tensor, m: Tensor, m_scales: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, blocks: Tensor,
-    partial: Tensor, stochastic_rounding: bool,
+    block_sums: Tensor, stochastic_rounding: bool,
 ) -> None:
-    """Large blocks: tile sums of g^2, block v, then m and p of every tile (three launches)."""
-    n_tiles = tiles.shape[0]
-    K.tile_sumsq_kernel[(n_tiles,)](g, tiles, partial, TILE=TILE, num_warps=8)
-    K.large_block_v_kernel[(blocks.shape[0],)](v, coef, partial, blocks, CHUNK=CHUNK, num_warps=4)
-    K.tile_step_kernel[(n_tiles,)](
+    """Large blocks, second half: each block's v from ``block_sums``, then m and p of every tile
+    (two launches)."""
+    K.large_block_v_kernel[(blocks.shape[0],)](v, coef, block_sums, blocks, num_warps=1)
+    K.tile_step_kernel[(tiles.shape[0],)](
         p, g, m, m_scales, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8
     )
 

@@ -15,7 +15,8 @@ from . import launch
 LAUNCHERS = SimpleNamespace(
     step_coefficients=launch.step_coefficients,
     rows_step=launch.rows_step,
-    large_blocks_step=launch.large_blocks_step,
+    large_blocks_sumsq=launch.large_blocks_sumsq,
+    large_blocks_update=launch.large_blocks_update,
     adam_step=launch.adam_step,
 )
 
@@ -29,6 +30,9 @@ def _operator(name: str, mutates: tuple, fake):
 OPERATORS = SimpleNamespace(
     step_coefficients=_operator("step_coefficients", ("steps", "coef"), op_checks.check_coefficients),
     rows_step=_operator("rows_step", ("p", "m", "m_scales", "v"), op_checks.check_rows),
-    large_blocks_step=_operator("large_blocks_step", ("p", "m", "m_scales", "v", "partial"), op_checks.check_large_blocks),
+    large_blocks_sumsq=_operator("large_blocks_sumsq", ("partial", "block_sums"), op_checks.check_large_blocks_sumsq),
+    large_blocks_update=_operator(
+        "large_blocks_update", ("p", "m", "m_scales", "v"), op_checks.check_large_blocks_update
+    ),
     adam_step=_operator("adam_step", ("p", "m", "v"), op_checks.check_adam),
 )

@@ -155,16 +155,26 @@ int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* m_scale
   });
 }
 
-int emulate_large_blocks_step(int dtype, void* p, const void* g, void* m, float* m_scales, float* v,
-                              const float* coef, const int64_t* tiles, int64_t num_tiles, const int64_t* blocks,
-                              int64_t num_blocks, float* partial, int aligned, int stochastic) {
+int emulate_large_blocks_sumsq(int dtype, const void* g, const int64_t* tiles, int64_t num_tiles,
+                               const int64_t* blocks, int64_t num_blocks, float* partial, float* block_sums,
+                               int aligned) {
+  return dispatch(dtype, [&](auto tag, auto) {
+    using scalar_t = decltype(tag);
+    return launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g), tiles,
+                  partial, aligned != 0) +
+           launch(&block_sumsq_kernel, num_blocks, kReduceThreads, static_cast<const float*>(partial), blocks,
+                  block_sums);
+  });
+}
+
+int emulate_large_blocks_update(int dtype, void* p, const void* g, void* m, float* m_scales, float* v,
+                                const float* coef, const int64_t* tiles, int64_t num_tiles, const int64_t* blocks,
+                                int64_t num_blocks, const float* block_sums, int aligned, int stochastic) {
   return dispatch(dtype, [&](auto tag, auto state_tag) {
     using scalar_t = decltype(tag);
     using state_t = decltype(state_tag);
-    int failures = launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g),
-                          tiles, partial, aligned != 0);
-    failures += launch(&large_block_v_kernel, num_blocks, kReduceThreads, v, coef,
-                       static_cast<const float*>(partial), blocks);
+    const int64_t v_grid = (num_blocks + kBlockVThreads - 1) / kBlockVThreads;
+    int failures = launch(&large_block_v_kernel, v_grid, kBlockVThreads, v, coef, block_sums, blocks, num_blocks);
     failures += launch(&tile_step_kernel<scalar_t, state_t>, num_tiles, kTileThreads, static_cast<scalar_t*>(p),
                        static_cast<const scalar_t*>(g), static_cast<state_t*>(m), m_scales,
                        static_cast<const float*>(v), coef, tiles, blocks, aligned != 0, stochastic != 0);
