@@ -94,14 +94,22 @@ def random_bits(key, offs):
 
 @triton.jit
 def _store(ptr, offs, mask, x, key, stream, ROUNDING: tl.constexpr):
-    """Store float32 ``x`` in ``ptr``'s dtype: round to nearest, or for bfloat16 with
-    ``ROUNDING`` stochastically with the bits of rounding.random_bits(key, offs, stream)."""
-    if ROUNDING and ptr.dtype.element_ty == tl.bfloat16:
-        bits16 = random_bits(key ^ tl.full((), stream, tl.uint32), offs)
+    """Store float32 ``x`` in ``ptr``'s dtype: round to nearest even, or for bfloat16 with
+    ``ROUNDING`` stochastically with the bits of rounding.random_bits(key, offs, stream).
+
+    [Note: bfloat16 stores] A bfloat16 store rounds by hand in the float32 bit pattern (adding
+    16 random bits, or 0x7FFF plus the lowest kept bit for nearest-even) and then converts a value
+    that bfloat16 holds exactly: Triton's CPU interpreter (what CI runs) truncates float32 to
+    bfloat16 conversions, the GPU's rounds to nearest even; this way both store the same."""
+    if ptr.dtype.element_ty == tl.bfloat16:
         raw = x.to(tl.uint32, bitcast=True)
+        if ROUNDING:
+            bits16 = random_bits(key ^ tl.full((), stream, tl.uint32), offs)
+        else:
+            bits16 = tl.full((), 0x7FFF, tl.uint32) + ((raw >> 16) & 1)
         rounded = ((raw + bits16) & tl.full((), 0xFFFF0000, tl.uint32)).to(tl.float32, bitcast=True)
         exponent = tl.full((), 0x7F800000, tl.uint32)
-        x = tl.where((raw & exponent) != exponent, rounded, x)  # inf/NaN: round to nearest
+        x = tl.where((raw & exponent) != exponent, rounded, x)  # inf/NaN: as they are
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
