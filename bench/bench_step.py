@@ -369,15 +369,28 @@ def min_bytes(spec: OptSpec, rec: Dict[str, object]) -> int:
     return n * per_param + 2 * v_bytes * rec["num_v"] + scale_bytes
 
 
+def _plain_tensors(t: torch.Tensor):
+    """``t``, or the plain tensors inside it when it is a tensor subclass (torchao's 8-bit
+    states hold their codes, scales and code map as inner tensors)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        yield t
+        return
+    for name in t.__tensor_flatten__()[0]:
+        yield from _plain_tensors(getattr(t, name))
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of the distinct storages reachable from ``opt.state`` (views into one flat buffer
-    count once, with the whole buffer)."""
+    count once, with the whole buffer; a tensor subclass counts its inner tensors)."""
     seen: Dict[tuple, int] = {}
     for st in opt.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
-                storage = v.untyped_storage()
-                seen[(str(v.device), storage.data_ptr())] = storage.nbytes()
+                for t in _plain_tensors(v):
+                    storage = t.untyped_storage()
+                    seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 
 

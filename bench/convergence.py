@@ -1,7 +1,7 @@
 """Convergence: the `make demo` tiny GPT trained with AdamMini, official adam-mini and AdamW.
 
-Every run starts from the same initial weights (one seed) and sees the same batches (one data
-generator seed) of the Python standard library's sources (``demo/train.py``'s corpus, no download);
+Every run starts from the same initial weights and sees the same batches (``--seed``: the init
+and data seed, default the demo's) of the Python standard library's sources (``demo/train.py``'s corpus, no download);
 the hyperparameters (lr schedule, betas, eps, weight decay with the official no-decay names) are
 the same for every optimizer. Runs:
 
@@ -11,17 +11,22 @@ the same for every optimizer. Runs:
   Triton interpreter on the CPU is far too slow for a full run: asking for ``triton`` on the CPU
   runs it (under ``TRITON_INTERPRET=1``) for ``--interpreter-steps`` steps only, which is said in
   the results.
+* ``AdamMini[int8]``: ours on the torch backend with ``state_dtype=torch.int8`` (m as 8-bit codes
+  and a float32 scale per 256-element chunk), same name partition as official.
 * ``AdamMini.for_model``: ours with the module-derived partition (position embeddings one block
   per position instead of one block, the rest as official).
 * ``AdamW``: ``torch.optim.AdamW``.
 
 Written to ``bench/results/convergence_<device>_<date>.{json,md,png}`` (``--out`` to change):
-the per-step training losses, the validation losses, and the issue's two criteria, evaluated and
-reported, never asserted: (1) each ``AdamMini[...]`` curve equals official's, relative difference
-< 1e-3 at every logged step (training loss every step, validation loss every eval) and (2) its
-final validation loss within 1% of AdamW's.
+the per-step training losses, the validation losses, and the issues' criteria, evaluated and
+reported, never asserted: (1) each ``AdamMini[<backend>]`` curve equals official's, relative
+difference < 1e-3 at every logged step (training loss every step, validation loss every eval),
+(2) its final validation loss within 1% of AdamW's (issue 9), and (3) the final validation loss
+of ``AdamMini[int8]`` within 1% of the float32-state ``AdamMini[torch]`` run's (issue 10). A
+``--seed`` other than the default adds ``_seed<N>`` to the file names.
 
     python bench/convergence.py                 # CPU: the demo model, 500 steps (~5 min, 2 cores)
+    python bench/convergence.py --seed 1        # the same with other initial weights and batches
     python bench/convergence.py --preset gpu    # GPU: ~26M parameters, 3000 steps
     python bench/convergence.py --preset smoke --out /tmp/conv   # seconds (CI)
 """
@@ -57,7 +62,9 @@ PRESETS = {
 }
 HPARAMS = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 CURVE_RTOL = 1e-3  # criterion 1: |ours - official| / official at every logged step
-FINAL_RTOL = 0.01  # criterion 2: |ours - AdamW| / AdamW of the final validation loss
+FINAL_RTOL = 0.01  # criteria 2 and 3: relative difference of the final validation loss
+INT8_RUN = "AdamMini[int8]"  # criterion 3: against the float32-state run FP32_RUN
+FP32_RUN = "AdamMini[torch]"
 
 
 def _importable(module: str) -> bool:
@@ -69,8 +76,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def backend_of(run: str) -> Optional[str]:
+    """The backend of an ``AdamMini[<backend>]`` run, else None."""
+    return run[9:-1] if run.startswith("AdamMini[") and run != INT8_RUN else None
+
+
 def make_optimizer(run: str, model: TinyGPT, cfg: RunConfig):
-    """The optimizer of run ``run`` ("official", "AdamMini[<backend>]", "AdamMini.for_model", "AdamW")."""
+    """The optimizer of run ``run`` ("official", "AdamMini[<backend>]", "AdamMini[int8]",
+    "AdamMini.for_model", "AdamW")."""
     dims = dict(dim=cfg.model.dim, n_heads=cfg.model.n_head)
     if run == "official":
         from adam_mini import Adam_mini
@@ -80,21 +93,25 @@ def make_optimizer(run: str, model: TinyGPT, cfg: RunConfig):
 
     if run == "AdamMini.for_model":
         return AdamMini.for_model(model, lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend="torch")
-    if run.startswith("AdamMini["):
-        return AdamMini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend=run[9:-1])
+    if run == INT8_RUN:
+        return AdamMini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend="torch",
+                        state_dtype=torch.int8)
+    if backend_of(run):
+        return AdamMini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False, backend=backend_of(run))
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in NO_DECAY)]
     no_decay = [p for n, p in model.named_parameters() if any(k in n for k in NO_DECAY)]
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, **HPARAMS)
 
 
-def train(run: str, cfg: RunConfig, train_data, val_set, device: str, stop: Optional[int] = None) -> Dict[str, object]:
-    """One run from SEED; per-step training loss, validation loss every ``eval_every`` steps.
-    ``stop``: end after that many steps (same lr schedule as the full run, so the curve is the
-    full run's beginning)."""
-    torch.manual_seed(SEED)
+def train(run: str, cfg: RunConfig, train_data, val_set, device: str, seed: int,
+          stop: Optional[int] = None) -> Dict[str, object]:
+    """One run from ``seed`` (initial weights and batches); per-step training loss, validation
+    loss every ``eval_every`` steps. ``stop``: end after that many steps (same lr schedule as the
+    full run, so the curve is the full run's beginning)."""
+    torch.manual_seed(seed)
     model = TinyGPT(cfg.model).to(device)
     opt = make_optimizer(run, model, cfg)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     train_loss: List[float] = []
     evals: List[Dict[str, float]] = []
     start = time.perf_counter()
@@ -119,15 +136,20 @@ def max_rel_diff(ours: List[float], reference: List[float]) -> float:
     return max((abs(a - b) / abs(b) for a, b in zip(ours, reference)), default=float("nan"))
 
 
+def final_rel(run: dict, reference: dict) -> float:
+    """(run - reference) / reference of the final validation loss."""
+    return (run["evals"][-1]["val"] - reference["evals"][-1]["val"]) / reference["evals"][-1]["val"]
+
+
 def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
-    """The issue's criteria for every AdamMini run with official's partition."""
+    """The issues' criteria for every AdamMini run."""
     out = {}
-    official, adamw = results.get("official"), results.get("AdamW")
+    official, adamw, fp32 = results.get("official"), results.get("AdamW"), results.get(FP32_RUN)
     for run, r in results.items():
         if not run.startswith("AdamMini") or "train_loss" not in r:
             continue
         row: Dict[str, object] = {}
-        if official is not None and run.startswith("AdamMini["):
+        if official is not None and backend_of(run):
             n = min(r["steps"], official["steps"])
             official_val = {e["step"]: e["val"] for e in official["evals"]}
             val = [(e["val"], official_val[e["step"]]) for e in r["evals"] if e["step"] in official_val]
@@ -135,8 +157,11 @@ def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
                        + [abs(a - b) / abs(b) for a, b in val])
             row.update(curve_rel_diff_vs_official=diff, curve_steps_compared=n, curve_equal=diff < CURVE_RTOL)
         if adamw is not None and r["steps"] == adamw["steps"]:
-            final = (r["evals"][-1]["val"] - adamw["evals"][-1]["val"]) / adamw["evals"][-1]["val"]
+            final = final_rel(r, adamw)
             row.update(final_val_rel_vs_adamw=final, final_within_1pct=abs(final) < FINAL_RTOL)
+        if run == INT8_RUN and fp32 is not None and "train_loss" in fp32 and r["steps"] == fp32["steps"]:
+            final = final_rel(r, fp32)
+            row.update(final_val_rel_vs_fp32_state=final, int8_final_within_1pct=abs(final) < FINAL_RTOL)
         out[run] = row
     return out
 
@@ -150,18 +175,22 @@ def markdown(report: dict) -> str:
         f"{report['config']['batch_size']} x {report['config']['model']['block_size']} bytes, peak lr "
         f"{report['config']['lr']}, betas {HPARAMS['betas']}, weight decay {HPARAMS['weight_decay']}; same "
         "initial weights and batches for every run. Criteria: (1) curve equal to official's, relative "
-        f"difference < {CURVE_RTOL:g} at every logged step; (2) final val loss within {FINAL_RTOL:.0%} of AdamW's.",
+        f"difference < {CURVE_RTOL:g} at every logged step; (2) final val loss within {FINAL_RTOL:.0%} of AdamW's; "
+        f"(3) final val loss of {INT8_RUN} (state_dtype=torch.int8) within {FINAL_RTOL:.0%} of {FP32_RUN}'s "
+        f"(float32 state). Init and data seed {report['seed']}.",
         "",
-        "| run | steps | final train loss (mean of last 10) | final val loss | time (s) | max rel diff vs official | (1) | val vs AdamW | (2) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| run | steps | final train loss (mean of last 10) | final val loss | time (s) | max rel diff vs official | (1) "
+        f"| val vs AdamW | (2) | val vs {FP32_RUN} | (3) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, r in report["results"].items():
         if "train_loss" not in r:
-            lines.append(f"| {run} | not run: {r['not_run']} | | | | | | | |")
+            lines.append(f"| {run} | not run: {r['not_run']} | | | | | | | | | |")
             continue
         c = report["criteria"].get(run, {})
         diff = c.get("curve_rel_diff_vs_official")
         vs = c.get("final_val_rel_vs_adamw")
+        vs_fp32 = c.get("final_val_rel_vs_fp32_state")
         tail = r["train_loss"][-10:]
         final_val = f"{r['evals'][-1]['val']:.4f}" if r["evals"] else "-"
         lines.append(
@@ -169,6 +198,8 @@ def markdown(report: dict) -> str:
             + (f"{diff:.2e} | {'pass' if c['curve_equal'] else 'FAIL'}" if diff is not None else " | ")
             + " | "
             + (f"{vs:+.2%} | {'pass' if c['final_within_1pct'] else 'FAIL'}" if vs is not None else " | ")
+            + " | "
+            + (f"{vs_fp32:+.2%} | {'pass' if c['int8_final_within_1pct'] else 'FAIL'}" if vs_fp32 is not None else " | ")
             + " |"
         )
     return "\n".join(lines) + "\n"
@@ -207,6 +238,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--interpreter-steps", type=int, default=10,
                     help="steps of a triton run on the CPU (Triton's interpreter is slow)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--seed", type=int, default=SEED, help=f"initial weights and batches (default {SEED}, the demo's)")
     ap.add_argument("--tag", help="suffix of the output file names")
     args = ap.parse_args(argv)
 
@@ -227,20 +259,20 @@ def main(argv: Optional[List[str]] = None) -> Path:
     wanted = wanted or available
     data = load_corpus()
     split = int(0.9 * len(data))
-    val_gen = torch.Generator().manual_seed(SEED + 1)
+    val_gen = torch.Generator().manual_seed(args.seed + 1)
     val_set = [get_batch(data[split:], cfg, val_gen, args.device) for _ in range(cfg.val_batches)]
 
-    runs = ["official"] + [f"AdamMini[{b}]" for b in wanted] + ["AdamMini.for_model", "AdamW"]
+    runs = ["official"] + [f"AdamMini[{b}]" for b in wanted] + [INT8_RUN, "AdamMini.for_model", "AdamW"]
     results: Dict[str, dict] = {}
     for run in runs:
-        backend = run[9:-1] if run.startswith("AdamMini[") else None
+        backend = backend_of(run)
         if backend is not None and backend not in available:
             results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here (available: {available})"}
             continue
         interpreted = backend == "triton" and device.type == "cpu"
         stop = args.interpreter_steps if interpreted else None
         try:
-            results[run] = train(run, cfg, data[:split], val_set, args.device, stop)
+            results[run] = train(run, cfg, data[:split], val_set, args.device, args.seed, stop)
         except ImportError as err:  # official missing
             results[run] = {"not_run": str(err)}
         if interpreted and "steps" in results[run]:
@@ -252,12 +284,13 @@ def main(argv: Optional[List[str]] = None) -> Path:
     date = dt.date.today().isoformat()
     done = [r for r in results.values() if "params" in r]
     report = {
-        "device": dev, "date": date, "torch": torch.__version__, "model": asdict(cfg.model),
+        "device": dev, "date": date, "seed": args.seed, "torch": torch.__version__, "model": asdict(cfg.model),
         "params": done[0]["params"] if done else None, "config": asdict(cfg), "hparams": HPARAMS,
         "results": results, "criteria": criteria(results),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (f"convergence_{_slug(dev['name'])}_{date}" + (f"_{_slug(args.tag)}" if args.tag else ""))
+    suffix = (f"_seed{args.seed}" if args.seed != SEED else "") + (f"_{_slug(args.tag)}" if args.tag else "")
+    stem = args.out / f"convergence_{_slug(dev['name'])}_{date}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, stem.with_suffix(".png"))

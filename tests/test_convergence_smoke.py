@@ -1,5 +1,6 @@
-"""bench/convergence.py must keep working: its smoke preset trains every run for a few steps and
-writes the JSON, the markdown table and the PNG, with the issue's criteria evaluated."""
+"""bench/convergence.py must keep working: its smoke preset trains every run (int8 m included) for
+a few steps and writes the JSON, the markdown table and the PNG, with the issues' criteria
+evaluated."""
 
 import json
 import os
@@ -26,7 +27,7 @@ def test_convergence_smoke(tmp_path):
     table = json_path.with_suffix(".md").read_text()
     report = json.loads(json_path.read_text())
     runs = report["results"]
-    assert set(runs) == {"official", "AdamMini[torch]", "AdamMini.for_model", "AdamW"}
+    assert set(runs) == {"official", "AdamMini[torch]", "AdamMini[int8]", "AdamMini.for_model", "AdamW"}
     for name, run in runs.items():
         assert len(run["train_loss"]) == 6 and all(0 < x < 10 for x in run["train_loss"]), name
         assert name in table
@@ -35,3 +36,9 @@ def test_convergence_smoke(tmp_path):
     assert criteria["curve_steps_compared"] == 6 and criteria["curve_rel_diff_vs_official"] < 1e-3
     assert criteria["curve_equal"] and "final_val_rel_vs_adamw" in criteria
     assert "curve_rel_diff_vs_official" not in report["criteria"]["AdamMini.for_model"]
+    # int8 m: compared with the float32-state run (criterion 3), not with official's curve.
+    int8 = report["criteria"]["AdamMini[int8]"]
+    assert "curve_rel_diff_vs_official" not in int8 and "final_val_rel_vs_adamw" in int8
+    assert abs(int8["final_val_rel_vs_fp32_state"]) < 0.05 and isinstance(int8["int8_final_within_1pct"], bool)
+    assert "val vs AdamMini[torch]" in table
+    assert "final_val_rel_vs_fp32_state" not in report["criteria"]["AdamMini[torch]"]
