@@ -23,8 +23,9 @@ spans, so every block is still a contiguous span of the flat buffers.
 A group built with ``state_dtype=torch.int8`` stores ``m`` as 8-bit codes with one float32 scale
 per quantization chunk (``m_scales``; see [Note: int8 first moment] in quantization.py): the
 chunks of every block in storage order, each block cut into ``QBLOCK``-element chunks, its last
-one possibly shorter. ``chunk_lengths`` gives every chunk's length in the flat buffer; the padding
-after a parameter is counted in its last chunk (its codes stay zero).
+one possibly shorter. ``quantization_chunk_lengths()`` gives every chunk's length in the flat
+buffer (the padding after a parameter is counted in its last chunk; its codes stay zero) for the
+torch backend, which keeps it; the fused backends address chunks through their launch tables.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ class FlatGroup:
         self.table = self._make_table()
         self.quantized = state_dtype == torch.int8
         self.m_scales: Optional[torch.Tensor] = None
-        self.chunk_lengths: Optional[torch.Tensor] = None
         self.scale_offsets: List[int] = []
         if self.quantized:
             self._make_chunks()
@@ -151,18 +151,23 @@ class FlatGroup:
         return {k: torch.tensor(v, dtype=torch.int64, device=self.device) for k, v in cols.items()}
 
     def _make_chunks(self) -> None:
-        """The quantization chunks of an int8 group: ``m_scales`` (zeros) and ``chunk_lengths``."""
-        lengths: List[torch.Tensor] = []
+        """The quantization scales of an int8 group (zeros) and where each parameter's scales start."""
         num = 0
+        for layout in self.layouts:
+            self.scale_offsets.append(num)
+            num += len(chunk_lengths(layout.block_sizes()))
+        self.m_scales = torch.zeros(num, dtype=torch.float32, device=self.device)
+
+    def quantization_chunk_lengths(self) -> torch.Tensor:
+        """Every quantization chunk's length in the flat buffer (int64, on the device), the
+        padding after a parameter counted in its last chunk."""
+        lengths: List[torch.Tensor] = []
         ends = self.offsets[1:] + [self.numel]
         for p, layout, off, end in zip(self.params, self.layouts, self.offsets, ends):
-            self.scale_offsets.append(num)
             per_param = chunk_lengths(layout.block_sizes())
-            per_param[-1] += end - off - p.numel()  # padding joins the last chunk
+            per_param[-1] += end - off - p.numel()
             lengths.append(per_param)
-            num += len(per_param)
-        self.chunk_lengths = torch.cat(lengths).to(self.device)
-        self.m_scales = torch.zeros(num, dtype=torch.float32, device=self.device)
+        return torch.cat(lengths).to(self.device)
 
     def _ptr(self, buffer: torch.Tensor, i: int) -> int:
         return buffer.data_ptr() + self.offsets[i] * buffer.element_size()

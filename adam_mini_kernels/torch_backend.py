@@ -44,6 +44,7 @@ class _SegmentTable:
     seg_len: torch.Tensor  # (B,) int64: elements of each block's segment, padding included
     block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
     block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
+    chunk_lengths: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: quantization chunks
     index: Optional[torch.Tensor] = None  # (n,) int64 flat element indices (stochastic rounding)
 
 
@@ -64,6 +65,7 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
         seg_len=seg_len,
         block_numel=block_numel.clamp(min=1).to(torch.float32),
         block_param=block_param,
+        chunk_lengths=group.quantization_chunk_lengths() if group.quantized else None,
     )
 
 
@@ -99,12 +101,12 @@ def torch_step(
     per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale], dim=1)
     scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
     g = torch.where(g_mul == 0, 0.0, g * g_mul)
-    m = (_dequantize_m(group) if group.quantized else group.m.float()).lerp_(g, m_weight)
+    m = (_dequantize_m(group, seg) if group.quantized else group.m.float()).lerp_(g, m_weight)
     p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
     keys = None if group.round_seed is None else _element_keys(group, seg, block_coef[:, C_ROUND_KEY])
     if group.quantized:
-        _requantize_m(group, m)
+        _requantize_m(group, seg, m)
     elif group.m.dtype != torch.float32:  # float32 m was updated in place
         group.m.copy_(_rounded(m, keys, seg, MOMENT_STREAM))
     if group.param_buffer.dtype != torch.float32:
@@ -125,17 +127,17 @@ def _rounded(x: torch.Tensor, keys: Optional[torch.Tensor], seg: _SegmentTable, 
     return x if keys is None else stochastic_round_to_bf16(x, random_bits(keys, seg.index, stream))
 
 
-def _dequantize_m(group: FlatGroup) -> torch.Tensor:
+def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
     """The float32 first moment of an int8 group: code * its chunk's scale / 127."""
-    scales = torch.repeat_interleave(group.m_scales, group.chunk_lengths, output_size=group.numel)
+    scales = torch.repeat_interleave(group.m_scales, seg.chunk_lengths, output_size=group.numel)
     return group.m.float().mul_(scales).div_(CODE_MAX)
 
 
-def _requantize_m(group: FlatGroup, m: torch.Tensor) -> None:
+def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
     rounded to nearest (padding is 0 and stays code 0). ``m`` is overwritten (by the codes)."""
-    scales = torch.segment_reduce(m.abs(), "max", lengths=group.chunk_lengths)
+    scales = torch.segment_reduce(m.abs(), "max", lengths=seg.chunk_lengths)
     group.m_scales.copy_(scales)
-    divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), group.chunk_lengths, output_size=group.numel)
+    divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=group.numel)
     codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
     group.m.copy_(codes)
