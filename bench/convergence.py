@@ -6,6 +6,8 @@ the hyperparameters (lr schedule, betas, eps, weight decay with the official no-
 the same for every optimizer. Runs:
 
 * ``official``: ``adam_mini.Adam_mini`` 1.1.1 (the oracle), partition by names.
+* ``official (1 ulp)``: the same, one initial weight moved by one float32 ulp: the noise floor of
+  criterion (1) (see [Note: noise floor]).
 * ``AdamMini[<backend>]``: ours, same name partition as official, one run per backend asked for
   (``--backends``; by default every backend ``available_backends`` lists for the device). The
   Triton interpreter on the CPU is far too slow for a full run: asking for ``triton`` on the CPU
@@ -43,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -65,6 +67,10 @@ CURVE_RTOL = 1e-3  # criterion 1: |ours - official| / official at every logged s
 FINAL_RTOL = 0.01  # criteria 2 and 3: relative difference of the final validation loss
 INT8_RUN = "AdamMini[int8]"  # criterion 3: against the float32-state run FP32_RUN
 FP32_RUN = "AdamMini[torch]"
+# [Note: noise floor] official again, with one initial weight moved by one float32 ulp: how far
+# official's own curve drifts from a last-bit difference, which any implementation that does not
+# repeat official's float32 operations in its exact order (every fused one) starts with.
+PERTURBED = "official (1 ulp)"
 
 
 def _importable(module: str) -> bool:
@@ -85,7 +91,7 @@ def make_optimizer(run: str, model: TinyGPT, cfg: RunConfig):
     """The optimizer of run ``run`` ("official", "AdamMini[<backend>]", "AdamMini[int8]",
     "AdamMini.for_model", "AdamW")."""
     dims = dict(dim=cfg.model.dim, n_heads=cfg.model.n_head)
-    if run == "official":
+    if run in ("official", PERTURBED):
         from adam_mini import Adam_mini
 
         return Adam_mini(model.named_parameters(), lr=cfg.lr, **HPARAMS, **dims, verbose=False)
@@ -110,6 +116,10 @@ def train(run: str, cfg: RunConfig, train_data, val_set, device: str, seed: int,
     full run, so the curve is the full run's beginning)."""
     torch.manual_seed(seed)
     model = TinyGPT(cfg.model).to(device)
+    if run == PERTURBED:
+        with torch.no_grad():
+            first = next(model.parameters()).view(-1)
+            first[0] = torch.nextafter(first[0], torch.tensor(float("inf"), device=first.device))
     opt = make_optimizer(run, model, cfg)
     gen = torch.Generator().manual_seed(seed)
     train_loss: List[float] = []
@@ -141,21 +151,34 @@ def final_rel(run: dict, reference: dict) -> float:
     return (run["evals"][-1]["val"] - reference["evals"][-1]["val"]) / reference["evals"][-1]["val"]
 
 
+def curve_diff(run: dict, official: dict) -> Tuple[float, Optional[int], int]:
+    """(largest relative difference from official's curve, first step where it exceeds
+    CURVE_RTOL or None, steps compared) over the per-step training losses and the evals."""
+    n = min(run["steps"], official["steps"])
+    per_step = {s + 1: abs(a - b) / abs(b) for s, (a, b) in enumerate(zip(run["train_loss"][:n], official["train_loss"][:n]))}
+    official_val = {e["step"]: e["val"] for e in official["evals"]}
+    for e in run["evals"]:
+        if e["step"] in official_val:
+            b = official_val[e["step"]]
+            per_step[e["step"]] = max(per_step.get(e["step"], 0.0), abs(e["val"] - b) / abs(b))
+    over = [s for s, d in sorted(per_step.items()) if d >= CURVE_RTOL]
+    return max(per_step.values(), default=float("nan")), (over[0] if over else None), n
+
+
 def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
-    """The issues' criteria for every AdamMini run."""
+    """The issues' criteria for every AdamMini run, and the noise floor (see [Note: noise
+    floor]) for the perturbed official run."""
     out = {}
     official, adamw, fp32 = results.get("official"), results.get("AdamW"), results.get(FP32_RUN)
     for run, r in results.items():
-        if not run.startswith("AdamMini") or "train_loss" not in r:
+        if "train_loss" not in r or not (run.startswith("AdamMini") or run == PERTURBED):
             continue
         row: Dict[str, object] = {}
-        if official is not None and backend_of(run):
-            n = min(r["steps"], official["steps"])
-            official_val = {e["step"]: e["val"] for e in official["evals"]}
-            val = [(e["val"], official_val[e["step"]]) for e in r["evals"] if e["step"] in official_val]
-            diff = max([max_rel_diff(r["train_loss"][:n], official["train_loss"][:n])]
-                       + [abs(a - b) / abs(b) for a, b in val])
-            row.update(curve_rel_diff_vs_official=diff, curve_steps_compared=n, curve_equal=diff < CURVE_RTOL)
+        if official is not None and (backend_of(run) or run == PERTURBED):
+            diff, first_over, n = curve_diff(r, official)
+            row.update(curve_rel_diff_vs_official=diff, curve_first_step_over=first_over, curve_steps_compared=n)
+            if run != PERTURBED:
+                row["curve_equal"] = diff < CURVE_RTOL
         if adamw is not None and r["steps"] == adamw["steps"]:
             final = final_rel(r, adamw)
             row.update(final_val_rel_vs_adamw=final, final_within_1pct=abs(final) < FINAL_RTOL)
@@ -177,7 +200,9 @@ def markdown(report: dict) -> str:
         "initial weights and batches for every run. Criteria: (1) curve equal to official's, relative "
         f"difference < {CURVE_RTOL:g} at every logged step; (2) final val loss within {FINAL_RTOL:.0%} of AdamW's; "
         f"(3) final val loss of {INT8_RUN} (state_dtype=torch.int8) within {FINAL_RTOL:.0%} of {FP32_RUN}'s "
-        f"(float32 state). Init and data seed {report['seed']}.",
+        f"(float32 state). Init and data seed {report['seed']}. The row {PERTURBED!r} is official again from "
+        "the same initial weights but one moved by one float32 ulp: its difference from official is the noise "
+        "floor of criterion (1), how far a last-bit difference carries (first step over the threshold in brackets).",
         "",
         f"| run | steps | final train loss (mean of last 10) | final val loss | time (s) | max rel diff vs official | (1) "
         f"| val vs AdamW | (2) | val vs {FP32_RUN} | (3) |",
@@ -193,9 +218,12 @@ def markdown(report: dict) -> str:
         vs_fp32 = c.get("final_val_rel_vs_fp32_state")
         tail = r["train_loss"][-10:]
         final_val = f"{r['evals'][-1]['val']:.4f}" if r["evals"] else "-"
+        first = c.get("curve_first_step_over")
+        diff_text = f"{diff:.2e}" + (f" (step {first})" if first else "") if diff is not None else ""
+        verdict = "noise floor" if run == PERTURBED else ("pass" if c.get("curve_equal") else "FAIL")
         lines.append(
             f"| {run} | {r['steps']}{' (' + r['note'] + ')' if 'note' in r else ''} | {sum(tail) / len(tail):.4f} | {final_val} | {r['seconds']:.1f} | "
-            + (f"{diff:.2e} | {'pass' if c['curve_equal'] else 'FAIL'}" if diff is not None else " | ")
+            + (f"{diff_text} | {verdict}" if diff is not None else " | ")
             + " | "
             + (f"{vs:+.2%} | {'pass' if c['final_within_1pct'] else 'FAIL'}" if vs is not None else " | ")
             + " | "
@@ -262,7 +290,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     val_gen = torch.Generator().manual_seed(args.seed + 1)
     val_set = [get_batch(data[split:], cfg, val_gen, args.device) for _ in range(cfg.val_batches)]
 
-    runs = ["official"] + [f"AdamMini[{b}]" for b in wanted] + [INT8_RUN, "AdamMini.for_model", "AdamW"]
+    runs = ["official", PERTURBED] + [f"AdamMini[{b}]" for b in wanted] + [INT8_RUN, "AdamMini.for_model", "AdamW"]
     results: Dict[str, dict] = {}
     for run in runs:
         backend = backend_of(run)

@@ -27,7 +27,7 @@ def test_convergence_smoke(tmp_path):
     table = json_path.with_suffix(".md").read_text()
     report = json.loads(json_path.read_text())
     runs = report["results"]
-    assert set(runs) == {"official", "AdamMini[torch]", "AdamMini[int8]", "AdamMini.for_model", "AdamW"}
+    assert set(runs) == {"official", "official (1 ulp)", "AdamMini[torch]", "AdamMini[int8]", "AdamMini.for_model", "AdamW"}
     for name, run in runs.items():
         assert len(run["train_loss"]) == 6 and all(0 < x < 10 for x in run["train_loss"]), name
         assert name in table
@@ -36,6 +36,10 @@ def test_convergence_smoke(tmp_path):
     assert criteria["curve_steps_compared"] == 6 and criteria["curve_rel_diff_vs_official"] < 1e-3
     assert criteria["curve_equal"] and "final_val_rel_vs_adamw" in criteria
     assert "curve_rel_diff_vs_official" not in report["criteria"]["AdamMini.for_model"]
+    # The noise floor: official from one initial weight moved by one ulp, compared with official.
+    floor = report["criteria"]["official (1 ulp)"]
+    assert floor["curve_steps_compared"] == 6 and 0 <= floor["curve_rel_diff_vs_official"] < 1e-3
+    assert "curve_equal" not in floor and "noise floor" in table
     # int8 m: compared with the float32-state run (criterion 3), not with official's curve.
     int8 = report["criteria"]["AdamMini[int8]"]
     assert "curve_rel_diff_vs_official" not in int8 and "final_val_rel_vs_adamw" in int8
