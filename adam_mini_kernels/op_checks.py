@@ -21,8 +21,9 @@ def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
         lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
     )
     for name, t in (("g", g), ("m", m)):
-        # m may also be float32 (state for 16-bit params) or int8 codes (with m_scales).
-        other_m = name == "m" and t.dtype in (torch.float32, torch.int8)
+        # m may also be float32 (state for 16-bit params), or int8 codes where the operator takes
+        # m_scales (None: the Adam tiles, never int8).
+        other_m = name == "m" and (t.dtype == torch.float32 or (t.dtype == torch.int8 and m_scales is not None))
         torch._check(t.dtype == p.dtype or other_m, lambda: f"adam_mini_kernels::{op}: {name} has dtype {t.dtype}, p {p.dtype}")
         torch._check(t.shape == p.shape, lambda: f"adam_mini_kernels::{op}: {name} has shape {t.shape}, p {p.shape}")
     if m_scales is not None:
@@ -100,7 +101,6 @@ def check_large_blocks_update(op: str, p, g, m, m_scales, v, coef, tiles, blocks
 
 def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
     check_state(op, p, g, m, None, v, coef)
-    torch._check(m.dtype != torch.int8, lambda: f"adam_mini_kernels::{op}: Adam blocks keep m in a float dtype, got int8")
     check_rounding(op, p, stochastic_rounding)
     check_table(op, "tiles", tiles, launch_tables.ROW_COLS)
 

@@ -82,10 +82,13 @@ void check_contiguous(const char* op, const char* name, const at::TensorBase& t,
 }
 
 // The flat buffers of a group: p, g, m (1-D, same length and storage dtype, or float32 m, or int8
-// m where `int8_m` allows it), v (float32), and the (P, kNumCoefficients) float32 coefficient
-// table, all on one CUDA device.
+// m for operators that take `m_scales`), v (float32), and the (P, kNumCoefficients) float32
+// coefficient table, all on one CUDA device. `m_scales` (null for the Adam tiles, which never
+// have an int8 m): float32, 1-D, the quantization scales of an int8 m, empty and unused
+// otherwise; their count is the launch tables' business (trusted, see below).
 void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m,
-                   const at::TensorBase& v, const at::TensorBase& coef, bool int8_m) {
+                   const at::TensorBase* m_scales, const at::TensorBase& v, const at::TensorBase& coef) {
+  const bool int8_m = m_scales != nullptr;
   TORCH_CHECK(p.is_cuda(), "adam_mini_kernels::", op, ": p must be a CUDA tensor, got one on ", p.device());
   const at::ScalarType dtype = p.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "adam_mini_kernels::", op,
@@ -110,17 +113,14 @@ void check_buffers(const char* op, const at::TensorBase& p, const at::TensorBase
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.size(1) == kNumCoefficients, "adam_mini_kernels::", op,
               ": coef must be a float32 (num_params, ", kNumCoefficients, ") table, got ", coef.scalar_type(),
               " of shape ", coef.sizes());
-}
-
-// m_scales: float32, 1-D, on p's device; the quantization scales of an int8 m (empty and unused
-// otherwise). Their count is the launch tables' business (trusted, see below).
-void check_scales(const char* op, const at::TensorBase& m, const at::TensorBase& m_scales, const at::TensorBase& p) {
-  check_on_device(op, "m_scales", m_scales, p);
-  check_contiguous(op, "m_scales", m_scales, 1);
-  TORCH_CHECK(m_scales.scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": m_scales must be float32, got ",
-              m_scales.scalar_type());
-  TORCH_CHECK(m.scalar_type() != at::kChar || m_scales.numel() > 0, "adam_mini_kernels::", op,
-              ": int8 m needs its quantization scales, m_scales is empty");
+  if (m_scales != nullptr) {
+    check_on_device(op, "m_scales", *m_scales, p);
+    check_contiguous(op, "m_scales", *m_scales, 1);
+    TORCH_CHECK(m_scales->scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": m_scales must be float32, got ",
+                m_scales->scalar_type());
+    TORCH_CHECK(m.scalar_type() != at::kChar || m_scales->numel() > 0, "adam_mini_kernels::", op,
+                ": int8 m needs its quantization scales, m_scales is empty");
+  }
 }
 
 // Stochastic rounding writes bfloat16 only (see [Note: stochastic rounding in the kernels]).
@@ -149,8 +149,7 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
                const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef,
                const at::TensorBase& rows, int64_t width, bool stochastic_rounding) {
   constexpr const char* op = "rows_step";
-  check_buffers(op, p, g, m, v, coef, /*int8_m=*/true);
-  check_scales(op, m, m_scales, p);
+  check_buffers(op, p, g, m, &m_scales, v, coef);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "rows", rows, kRowCols, p);
   TORCH_CHECK(width >= 1 && width <= kRowMax, "adam_mini_kernels::", op, ": width must be in [1, ", kRowMax,
@@ -220,8 +219,7 @@ void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const
                          const at::TensorBase& tiles, const at::TensorBase& blocks, const at::TensorBase& block_sums,
                          bool stochastic_rounding) {
   constexpr const char* op = "large_blocks_update";
-  check_buffers(op, p, g, m, v, coef, /*int8_m=*/true);
-  check_scales(op, m, m_scales, p);
+  check_buffers(op, p, g, m, &m_scales, v, coef);
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kTileCols, p);
   check_table(op, "blocks", blocks, kLbCols, p);
@@ -255,7 +253,7 @@ void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const
 void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::TensorBase& m, const at::TensorBase& v,
                const at::TensorBase& coef, const at::TensorBase& tiles, bool stochastic_rounding) {
   constexpr const char* op = "adam_step";
-  check_buffers(op, p, g, m, v, coef, /*int8_m=*/false);  // Adam blocks never have an int8 m
+  check_buffers(op, p, g, m, /*m_scales=*/nullptr, v, coef);  // Adam blocks never have an int8 m
   check_rounding(op, stochastic_rounding, p);
   check_table(op, "tiles", tiles, kRowCols, p);
   const int64_t num_tiles = tiles.size(0);

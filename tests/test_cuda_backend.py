@@ -433,6 +433,14 @@ def _emulated_step(lib, force_scalar=False):
     return lambda group, active, inv_scale=None, found_inf=None: fused_step(group, ops, active, inv_scale, found_inf)
 
 
+def emulated_optimizer(params, lib, force_scalar=False, **kwargs) -> AdamMini:
+    """An AdamMini whose steps run the emulated CUDA kernels: built as a torch-backend optimizer,
+    whose step function it replaces (``load_state_dict`` restores the backend's: set it again)."""
+    opt = AdamMini(params, backend="torch", **kwargs)
+    opt._step_fn = _emulated_step(lib, force_scalar)
+    return opt
+
+
 def _emulated_runs(named, dims, dtype, lib, variants, **opt_kwargs):
     """The torch backend and one optimizer per variant ("fast" or "scalar") stepping through the
     emulated kernels, on clones of ``named``."""
@@ -441,9 +449,10 @@ def _emulated_runs(named, dims, dtype, lib, variants, **opt_kwargs):
         params = clone_named(named, dtype=dtype)
         sets.append([p for _, p in params if p.requires_grad])
         torch.manual_seed(0)  # the same stochastic rounding seed for every optimizer
-        opts.append(AdamMini(params, backend="torch", **dims, **KW, **opt_kwargs))
-        if variant != "torch":
-            opts[-1]._step_fn = _emulated_step(lib, force_scalar=variant == "scalar")
+        if variant == "torch":
+            opts.append(AdamMini(params, backend="torch", **dims, **KW, **opt_kwargs))
+        else:
+            opts.append(emulated_optimizer(params, lib, variant == "scalar", **dims, **KW, **opt_kwargs))
     return sets, opts
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
-from test_cuda_backend import _emulated_step, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
+from test_cuda_backend import emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -132,10 +132,9 @@ def backend_arg(request, backend):
 
 def _optimizer(named, backend_arg, **kw) -> AdamMini:
     backend, emulator_path = backend_arg
-    opt = AdamMini(named, backend="torch" if emulator_path else backend, **KW, **kw)
     if emulator_path:
-        opt._step_fn = _emulated_step(load_emulator(emulator_path))
-    return opt
+        return emulated_optimizer(named, load_emulator(emulator_path), **KW, **kw)
+    return AdamMini(named, backend=backend, **KW, **kw)
 
 
 def _fused_split_blocks(opt) -> int:

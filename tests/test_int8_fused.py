@@ -19,7 +19,7 @@ pytest.importorskip("triton")  # CPU builds of torch come without it (required i
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.quantization import quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
-from test_cuda_backend import _emulated_step, emulator  # noqa: F401  (emulator: the fixture)
+from test_cuda_backend import emulated_optimizer, emulator  # noqa: F401  (emulator: the fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = {
@@ -53,11 +53,9 @@ def make_optimizer(request):
     backend's optimizer stepping through the emulated CUDA kernels."""
 
     def make(backend, named, **kw):
-        if backend != "cuda-emulated":
-            return AdamMini(named, backend=backend, **dict(KW, **kw))
-        opt = AdamMini(named, backend="torch", **dict(KW, **kw))
-        opt._step_fn = _emulated_step(request.getfixturevalue("emulator"))
-        return opt
+        if backend == "cuda-emulated":
+            return emulated_optimizer(named, request.getfixturevalue("emulator"), **dict(KW, **kw))
+        return AdamMini(named, backend=backend, **dict(KW, **kw))
 
     return make
 
