@@ -3,8 +3,9 @@
 [Note: sharded parameters]
 The partition is computed on a DTensor parameter's global (logical) shape and full name, exactly
 as for a plain tensor. Each rank steps only its local shard. Reading the shard in storage order
-keeps the global order of its elements, so the global blocks it touches are consecutive runs of
-local elements, one run per block ("local segments"). A segment holding a whole block is reduced
+keeps the global order of its elements (for a layout stored by columns, reading both in the
+transposed order), so the global blocks it touches, of any layout (several sections, column
+blocks), are consecutive runs of local elements, one run per block ("local segments"). A segment holding a whole block is reduced
 and updated locally. A block split across ranks (a whole-tensor norm weight, a head straddling the
 shard boundary, every row under a ``Shard(1)`` placement) needs the sum of g^2 over all its
 pieces: every rank computes its pieces' partial sums, all split blocks of a flat group go into
@@ -114,26 +115,42 @@ def check_grad_placement(name: str, p: Any) -> None:
         )
 
 
-def segments(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(global block id, number of local elements) of each local segment of ``rank``'s shard, in
-    storage order (see [Note: sharded parameters])."""
-    shape, bn = info.global_shape, layout.block_numel
+def _pieces(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(global block id, first, end) of each contiguous piece of a global block that ``rank``'s
+    shard holds, in global storage positions (the transposed order for column layouts), in the
+    local storage order. Zero-length pieces are left out."""
+    shape = layout.storage_shape
+    empty = np.zeros(0, dtype=np.int64)
     if info.dim is None:
         starts, run = np.zeros(1, dtype=np.int64), layout.numel
     else:
+        # The sharded dim of the parameter, in its storage shape (reversed for columns).
+        dim = len(shape) - 1 - info.dim if layout.columns else info.dim
         start, length = info.shard_range(rank)
-        outer, inner = math.prod(shape[: info.dim]), math.prod(shape[info.dim + 1 :])
-        starts = np.arange(outer, dtype=np.int64) * (shape[info.dim] * inner) + start * inner
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+        starts = np.arange(outer, dtype=np.int64) * (shape[dim] * inner) + start * inner
         run = length * inner
-    if run == 0 or bn == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    first, last = starts // bn, (starts + run - 1) // bn
+    if run == 0 or layout.numel == 0:
+        return empty, empty, empty
+    bounds = np.r_[0, np.cumsum(layout.block_sizes().numpy())]
+    first = np.searchsorted(bounds, starts, side="right") - 1
+    last = np.searchsorted(bounds, starts + run - 1, side="right") - 1
     per_run = last - first + 1
     run_of = np.repeat(np.arange(len(starts)), per_run)
     ids = first[run_of] + np.arange(per_run.sum()) - np.repeat(np.cumsum(per_run) - per_run, per_run)
-    lo = np.maximum(starts[run_of], ids * bn)
-    hi = np.minimum(starts[run_of] + run, (ids + 1) * bn)
-    # Runs end where the next begins in local order: merge pieces of one block.
+    lo = np.maximum(starts[run_of], bounds[ids])
+    hi = np.minimum(starts[run_of] + run, bounds[ids + 1])
+    keep = hi > lo
+    return ids[keep], lo[keep], hi[keep]
+
+
+def segments(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(global block id, number of local elements) of each local segment of ``rank``'s shard, in
+    storage order (see [Note: sharded parameters])."""
+    ids, lo, hi = _pieces(layout, info, rank)
+    if len(ids) == 0:
+        return ids, ids.copy()
+    # Pieces end where the next begins in local order: merge pieces of one block.
     new = np.r_[True, ids[1:] != ids[:-1]]
     return ids[new], np.add.reduceat(hi - lo, np.flatnonzero(new))
 
@@ -147,30 +164,32 @@ class LocalBlocks:
     layout: BlockLayout  # of the local shard: what the flat buffers hold
     block_ids: np.ndarray  # global block of each local segment
     sizes: np.ndarray  # local elements of each segment
-    split: np.ndarray  # bool: the block has pieces on other ranks
+    full_sizes: np.ndarray  # elements of each segment's global block (the mean's divisor)
 
-def _sections(rule: str, sizes: np.ndarray) -> Tuple[Section, ...]:
-    """Consecutive local segments of equal size, as the sections of a block layout."""
+    @property
+    def split(self) -> np.ndarray:
+        """bool per segment: its block has pieces on other ranks."""
+        return self.sizes < self.full_sizes
+
+
+def _sections(rules: np.ndarray, sizes: np.ndarray, empty_rule: str) -> Tuple[Section, ...]:
+    """Consecutive local segments of one rule and equal size, as the sections of a block layout."""
     if len(sizes) == 0:
-        return (Section(rule, 0, 0),)
-    starts = np.flatnonzero(np.r_[True, sizes[1:] != sizes[:-1]])
+        return (Section(empty_rule, 0, 0),)
+    starts = np.flatnonzero(np.r_[True, (sizes[1:] != sizes[:-1]) | (rules[1:] != rules[:-1])])
     counts = np.diff(np.r_[starts, len(sizes)])
-    return tuple(Section(rule, int(sizes[a]), int(c)) for a, c in zip(starts, counts))
+    return tuple(Section(str(rules[a]), int(sizes[a]), int(c)) for a, c in zip(starts, counts))
 
 
 def local_blocks(layout: BlockLayout, info: ShardInfo) -> LocalBlocks:
-    """The local segments of this rank's shard of a parameter laid out as ``layout``: the local
-    layout has one block per segment (sections of equal-size segments)."""
-    if layout.block_numel is None or layout.columns:
-        raise NotImplementedError(
-            f"parameter '{layout.name}' is sharded and has a sectioned or column-stored layout "
-            "(AdamMini.for_model's fused QKV or Conv1D blocks); sharded parameters support one-section layouts "
-            "(the name rules) for now"
-        )
+    """The local segments of this rank's shard of a parameter laid out as ``layout`` (any
+    layout: several sections, column storage): the local layout has one block per segment
+    (sections of equal-size segments of one rule), stored as the global one (by columns or not)."""
     ids, sizes = segments(layout, info, info.rank)
-    split = sizes < layout.block_numel
-    local = BlockLayout(layout.name, layout.rule, info.local_shape, _sections(layout.rule, sizes))
-    return LocalBlocks(info, layout, local, ids, sizes, split)
+    full_sizes = layout.block_sizes().numpy()[ids]
+    rules = np.repeat(np.array([s.rule for s in layout.sections]), [s.num_blocks for s in layout.sections])[ids]
+    local = BlockLayout(layout.name, layout.rule, info.local_shape, _sections(rules, sizes, layout.rule), layout.columns)
+    return LocalBlocks(info, layout, local, ids, sizes, full_sizes)
 
 
 def split_slots(blocks: Sequence[LocalBlocks]) -> Tuple[List[np.ndarray], List[np.ndarray], int]:
@@ -180,9 +199,9 @@ def split_slots(blocks: Sequence[LocalBlocks]) -> Tuple[List[np.ndarray], List[n
     local segments and their slots, and the number of slots."""
     segs, slots, base = [], [], 0
     for lb in blocks:
-        bn = lb.global_layout.block_numel
+        full = lb.global_layout.block_sizes().numpy()
         held = [segments(lb.global_layout, lb.info, r) for r in range(lb.info.world)]
-        split_ids = np.unique(np.concatenate([ids[sizes < bn] for ids, sizes in held]))
+        split_ids = np.unique(np.concatenate([ids[sizes < full[ids]] for ids, sizes in held]))
         mine = np.flatnonzero(lb.split)
         segs.append(mine)
         slots.append(base + np.searchsorted(split_ids, lb.block_ids[mine]))
@@ -211,10 +230,11 @@ class SplitReducer:
         block_sum.index_copy_(0, self.positions, buffer.index_select(0, self.slots))
 
 
-def as_dtensor(local: torch.Tensor, info: ShardInfo) -> Any:
-    """A DTensor over ``local`` (no copy), placed as the parameter ``info`` describes."""
+def as_dtensor(local: torch.Tensor, info: ShardInfo, columns: bool = False) -> Any:
+    """A DTensor over ``local`` (no copy), placed as the parameter ``info`` describes; its global
+    strides are row-major, or those of the transposed storage for a ``columns`` view."""
     shape = torch.Size(info.global_shape)
-    stride = torch.empty(shape, device="meta").stride()
+    stride = torch.empty(shape[::-1], device="meta").t().stride() if columns else torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, info.mesh, info.placements, run_check=False, shape=shape, stride=stride)
 
 
@@ -236,7 +256,7 @@ class ShardedGroup:
                 divisors.append(sizes[-1])
             else:
                 sizes.append(lb.sizes.astype(np.int64))
-                divisors.append(np.full(len(lb.sizes), lb.global_layout.block_numel, dtype=np.int64))
+                divisors.append(lb.full_sizes.astype(np.int64))
         # One entry per v value of the group: local elements, and the global block size (mean).
         self.segment_sizes = torch.from_numpy(np.concatenate(sizes)).to(group.device)
         self.divisors = torch.from_numpy(np.concatenate(divisors)).to(group.device)
@@ -272,7 +292,7 @@ class ShardedGroup:
         flat gradient buffer."""
         for i, p, lb in self.members:
             if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
-                p.grad = as_dtensor(group.grad_views[i], lb.info)
+                p.grad = as_dtensor(group.grad_views[i], lb.info, lb.layout.columns)
 
     def push(self, group) -> None:
         """After a step: copy the updated local shards back into the DTensors."""
@@ -288,22 +308,23 @@ def local_state_views(group, i: int) -> Dict[str, Any]:
     """The state of sharded member ``i`` of ``group`` as views of the local shard: ``m`` (local
     shape), ``v`` (Adam blocks, local shape) or ``vmean`` (one value per local segment)."""
     layout = group.layouts[i]
-    m, v, step = group.m_view(i).view(layout.shape), group.v_view(i), group.step_view(i)
+    m, v, step = group.shaped(i, group.m_view(i)), group.v_view(i), group.step_view(i)
     if layout.rule == ADAM:
         return {"m": m, "step": step, "v": v.view(layout.shape)}
-    return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": False}
+    return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
 
 
 def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[Dict[str, Any]]:
     """The saved form of sharded parameters' local states (``(state, LocalBlocks)``, the same
     parameters in the same order on every rank): ``m`` (and Adam ``v``) as DTensors sharded like
-    the parameter, ``vmean`` as a replicated DTensor of every global block in official's shape,
-    with official's metadata keys. One all-reduce per process group, a collective: every rank
+    the parameter (a column-stored ``m`` is copied to the row-major order), ``vmean`` as a
+    replicated DTensor of every global block in official's shape, with official's metadata keys
+    (the ``blocks`` kind's for layouts official cannot represent). One all-reduce per process group, a collective: every rank
     must call it."""
     out: List[Optional[Dict[str, Any]]] = [None] * len(entries)
     by_group: Dict[Any, List[int]] = {}
     for k, (state, lb) in enumerate(entries):
-        saved = {"m": as_dtensor(state["m"], lb.info), "step": state["step"]}
+        saved = {"m": as_dtensor(state["m"].contiguous(), lb.info), "step": state["step"]}
         if "v" in state:
             saved["v"] = as_dtensor(state["v"], lb.info)
         else:
@@ -323,9 +344,11 @@ def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[
             lb = entries[k][1]
             layout, mesh = lb.global_layout, lb.info.mesh
             kind = layout.state_kind
-            shaped = vmean.reshape(()) if kind == "whole" else vmean.reshape(-1, 1)
+            shaped = vmean.reshape(() if kind == "whole" else (-1,) if kind == "blocks" else (-1, 1))
             out[k]["vmean"] = DTensor.from_local(shaped.clone(), mesh, (Replicate(),), run_check=False)
-            if kind == "heads":
+            if kind == "blocks":
+                out[k].update(block_runs=layout.runs, columns=layout.columns)
+            elif kind == "heads":
                 out[k]["head_per_gpu"] = layout.num_blocks
             elif kind == "rows":
                 out[k]["neuron_per_gpu"] = layout.num_blocks
@@ -366,5 +389,5 @@ def local_state(state: Dict[str, Any], lb: LocalBlocks) -> Dict[str, Any]:
             layout = lb.global_layout
             v = regroup_v(v, saved_blocks({**state, "vmean": v}, layout.numel), layout)
             local["vmean"] = v[torch.from_numpy(lb.block_ids).to(v.device)]
-            local.update(block_runs=lb.layout.runs, columns=False)
+            local.update(block_runs=lb.layout.runs, columns=lb.layout.columns)
     return local

@@ -3,6 +3,7 @@ each test. The model's head blocks straddle the shard boundary and its 1-D norm 
 split across the ranks; after training, the gathered parameters equal a single-process run, the
 optimizer issues one all-reduce per step, and a distributed checkpoint resumes exactly."""
 
+import math
 import os
 import socket
 import sys
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
-from test_cuda_backend import emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
+from test_cuda_backend import _emulated_step, emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -284,10 +285,106 @@ def test_bf16_params_with_float32_state_on_shards(tmp_path, backend_arg):
             assert max_rel_err(p, saved["params"][name]) <= 2**-7, (rank, name)
 
 
+def _gpt2():
+    """A tiny HF GPT-2 (Conv1D weights stored (in, out), fused c_attn, tied lm_head): under FSDP2
+    (Shard(0) of the in dim) every column block of every Conv1D weight is split across ranks."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
+                                  eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _gpt2_tokens(step: int) -> torch.Tensor:
+    return torch.randint(2, 64, (2 * WORLD, 8), generator=torch.Generator().manual_seed(200 + step))
+
+
+def _gpt2_loss(model, tokens) -> torch.Tensor:
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def _for_model_optimizer(model, backend_arg) -> AdamMini:
+    backend, emulator_path = backend_arg
+    opt = AdamMini.for_model(model, backend="torch" if emulator_path else backend, lr=1e-2, weight_decay=0.1, verbose=False)
+    if emulator_path:
+        opt._step_fn = _emulated_step(load_emulator(emulator_path), False)
+    return opt
+
+
+def _for_model_worker(rank, port, out, backend_arg):
+    _init(rank, port)
+    try:
+        model = _gpt2()
+        fully_shard(model)
+        opt = _for_model_optimizer(model, backend_arg)
+        counts = []
+        for step in range(STEPS):
+            opt.zero_grad()
+            _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
+            with _CountAllReduce() as counter:
+                opt.step()
+            counts.append(counter.calls)
+        members = [lb for group in opt._flat if group.sharded is not None for _, _, lb in group.sharded.members]
+        split_columns = sum(lb.layout.columns and bool(lb.split.all()) for lb in members)
+        torch.save({"params": _gathered(model), "counts": counts, "split_columns": split_columns,
+                    "fused_split": _fused_split_blocks(opt)}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_for_model_layouts_under_fsdp2_match_single_process(tmp_path, backend_arg):
+    """AdamMini.for_model on an FSDP2 GPT-2: c_attn's Q/K heads and V columns and every Conv1D
+    column block are split across the ranks; 10 steps equal one process to 1e-6, with one
+    all-reduce per step."""
+    _spawn(_for_model_worker, str(tmp_path), backend_arg)
+    model = _gpt2()
+    opt = AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False)
+    assert any(layout.columns for layout in opt.layout_overrides.values())
+    for step in range(STEPS):
+        opt.zero_grad()
+        (sum(_gpt2_loss(model, half) for half in _gpt2_tokens(step).chunk(WORLD)) / WORLD).backward()
+        opt.step()
+    initial = dict(_gpt2().named_parameters())
+    # The key bias (c_attn.bias[16:32]) has no true gradient (softmax ignores a shift of every
+    # score): its gradient is rounding noise, which Adam's per-element steps turn into full-size
+    # moves. It changes nothing downstream and is left out of the comparison.
+    keep = {"transformer.h.0.attn.c_attn.bias": torch.cat([torch.arange(16), torch.arange(32, 48)])}
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        errors = {}
+        for name, p in model.named_parameters():
+            got, want = saved["params"][name], p.detach()
+            if name in keep:
+                got, want = got[keep[name]], want[keep[name]]
+            errors[name] = max_rel_err(want, got)
+            assert not torch.equal(p, initial[name]), f"{name} never moved"
+        assert max(errors.values()) <= 1e-6, (rank, errors)
+        assert saved["counts"] == [1] * STEPS
+        assert saved["split_columns"] == 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+        assert (saved["fused_split"] > 0) == (backend_arg[0] != "torch")
+
+
 SAVE_AT = 4
 
 
-def _dcp_worker(rank, port, out, resume):
+def _gpt2_train(model, opt, rank: int, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
+        opt.step()
+
+
+# What the checkpoint test trains: the tiny model with the name rules, or GPT-2 with for_model's
+# sectioned and column-stored layouts. (model, optimizer, training loop)
+DCP_RUNS = {
+    "name_rules": (_model, lambda model: AdamMini(model.named_parameters(), **KW), _train),
+    "for_model_gpt2": (_gpt2, lambda model: AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False), _gpt2_train),
+}
+
+
+def _dcp_worker(rank, port, out, resume, run):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -296,34 +393,38 @@ def _dcp_worker(rank, port, out, resume):
         set_optimizer_state_dict,
     )
 
+    make_model, make_optimizer, train = DCP_RUNS[run]
     _init(rank, port)
     try:
-        model = _model()
+        model = make_model()
         if resume:  # a fresh job: other initial values, overwritten by the checkpoint
             with torch.no_grad():
                 for p in model.parameters():
                     p.normal_()
         fully_shard(model)
-        opt = AdamMini(model.named_parameters(), **KW)
+        opt = make_optimizer(model)
         if resume:
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=f"{out}/ckpt")
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
-            _train(model, opt, rank, range(SAVE_AT, STEPS))
+            train(model, opt, rank, range(SAVE_AT, STEPS))
         else:
-            _train(model, opt, rank, range(SAVE_AT))
+            train(model, opt, rank, range(SAVE_AT))
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.save(state, checkpoint_id=f"{out}/ckpt")
-            _train(model, opt, rank, range(SAVE_AT, STEPS))
+            train(model, opt, rank, range(SAVE_AT, STEPS))
         torch.save(_gathered(model), f"{out}/{'resumed' if resume else 'straight'}{rank}.pt")
     finally:
         _teardown()
 
 
-def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path):
-    _spawn(_dcp_worker, str(tmp_path), False)
-    _spawn(_dcp_worker, str(tmp_path), True)
+@pytest.mark.parametrize("run", list(DCP_RUNS))
+def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path, run):
+    """for_model_gpt2: the split column blocks' vmean and the column-stored m go through
+    torch.distributed.checkpoint in the 'blocks' state kind."""
+    _spawn(_dcp_worker, str(tmp_path), False, run)
+    _spawn(_dcp_worker, str(tmp_path), True, run)
     for rank in range(WORLD):
         straight = torch.load(tmp_path / f"straight{rank}.pt")
         resumed = torch.load(tmp_path / f"resumed{rank}.pt")
@@ -438,17 +539,75 @@ def test_fsdp2_world_size_one_on_cuda(tmp_path, backend):
         assert max_rel_err(p.detach().cpu(), sharded[name]) <= 1e-6, name
 
 
-def test_sectioned_layouts_on_sharded_parameters_are_a_clear_error():
-    """for_model's multi-section / column layouts are not cut into shards yet: refused, not wrong."""
-    from adam_mini_kernels.partition import BlockLayout, Section
-    from adam_mini_kernels.sharding import ShardInfo, local_blocks
+def _chunk(t: torch.Tensor, world: int, dim: int, rank: int) -> torch.Tensor:
+    """``rank``'s part of ``t`` split as DTensor splits it (``torch.chunk``; trailing ranks may
+    get nothing)."""
+    chunks = torch.chunk(t, world, dim)
+    return chunks[rank] if rank < len(chunks) else t.narrow(dim, 0, 0)
 
-    info = ShardInfo(mesh=None, placements=(Shard(0),), dim=0, rank=0, world=2, global_shape=(6, 4), local_shape=(3, 4))
-    sectioned = BlockLayout("attn.c_attn.weight", "wqk", (6, 4), (Section("wqk", 8, 2), Section("wv", 4, 2)))
-    with pytest.raises(NotImplementedError, match="sectioned or column-stored"):
-        local_blocks(sectioned, info)
-    # One section (the name rules): segments of the local shard, sections of equal sizes.
-    rows = local_blocks(BlockLayout.uniform("mlp.weight", "mlp", (6, 4), 4, 6), info)
-    assert rows.layout.runs == ((4, 3),) and not rows.split.any()
-    whole = local_blocks(BlockLayout.uniform("norm.weight", "whole", (6, 4), 24, 1), info)
-    assert whole.layout.runs == ((12, 1),) and whole.split.all()
+
+def _segments_by_element(layout, placement, world: int, rank: int):
+    """The local segments of ``rank``'s shard, the slow way: label every element of the global
+    parameter with its block (in storage order, then viewed in the parameter's shape), cut the
+    labels as DTensor cuts the parameter, and run-length encode them in local storage order."""
+    import numpy as np
+
+    labels = torch.arange(layout.num_blocks).repeat_interleave(layout.block_sizes())
+    labels = labels.view(layout.storage_shape)
+    labels = labels.t() if layout.columns else labels
+    if isinstance(placement, Shard):
+        labels = _chunk(labels, world, placement.dim, rank)
+    local = (labels.t() if layout.columns else labels).reshape(-1).numpy()
+    if local.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    new = np.r_[True, local[1:] != local[:-1]]
+    starts = np.flatnonzero(new)
+    return local[starts], np.diff(np.r_[starts, local.size])
+
+
+def _layouts_for_sharding():
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    return [
+        BlockLayout.uniform("mlp.weight", "mlp", (6, 4), 4, 6),  # rows
+        BlockLayout.uniform("q_proj.weight", "wqk", (6, 4), 8, 3),  # heads of 2 rows (one straddles 3/3)
+        BlockLayout.uniform("norm.weight", "whole", (5,), 5, 1),
+        BlockLayout.uniform("bias", "adam", (7,), 1, 7),
+        BlockLayout.uniform("conv.weight", "mlp", (3, 2, 5), 10, 3),  # dim-0 slices of a 3-D tensor
+        # a fused QKV weight (Q and K heads, then V rows)
+        BlockLayout("attn.qkv.weight", "qkv", (10, 4), (Section("wqk", 12, 2), Section("wv", 4, 4))),
+        # a Conv1D weight (in=4, out=6) stored by columns: Q/K heads of 2 columns, V columns
+        BlockLayout("attn.c_attn.weight", "qkv", (4, 6), (Section("wqk", 8, 2), Section("wv", 4, 2)), columns=True),
+        BlockLayout("mlp.c_fc.weight", "neuron", (5, 3), (Section("neuron", 5, 3),), columns=True),
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=["shard0", "shard1", "replicate"])
+def test_local_segments_of_any_layout_match_an_element_by_element_count(world, placement):
+    """Sectioned (fused QKV) and column-stored (Conv1D) layouts too: the segments, their global
+    block sizes and the split flags agree with labelling every element by its block."""
+    from adam_mini_kernels.sharding import ShardInfo, local_blocks, segments
+
+    for layout in _layouts_for_sharding():
+        if isinstance(placement, Shard) and placement.dim >= len(layout.shape):
+            continue
+        dim = placement.dim if isinstance(placement, Shard) else None
+        held = torch.zeros(layout.num_blocks, dtype=torch.int64)
+        for rank in range(world):
+            local_shape = layout.shape if dim is None else _chunk(torch.empty(layout.shape), world, dim, rank).shape
+            info = ShardInfo(None, (placement,), dim, rank, world, layout.shape, tuple(local_shape))
+            ids, sizes = segments(layout, info, rank)
+            want_ids, want_sizes = _segments_by_element(layout, placement, world, rank)
+            assert ids.tolist() == want_ids.tolist() and sizes.tolist() == want_sizes.tolist(), (layout.name, rank)
+            lb = local_blocks(layout, info)
+            assert lb.layout.numel == math.prod(local_shape) and lb.layout.columns == layout.columns
+            assert lb.layout.block_sizes().tolist() == sizes.tolist()
+            full = layout.block_sizes()[torch.from_numpy(ids)]
+            assert lb.full_sizes.tolist() == full.tolist()
+            assert lb.split.tolist() == (torch.from_numpy(sizes) < full).tolist()
+            rules = [s.rule for s in layout.sections for _ in range(s.num_blocks)]
+            assert [s.rule for s in lb.layout.sections for _ in range(s.num_blocks)] == [rules[b] for b in ids]
+            held.index_add_(0, torch.from_numpy(ids), torch.from_numpy(sizes))
+        copies = world if dim is None else 1
+        assert held.tolist() == (copies * layout.block_sizes()).tolist(), layout.name
