@@ -154,7 +154,7 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
         if group.quantized:
             _absorb_codes(group, i, state)
         elif state.get("m_codes") is not None:
-            group.shaped(i, group.m_view(i)).copy_(_saved_codes_as_float(state, layout))
+            group.shaped(i, group.m_view(i)).copy_(saved_codes_as_float(state, layout))
         elif state.get("m") is not None:
             group.shaped(i, group.m_view(i)).copy_(state["m"].reshape(layout.shape))
         v = second_moment(state)
@@ -170,7 +170,7 @@ def _storage_flat(t: torch.Tensor, columns: bool) -> torch.Tensor:
     return (t.t() if columns else t).reshape(-1)
 
 
-def _saved_codes_as_float(state: Dict[str, Any], layout: BlockLayout) -> torch.Tensor:
+def saved_codes_as_float(state: Dict[str, Any], layout: BlockLayout) -> torch.Tensor:
     """The float32 first moment (parameter's shape) of a state saved as ``m_codes``/``m_scales``."""
     runs, columns = saved_blocks(state, layout.numel)
     codes = _storage_flat(state["m_codes"], columns)
@@ -185,7 +185,7 @@ def _absorb_codes(group: FlatGroup, i: int, state: Dict[str, Any]) -> None:
     if state.get("m_codes") is not None and saved_blocks(state, layout.numel) == (layout.runs, layout.columns):
         codes, scales = _storage_flat(state["m_codes"], layout.columns), state["m_scales"].reshape(-1)
     elif state.get("m_codes") is not None or state.get("m") is not None:
-        m = _saved_codes_as_float(state, layout) if state.get("m_codes") is not None else state["m"].reshape(layout.shape)
+        m = saved_codes_as_float(state, layout) if state.get("m_codes") is not None else state["m"].reshape(layout.shape)
         codes, scales = quantize_runs(_storage_flat(m.float(), layout.columns), layout.runs)
     else:
         return

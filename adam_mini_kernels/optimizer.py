@@ -19,7 +19,7 @@ from . import dispatch
 from .buffers import HP_LR, FlatGroup, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
 from .model_layouts import config_dims, model_layouts
-from .quantization import int8_first_moment
+from .quantization import QBLOCK, int8_first_moment
 from .partition import (
     DEFAULT_NAMES,
     NAME_SET_ATTRS,
@@ -114,8 +114,9 @@ class AdamMini(torch.optim.Optimizer):
             at least ``INT8_MIN_NUMEL`` elements that is not an Adam block (biases) as 8-bit codes
             with a float32 scale per 256-element chunk of a block, dequantized, updated and
             requantized inside the step on every backend (see [Note: int8 first moment] in
-            quantization.py; not yet with sharded parameters); other parameters keep ``m`` in
-            their dtype. ``v`` is always float32.
+            quantization.py; sharded parameters too, where the shards do not cut quantization
+            chunks: [Note: int8 on shards] in sharding.py); other parameters keep ``m`` in their
+            dtype. ``v`` is always float32.
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
@@ -337,18 +338,24 @@ class AdamMini(torch.optim.Optimizer):
         local shards, grouped apart per process group."""
         named = self._named_params()
         layouts = self._partition(key)
+        # Whether m is int8, from the global layouts: every rank of a mesh decides alike.
+        int8_m = [self.state_dtype == torch.int8 and int8_first_moment(layout) for layout in layouts]
         local = self._local_blocks(layouts)
+        for k, lb in local.items():
+            if int8_m[k] and lb.global_chunks() is None:
+                raise NotImplementedError(
+                    f"parameter '{named[k][0]}': its shards cut the {QBLOCK}-element quantization chunks of its "
+                    f"blocks, which state_dtype=torch.int8 keeps whole on one rank (see [Note: int8 on shards]); "
+                    f"shard sizes along dim {lb.info.dim} that are whole chunks avoid it, or use state_dtype=None"
+                )
         layouts = [local[k].layout if k in local else layout for k, layout in enumerate(layouts)]
         for (_, p), layout in zip(named, layouts):
             if p in self.state:
                 check_state(self.state[p], layout)
 
-        if self.state_dtype == torch.int8 and local:
-            raise NotImplementedError("state_dtype=torch.int8 is not supported with sharded (DTensor, FSDP2) parameters yet")
         by_key: Dict[tuple, List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
-            quantized = self.state_dtype == torch.int8 and int8_first_moment(layouts[k])
-            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, quantized)].append(k)
+            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, int8_m[k])].append(k)
         dtypes = {key[1] for key in by_key}
         if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
             raise ValueError(

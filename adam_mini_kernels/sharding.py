@@ -20,6 +20,19 @@ the local shards into the flat buffer and the results back (one foreach copy eac
 are re-pointed: ``p.grad`` becomes a DTensor over the flat gradient buffer, which FSDP2
 accumulates into and ``zero_grad(set_to_none=False)`` zeroes in one fill.
 
+[Note: int8 on shards]
+With ``state_dtype=torch.int8`` the local layout's quantization chunks (``QBLOCK`` elements of a
+local segment, see [Note: int8 first moment] in quantization.py) must be whole chunks of the
+global blocks, so that every rank quantizes exactly what one process would, and a checkpoint
+does not depend on the number of ranks. That holds when every piece of a block on a rank starts
+at a chunk boundary of the block and ends at one (or at the block's end):
+``LocalBlocks.global_chunks`` maps each local chunk to its global one, or says there is none,
+and the optimizer refuses such a parameter with a clear error before anything changes (FSDP2's
+``Shard(0)`` of weights whose rows are multiples of 256 elements never cuts a chunk). Whether a
+parameter's m is int8 is decided on the global layout, alike on every rank. Saved, ``m_codes``
+is sharded like the parameter and ``m_scales`` replicated in the global chunk order, gathered
+with ``vmean`` in the same all-reduce.
+
 Supported: DTensors on a 1-D device mesh with a ``Shard(d)`` or ``Replicate`` placement (FSDP2
 gives ``Shard(0)``), gradients placed like their parameter. Anything else (``Partial``, strided
 or multi-dimensional meshes) is a ``NotImplementedError`` rather than a wrong ``v``.
@@ -34,8 +47,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import regroup_v, saved_blocks, second_moment
+from .checkpoint import regroup_v, saved_blocks, saved_codes_as_float, second_moment, state_views
 from .partition import ADAM, BlockLayout, Section
+from .quantization import QBLOCK
 
 try:
     import torch.distributed as dist
@@ -170,6 +184,20 @@ class LocalBlocks:
     def split(self) -> np.ndarray:
         """bool per segment: its block has pieces on other ranks."""
         return self.sizes < self.full_sizes
+
+    def global_chunks(self) -> Optional[np.ndarray]:
+        """The global quantization chunk (see [Note: int8 on shards]) of each chunk of the local
+        layout, in order; None when the shard cuts a global chunk."""
+        ids, lo, hi = _pieces(self.global_layout, self.info, self.info.rank)
+        sizes = self.global_layout.block_sizes().numpy()
+        bounds = np.r_[0, np.cumsum(sizes)]
+        base = np.r_[0, np.cumsum(np.maximum(1, -(-sizes // QBLOCK)))][:-1]  # an empty block has one chunk
+        first, end = lo - bounds[ids], hi - bounds[ids]
+        if not ((first % QBLOCK == 0) & ((end % QBLOCK == 0) | (hi == bounds[ids + 1]))).all():
+            return None
+        counts = -(-(end - first) // QBLOCK)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.repeat(base[ids] + first // QBLOCK, counts) + within
 
 
 def _sections(rules: np.ndarray, sizes: np.ndarray, empty_rule: str) -> Tuple[Section, ...]:
@@ -306,46 +334,66 @@ class ShardedGroup:
 
 def local_state_views(group, i: int) -> Dict[str, Any]:
     """The state of sharded member ``i`` of ``group`` as views of the local shard: ``m`` (local
-    shape), ``v`` (Adam blocks, local shape) or ``vmean`` (one value per local segment)."""
+    shape; ``m_codes`` and ``m_scales`` in an int8 group), ``v`` (Adam blocks, local shape) or
+    ``vmean`` (one value per local segment)."""
     layout = group.layouts[i]
+    if group.quantized:
+        return state_views(group, i)  # its keys describe any layout
     m, v, step = group.shaped(i, group.m_view(i)), group.v_view(i), group.step_view(i)
     if layout.rule == ADAM:
         return {"m": m, "step": step, "v": v.view(layout.shape)}
     return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
 
 
+def num_chunks(layout: BlockLayout) -> int:
+    """Quantization chunks of a layout (as ``buffers.chunk_lengths`` counts them)."""
+    return int(np.maximum(1, -(-layout.block_sizes().numpy() // QBLOCK)).sum())
+
+
 def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[Dict[str, Any]]:
     """The saved form of sharded parameters' local states (``(state, LocalBlocks)``, the same
-    parameters in the same order on every rank): ``m`` (and Adam ``v``) as DTensors sharded like
-    the parameter (a column-stored ``m`` is copied to the row-major order), ``vmean`` as a
-    replicated DTensor of every global block in official's shape, with official's metadata keys
-    (the ``blocks`` kind's for layouts official cannot represent). One all-reduce per process group, a collective: every rank
-    must call it."""
-    out: List[Optional[Dict[str, Any]]] = [None] * len(entries)
-    by_group: Dict[Any, List[int]] = {}
+    parameters in the same order on every rank): ``m`` (or int8 ``m_codes``; and Adam ``v``) as
+    DTensors sharded like the parameter (a column-stored one copied to the row-major order),
+    ``vmean`` (and int8 ``m_scales``) as replicated DTensors of every global block (chunk), in
+    official's shape with official's metadata keys (the ``blocks`` kind's for layouts official
+    cannot represent, and for int8 states, as ``checkpoint.state_views`` writes them). One
+    all-reduce per process group, a collective: every rank must call it."""
+    out: List[Dict[str, Any]] = []
+    # Per process group: (entry, key, number of global values) of what is gathered.
+    gathered: Dict[Any, List[Tuple[int, str, int]]] = {}
     for k, (state, lb) in enumerate(entries):
-        saved = {"m": as_dtensor(state["m"].contiguous(), lb.info), "step": state["step"]}
+        m_key = "m_codes" if "m_codes" in state else "m"
+        saved = {m_key: as_dtensor(state[m_key].contiguous(), lb.info), "step": state["step"]}
+        parts = gathered.setdefault(lb.info.process_group, [])
         if "v" in state:
             saved["v"] = as_dtensor(state["v"], lb.info)
         else:
-            by_group.setdefault(lb.info.process_group, []).append(k)
-        out[k] = saved
-    for process_group, ks in by_group.items():
-        sizes = [entries[k][1].global_layout.num_blocks for k in ks]
-        full = torch.zeros(sum(sizes), dtype=torch.float32, device=entries[ks[0]][0]["vmean"].device)
+            parts.append((k, "vmean", lb.global_layout.num_blocks))
+        if m_key == "m_codes":
+            parts.append((k, "m_scales", num_chunks(lb.global_layout)))
+        out.append(saved)
+    for process_group, parts in gathered.items():
+        if not parts:
+            continue
+        first, key, _ = parts[0]
+        full = torch.zeros(sum(n for *_, n in parts), dtype=torch.float32, device=entries[first][0][key].device)
         base = 0
-        for k, n in zip(ks, sizes):
+        for k, key, n in parts:
             state, lb = entries[k]
-            full[base + torch.from_numpy(lb.block_ids).to(full.device)] = state["vmean"].float()
+            where = lb.block_ids if key == "vmean" else lb.global_chunks()
+            full[base + torch.from_numpy(where).to(full.device)] = state[key].float().reshape(-1)
             base += n
-        # v >= 0 and blocks a rank does not hold are 0 there: the max is every block's value.
+        # v and the scales are >= 0, and a rank holds 0 where it has no piece: the max is every
+        # value (a chunk is held by one rank, or by all with the same value when replicated).
         dist.all_reduce(full, op=dist.ReduceOp.MAX, group=process_group)
-        for k, vmean in zip(ks, full.split(sizes)):
-            lb = entries[k][1]
-            layout, mesh = lb.global_layout, lb.info.mesh
-            kind = layout.state_kind
-            shaped = vmean.reshape(() if kind == "whole" else (-1,) if kind == "blocks" else (-1, 1))
-            out[k]["vmean"] = DTensor.from_local(shaped.clone(), mesh, (Replicate(),), run_check=False)
+        for (k, key, _), values in zip(parts, full.split([n for *_, n in parts])):
+            layout, mesh = entries[k][1].global_layout, entries[k][1].info.mesh
+            kind = "blocks" if "m_codes" in out[k] else layout.state_kind
+            if key == "vmean":
+                values = values.reshape(() if kind == "whole" else (-1,) if kind == "blocks" else (-1, 1))
+            out[k][key] = DTensor.from_local(values.clone(), mesh, (Replicate(),), run_check=False)
+            if key != "vmean":
+                continue
             if kind == "blocks":
                 out[k].update(block_runs=layout.runs, columns=layout.columns)
             elif kind == "heads":
@@ -378,15 +426,23 @@ def local_state(state: Dict[str, Any], lb: LocalBlocks) -> Dict[str, Any]:
         start, length = info.shard_range(info.rank)
         return t.narrow(info.dim, start, length)
 
-    local = {k: v for k, v in state.items() if k not in ("m", "v", "vmean", "block_runs", "columns")}
-    if state.get("m") is not None:
+    layout = lb.global_layout
+    local = {k: v for k, v in state.items() if k not in ("m", "m_codes", "m_scales", "v", "vmean", "block_runs", "columns")}
+    if state.get("m_codes") is not None:
+        chunks = lb.global_chunks()
+        if chunks is not None and saved_blocks(state, layout.numel) == (layout.runs, layout.columns):
+            local["m_codes"] = shard(state["m_codes"])
+            local["m_scales"] = _full(state["m_scales"]).reshape(-1)[torch.from_numpy(chunks).to(state["m_scales"].device)]
+        else:  # saved for other blocks, or this shard cuts chunks: the (exact) float m, cut
+            full = {**state, "m_codes": _full(state["m_codes"]), "m_scales": _full(state["m_scales"])}
+            local["m"] = shard(saved_codes_as_float(full, layout))
+    elif state.get("m") is not None:
         local["m"] = shard(state["m"])
-    if "v" in state and lb.global_layout.rule == ADAM:
+    if "v" in state and layout.rule == ADAM:
         local["v"] = shard(state["v"])
     else:
         v = _full(second_moment(state))
         if v is not None:
-            layout = lb.global_layout
             v = regroup_v(v, saved_blocks({**state, "vmean": v}, layout.numel), layout)
             local["vmean"] = v[torch.from_numpy(lb.block_ids).to(v.device)]
             local.update(block_runs=lb.layout.runs, columns=lb.layout.columns)

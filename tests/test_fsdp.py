@@ -3,6 +3,7 @@ each test. The model's head blocks straddle the shard boundary and its 1-D norm 
 split across the ranks; after training, the gathered parameters equal a single-process run, the
 optimizer issues one all-reduce per step, and a distributed checkpoint resumes exactly."""
 
+import copy
 import math
 import os
 import socket
@@ -134,8 +135,19 @@ def backend_arg(request, backend):
 def _optimizer(named, backend_arg, **kw) -> AdamMini:
     backend, emulator_path = backend_arg
     if emulator_path:
-        return emulated_optimizer(named, load_emulator(emulator_path), **KW, **kw)
-    return AdamMini(named, backend=backend, **KW, **kw)
+        return emulated_optimizer(named, load_emulator(emulator_path), **{**KW, **kw})
+    return AdamMini(named, backend=backend, **{**KW, **kw})
+
+
+def _load(opt: AdamMini, state_dict: dict, backend_arg) -> None:
+    """``opt.load_state_dict`` of a copy of ``state_dict`` (whose tensors are live views of the
+    source's state; DTensors are cloned, ``torch.save`` cannot write them); an emulated optimizer
+    gets its emulated step back (loading restores the backend's)."""
+    copied = {k: v for k, v in state_dict.items() if k != "state"}
+    copied["state"] = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state_dict["state"].items()}
+    opt.load_state_dict(copy.deepcopy(copied))
+    if backend_arg[1]:
+        opt._step_fn = _emulated_step(load_emulator(backend_arg[1]), False)
 
 
 def _fused_split_blocks(opt) -> int:
@@ -285,6 +297,185 @@ def test_bf16_params_with_float32_state_on_shards(tmp_path, backend_arg):
             assert max_rel_err(p, saved["params"][name]) <= 2**-7, (rank, name)
 
 
+def _int8_layouts():
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    return [
+        BlockLayout.uniform("mlp.weight", "mlp", (4, 512), 512, 4),  # rows of two chunks
+        BlockLayout.uniform("q_proj.weight", "wqk", (6, 512), 1024, 3),  # heads of two rows
+        BlockLayout.uniform("norm.weight", "whole", (1024,), 1024, 1),
+        BlockLayout.uniform("embed.weight", "embd", (3, 300), 300, 3),  # a short last chunk per row
+        BlockLayout("attn.c_attn.weight", "qkv", (512, 6), (Section("wqk", 1024, 2), Section("wv", 512, 2)), columns=True),
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=["shard0", "shard1", "replicate"])
+def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, placement):
+    """Each local quantization chunk (QBLOCK elements of a local segment) is one whole global
+    chunk, as labelling every element with its global chunk shows; where a shard cuts a global
+    chunk, the map is None."""
+    import numpy as np
+
+    from adam_mini_kernels.buffers import chunk_lengths
+    from adam_mini_kernels.quantization import QBLOCK
+    from adam_mini_kernels.sharding import ShardInfo, local_blocks, num_chunks
+
+    seen = {True: 0, False: 0}
+    for layout in _int8_layouts():
+        if isinstance(placement, Shard) and placement.dim >= len(layout.shape):
+            continue
+        dim = placement.dim if isinstance(placement, Shard) else None
+        sizes = layout.block_sizes()
+        per_block = [chunk_lengths(sizes[b : b + 1]) for b in range(layout.num_blocks)]
+        labels = torch.cat([torch.arange(len(c)).repeat_interleave(c) + sum(map(len, per_block[:b]))
+                            for b, c in enumerate(per_block)])
+        assert len(chunk_lengths(sizes)) == num_chunks(layout)
+        global_size = torch.bincount(labels, minlength=num_chunks(layout))
+        labels = labels.view(layout.storage_shape)
+        labels = labels.t() if layout.columns else labels
+        for rank in range(world):
+            local = labels if dim is None else _chunk(labels, world, dim, rank)
+            info = ShardInfo(None, (placement,), dim, rank, world, layout.shape, tuple(local.shape))
+            lb = local_blocks(layout, info)
+            flat = (local.t() if layout.columns else local).reshape(-1)
+            local_chunks = flat.split(chunk_lengths(lb.layout.block_sizes()).tolist()) if flat.numel() else []
+            whole = [c.numel() > 0 and bool((c == c[0]).all()) and c.numel() == global_size[c[0]] for c in local_chunks]
+            got = lb.global_chunks()
+            seen[got is not None] += 1
+            if all(whole):
+                assert got is not None and got.tolist() == [int(c[0]) for c in local_chunks], (layout.name, rank)
+            else:
+                assert got is None, (layout.name, rank)
+    assert seen[True] > 0
+
+
+# int8 m on shards: dims and placements whose shards cut no quantization chunk. Head blocks of
+# q_proj are two rows of 1024 (a head straddles the 3/3 row split), the norm's whole-tensor
+# block is split 2048/2048, embed's rows 512/512 (Shard(1)), c_attn's columns 256/256 (stored
+# transposed, FSDP-style Shard(0)); output is replicated; mlp.bias keeps a float m.
+INT8_DIMS = dict(dim=1024, n_heads=512)  # head block: 1024 * 1024 / 512 = 2048 elements
+INT8_SHAPES = {"mlp.weight": (8, 512), "mlp.bias": (8,), "q_proj.weight": (6, 1024), "norm.weight": (4096,),
+               "output.weight": (16, 512), "attn.c_attn.weight": (512, 12), "embed.weight": (4, 1024)}
+INT8_PLACEMENTS = {"output.weight": Replicate(), "embed.weight": Shard(1)}
+INT8_QUANTIZED = set(INT8_SHAPES) - {"mlp.bias"}
+
+
+def _int8_overrides() -> dict:
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    qkv = (Section("wqk", 1024, 4), Section("wv", 512, 4))  # Q, K heads of 2 columns, then V columns
+    return {"attn.c_attn.weight": BlockLayout("attn.c_attn.weight", "qkv", (512, 12), qkv, columns=True)}
+
+
+def _int8_grads(step: int) -> dict:
+    gen = torch.Generator().manual_seed(300 + step)
+    return {n: torch.randn(shape, generator=gen) for n, shape in INT8_SHAPES.items()}
+
+
+def _full_state(opt: AdamMini) -> dict:
+    """name -> the tensors of its saved state, gathered (a collective on sharded parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    names = [g["name"] for g in opt.param_groups]
+    return {names[i]: {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in s.items() if torch.is_tensor(v)}
+            for i, s in opt.state_dict()["state"].items()}
+
+
+def _int8_worker(rank, port, out, backend_arg):
+    """int8 m on DTensor parameters beside one process stepping the same values with the same
+    (parameter-independent) gradients; resumes from the sharded and the single-process state
+    dicts; a shard that cuts a chunk is refused."""
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(3)
+        full = {n: torch.randn(shape) for n, shape in INT8_SHAPES.items()}
+
+        def shards(values):
+            return {n: nn.Parameter(distribute_tensor(t.detach().clone(), mesh, [INT8_PLACEMENTS.get(n, Shard(0))]))
+                    for n, t in values.items()}
+
+        def make(params):
+            opt = _optimizer(list(params.items()), backend_arg, state_dtype=torch.int8, **INT8_DIMS)
+            opt.layout_overrides.update(_int8_overrides())
+            return opt
+
+        def step(params, opt, k):
+            for n, g in _int8_grads(k).items():
+                p = params[n]
+                p.grad = distribute_tensor(g, mesh, p.placements) if isinstance(p, DTensor) else g
+            opt.step()
+
+        sharded, plain = shards(full), {n: nn.Parameter(t.clone()) for n, t in full.items()}
+        opt, single = make(sharded), make(plain)
+        for k in range(SAVE_AT):
+            step(sharded, opt, k)
+            step(plain, single, k)
+        resumed = {}
+        for source, state_dict in (("sharded", opt.state_dict()), ("single", single.state_dict())):
+            params = shards({n: p.full_tensor() for n, p in sharded.items()})
+            resumed[source] = (params, make(params))
+            _load(resumed[source][1], state_dict, backend_arg)
+        for k in range(SAVE_AT, STEPS):
+            step(sharded, opt, k)
+            step(plain, single, k)
+            for params, o in resumed.values():
+                step(params, o, k)
+
+        bad = nn.Parameter(distribute_tensor(torch.randn(4100), mesh, [Shard(0)]))  # 2050 | 2050: cuts a chunk
+        refused = AdamMini([("norm.weight", bad)], state_dtype=torch.int8, verbose=False)
+        bad.grad = distribute_tensor(torch.randn(4100), mesh, [Shard(0)])
+        before = bad.full_tensor()
+        try:
+            refused.step()
+            error = None
+        except NotImplementedError as err:
+            error = str(err)
+
+        gathered = lambda params: {n: p.full_tensor() for n, p in params.items()}  # noqa: E731
+        result = {
+            "params": gathered(sharded), "single": {n: p.detach().clone() for n, p in plain.items()},
+            "state": _full_state(opt), "single_state": _full_state(single),
+            "resumed": {source: gathered(params) for source, (params, _) in resumed.items()},
+            "error": error, "unchanged": torch.equal(before, bad.full_tensor()),
+            "fused_split": _fused_split_blocks(opt),
+        }
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_arg):
+    """Codes and scales equal one process bitwise (m depends on the gradients only, and every
+    quantization chunk is whole on one rank); parameters and vmean to 1e-6 (split blocks' sums
+    are added in another order); resuming from the sharded state dict is bitwise, from the
+    single-process one within 1e-6; a shard that cuts a chunk is a clear error that changes
+    nothing."""
+    _spawn(_int8_worker, str(tmp_path), backend_arg)
+    for rank in range(WORLD):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert {n for n, s in r["state"].items() if "m_codes" in s} == INT8_QUANTIZED
+        for name, want in r["single"].items():
+            assert max_rel_err(want, r["params"][name]) <= 1e-6, (rank, name)
+            assert not torch.equal(want, torch.zeros_like(want))
+            state, single = r["state"][name], r["single_state"][name]
+            assert state.keys() == single.keys(), name
+            for key in ("m_codes", "m_scales", "m"):
+                if key in state:
+                    assert torch.equal(state[key], single[key]), (rank, name, key)
+            for key in ("vmean", "v"):
+                if key in state:
+                    assert max_rel_err(single[key], state[key]) <= 1e-6, (rank, name, key)
+            assert torch.equal(r["resumed"]["sharded"][name], r["params"][name]), (rank, name)
+            assert max_rel_err(r["params"][name], r["resumed"]["single"][name]) <= 1e-6, (rank, name)
+        assert "cut the 256-element quantization chunks" in r["error"] and r["unchanged"]
+        assert (r["fused_split"] > 0) == (backend_arg[0] != "torch")
+
+
 def _gpt2():
     """A tiny HF GPT-2 (Conv1D weights stored (in, out), fused c_attn, tied lm_head): under FSDP2
     (Shard(0) of the in dim) every column block of every Conv1D weight is split across ranks."""
@@ -376,11 +567,45 @@ def _gpt2_train(model, opt, rank: int, steps: range) -> None:
         opt.step()
 
 
+class _Int8Tiny(nn.Module):
+    """Under FSDP2 (Shard(0)) no shard cuts a quantization chunk: q_proj's heads (INT8_DIMS: two
+    rows of 1024) straddle the 3/3 split in whole rows, the norm weight's block is split
+    2048/2048; q_proj, mlp and norm weights have int8 m (output is too small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(1024, 6, bias=False)
+        self.mlp = nn.Linear(1024, 8)
+        self.norm = nn.LayerNorm(4096)
+        self.output = nn.Linear(14, 2, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x.repeat(1, 4))[:, :1024]
+        return self.output(torch.cat([torch.tanh(self.q_proj(h)), torch.relu(self.mlp(h))], dim=-1)).square().mean()
+
+
+def _int8_model() -> _Int8Tiny:
+    torch.manual_seed(0)
+    model = _Int8Tiny()
+    with torch.no_grad():
+        model.norm.weight.add_(0.1 * torch.randn(4096))
+    return model
+
+
+def _int8_train(model, opt, rank: int, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        model(torch.randn(2 * WORLD, 1024, generator=torch.Generator().manual_seed(400 + step)).chunk(WORLD)[rank]).backward()
+        opt.step()
+
+
 # What the checkpoint test trains: the tiny model with the name rules, or GPT-2 with for_model's
 # sectioned and column-stored layouts. (model, optimizer, training loop)
 DCP_RUNS = {
     "name_rules": (_model, lambda model: AdamMini(model.named_parameters(), **KW), _train),
     "for_model_gpt2": (_gpt2, lambda model: AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False), _gpt2_train),
+    "int8": (_int8_model, lambda model: AdamMini(model.named_parameters(), state_dtype=torch.int8,
+                                                 **{**KW, **INT8_DIMS}), _int8_train),
 }
 
 
@@ -414,7 +639,8 @@ def _dcp_worker(rank, port, out, resume, run):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.save(state, checkpoint_id=f"{out}/ckpt")
             train(model, opt, rank, range(SAVE_AT, STEPS))
-        torch.save(_gathered(model), f"{out}/{'resumed' if resume else 'straight'}{rank}.pt")
+        result = {"params": _gathered(model), "int8_params": sum(len(g.params) for g in opt._flat if g.quantized)}
+        torch.save(result, f"{out}/{'resumed' if resume else 'straight'}{rank}.pt")
     finally:
         _teardown()
 
@@ -422,14 +648,16 @@ def _dcp_worker(rank, port, out, resume, run):
 @pytest.mark.parametrize("run", list(DCP_RUNS))
 def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path, run):
     """for_model_gpt2: the split column blocks' vmean and the column-stored m go through
-    torch.distributed.checkpoint in the 'blocks' state kind."""
+    torch.distributed.checkpoint in the 'blocks' state kind; int8: m_codes sharded and m_scales
+    replicated."""
     _spawn(_dcp_worker, str(tmp_path), False, run)
     _spawn(_dcp_worker, str(tmp_path), True, run)
     for rank in range(WORLD):
         straight = torch.load(tmp_path / f"straight{rank}.pt")
         resumed = torch.load(tmp_path / f"resumed{rank}.pt")
-        for name, p in straight.items():
-            assert torch.equal(p, resumed[name]), (rank, name)
+        assert straight["int8_params"] == resumed["int8_params"] == (3 if run == "int8" else 0)  # q_proj, mlp, norm weights
+        for name, p in straight["params"].items():
+            assert torch.equal(p, resumed["params"][name]), (rank, name)
 
 
 def _errors_and_fused_worker(rank, port, out):
