@@ -210,6 +210,64 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, bac
         assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
 
 
+INF_STEP = 3  # the step whose gradient holds an inf, in rank 1's shard of q_proj (row 3 of 6)
+
+
+def _scaled_train(model, opt, rank, steps, sharded: bool) -> list:
+    """GradScaler steps (growth every 2 steps) with an inf planted at INF_STEP; returns, per
+    step, whether the parameters changed."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    changed = []
+    for step in steps:
+        opt.zero_grad()
+        batch = _batch(step)
+        loss = model(batch.chunk(WORLD)[rank]) if sharded else sum(model(half) for half in batch.chunk(WORLD)) / WORLD
+        scaler.scale(loss).backward()
+        if step == INF_STEP:
+            grad = model.q_proj.weight.grad
+            if not sharded:
+                grad[3, 0] = float("inf")
+            elif rank == 1:
+                grad._local_tensor[0, 0] = float("inf")
+        before = {n: (p.full_tensor() if sharded else p.detach()).clone() for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        after = {n: p.full_tensor() if sharded else p.detach() for n, p in model.named_parameters()}
+        changed.append(any(not torch.equal(before[n], after[n]) for n in before))
+    return changed
+
+
+def _amp_worker(rank, port, out, backend_arg):
+    _init(rank, port)
+    try:
+        model = _model()
+        fully_shard(model)
+        opt = _optimizer(model.named_parameters(), backend_arg)
+        changed = _scaled_train(model, opt, rank, range(STEPS), sharded=True)
+        steps = sorted({int(s["step"]) for s in opt.state_dict()["state"].values()})
+        torch.save({"params": _gathered(model), "changed": changed, "steps": steps}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_on_fsdp2_skips_together_and_matches_single_process(tmp_path, backend_arg):
+    """torch.amp.GradScaler with FSDP2: an inf in one rank's shard skips the step on every rank
+    (GradScaler's found_inf is the same everywhere: DTensor's check reduces it over the mesh),
+    with no parameter or step counter moved; the unscaled steps equal one process's to 1e-6."""
+    _spawn(_amp_worker, str(tmp_path), backend_arg)
+    model = _model()
+    opt = AdamMini(model.named_parameters(), **KW)
+    changed = _scaled_train(model, opt, 0, range(STEPS), sharded=False)
+    assert changed == [step != INF_STEP for step in range(STEPS)]
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["changed"] == changed, rank
+        assert saved["steps"] == [STEPS - 1], rank
+        for name, p in model.named_parameters():
+            assert max_rel_err(p.detach(), saved["params"][name]) <= 1e-6, (rank, name)
+
+
 def _synthetic_grads(plain, step: int, dtype) -> dict:
     """Gradients that do not depend on the parameters (no feedback: a bf16 rounding difference
     then stays one, instead of steering the next gradients)."""
