@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
+# More requirements for an older stack, e.g. EXTRA_SPEC='numpy<2.3' with torch 2.11 (triton 3.6's
+# interpreter breaks on numpy >= 2.3).
+EXTRA_SPEC ?=
 CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
 
@@ -21,7 +24,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt $(if $(EXTRA_SPEC),"$(EXTRA_SPEC)")
 	CUDA_HOME=$(CUDA_HOME) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
