@@ -417,6 +417,7 @@ INT8_SHAPES = {"mlp.weight": (8, 512), "mlp.bias": (8,), "q_proj.weight": (6, 10
                "output.weight": (16, 512), "attn.c_attn.weight": (512, 12), "embed.weight": (4, 1024)}
 INT8_PLACEMENTS = {"output.weight": Replicate(), "embed.weight": Shard(1)}
 INT8_QUANTIZED = set(INT8_SHAPES) - {"mlp.bias"}
+INT8_STEPS, INT8_SAVE_AT = 6, 3  # fewer than STEPS: the emulated int8 kernels are slow on 2 cores
 
 
 def _int8_overrides() -> dict:
@@ -469,7 +470,7 @@ def _int8_worker(rank, port, out, backend_arg):
 
         sharded, plain = shards(full), {n: nn.Parameter(t.clone()) for n, t in full.items()}
         opt, single = make(sharded), make(plain)
-        for k in range(SAVE_AT):
+        for k in range(INT8_SAVE_AT):
             step(sharded, opt, k)
             step(plain, single, k)
         resumed = {}
@@ -477,7 +478,7 @@ def _int8_worker(rank, port, out, backend_arg):
             params = shards({n: p.full_tensor() for n, p in sharded.items()})
             resumed[source] = (params, make(params))
             _load(resumed[source][1], state_dict, backend_arg)
-        for k in range(SAVE_AT, STEPS):
+        for k in range(INT8_SAVE_AT, INT8_STEPS):
             step(sharded, opt, k)
             step(plain, single, k)
             for params, o in resumed.values():
