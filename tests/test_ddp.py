@@ -31,16 +31,29 @@ def _batches(batch_fn):
     return [batch_fn(step, torch.Generator().manual_seed(50 + step)) for step in range(STEPS)]
 
 
-def _worker(rank, port, bucket_view, out):
+def _optimizer(arch, model, dims) -> AdamMini:
+    """The name rules, or for GPT-2 ``for_model`` (its Conv1D weights stored transposed in the
+    flat buffers, c_attn in Q/K/V sections), whose re-pointed parameters DDP must live with."""
+    if arch == "gpt2_tied":
+        return AdamMini.for_model(model.lm, **KW)
+    return AdamMini(model.named_parameters(), **dims, **KW)
+
+
+def _before_step(model, step: int) -> None:
+    if hasattr(model, "use_gate"):  # nanogpt: a parameter without a gradient every other step
+        model.use_gate = step % 2 == 0
+
+
+def _worker(rank, port, bucket_view, out, arch):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        model, batch_fn, dims = models.build("nanogpt")
+        model, batch_fn, dims = models.build(arch)
         ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view, find_unused_parameters=True)
-        opt = AdamMini(ddp.module.named_parameters(), **dims, **KW)
+        opt = _optimizer(arch, ddp.module, dims)
         for step, batch in enumerate(_batches(batch_fn)):
-            model.use_gate = step % 2 == 0
+            _before_step(model, step)
             opt.zero_grad()
             ddp(batch.chunk(WORLD)[rank]).backward()
             opt.step()
@@ -50,23 +63,34 @@ def _worker(rank, port, bucket_view, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("bucket_view", [False, True])
-def test_ddp_two_ranks_match_single_process(tmp_path, bucket_view):
-    mp.start_processes(_worker, args=(_free_port(), bucket_view, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+# GPT-2's key bias (c_attn.bias[32:64]) has no true gradient (softmax ignores a shift of every
+# score): Adam turns its rounding noise, which DDP's averaging changes, into full-size steps that
+# change nothing downstream. It is left out of the comparison with one process.
+NOISE_ONLY = {"lm.transformer.h.0.attn.c_attn.bias": slice(32, 64), "lm.transformer.h.1.attn.c_attn.bias": slice(32, 64)}
+
+
+@pytest.mark.parametrize("arch, bucket_view", [("nanogpt", False), ("nanogpt", True), ("gpt2_tied", True)])
+def test_ddp_two_ranks_match_single_process(tmp_path, arch, bucket_view):
+    mp.start_processes(_worker, args=(_free_port(), bucket_view, str(tmp_path), arch), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # Single process: the mean of the two halves' losses is DDP's averaged gradient.
-    model, batch_fn, dims = models.build("nanogpt")
+    model, batch_fn, dims = models.build(arch)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = AdamMini(model.named_parameters(), **dims, **KW)
+    opt = _optimizer(arch, model, dims)
+    if arch == "gpt2_tied":
+        assert any(layout.columns for layout in opt.layout_overrides.values())
     for step, batch in enumerate(_batches(batch_fn)):
-        model.use_gate = step % 2 == 0
+        _before_step(model, step)
         opt.zero_grad()
         (sum(model(half) for half in batch.chunk(WORLD)) / WORLD).backward()
         opt.step()
 
     for name, p in model.named_parameters():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
-        assert max_rel_err(p, ranks[0][name]) <= 1e-5, name
+        kept = torch.ones(p.numel(), dtype=torch.bool)
+        if name in NOISE_ONLY:
+            kept[NOISE_ONLY[name]] = False
+        assert max_rel_err(p.reshape(-1)[kept], ranks[0][name].reshape(-1)[kept]) <= 1e-5, name
         if p.requires_grad and p.numel():
             assert not torch.equal(p, initial[name]), f"{name} never moved"
