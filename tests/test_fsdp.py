@@ -433,12 +433,14 @@ def _int8_grads(step: int) -> dict:
 
 
 def _full_state(opt: AdamMini) -> dict:
-    """name -> the tensors of its saved state, gathered (a collective on sharded parameters)."""
+    """name -> its saved state, tensors gathered (a collective on sharded parameters)."""
     from torch.distributed.tensor import DTensor
 
+    def gathered(v):
+        return (v.full_tensor() if isinstance(v, DTensor) else v).clone() if torch.is_tensor(v) else v
+
     names = [g["name"] for g in opt.param_groups]
-    return {names[i]: {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in s.items() if torch.is_tensor(v)}
-            for i, s in opt.state_dict()["state"].items()}
+    return {names[i]: {k: gathered(v) for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
 
 
 def _int8_worker(rank, port, out, backend_arg):
@@ -529,6 +531,8 @@ def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_a
             for key in ("vmean", "v"):
                 if key in state:
                     assert max_rel_err(single[key], state[key]) <= 1e-6, (rank, name, key)
+            assert {k: v for k, v in state.items() if not torch.is_tensor(v)} == \
+                {k: v for k, v in single.items() if not torch.is_tensor(v)}, (rank, name)  # step, block_runs, columns
             assert torch.equal(r["resumed"]["sharded"][name], r["params"][name]), (rank, name)
             assert max_rel_err(r["params"][name], r["resumed"]["single"][name]) <= 1e-6, (rank, name)
         assert "cut the 256-element quantization chunks" in r["error"] and r["unchanged"]
