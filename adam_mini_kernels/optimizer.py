@@ -345,8 +345,10 @@ class AdamMini(torch.optim.Optimizer):
             if int8_m[k] and lb.global_chunks() is None:
                 raise NotImplementedError(
                     f"parameter '{named[k][0]}': its shards cut the {QBLOCK}-element quantization chunks of its "
-                    f"blocks, which state_dtype=torch.int8 keeps whole on one rank (see [Note: int8 on shards]); "
-                    f"shard sizes along dim {lb.info.dim} that are whole chunks avoid it, or use state_dtype=None"
+                    f"blocks, which state_dtype=torch.int8 keeps whole on one rank (see [Note: int8 on shards]). "
+                    f"Shard it along a dim that keeps its blocks whole (FSDP2: fully_shard(..., shard_placement_fn=...) "
+                    f"returning Shard(1) for HF Conv1D weights, whose blocks are columns), or into shards of whole "
+                    f"{QBLOCK}-element chunks of a block, or use state_dtype=None"
                 )
         layouts = [local[k].layout if k in local else layout for k, layout in enumerate(layouts)]
         for (_, p), layout in zip(named, layouts):

@@ -539,15 +539,78 @@ def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_a
         assert (r["fused_split"] > 0) == (backend_arg[0] != "torch")
 
 
-def _gpt2():
+def _gpt2(n_embd: int = 16):
     """A tiny HF GPT-2 (Conv1D weights stored (in, out), fused c_attn, tied lm_head): under FSDP2
     (Shard(0) of the in dim) every column block of every Conv1D weight is split across ranks."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=n_embd, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
                                   eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(cfg)
+
+
+def _columns_whole(model):
+    """FSDP2's ``shard_placement_fn`` that shards HF Conv1D weights by columns (Shard(1)): their
+    blocks (output neurons, heads of columns) stay whole on one rank."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d_weights = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+    return lambda p: Shard(1) if id(p) in conv1d_weights else None
+
+
+def _int8_gpt2_worker(rank, port, out):
+    """int8 m with for_model on an FSDP2 GPT-2 whose Conv1D weights FSDP2 shards by columns, and
+    one process, both fed the same (parameter-independent) gradients; with the default Shard(0)
+    the same model is refused (every column cut at 32 of 64 elements)."""
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        sharded_model, plain_model = _gpt2(64), _gpt2(64)
+        fully_shard(sharded_model, shard_placement_fn=_columns_whole(sharded_model))
+        placements = {n: p.placements for n, p in sharded_model.named_parameters()}
+        opts = [AdamMini.for_model(m, state_dtype=torch.int8, lr=1e-2, weight_decay=0.1, verbose=False)
+                for m in (sharded_model, plain_model)]
+        for step in range(3):
+            grads = _synthetic_grads(plain_model, step, torch.float32)
+            for n, p in sharded_model.named_parameters():
+                p.grad = distribute_tensor(grads[n], mesh, placements[n])
+            for n, p in plain_model.named_parameters():
+                p.grad = grads[n]
+            for opt in opts:
+                opt.step()
+        default = _gpt2(64)
+        fully_shard(default)
+        refused = AdamMini.for_model(default, state_dtype=torch.int8, verbose=False)
+        for p in default.parameters():
+            p.grad = distribute_tensor(torch.randn(p.shape), mesh, p.placements)
+        try:
+            refused.step()
+            error = None
+        except NotImplementedError as err:
+            error = str(err)
+        torch.save({"params": _gathered(sharded_model), "single": {n: p.detach() for n, p in plain_model.named_parameters()},
+                    "state": _full_state(opts[0]), "single_state": _full_state(opts[1]), "error": error,
+                    "shard1": sorted(n for n, pl in placements.items() if pl == (Shard(1),))}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_int8_for_model_gpt2_under_fsdp2_with_column_placements(tmp_path):
+    """The recipe the refusal names: FSDP2 shards Conv1D weights by columns, every block is
+    whole on a rank, and int8 codes and scales equal one process's bitwise."""
+    _spawn(_int8_gpt2_worker, str(tmp_path))
+    for rank in range(WORLD):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert len(r["shard1"]) == 4, r["shard1"]  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+        quantized = {n for n, s in r["state"].items() if "m_codes" in s}
+        assert set(r["shard1"]) <= quantized
+        for name, want in r["single"].items():
+            assert max_rel_err(want, r["params"][name]) <= 1e-6, (rank, name)
+            for key in ("m_codes", "m_scales"):
+                if key in r["state"][name]:
+                    assert torch.equal(r["state"][name][key], r["single_state"][name][key]), (rank, name, key)
+        assert "c_attn.weight': its shards cut" in r["error"] and "shard_placement_fn" in r["error"]
 
 
 def _gpt2_tokens(step: int) -> torch.Tensor:
