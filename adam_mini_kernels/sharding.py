@@ -5,8 +5,8 @@ The partition is computed on a DTensor parameter's global (logical) shape and fu
 as for a plain tensor. Each rank steps only its local shard. Reading the shard in storage order
 keeps the global order of its elements (for a layout stored by columns, reading both in the
 transposed order), so the global blocks it touches, of any layout (several sections, column
-blocks), are consecutive runs of local elements, one run per block ("local segments"). A segment holding a whole block is reduced
-and updated locally. A block split across ranks (a whole-tensor norm weight, a head straddling the
+blocks), are consecutive runs of local elements, one run per block ("local segments"). A
+segment holding a whole block is reduced and updated locally. A block split across ranks (a whole-tensor norm weight, a head straddling the
 shard boundary, every row under a ``Shard(1)`` placement) needs the sum of g^2 over all its
 pieces: every rank computes its pieces' partial sums, all split blocks of a flat group go into
 one vector (slots in a global order every rank derives from the sharding alone), and ONE
@@ -129,6 +129,12 @@ def check_grad_placement(name: str, p: Any) -> None:
         )
 
 
+def _chunks_per_block(layout: BlockLayout) -> np.ndarray:
+    """Quantization chunks of each block (an empty block has one, as ``buffers.chunk_lengths``
+    counts them)."""
+    return np.maximum(1, -(-layout.block_sizes().numpy() // QBLOCK))
+
+
 def _pieces(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(global block id, first, end) of each contiguous piece of a global block that ``rank``'s
     shard holds, in global storage positions (the transposed order for column layouts), in the
@@ -189,9 +195,9 @@ class LocalBlocks:
         """The global quantization chunk (see [Note: int8 on shards]) of each chunk of the local
         layout, in order; None when the shard cuts a global chunk."""
         ids, lo, hi = _pieces(self.global_layout, self.info, self.info.rank)
-        sizes = self.global_layout.block_sizes().numpy()
-        bounds = np.r_[0, np.cumsum(sizes)]
-        base = np.r_[0, np.cumsum(np.maximum(1, -(-sizes // QBLOCK)))][:-1]  # an empty block has one chunk
+        bounds = np.r_[0, np.cumsum(self.global_layout.block_sizes().numpy())]
+        per_block = _chunks_per_block(self.global_layout)
+        base = np.cumsum(per_block) - per_block  # each block's first global chunk
         first, end = lo - bounds[ids], hi - bounds[ids]
         if not ((first % QBLOCK == 0) & ((end % QBLOCK == 0) | (hi == bounds[ids + 1]))).all():
             return None
@@ -346,8 +352,8 @@ def local_state_views(group, i: int) -> Dict[str, Any]:
 
 
 def num_chunks(layout: BlockLayout) -> int:
-    """Quantization chunks of a layout (as ``buffers.chunk_lengths`` counts them)."""
-    return int(np.maximum(1, -(-layout.block_sizes().numpy() // QBLOCK)).sum())
+    """Quantization chunks of a layout."""
+    return int(_chunks_per_block(layout).sum())
 
 
 def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[Dict[str, Any]]:
