@@ -29,7 +29,7 @@ from .partition import (
     rule_counts,
     snapshot_rules,
 )
-from .rounding import SEED_BOUND, group_seed
+from .rounding import SEED_BOUND, group_seed, replica_seed
 from .sharding import ShardedGroup, global_state, is_sharded, local_blocks, local_state, local_state_views, shard_info
 
 logger = logging.getLogger("adam_mini_kernels")
@@ -123,10 +123,15 @@ class AdamMini(torch.optim.Optimizer):
             ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update.
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
-            training. The random bits are a hash of a seed (drawn from torch's default generator
-            at construction, saved in ``state_dict``), the step counters and the element
-            position: runs are reproducible and resumes exact. Needs bfloat16 parameters; float16
-            parameters are refused.
+            training. The random bits are a hash of a seed (``rounding_seed``, saved in
+            ``state_dict``), the step counters and the element position: runs are reproducible
+            and resumes exact. Needs bfloat16 parameters; float16 parameters are refused.
+        rounding_seed: the seed of stochastic rounding, an int in [0, 2**31). None (default):
+            drawn from torch's default generator at construction, and where torch.distributed is
+            initialized with more than one rank, rank 0's is taken (one broadcast over the
+            default process group at construction, so every rank must construct the optimizer):
+            data-parallel replicas must round alike, or they drift apart. Give it to skip the
+            broadcast (the same value on every rank that holds a replica).
 
         capturable: allow ``step()`` to be captured in a CUDA graph (as torch's optimizers):
             every value the step needs lives on the device and the step makes no host sync (as
@@ -169,6 +174,7 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         max_grad_norm: Optional[float] = None,
         stochastic_rounding: bool = False,
+        rounding_seed: Optional[int] = None,
         capturable: bool = False,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
@@ -194,9 +200,16 @@ class AdamMini(torch.optim.Optimizer):
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"stochastic_rounding must be True or False, got {stochastic_rounding!r}")
         self.stochastic_rounding = stochastic_rounding
+        if rounding_seed is not None:
+            if not stochastic_rounding:
+                raise ValueError("rounding_seed is the seed of stochastic rounding: it needs stochastic_rounding=True")
+            if type(rounding_seed) is not int or not 0 <= rounding_seed < SEED_BOUND:
+                raise ValueError(f"rounding_seed must be an int in [0, 2**31), got {rounding_seed!r}")
         # The one piece of rounding state (see [Note: stochastic rounding] in rounding.py), drawn
         # from torch's default generator so that torch.manual_seed makes runs reproducible.
-        self._round_seed = int(torch.randint(SEED_BOUND, ()).item()) if stochastic_rounding else None
+        self._round_seed = rounding_seed
+        if stochastic_rounding and rounding_seed is None:
+            self._round_seed = int(torch.randint(SEED_BOUND, ()).item())
         self.verbose = verbose
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
@@ -232,6 +245,9 @@ class AdamMini(torch.optim.Optimizer):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
         self.backend = dispatch.resolve_backend(backend, devices)
         self._step_fn = dispatch.load_backend(self.backend)
+        if stochastic_rounding and rounding_seed is None:
+            cuda = sorted((d for d in devices if d.type == "cuda"), key=str)  # NCCL broadcasts CUDA tensors
+            self._round_seed = replica_seed(self._round_seed, cuda[0] if cuda else torch.device("cpu"))
         if model_sharding is not None and verbose:
             logger.warning("AdamMini: model_sharding is accepted for compatibility and ignored")
 

@@ -11,9 +11,10 @@ what pure-bf16 training needs. inf and NaN are written as round-to-nearest write
 The random bits come from a counter-based generator: a hash of (key, element index, stream),
 where the per-parameter key is a hash of the group's seed and the parameter's step counter, and
 the element index is the element's position in the group's flat buffer. Nothing but the seed is
-state: runs with the same seed are bitwise reproducible, a resumed run (seed and step counters
-restored from the state dict) continues exactly, and every backend (this module for the torch
-backend, the Triton kernels, the CUDA kernels) computes the same bits. The key of a parameter
+state (the same on every rank of a distributed job: ``replica_seed``): runs with the same seed
+are bitwise reproducible, a resumed run (seed and step counters restored from the state dict)
+continues exactly, and every backend (this module for the torch backend, the Triton kernels, the
+CUDA kernels) computes the same bits. The key of a parameter
 with no gradient this step is unchanged, and rounding its unchanged (already bfloat16) values is
 exact, so idle parameters stay still.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.distributed as dist
 
 MASK32 = 0xFFFFFFFF
 MIX_MUL1 = 0x21F0AAAD
@@ -59,6 +61,17 @@ def group_seed(seed: int, group_index: int) -> int:
     """The seed of flat group ``group_index`` (groups number their elements from 0 each, so each
     gets its own stream), in [0, SEED_BOUND)."""
     return mix32((seed + _mul32(group_index, GOLDEN)) & MASK32) % SEED_BOUND
+
+
+def replica_seed(seed: int, device: torch.device) -> int:
+    """``seed``, or rank 0's where torch.distributed is initialized with more than one rank (one
+    broadcast over the default process group, of a tensor on ``device``): replicas of a
+    parameter (DDP, replicated DTensors) must draw the same bits, or they drift apart."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seed
+    shared = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(shared, src=0)
+    return int(shared.item())
 
 
 def round_keys(seed: int, steps: torch.Tensor) -> torch.Tensor:

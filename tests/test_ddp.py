@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import models
 from adam_mini_kernels import AdamMini
+from adam_mini_kernels.rounding import SEED_BOUND
 from grad_stream import max_rel_err
 
 STEPS = 4
@@ -94,3 +95,55 @@ def test_ddp_two_ranks_match_single_process(tmp_path, arch, bucket_view):
         assert max_rel_err(p.reshape(-1)[kept], ranks[0][name].reshape(-1)[kept]) <= 1e-5, name
         if p.requires_grad and p.numel():
             assert not torch.equal(p, initial[name]), f"{name} never moved"
+
+
+def _drawn_seed(rng_state) -> int:
+    """The seed AdamMini draws from torch's default generator in state ``rng_state``."""
+    torch.set_rng_state(rng_state)
+    return int(torch.randint(SEED_BOUND, ()).item())
+
+
+def _rounding_worker(rank, port, out, rounding_seed):
+    """bf16 DDP with stochastic rounding, the ranks' default generators seeded differently
+    (DDP broadcasts rank 0's weights, so scripts need not seed alike)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(rank)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)).to(torch.bfloat16)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        rng = torch.get_rng_state()  # what the optimizer draws its own seed from
+        broadcasts = []
+        original = dist.broadcast
+        dist.broadcast = lambda *a, **k: (broadcasts.append(1), original(*a, **k))[1]
+        try:
+            opt = AdamMini(ddp.module.named_parameters(), stochastic_rounding=True, rounding_seed=rounding_seed, **KW)
+        finally:
+            dist.broadcast = original
+        for step in range(STEPS):
+            opt.zero_grad()
+            x = torch.randn(8, 64, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            ddp(x.chunk(WORLD)[rank]).float().square().mean().backward()
+            opt.step()
+        result = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "seed": opt._round_seed,
+                  "own_seed": _drawn_seed(rng), "broadcasts": len(broadcasts)}
+        torch.save(result, f"{out}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rounding_seed", [None, 2024])
+def test_stochastic_rounding_replicas_round_alike(tmp_path, rounding_seed):
+    """Without rounding_seed the ranks take rank 0's drawn seed (one broadcast at construction);
+    with it, no collective. Either way the bf16 replicas stay bitwise equal (with each rank's own
+    seed, thousands of elements differed after three steps)."""
+    mp.start_processes(_rounding_worker, args=(_free_port(), str(tmp_path), rounding_seed), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert ranks[0]["own_seed"] != ranks[1]["own_seed"]
+    expected = ranks[0]["own_seed"] if rounding_seed is None else rounding_seed
+    for r in ranks:
+        assert r["seed"] == expected and r["broadcasts"] == (rounding_seed is None)
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]), name

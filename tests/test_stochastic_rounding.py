@@ -290,6 +290,21 @@ def test_is_validated():
         opt.load_state_dict(bad)
 
 
+def test_rounding_seed_is_used_as_given_and_validated():
+    state = torch.get_rng_state()
+    a = AdamMini(_named(), stochastic_rounding=True, rounding_seed=12345, **KW)
+    assert torch.equal(state, torch.get_rng_state())  # a given seed draws nothing
+    assert a._round_seed == 12345 and a.state_dict()[ROUNDING_KEY] == {"seed": 12345}
+    torch.manual_seed(7)
+    drawn = AdamMini(_named(), stochastic_rounding=True, **KW)._round_seed
+    assert AdamMini(_named(), stochastic_rounding=True, rounding_seed=drawn, **KW)._round_seed == drawn
+    for bad in (-1, 2**31, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"rounding_seed must be an int in \[0, 2\*\*31\)"):
+            AdamMini(_named(), stochastic_rounding=True, rounding_seed=bad, **KW)
+    with pytest.raises(ValueError, match="needs stochastic_rounding=True"):
+        AdamMini(_named(), rounding_seed=1, **KW)
+
+
 def test_off_by_default_and_no_seed_drawn():
     state = torch.get_rng_state()
     opt = AdamMini(_named(), **KW)
