@@ -571,8 +571,9 @@ class AdamMini(torch.optim.Optimizer):
     def _global_grad_norm(self, groups: List[FlatGroup], device: torch.device) -> torch.Tensor:
         """As clip_grad_norm_: the norm of the per-tensor norms (idle params' zeroed grads add 0).
         The squares of sharded gradients' local norms are summed over their mesh (one all-reduce
-        per process group)."""
+        per process group, whatever the number of groups on it)."""
         squares = []
+        shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
             norms = torch._foreach_norm(group.grad_views)
             partial = set(group.sharded.partial_members()) if group.sharded is not None else set()
@@ -581,8 +582,11 @@ class AdamMini(torch.optim.Optimizer):
                 squares.append(torch.stack(local).double().square().sum().to(device, non_blocking=True))
             if partial:
                 shard_sum = torch.stack([norms[i] for i in sorted(partial)]).double().square().sum()
-                torch.distributed.all_reduce(shard_sum, group=group.sharded.process_group)
-                squares.append(shard_sum.to(device, non_blocking=True))
+                shard_squares[group.sharded.process_group].append(shard_sum)
+        for process_group, sums in shard_squares.items():
+            shard_sum = torch.stack(sums).sum()
+            torch.distributed.all_reduce(shard_sum, group=process_group)
+            squares.append(shard_sum.to(device, non_blocking=True))
         return torch.stack(squares).sum().sqrt().float()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

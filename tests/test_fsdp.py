@@ -107,10 +107,10 @@ class _CountAllReduce:
         dist.all_reduce = self._original
 
 
-def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True) -> None:
+def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True, batch=None) -> None:
     for step in steps:
         opt.zero_grad(set_to_none=set_to_none)
-        model(_batch(step).chunk(WORLD)[rank]).backward()
+        model((batch or _batch)(step).chunk(WORLD)[rank]).backward()
         with _CountAllReduce() as counter:
             opt.step()
         if counts is not None:
@@ -718,11 +718,40 @@ def _int8_model() -> _Int8Tiny:
     return model
 
 
+def _int8_batch(step: int) -> torch.Tensor:
+    return torch.randn(2 * WORLD, 1024, generator=torch.Generator().manual_seed(400 + step))
+
+
 def _int8_train(model, opt, rank: int, steps: range) -> None:
-    for step in steps:
-        opt.zero_grad()
-        model(torch.randn(2 * WORLD, 1024, generator=torch.Generator().manual_seed(400 + step)).chunk(WORLD)[rank]).backward()
-        opt.step()
+    _train(model, opt, rank, steps, batch=_int8_batch)
+
+
+def _clip_count_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        model = _int8_model()
+        fully_shard(model)
+        opt = AdamMini(model.named_parameters(), state_dtype=torch.int8, max_grad_norm=0.05, **{**KW, **INT8_DIMS})
+        counts = []
+        _train(model, opt, rank, range(1), counts, batch=_int8_batch)
+        groups = sum(g.sharded is not None for g in opt._flat)
+        torch.save({"counts": counts, "norm": opt.last_grad_norm, "groups": groups}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_path):
+    """int8 and float groups on one mesh: one all-reduce of the split blocks' sums (the int8
+    group's; the float group has none) and one for the gradient norm, not one per group; the
+    norm is one process's."""
+    _spawn(_clip_count_worker, str(tmp_path))
+    model = _int8_model()
+    (sum(model(half) for half in _int8_batch(0).chunk(WORLD)) / WORLD).backward()
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["groups"] == 2 and saved["counts"] == [2], saved
+        assert max_rel_err(expected, saved["norm"]) <= 1e-6
 
 
 # What the checkpoint test trains: the tiny model with the name rules, or GPT-2 with for_model's
