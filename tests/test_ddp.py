@@ -4,27 +4,20 @@ parameters stay identical across ranks and equal a single-process run on the who
 Two CPU processes with the gloo backend, spawned by the test."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import models
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.rounding import SEED_BOUND
 from grad_stream import max_rel_err
+from spawned import spawn
 
 STEPS = 4
 WORLD = 2
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(batch_fn):
@@ -72,7 +65,7 @@ NOISE_ONLY = {"lm.transformer.h.0.attn.c_attn.bias": slice(32, 64), "lm.transfor
 
 @pytest.mark.parametrize("arch, bucket_view", [("nanogpt", False), ("nanogpt", True), ("gpt2_tied", True)])
 def test_ddp_two_ranks_match_single_process(tmp_path, arch, bucket_view):
-    mp.start_processes(_worker, args=(_free_port(), bucket_view, str(tmp_path), arch), nprocs=WORLD, start_method="spawn")
+    spawn(_worker, WORLD, bucket_view, str(tmp_path), arch)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # Single process: the mean of the two halves' losses is DDP's averaged gradient.
@@ -139,7 +132,7 @@ def test_stochastic_rounding_replicas_round_alike(tmp_path, rounding_seed):
     """Without rounding_seed the ranks take rank 0's drawn seed (one broadcast at construction);
     with it, no collective. Either way the bf16 replicas stay bitwise equal (with each rank's own
     seed, thousands of elements differed after three steps)."""
-    mp.start_processes(_rounding_worker, args=(_free_port(), str(tmp_path), rounding_seed), nprocs=WORLD, start_method="spawn")
+    spawn(_rounding_worker, WORLD, str(tmp_path), rounding_seed)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert ranks[0]["own_seed"] != ranks[1]["own_seed"]
     expected = ranks[0]["own_seed"] if rounding_seed is None else rounding_seed

@@ -6,17 +6,16 @@ optimizer issues one all-reduce per step, and a distributed checkpoint resumes e
 import copy
 import math
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
+from spawned import spawn
 from test_cuda_backend import _emulated_step, emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -63,14 +62,8 @@ def _batch(step: int) -> torch.Tensor:
     return torch.randn(8, 8, generator=torch.Generator().manual_seed(100 + step))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args) -> None:
-    mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, start_method="spawn")
+    spawn(fn, WORLD, *args)
 
 
 def _init(rank: int, port: int) -> None:
@@ -373,10 +366,7 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
     """Each local quantization chunk (QBLOCK elements of a local segment) is one whole global
     chunk, as labelling every element with its global chunk shows; where a shard cuts a global
     chunk, the map is None."""
-    import numpy as np
-
     from adam_mini_kernels.buffers import chunk_lengths
-    from adam_mini_kernels.quantization import QBLOCK
     from adam_mini_kernels.sharding import ShardInfo, local_blocks, num_chunks
 
     seen = {True: 0, False: 0}
@@ -910,7 +900,7 @@ def test_fsdp2_world_size_one_on_cuda(tmp_path, backend):
 
     if backend not in available_backends([torch.device("cuda")]):
         pytest.skip(f"backend {backend} cannot run here")
-    mp.start_processes(_cuda_worker, args=(_free_port(), str(tmp_path), backend), nprocs=1, start_method="spawn")
+    spawn(_cuda_worker, 1, str(tmp_path), backend)
     model = _model().cuda()
     opt = AdamMini(model.named_parameters(), backend=backend, **KW)
     for step in range(STEPS):
