@@ -9,11 +9,17 @@ worker that raises still reports its traceback as usual.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
 
 import torch.multiprocessing as mp
+
+
+# For init_process_group: a rank that misses a collective (a deadlock) fails the job after this,
+# not after gloo's default of 30 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=180)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import models
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.rounding import SEED_BOUND
 from grad_stream import max_rel_err
-from spawned import spawn
+from spawned import COLLECTIVE_TIMEOUT, spawn
 
 STEPS = 4
 WORLD = 2
@@ -40,7 +40,7 @@ def _before_step(model, step: int) -> None:
 
 def _worker(rank, port, bucket_view, out, arch):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     torch.set_num_threads(1)
     try:
         model, batch_fn, dims = models.build(arch)
@@ -100,7 +100,7 @@ def _rounding_worker(rank, port, out, rounding_seed):
     """bf16 DDP with stochastic rounding, the ranks' default generators seeded differently
     (DDP broadcasts rank 0's weights, so scripts need not seed alike)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(rank)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
-from spawned import spawn
+from spawned import COLLECTIVE_TIMEOUT, spawn
 from test_cuda_backend import _emulated_step, emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -68,7 +68,7 @@ def _spawn(fn, *args) -> None:
 
 def _init(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     torch.set_num_threads(1)
 
 
