@@ -165,7 +165,8 @@ class FlatGroup:
         ends = self.offsets[1:] + [self.numel]
         for p, layout, off, end in zip(self.params, self.layouts, self.offsets, ends):
             per_param = chunk_lengths(layout.block_sizes())
-            per_param[-1] += end - off - p.numel()
+            if len(per_param):  # an empty shard has no chunk, and no padding
+                per_param[-1] += end - off - p.numel()
             lengths.append(per_param)
         return torch.cat(lengths).to(self.device)
 

@@ -60,7 +60,7 @@ class LaunchTables:
     tiles: Optional[torch.Tensor]  # (T, TILE_COLS)
     blocks: Optional[torch.Tensor]  # (L, LB_COLS)
     partial: Optional[torch.Tensor]  # (T,) float32 scratch: one slot per tile
-    block_sums: Optional[torch.Tensor]  # (L,) float32 scratch: one slot per large block
+    block_sums: torch.Tensor  # (L,) float32 scratch: one slot per large block (L may be 0)
     adam: Optional[torch.Tensor]  # (A, ROW_COLS)
     reduce_split: Optional[Callable[[torch.Tensor], None]] = None  # all-reduce of split blocks' sums
 
@@ -140,14 +140,17 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
     device = group.device
     blocks_table = blocks.tensor(device)
     reduce_split = None
-    if sharded is not None and len(split_v):
-        reduce_split = sharded.split_reducer(np.concatenate(blocks.cols[LB_V]))
+    if sharded is not None and sharded.num_slots:
+        # Every rank of the mesh joins the all-reduce, also one holding none of the split blocks
+        # (its shards of them are empty): it adds zeros.
+        large_v = np.concatenate(blocks.cols[LB_V]) if blocks.cols[LB_V] else np.zeros(0, dtype=np.int64)
+        reduce_split = sharded.split_reducer(large_v)
     return LaunchTables(
         row_classes=[(width, cols.tensor(device)) for width, cols in sorted(rows.items())],
         tiles=tiles.tensor(device),
         blocks=blocks_table,
         partial=torch.empty(num_tiles, dtype=torch.float32, device=device) if num_tiles else None,
-        block_sums=torch.empty(num_blocks, dtype=torch.float32, device=device) if num_blocks else None,
+        block_sums=torch.empty(num_blocks, dtype=torch.float32, device=device),
         adam=adam.tensor(device),
         reduce_split=reduce_split,
     )
@@ -183,8 +186,8 @@ def fused_step(
             scales = group.cache["no_scales"] = torch.empty(0, dtype=torch.float32, device=group.device)
     if t.tiles is not None:
         ops.large_blocks_sumsq(g, t.tiles, t.blocks, t.partial, t.block_sums)
-        if t.reduce_split is not None:
-            t.reduce_split(t.block_sums)
+    if t.reduce_split is not None:
+        t.reduce_split(t.block_sums)
     for width, rows in t.row_classes:
         ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)
     if t.tiles is not None:

@@ -33,9 +33,14 @@ parameter's m is int8 is decided on the global layout, alike on every rank. Save
 is sharded like the parameter and ``m_scales`` replicated in the global chunk order, gathered
 with ``vmean`` in the same all-reduce.
 
-Supported: DTensors on a 1-D device mesh with a ``Shard(d)`` or ``Replicate`` placement (FSDP2
-gives ``Shard(0)``), gradients placed like their parameter. Anything else (``Partial``, strided
-or multi-dimensional meshes) is a ``NotImplementedError`` rather than a wrong ``v``.
+Supported: DTensors with at most one ``Shard(d)`` placement, on any mesh dim, the others
+``Replicate`` (FSDP2 gives ``Shard(0)``; HSDP ``(Replicate(), Shard(0))`` on a 2-D mesh). The
+split blocks' sums are all-reduced over the ranks of the sharded mesh dim only
+(``ShardInfo.process_group``): the replicas along the other dims hold the same gradients and
+step alike. A rank whose shards of a group are all empty (more ranks than rows) still joins the
+group's all-reduce. Anything else (``Partial``, ``_StridedShard``, a parameter sharded over two
+mesh dims as FSDP2 with tensor parallelism gives) is a ``NotImplementedError`` rather than a
+wrong ``v``.
 """
 
 from __future__ import annotations
@@ -67,17 +72,20 @@ def is_sharded(p: Any) -> bool:
 class ShardInfo:
     """Where one rank's local shard sits in a DTensor parameter."""
 
-    mesh: Any  # the 1-D DeviceMesh
+    mesh: Any  # the DeviceMesh
     placements: tuple
-    dim: Optional[int]  # the sharded dim, None when replicated
-    rank: int  # this rank's coordinate on the mesh
-    world: int  # ranks of the mesh
+    dim: Optional[int]  # the sharded dim of the parameter, None when replicated
+    mesh_dim: Optional[int]  # the mesh dim it is sharded over, None when replicated
+    rank: int  # this rank's coordinate on that mesh dim
+    world: int  # ranks along that mesh dim
     global_shape: Tuple[int, ...]
     local_shape: Tuple[int, ...]
 
     @property
     def process_group(self):
-        return self.mesh.get_group()
+        """The ranks holding the other shards of this rank's copy (the mesh dim of the shards;
+        of a replicated parameter, any: it needs no collective)."""
+        return self.mesh.get_group(self.mesh_dim or 0)
 
     def shard_range(self, rank: int) -> Tuple[int, int]:
         """(first index, length) along ``dim`` of ``rank``'s shard (torch.chunk's split, as
@@ -90,23 +98,25 @@ class ShardInfo:
 
 def shard_info(name: str, p: Any) -> ShardInfo:
     """The ``ShardInfo`` of DTensor parameter ``p``; raises ``NotImplementedError`` for
-    placements this optimizer does not support."""
+    placements this optimizer does not support (see [Note: sharded parameters])."""
     mesh, placements = p.device_mesh, tuple(p.placements)
-    if mesh.ndim != 1:
+    for placement in placements:
+        if type(placement) not in (Shard, Replicate):
+            raise NotImplementedError(
+                f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports "
+                "Shard(d) and Replicate parameters"
+            )
+    sharded = [k for k, placement in enumerate(placements) if type(placement) is Shard]
+    if len(sharded) > 1:
         raise NotImplementedError(
-            f"parameter '{name}' is a DTensor on a {mesh.ndim}-D device mesh; AdamMini supports 1-D meshes "
-            "(FSDP2 fully_shard without HSDP, or distribute_tensor on a 1-D mesh)"
+            f"parameter '{name}' is sharded over {len(sharded)} dims of a {mesh.ndim}-D device mesh "
+            f"{placements}; AdamMini supports one Shard placement per parameter, the other mesh dims "
+            "Replicate (FSDP2 and HSDP; not FSDP2 with tensor parallelism)"
         )
-    (placement,) = placements
-    if type(placement) is Shard:
-        dim = placement.dim
-    elif type(placement) is Replicate:
-        dim = None
-    else:
-        raise NotImplementedError(
-            f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports Shard(d) and Replicate parameters"
-        )
-    info = ShardInfo(mesh, placements, dim, mesh.get_local_rank(), mesh.size(), tuple(p.shape), tuple(p._local_tensor.shape))
+    mesh_dim = sharded[0] if sharded else None
+    dim = None if mesh_dim is None else placements[mesh_dim].dim
+    rank, world = (0, 1) if mesh_dim is None else (mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
+    info = ShardInfo(mesh, placements, dim, mesh_dim, rank, world, tuple(p.shape), tuple(p._local_tensor.shape))
     expected = list(info.global_shape)
     if dim is not None:
         expected[dim] = info.shard_range(info.rank)[1]
@@ -397,7 +407,7 @@ def global_state(entries: Sequence[Tuple[Dict[str, Any], LocalBlocks]]) -> List[
             kind = "blocks" if "m_codes" in out[k] else layout.state_kind
             if key == "vmean":
                 values = values.reshape(() if kind == "whole" else (-1,) if kind == "blocks" else (-1, 1))
-            out[k][key] = DTensor.from_local(values.clone(), mesh, (Replicate(),), run_check=False)
+            out[k][key] = DTensor.from_local(values.clone(), mesh, (Replicate(),) * mesh.ndim, run_check=False)
             if key != "vmean":
                 continue
             if kind == "blocks":

@@ -84,7 +84,7 @@ def torch_step(
     n = group.numel
 
     g = group.grad_buffer.float()
-    block_sum = torch.segment_reduce(g * g, "sum", lengths=seg.seg_len)
+    block_sum = _segment_reduce(g * g, "sum", seg.seg_len)
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
     block_coef = coef.index_select(0, seg.block_param)
@@ -113,6 +113,14 @@ def torch_step(
         group.param_buffer.copy_(_rounded(p, keys, seg, 0))
 
 
+def _segment_reduce(x: torch.Tensor, reduce: str, lengths: torch.Tensor) -> torch.Tensor:
+    """``torch.segment_reduce``, also of an empty ``x`` (it refuses one): a rank's shards of a
+    group can all be empty, each of its segments then holds 0."""
+    if x.numel() == 0:
+        return x.new_zeros(len(lengths))
+    return torch.segment_reduce(x, reduce, lengths=lengths)
+
+
 def _element_keys(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tensor) -> torch.Tensor:
     """Every element's stochastic rounding key (from its block's), for a bfloat16 group; see
     [Note: stochastic rounding] in rounding.py."""
@@ -136,7 +144,7 @@ def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
 def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
     rounded to nearest (padding is 0 and stays code 0). ``m`` is overwritten (by the codes)."""
-    scales = torch.segment_reduce(m.abs(), "max", lengths=seg.chunk_lengths)
+    scales = _segment_reduce(m.abs(), "max", seg.chunk_lengths)
     group.m_scales.copy_(scales)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=group.numel)
     codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)

@@ -384,7 +384,7 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
         labels = labels.t() if layout.columns else labels
         for rank in range(world):
             local = labels if dim is None else _chunk(labels, world, dim, rank)
-            info = ShardInfo(None, (placement,), dim, rank, world, layout.shape, tuple(local.shape))
+            info = ShardInfo(None, (placement,), dim, None if dim is None else 0, rank, world, layout.shape, tuple(local.shape))
             lb = local_blocks(layout, info)
             flat = (local.t() if layout.columns else local).reshape(-1)
             local_chunks = flat.split(chunk_lengths(lb.layout.block_sizes()).tolist()) if flat.numel() else []
@@ -823,7 +823,7 @@ def _errors_and_fused_worker(rank, port, out):
         expect("partial param", lambda: AdamMini([("norm.weight", partial)], verbose=False))
         mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("a", "b"))
         on_2d = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh_2d, [Shard(0), Shard(1)]))
-        expect("2-D mesh", lambda: AdamMini([("mlp.weight", on_2d)], verbose=False))
+        expect("two shards", lambda: AdamMini([("mlp.weight", on_2d)], verbose=False))
         p = nn.Parameter(distribute_tensor(torch.randn(6), mesh, [Shard(0)]))
         opt = AdamMini([("norm.weight", p)], verbose=False)
         p.grad = DTensor.from_local(torch.randn(6), mesh, [Partial()])
@@ -865,7 +865,7 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         result = torch.load(tmp_path / f"rank{rank}.pt")
         errors = result["errors"]
         assert "placement Partial" in errors["partial param"]
-        assert "2-D device mesh" in errors["2-D mesh"]
+        assert "one Shard placement per parameter" in errors["two shards"]
         assert "reduce Partial gradients first" in errors["partial grad"]
         assert result["unchanged"]
         assert result["fused"]
@@ -969,7 +969,7 @@ def test_local_segments_of_any_layout_match_an_element_by_element_count(world, p
         held = torch.zeros(layout.num_blocks, dtype=torch.int64)
         for rank in range(world):
             local_shape = layout.shape if dim is None else _chunk(torch.empty(layout.shape), world, dim, rank).shape
-            info = ShardInfo(None, (placement,), dim, rank, world, layout.shape, tuple(local_shape))
+            info = ShardInfo(None, (placement,), dim, None if dim is None else 0, rank, world, layout.shape, tuple(local_shape))
             ids, sizes = segments(layout, info, rank)
             want_ids, want_sizes = _segments_by_element(layout, placement, world, rank)
             assert ids.tolist() == want_ids.tolist() and sizes.tolist() == want_sizes.tolist(), (layout.name, rank)
