@@ -60,7 +60,10 @@ def _row_cells(row: Dict) -> List[str]:
     if row.get("finite") is False:
         note = (note + "; " if note else "") + "NON-FINITE parameters after timing"
     if row.get("meets_target") is not None:
-        note = (note + "; " if note else "") + ("meets target" if row["meets_target"] else "MISSES target")
+        verdict = "meets target" if row["meets_target"] else "MISSES target"
+        if row.get("target_basis", "").startswith("H100 target x"):
+            verdict += f" ({_fmt_ms(row['target_ms'])} ms: the H100 target scaled by the copy bandwidths)"
+        note = (note + "; " if note else "") + verdict
     if status != "ok":
         return [row["label"], status, "-", "-", "-", "-", "-", "-", "-", _fmt_ms(row.get("spec_reference_ms")), _one_line(note)]
     extra = row.get("extra_peak_bytes")
