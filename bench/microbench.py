@@ -40,7 +40,7 @@ import datetime  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
+from typing import Callable, Dict, List, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 

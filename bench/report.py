@@ -7,7 +7,6 @@ Both are derived from the JSON alone, so they can be regenerated from a results 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional

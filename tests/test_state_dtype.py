@@ -38,7 +38,6 @@ def test_float32_state_matches_reference(backend, dtype):
             p_ref, m_ref, v_ref = ref[n]
             m_ref = torch.zeros(p.shape, dtype=torch.float32, device=DEVICE) if m_ref is None else m_ref
             v_ref = torch.zeros(summary[n]["num_blocks"], device=DEVICE) if v_ref is None else v_ref
-            gen = torch.Generator().manual_seed(step * 7919)
             adam_mini_step(p_ref, p.grad, m_ref, v_ref, step=step, lr=KW["lr"], beta1=0.9, beta2=0.999, eps=1e-8,
                            weight_decay=0.0 if ("ln" in n or "bias" in n) else KW["weight_decay"])
             ulp = torch.finfo(dtype).eps * p_ref.float().abs().clamp(min=torch.finfo(dtype).tiny)
