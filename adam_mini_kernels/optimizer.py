@@ -30,7 +30,16 @@ from .partition import (
     snapshot_rules,
 )
 from .rounding import SEED_BOUND, group_seed, replica_seed
-from .sharding import ShardedGroup, global_state, is_sharded, local_blocks, local_state, local_state_views, shard_info
+from .sharding import (
+    ShardedGroup,
+    fsdp_params,
+    global_state,
+    is_sharded,
+    local_blocks,
+    local_state,
+    local_state_views,
+    shard_info,
+)
 
 logger = logging.getLogger("adam_mini_kernels")
 
@@ -139,6 +148,11 @@ class AdamMini(torch.optim.Optimizer):
             the step uses are kept for the graph's lifetime. Needs CUDA parameters. Between
             replays, a tensor ``lr`` (updated in place, e.g. by an LR scheduler) takes effect;
             float hyperparameters changed after capture do not.
+        model: the module these parameters belong to (optional; ``for_model`` passes it). Under
+            FSDP2 it lets the flat buffer be FSDP2's storage of each rank's parameter shards
+            (see [Note: shared FSDP2 storage] in sharding.py): no copies of the shards in and out
+            of the flat buffer each step (16 bytes per fp32 parameter), and the shards held once
+            in memory instead of twice. Without it, sharded parameters are copied.
 
     ``lr`` may be a one-element tensor (in the constructor or in a param group), as in torch: a
     tensor on the parameters' device is read by the step on the device, each step (no host sync,
@@ -176,6 +190,7 @@ class AdamMini(torch.optim.Optimizer):
         stochastic_rounding: bool = False,
         rounding_seed: Optional[int] = None,
         capturable: bool = False,
+        model: Optional[torch.nn.Module] = None,
     ):
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -211,6 +226,9 @@ class AdamMini(torch.optim.Optimizer):
         if stochastic_rounding and rounding_seed is None:
             self._round_seed = int(torch.randint(SEED_BOUND, ()).item())
         self.verbose = verbose
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self._model = model
         for rule, attr in NAME_SET_ATTRS.items():
             setattr(self, attr, set(DEFAULT_NAMES[rule]))
         self.layout_overrides: Dict[str, BlockLayout] = {}
@@ -282,7 +300,7 @@ class AdamMini(torch.optim.Optimizer):
         given = dict(dim=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads)
         if dims.head_dim is not None and dims.hidden is not None and dims.head_dim * dims.n_heads != dims.hidden:
             given["head_dim"] = dims.head_dim
-        opt = cls(model.named_parameters(), **{k: v for k, v in given.items() if v is not None}, **kwargs)
+        opt = cls(model.named_parameters(), **{k: v for k, v in given.items() if v is not None}, model=model, **kwargs)
         opt.layout_overrides.update(layouts)
         return opt
 
@@ -381,6 +399,7 @@ class AdamMini(torch.optim.Optimizer):
                 f"parameters of dtypes {sorted(str(d) for d in dtypes)}: float16 is not supported "
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
+        fsdp = fsdp_params(self._model) if local else {}
         flat, self._slots, self._owners = [], {}, []
         for (*_, quantized), members in by_key.items():
             params = [named[k][1] for k in members]
@@ -395,7 +414,7 @@ class AdamMini(torch.optim.Optimizer):
             group = FlatGroup(proxies, [layouts[k] for k in members], m_dtype)
             sharded = [(i, named[k][1], local[k]) for i, k in enumerate(members) if k in local]
             if sharded:
-                group.sharded = ShardedGroup(group, sharded)
+                group.sharded = ShardedGroup(group, sharded, fsdp)
             if self.stochastic_rounding and group.dtype == torch.bfloat16:
                 group.round_seed = group_seed(self._round_seed, len(flat))
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
@@ -523,7 +542,7 @@ class AdamMini(torch.optim.Optimizer):
             if check.active is None or any(check.active):
                 group.repair(check)
                 if group.sharded is not None:
-                    group.sharded.adopt_grads(group)
+                    group.sharded.adopt(group)
                 active = None if check.active is None else group.active_flags(check.active, keep=self.capturable)
                 live.append((group, active))
         return live
@@ -599,7 +618,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn")
+    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn", "_model")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -611,6 +630,7 @@ class AdamMini(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._flat, self._hparam_rows = None, None
+        self.__dict__.setdefault("_model", None)  # not pickled; load_state_dict keeps it
         self._step_fn = dispatch.load_backend(self.backend)
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -15,10 +15,26 @@ divides by the global block size; padding (FSDP2 pads dim 0) is never part of a 
 block's ``v`` is kept on every rank holding a piece of it, identical everywhere.
 
 The flat buffers hold the local shards. A sharded parameter's storage belongs to its DTensor (and
-to FSDP2, which all-gathers from its own padded buffer), so it is not re-pointed: each step copies
-the local shards into the flat buffer and the results back (one foreach copy each way). Gradients
-are re-pointed: ``p.grad`` becomes a DTensor over the flat gradient buffer, which FSDP2
-accumulates into and ``zero_grad(set_to_none=False)`` zeroes in one fill.
+to FSDP2, which all-gathers from its own padded buffer), so by default it is not re-pointed: each
+step copies the local shards into the flat buffer and the results back (one foreach copy each
+way), unless FSDP2 shares its storage ([Note: shared FSDP2 storage]). Gradients are re-pointed:
+``p.grad`` becomes a DTensor over the flat gradient buffer, which FSDP2 accumulates into and
+``zero_grad(set_to_none=False)`` zeroes in one fill.
+
+[Note: shared FSDP2 storage]
+Given the model (``AdamMini(..., model=model)``, ``for_model``), the optimizer finds FSDP2's
+``FSDPParam`` of each sharded parameter (in the ``fully_shard`` modules' state) and makes the
+flat buffer FSDP2's storage of that shard: the DTensor's local tensor becomes the flat-buffer
+view and FSDP2's ``reset_sharded_param()`` (what FSDP2 itself calls after ``load_state_dict``)
+re-reads it as the storage it all-gathers from. Then no step copies that shard, and the shard is
+held once in memory instead of twice. FSDP2 keeps each rank's shard padded to ``ceil(rows /
+world)`` rows; a shard is shared only where that padding is empty (every rank but possibly the
+last ones of an uneven split), row-major (not ``Conv1D`` column storage), without CPU offload or
+a tensor-subclass extension, and where FSDP2 reads back the view (checked): the others keep the
+copies. Each step checks, on the host, that a shared shard is still the view (FSDP2 re-points
+after ``model.to()``, ``load_state_dict(assign=True)``); one that is not is copied in and shared
+again. These are FSDP2 internals (the same in torch 2.11 to 2.14); where they differ, nothing is
+shared and the copies stay.
 
 [Note: int8 on shards]
 With ``state_dtype=torch.int8`` the local layout's quantization chunks (``QBLOCK`` elements of a
@@ -282,13 +298,90 @@ def as_dtensor(local: torch.Tensor, info: ShardInfo, columns: bool = False) -> A
     return DTensor.from_local(local, info.mesh, info.placements, run_check=False, shape=shape, stride=stride)
 
 
+def fsdp_params(model: Any) -> Dict[int, Any]:
+    """``id(sharded parameter)`` -> FSDP2's ``FSDPParam`` holding it, over the ``fully_shard``
+    modules of ``model`` (see [Note: shared FSDP2 storage]); empty for None, a model without
+    them, or FSDP2 internals other than torch 2.11-2.14's."""
+    found: Dict[int, Any] = {}
+    if model is None:
+        return found
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12; 2.11 has one group
+        if groups is None:
+            groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+        for group in groups:
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                param = getattr(fsdp_param, "sharded_param", None)
+                if param is not None:
+                    found[id(param)] = fsdp_param
+    return found
+
+
+def _fsdp_storage(fsdp_param: Any) -> Optional[torch.Tensor]:
+    """The 1-D tensor FSDP2 all-gathers parameter ``fsdp_param`` from, or None."""
+    data = getattr(fsdp_param, "_sharded_param_data", None)
+    return data if type(data) is torch.Tensor else None
+
+
+def share_storage(fsdp_param: Any, p: Any, view: torch.Tensor) -> bool:
+    """Make ``view`` (a flat-buffer view holding the shard's current values) FSDP2's storage of
+    DTensor parameter ``p`` and its local tensor; True when done, False (nothing changed) where it
+    cannot be (see [Note: shared FSDP2 storage])."""
+    storage = _fsdp_storage(fsdp_param)
+    module_info = getattr(fsdp_param, "_module_info", None)
+    fits = (
+        storage is not None
+        and getattr(fsdp_param, "sharded_param", None) is p
+        # FSDP2 re-reads the parameter registered on the module: it must be the sharded one
+        # (not so while unsharded, e.g. with set_reshard_after_backward(False)).
+        and getattr(getattr(fsdp_param, "sharded_state", None), "name", None) == "SHARDED"
+        and module_info is not None
+        and getattr(module_info.module, module_info.param_name, None) is p
+        and getattr(fsdp_param, "offload_to_cpu", True) is False
+        and tuple(getattr(fsdp_param, "padded_sharded_param_size", ())) == tuple(view.shape)
+        and view.numel() > 0
+        and view.is_contiguous()
+        and p._local_tensor.dtype == view.dtype
+        and hasattr(fsdp_param, "reset_sharded_param")
+    )
+    if not fits:
+        return False
+    old = p._local_tensor
+    p._local_tensor = view
+    fsdp_param.reset_sharded_param()
+    if is_shared(fsdp_param, p, view):
+        return True
+    p._local_tensor = old  # FSDP2 did not take it: back to its own storage
+    fsdp_param.reset_sharded_param()
+    return False
+
+
+def is_shared(fsdp_param: Any, p: Any, view: torch.Tensor) -> bool:
+    """Whether FSDP2 all-gathers parameter ``p`` from ``view`` and ``p``'s local tensor is it."""
+    storage = _fsdp_storage(fsdp_param)
+    return (
+        storage is not None
+        and storage.data_ptr() == view.data_ptr()
+        and storage.numel() == view.numel()
+        and p._local_tensor.data_ptr() == view.data_ptr()
+    )
+
+
 class ShardedGroup:
     """The sharded parameters of one flat group (``FlatGroup.sharded``): their DTensors, local
     blocks and the split-block all-reduce. The group's ``params`` are plain proxies of the local
     shards (see [Note: sharded parameters])."""
 
-    def __init__(self, group, members: Sequence[Tuple[int, Any, LocalBlocks]]):
+    def __init__(self, group, members: Sequence[Tuple[int, Any, LocalBlocks]], fsdp: Optional[Dict[int, Any]] = None):
         self.members = list(members)  # (index in the group, DTensor parameter, LocalBlocks)
+        # Members whose FSDP2 FSDPParam is known (index -> it), and those sharing its storage.
+        fsdp = fsdp or {}
+        self.fsdp = {i: fsdp[id(p)] for i, p, lb in self.members if id(p) in fsdp and not lb.layout.columns}
+        self.shared: Dict[int, torch.Tensor] = {}  # index -> the flat-buffer view FSDP2 holds
         self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
         by_index = {i: lb for i, _, lb in self.members}
@@ -325,22 +418,35 @@ class ShardedGroup:
 
     def pull(self, group) -> None:
         """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy
-        the local shards of the parameters into the flat buffer."""
+        the local shards of the parameters into the flat buffer (those FSDP2 still holds there
+        need none; one it re-pointed is copied and no longer counted as shared)."""
         for i, p, _ in self.members:
             check_grad_placement(group.layouts[i].name, p)
             group.params[i].grad = None if p.grad is None else p.grad._local_tensor
-        torch._foreach_copy_([group.param_view(i) for i, _, _ in self.members], [p._local_tensor for _, p, _ in self.members])
+            if i in self.shared and not is_shared(self.fsdp[i], p, self.shared[i]):
+                del self.shared[i]
+        copied = [(i, p) for i, p, _ in self.members if i not in self.shared]
+        if copied:
+            torch._foreach_copy_([group.param_view(i) for i, _ in copied], [p._local_tensor for _, p in copied])
 
-    def adopt_grads(self, group) -> None:
-        """After ``FlatGroup.repair``: re-point gradients that were copied in as DTensors over the
-        flat gradient buffer."""
+    def adopt(self, group) -> None:
+        """After ``FlatGroup.repair`` (the flat buffer holds every shard's values): re-point
+        gradients that were copied in as DTensors over the flat gradient buffer, and make the
+        flat buffer FSDP2's storage of the shards it can hold (see [Note: shared FSDP2 storage])."""
         for i, p, lb in self.members:
             if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
                 p.grad = as_dtensor(group.grad_views[i], lb.info, lb.layout.columns)
+            if i in self.fsdp and i not in self.shared:
+                view = group.param_view(i)
+                if share_storage(self.fsdp[i], p, view):
+                    self.shared[i] = view
 
     def push(self, group) -> None:
-        """After a step: copy the updated local shards back into the DTensors."""
-        torch._foreach_copy_([p._local_tensor for _, p, _ in self.members], [group.param_view(i) for i, _, _ in self.members])
+        """After a step: copy the updated local shards back into the DTensors (not those whose
+        storage the flat buffer is)."""
+        copied = [(i, p) for i, p, _ in self.members if i not in self.shared]
+        if copied:
+            torch._foreach_copy_([p._local_tensor for _, p in copied], [group.param_view(i) for i, _ in copied])
 
     def partial_members(self) -> List[int]:
         """Indices of the members whose gradients are split across ranks (not replicated): their

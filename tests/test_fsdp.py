@@ -212,6 +212,91 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, bac
         assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
 
 
+class _CountCopies:
+    """The number of tensors of each ``torch._foreach_copy_`` call while active."""
+
+    def __init__(self):
+        self.sizes = []
+        self._original = torch._foreach_copy_
+
+    def __enter__(self):
+        def counted(dst, src, *args, **kwargs):
+            self.sizes.append(len(dst))
+            return self._original(dst, src, *args, **kwargs)
+
+        torch._foreach_copy_ = counted
+        return self
+
+    def __exit__(self, *exc):
+        torch._foreach_copy_ = self._original
+
+
+REPOINT_STEP = 5  # the shared_storage worker swaps q_proj's local tensor for a copy before it
+
+
+def _shared_storage_worker(rank, port, out, backend_arg):
+    """FSDP2 with the model given: the flat buffer becomes FSDP2's storage of every shard without
+    padding; at REPOINT_STEP q_proj's local tensor is replaced (as FSDP2 does after model.to())."""
+    from adam_mini_kernels.sharding import fsdp_params
+
+    _init(rank, port)
+    try:
+        model = _model()
+        fully_shard(model)
+        opt = _optimizer(model.named_parameters(), backend_arg, model=model)
+        copies, repointed = [], None
+        for step in range(STEPS):
+            opt.zero_grad(set_to_none=False)
+            model(_batch(step).chunk(WORLD)[rank]).backward()
+            if step == REPOINT_STEP:
+                fp = fsdp_params(model)[id(model.q_proj.weight)]
+                model.q_proj.weight._local_tensor = model.q_proj.weight._local_tensor.clone()
+                fp.reset_sharded_param()
+                repointed = fp._sharded_param_data.data_ptr() == model.q_proj.weight._local_tensor.data_ptr()
+            with _CountCopies() as counter:
+                opt.step()
+            copies.append(counter.sizes)
+        (group,) = opt._flat
+        buffer = group.param_buffer
+        inside = lambda t: buffer.data_ptr() <= t.data_ptr() < buffer.data_ptr() + buffer.numel() * buffer.element_size()  # noqa: E731
+        found = fsdp_params(model)
+        fsdp_storage_in_buffer = {n: inside(found[id(p)]._sharded_param_data) for n, p in model.named_parameters()}
+        shared = sorted(group.layouts[i].name for i in group.sharded.shared)
+        result = {"params": _gathered(model), "copies": copies, "shared": shared, "repointed": repointed,
+                  "in_buffer": fsdp_storage_in_buffer}
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_shards_live_in_the_flat_buffer_when_the_model_is_given(tmp_path, backend_arg):
+    """Every shard FSDP2 holds without padding (all of rank 0's; rank 1's of the parameters with
+    an even number of rows) is FSDP2's storage and the flat buffer at once: after the first step
+    no copy of it is made (the only copies left are rank 1's padded shards, in and out), a local
+    tensor FSDP2 re-points is copied in once and shared again, and the run equals one process."""
+    _spawn(_shared_storage_worker, str(tmp_path), backend_arg)
+    expected = _single_process(STEPS)
+    rows = {n: p.shape[0] for n, p in _model().named_parameters()}
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, p in expected.items():
+            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+        want = sorted(n for n, r in rows.items() if rank == 0 or r % 2 == 0)
+        assert saved["shared"] == want, (rank, saved["shared"])
+        assert saved["in_buffer"] == {n: n in want for n in rows}, rank
+        assert saved["repointed"] is True  # the swap did take q_proj off the flat buffer
+        unshared = len(rows) - len(want)
+        steady = [[unshared, unshared]] if unshared else [[]]
+        # The first step adopts the parameters and gradients (copies); the step after the
+        # swap copies q_proj back in (a pull of one more tensor).
+        for step, sizes in enumerate(saved["copies"][1:], start=1):
+            if step == REPOINT_STEP:
+                assert sizes == [unshared + 1, unshared] if unshared else [1], (rank, step, sizes)
+            else:
+                assert [sizes] == steady, (rank, step, sizes)
+
+
 INF_STEP = 3  # the step whose gradient holds an inf, in rank 1's shard of q_proj (row 3 of 6)
 
 
@@ -753,10 +838,12 @@ def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_pat
         assert max_rel_err(expected, saved["norm"]) <= 1e-6
 
 
-# What the checkpoint test trains: the tiny model with the name rules, or GPT-2 with for_model's
-# sectioned and column-stored layouts. (model, optimizer, training loop)
+# What the checkpoint test trains: the tiny model with the name rules (with FSDP2's storage
+# shared: loading writes into the flat buffer), or GPT-2 with for_model's sectioned and
+# column-stored layouts. (model, optimizer, training loop)
 DCP_RUNS = {
     "name_rules": (_model, lambda model: AdamMini(model.named_parameters(), **KW), _train),
+    "shared_storage": (_model, lambda model: AdamMini(model.named_parameters(), model=model, **KW), _train),
     "for_model_gpt2": (_gpt2, lambda model: AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False), _gpt2_train),
     "int8": (_int8_model, lambda model: AdamMini(model.named_parameters(), state_dtype=torch.int8,
                                                  **{**KW, **INT8_DIMS}), _int8_train),
