@@ -90,27 +90,30 @@ def _single_process(make_model, make_optimizer, steps: int, batch=_batch) -> dic
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _hsdp_worker(rank, port, out, backend_arg, max_grad_norm):
+def _hsdp_worker(rank, port, out, backend_arg, max_grad_norm, share):
     _init(rank, port)
     try:
         model = _model()
         fully_shard(model, mesh=_hsdp_mesh())
         placements = {tuple(p.placements) for p in model.parameters()}
-        opt = _optimizer(model.named_parameters(), backend_arg, max_grad_norm=max_grad_norm)
+        opt = _optimizer(model.named_parameters(), backend_arg, max_grad_norm=max_grad_norm, model=model if share else None)
         sizes = []
         _train(model, opt, rank, WORLD, range(STEPS), sizes=sizes)
-        result = {"params": _gathered(model), "sizes": sizes, "placements": placements, "fused_split": _fused_split_blocks(opt)}
+        shared = sum(len(g.sharded.shared) for g in opt._flat)
+        result = {"params": _gathered(model), "sizes": sizes, "placements": placements, "fused_split": _fused_split_blocks(opt),
+                  "shared": shared}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-@pytest.mark.parametrize("backend, max_grad_norm", [("torch", 0.05), ("triton", None), ("cuda-emulated", 0.05)])
-def test_hsdp_matches_single_process_reducing_over_the_shard_dim_only(tmp_path, backend_arg, max_grad_norm):
+@pytest.mark.parametrize("backend, max_grad_norm, share", [("torch", 0.05, False), ("triton", None, True), ("cuda-emulated", 0.05, True)])
+def test_hsdp_matches_single_process_reducing_over_the_shard_dim_only(tmp_path, backend_arg, max_grad_norm, share):
     """FSDP2 on a (replicate, shard) mesh: every rank equals one process; the split blocks' sums
     (and the clipping norm's squares) are all-reduced over the 2 ranks of the shard dim, once
-    per step each, never over all 4 (which would double them)."""
-    spawn(_hsdp_worker, WORLD, str(tmp_path), backend_arg, max_grad_norm)
+    per step each, never over all 4 (which would double them). With the model given, the shards
+    FSDP2 does not pad live in the flat buffer (see test_fsdp)."""
+    spawn(_hsdp_worker, WORLD, str(tmp_path), backend_arg, max_grad_norm, share)
     expected = _single_process(_model, lambda m: AdamMini(m.named_parameters(), max_grad_norm=max_grad_norm, **KW), STEPS)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
@@ -119,6 +122,9 @@ def test_hsdp_matches_single_process_reducing_over_the_shard_dim_only(tmp_path, 
             assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
         assert saved["sizes"] == [[MESH[1]] * (1 + (max_grad_norm is not None))] * STEPS, saved["sizes"]
         assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
+        # Shard-dim coordinate 0 (ranks 0, 2) has no padding: all 9 shared; coordinate 1 the 4
+        # parameters of an even number of rows.
+        assert saved["shared"] == ((9 if rank % 2 == 0 else 4) if share else 0), (rank, saved["shared"])
 
 
 # Hand placements on the 2x2 mesh: sharded over mesh dim 1 (the default), over mesh dim 0, or
