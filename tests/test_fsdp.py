@@ -968,44 +968,48 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         assert result["err"] <= 1e-6
 
 
-def _cuda_worker(rank, port, out, backend):
+def _cuda_worker(rank, port, out, backend, share):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
         model = _model().cuda()
         fully_shard(model)
-        opt = AdamMini(model.named_parameters(), backend=backend, **KW)
+        opt = AdamMini(model.named_parameters(), backend=backend, model=model if share else None, **KW)
         for step in range(STEPS):
             opt.zero_grad()
             model(_batch(step).cuda()).backward()
             opt.step()
-        torch.save({n: p.full_tensor().cpu() for n, p in model.named_parameters()}, f"{out}/cuda.pt")
+        result = {n: p.full_tensor().cpu() for n, p in model.named_parameters()}
+        torch.save({"params": result, "shared": sum(len(g.sharded.shared) for g in opt._flat)}, f"{out}/cuda.pt")
     finally:
         _teardown()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("share", [False, True], ids=["copies", "shared_storage"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_fsdp2_world_size_one_on_cuda(tmp_path, backend):
-    """FSDP2 with one rank on CUDA: the sharded code path (DTensor params, proxies, copies, the
-    all-reduce over a one-rank mesh) equals a plain CUDA run, on every backend."""
+def test_fsdp2_world_size_one_on_cuda(tmp_path, backend, share):
+    """FSDP2 with one rank on CUDA: the sharded code path (DTensor params, proxies, copies or,
+    with the model given, FSDP2's storage in the flat buffer, the all-reduce over a one-rank
+    mesh) equals a plain CUDA run, on every backend."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from adam_mini_kernels import available_backends
 
     if backend not in available_backends([torch.device("cuda")]):
         pytest.skip(f"backend {backend} cannot run here")
-    spawn(_cuda_worker, 1, str(tmp_path), backend)
+    spawn(_cuda_worker, 1, str(tmp_path), backend, share)
     model = _model().cuda()
     opt = AdamMini(model.named_parameters(), backend=backend, **KW)
     for step in range(STEPS):
         opt.zero_grad()
         model(_batch(step).cuda()).backward()
         opt.step()
-    sharded = torch.load(tmp_path / "cuda.pt")
+    saved = torch.load(tmp_path / "cuda.pt")
+    assert saved["shared"] == (9 if share else 0)  # one rank: no padding, every shard shared
     for name, p in model.named_parameters():
-        assert max_rel_err(p.detach().cpu(), sharded[name]) <= 1e-6, name
+        assert max_rel_err(p.detach().cpu(), saved["params"][name]) <= 1e-6, name
 
 
 def _chunk(t: torch.Tensor, world: int, dim: int, rank: int) -> torch.Tensor:
