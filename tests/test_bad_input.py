@@ -127,6 +127,25 @@ def test_bad_hyperparameter_is_rejected_and_changes_nothing(kwargs, words):
     _assert_unchanged(before, _snapshot(named))
 
 
+@pytest.mark.parametrize("model", ["model", [nn.Linear(2, 2)]], ids=["str", "list"])
+def test_model_that_is_not_a_module_is_a_type_error(model):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module or None"):
+        AdamMini(_named(), dim=DIM, n_heads=N_HEADS, verbose=False, model=model)
+
+
+def test_model_is_not_pickled_with_the_optimizer():
+    """A copy (deepcopy, pickle) of the optimizer does not drag the model along: it copies
+    sharded parameters into its flat buffer instead of sharing FSDP2's storage."""
+    import copy
+
+    model = nn.Linear(4, 3)
+    opt = AdamMini(model.named_parameters(), verbose=False, model=model)
+    assert opt._model is model
+    assert copy.deepcopy(opt)._model is None
+    opt.load_state_dict(opt.state_dict())  # loading keeps it
+    assert opt._model is model
+
+
 def test_integral_float_dims_are_accepted():
     """Only non-integers are errors: 8.0 heads is 8 heads."""
     named = _named()

@@ -880,7 +880,8 @@ def _dcp_worker(rank, port, out, resume, run):
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.save(state, checkpoint_id=f"{out}/ckpt")
             train(model, opt, rank, range(SAVE_AT, STEPS))
-        result = {"params": _gathered(model), "int8_params": sum(len(g.params) for g in opt._flat if g.quantized)}
+        result = {"params": _gathered(model), "int8_params": sum(len(g.params) for g in opt._flat if g.quantized),
+                  "shared": sum(len(g.sharded.shared) for g in opt._flat if g.sharded is not None)}
         torch.save(result, f"{out}/{'resumed' if resume else 'straight'}{rank}.pt")
     finally:
         _teardown()
@@ -897,6 +898,8 @@ def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path, run):
         straight = torch.load(tmp_path / f"straight{rank}.pt")
         resumed = torch.load(tmp_path / f"resumed{rank}.pt")
         assert straight["int8_params"] == resumed["int8_params"] == (3 if run == "int8" else 0)  # q_proj, mlp, norm weights
+        # FSDP2's storage stays shared through load_state_dict (GPT-2: its row-major weights only).
+        assert (straight["shared"] > 0) == (resumed["shared"] > 0) == (run in ("shared_storage", "for_model_gpt2")), run
         for name, p in straight["params"].items():
             assert torch.equal(p, resumed["params"][name]), (rank, name)
 
