@@ -23,6 +23,7 @@ LOGS=/tmp/device_session_logs
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=16
+export PATH="$PATH:$CUDA_HOME/bin"  # compute-sanitizer, when it is not on PATH already
 unset TRITON_INTERPRET
 status=0
 left() { echo $((BUDGET_S - SECONDS)); }
