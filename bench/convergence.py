@@ -260,6 +260,16 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _resumed(path: Path, dev: dict, cfg: RunConfig, seed: int) -> Dict[str, dict]:
+    """The finished runs of results file ``path``, which must come from the same configuration."""
+    old = json.loads(path.read_text())
+    same = {"device": old["device"]["name"] == dev["name"], "config": old["config"] == json.loads(json.dumps(asdict(cfg))),
+            "seed": old["seed"] == seed}
+    if not all(same.values()):
+        raise SystemExit(f"--resume {path}: another {', '.join(k for k, v in same.items() if not v)} than this run's")
+    return {run: r for run, r in old["results"].items() if "train_loss" in r}
+
+
 def _report(dev: dict, date: str, seed: int, cfg: RunConfig, results: Dict[str, dict], complete: bool) -> dict:
     """The results file's content; ``complete``: every run was tried (not stopped early)."""
     done = [r for r in results.values() if "params" in r]
@@ -284,6 +294,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--time-budget-s", type=float,
                     help="start no run after this many seconds (the others are reported as not run); the files are "
                          "rewritten after every run, so a stopped run leaves the finished ones")
+    ap.add_argument("--resume", type=Path,
+                    help="a results JSON of this script with the same preset, steps, seed and device: its finished runs "
+                         "are kept and only the others run (a run split over several GPU leases)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -316,11 +329,14 @@ def main(argv: Optional[List[str]] = None) -> Path:
     suffix = (f"_seed{args.seed}" if args.seed != SEED else "") + (f"_{_slug(args.tag)}" if args.tag else "")
     stem = args.out / f"convergence_{_slug(dev['name'])}_{date}{suffix}"
     results: Dict[str, dict] = {}
+    kept = _resumed(args.resume, dev, cfg, args.seed) if args.resume else {}
     start = time.perf_counter()
     for run in runs:
         backend = backend_of(run)
         elapsed = time.perf_counter() - start
-        if args.time_budget_s is not None and elapsed > args.time_budget_s:
+        if run in kept:
+            results[run] = kept[run]
+        elif args.time_budget_s is not None and elapsed > args.time_budget_s:
             results[run] = {"not_run": f"the time budget ({args.time_budget_s:.0f} s) was spent before this run"}
         elif backend is not None and backend not in available:
             results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here (available: {available})"}
