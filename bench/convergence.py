@@ -195,7 +195,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Convergence: tiny GPT on stdlib sources ({report['device']['name']}, {report['date']})",
         "",
-        f"Model {report['model']} ({report['params']:,} parameters), {report['config']['steps']} steps, batch "
+        f"Model {report['model']} ({report['params'] or 0:,} parameters), {report['config']['steps']} steps, batch "
         f"{report['config']['batch_size']} x {report['config']['model']['block_size']} bytes, peak lr "
         f"{report['config']['lr']}, betas {HPARAMS['betas']}, weight decay {HPARAMS['weight_decay']}; same "
         "initial weights and batches for every run. Criteria: (1) curve equal to official's, relative "

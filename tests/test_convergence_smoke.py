@@ -46,3 +46,30 @@ def test_convergence_smoke(tmp_path):
     assert abs(int8["final_val_rel_vs_fp32_state"]) < 0.05 and isinstance(int8["int8_final_within_1pct"], bool)
     assert "val vs AdamMini[torch]" in table
     assert "final_val_rel_vs_fp32_state" not in report["criteria"]["AdamMini[torch]"]
+
+
+def test_time_budget_and_resume(tmp_path):
+    """A spent budget starts no run (the file says why); --resume keeps the finished runs of an
+    earlier file (none is trained again: the losses and times are the file's) and refuses a file
+    of another configuration."""
+    pytest.importorskip("adam_mini")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def call(out, *extra):
+        command = [sys.executable, "bench/convergence.py", "--preset", "smoke", "--backends", "torch", "--out", str(out), *extra]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def report(out):
+        [path] = Path(out).glob("convergence_*.json")
+        return path, json.loads(path.read_text())
+
+    assert call(tmp_path / "none", "--time-budget-s", "0").returncode == 0
+    _, none = report(tmp_path / "none")
+    assert all("time budget" in r["not_run"] for r in none["results"].values())
+    assert call(tmp_path / "full").returncode == 0
+    full_path, full = report(tmp_path / "full")
+    assert call(tmp_path / "resumed", "--resume", str(full_path)).returncode == 0
+    _, resumed = report(tmp_path / "resumed")
+    assert resumed["results"] == full["results"]  # kept, seconds included: nothing ran again
+    refused = call(tmp_path / "other", "--seed", "7", "--resume", str(full_path))
+    assert refused.returncode != 0 and "another seed" in refused.stderr
