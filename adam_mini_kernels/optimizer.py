@@ -290,8 +290,10 @@ class AdamMini(torch.optim.Optimizer):
 
         ``dim``, ``n_heads``, ``n_kv_heads`` and ``head_dim`` default to the model's config
         (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``); give
-        them for models without one. Other keywords go to the constructor. The layouts land in
-        ``opt.layout_overrides``; parameters of modules of other types follow the name sets.
+        them for models without one. Other keywords go to the constructor, and so does the model
+        (``model=``: under FSDP2 the flat buffer becomes FSDP2's storage of the shards). The
+        layouts land in ``opt.layout_overrides``; parameters of modules of other types follow
+        the name sets.
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"AdamMini.for_model takes a torch.nn.Module, got {type(model).__name__}")
