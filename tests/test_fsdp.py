@@ -81,33 +81,40 @@ def _teardown() -> None:
     dist.destroy_process_group()
 
 
-class _CountAllReduce:
-    """Counts ``torch.distributed.all_reduce`` calls while active."""
+class Recorded:
+    """While active, records ``summary(*args, **kwargs)`` of every call of ``owner.name`` (then
+    made as usual) in ``records``."""
 
-    def __init__(self):
-        self.calls = 0
-        self._original = dist.all_reduce
+    def __init__(self, owner, name: str, summary):
+        self.owner, self.name, self.summary = owner, name, summary
+        self.records = []
 
     def __enter__(self):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self._original(*args, **kwargs)
+        original = self._original = getattr(self.owner, self.name)
 
-        dist.all_reduce = counted
+        def recorded(*args, **kwargs):
+            self.records.append(self.summary(*args, **kwargs))
+            return original(*args, **kwargs)
+
+        setattr(self.owner, self.name, recorded)
         return self
 
     def __exit__(self, *exc):
-        dist.all_reduce = self._original
+        setattr(self.owner, self.name, self._original)
+
+
+def _count_all_reduce() -> Recorded:
+    return Recorded(dist, "all_reduce", lambda *args, **kwargs: 1)
 
 
 def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True, batch=None) -> None:
     for step in steps:
         opt.zero_grad(set_to_none=set_to_none)
         model((batch or _batch)(step).chunk(WORLD)[rank]).backward()
-        with _CountAllReduce() as counter:
+        with _count_all_reduce() as counter:
             opt.step()
         if counts is not None:
-            counts.append(counter.calls)
+            counts.append(len(counter.records))
 
 
 # The backends the sharded tests step with: the fused ones (the Triton interpreter, the emulated CUDA
@@ -212,23 +219,9 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, bac
         assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
 
 
-class _CountCopies:
-    """The number of tensors of each ``torch._foreach_copy_`` call while active."""
-
-    def __init__(self):
-        self.sizes = []
-        self._original = torch._foreach_copy_
-
-    def __enter__(self):
-        def counted(dst, src, *args, **kwargs):
-            self.sizes.append(len(dst))
-            return self._original(dst, src, *args, **kwargs)
-
-        torch._foreach_copy_ = counted
-        return self
-
-    def __exit__(self, *exc):
-        torch._foreach_copy_ = self._original
+def _count_copies() -> Recorded:
+    """The number of tensors of each ``torch._foreach_copy_`` call."""
+    return Recorded(torch, "_foreach_copy_", lambda dst, src, *args, **kwargs: len(dst))
 
 
 REPOINT_STEP = 5  # the shared_storage worker swaps q_proj's local tensor for a copy before it
@@ -253,9 +246,9 @@ def _shared_storage_worker(rank, port, out, backend_arg):
                 model.q_proj.weight._local_tensor = model.q_proj.weight._local_tensor.clone()
                 fp.reset_sharded_param()
                 repointed = fp._sharded_param_data.data_ptr() == model.q_proj.weight._local_tensor.data_ptr()
-            with _CountCopies() as counter:
+            with _count_copies() as counter:
                 opt.step()
-            copies.append(counter.sizes)
+            copies.append(counter.records)
         (group,) = opt._flat
         buffer = group.param_buffer
         inside = lambda t: buffer.data_ptr() <= t.data_ptr() < buffer.data_ptr() + buffer.numel() * buffer.element_size()  # noqa: E731
@@ -386,9 +379,9 @@ def _dtensor_worker(rank, port, out, backend_arg, dtype=torch.float32, options=N
                 grads = _synthetic_grads(plain, step, dtype)
             for n, g in grads.items():
                 sharded[n].grad = distribute_tensor(g, mesh, sharded[n].placements)
-            with _CountAllReduce() as counter:
+            with _count_all_reduce() as counter:
                 opt.step()
-            counts.append(counter.calls)
+            counts.append(len(counter.records))
             with torch.no_grad():
                 for n, p in plain.named_parameters():
                     p.copy_(sharded[n].full_tensor())
@@ -723,9 +716,9 @@ def _for_model_worker(rank, port, out, backend_arg):
         for step in range(STEPS):
             opt.zero_grad()
             _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
-            with _CountAllReduce() as counter:
+            with _count_all_reduce() as counter:
                 opt.step()
-            counts.append(counter.calls)
+            counts.append(len(counter.records))
         members = [lb for group in opt._flat if group.sharded is not None for _, _, lb in group.sharded.members]
         split_columns = sum(lb.layout.columns and bool(lb.split.all()) for lb in members)
         torch.save({"params": _gathered(model), "counts": counts, "split_columns": split_columns,

@@ -19,6 +19,7 @@ from test_fsdp import (  # noqa: F401  (backend_arg: the fixture)
     BACKENDS,
     INT8_DIMS,
     KW,
+    Recorded,
     _batch,
     _fused_split_blocks,
     _gathered,
@@ -50,23 +51,9 @@ def _hsdp_mesh():
     return init_device_mesh("cpu", MESH, mesh_dim_names=("replicate", "shard"))
 
 
-class _AllReduceSizes:
-    """The number of ranks of each ``torch.distributed.all_reduce`` call while active."""
-
-    def __init__(self):
-        self.sizes = []
-        self._original = dist.all_reduce
-
-    def __enter__(self):
-        def recorded(tensor, *args, group=None, **kwargs):
-            self.sizes.append(dist.get_world_size(group))
-            return self._original(tensor, *args, group=group, **kwargs)
-
-        dist.all_reduce = recorded
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self._original
+def _all_reduce_sizes() -> Recorded:
+    """The number of ranks of each ``torch.distributed.all_reduce`` call."""
+    return Recorded(dist, "all_reduce", lambda tensor, *args, group=None, **kwargs: dist.get_world_size(group))
 
 
 def _train(model, opt, rank, world, steps, batch=_batch, sizes=None) -> None:
@@ -74,10 +61,10 @@ def _train(model, opt, rank, world, steps, batch=_batch, sizes=None) -> None:
     for step in steps:
         opt.zero_grad()
         model(batch(step).chunk(world)[rank]).backward()
-        with _AllReduceSizes() as recorded:
+        with _all_reduce_sizes() as recorded:
             opt.step()
         if sizes is not None:
-            sizes.append(recorded.sizes)
+            sizes.append(recorded.records)
 
 
 def _hsdp_worker(rank, port, out, backend_arg, max_grad_norm, share):
@@ -155,9 +142,9 @@ def _placed_worker(rank, port, out, backend_arg):
             (sum(plain(part) for part in _batch(step).chunk(WORLD)) / WORLD).backward()
             for n, p in plain.named_parameters():
                 sharded[n].grad = distribute_tensor(p.grad, mesh, sharded[n].placements)
-            with _AllReduceSizes() as recorded:
+            with _all_reduce_sizes() as recorded:
                 opt.step()
-            sizes.append(recorded.sizes)
+            sizes.append(recorded.records)
             with torch.no_grad():
                 for n, p in plain.named_parameters():
                     p.copy_(sharded[n].full_tensor())
