@@ -3,15 +3,21 @@
 //
 // [Note: host emulation]
 // kernels.cuh is compiled here by the host compiler, with the CUDA built-ins replaced:
-//   * a launch of B threads per block runs B std::threads, each looping over the grid's blocks
-//     in order; a barrier at the end of every block lets the next one reuse the "shared" memory;
-//   * __shared__ variables become function statics, shared by the threads of the (one) running
+//   * a launch of B threads per block runs B fibers (ucontext coroutines) on the calling thread,
+//     each looping over the grid's blocks in order; a barrier at the end of every block lets the
+//     next one reuse the "shared" memory. A scheduler resumes the fibers round-robin: a fiber runs
+//     until it waits at a barrier, so a barrier costs two context switches per thread, not the
+//     wake-up of B OS threads (which, on a 2-core CI machine running two ranks, was most of the
+//     time of the emulated tests);
+//   * __shared__ variables become function statics, shared by the fibers of the (one) running
 //     block; __syncthreads() is a barrier over them;
 //   * __shfl_xor_sync exchanges values through a per-warp array between two warp barriers;
-//   * threadIdx / blockIdx / blockDim are thread_local.
+//   * threadIdx / blockIdx / blockDim are set by the scheduler before it resumes a fiber.
 // Everything else (the fragment layout, 16-byte Chunk loads, c10::BFloat16 / c10::Half rounding,
-// float32 math) is the kernels' own code. What it cannot show: timing, memory-model subtleties,
-// the compiled SASS, nvcc's FMA contraction (results can differ from the GPU in the last bit).
+// float32 math) is the kernels' own code. What it cannot show: timing, memory-model subtleties
+// and races (the interleaving is fixed: fibers switch only at barriers), the compiled SASS,
+// nvcc's FMA contraction (results can differ from the GPU in the last bit). A barrier that some
+// threads never reach (divergent __syncthreads) aborts with a message instead of hanging.
 // tests/test_cuda_backend.py builds it with g++ and calls it through ctypes.
 //
 // C interface: dtype 0 = float, 1 = bfloat16, 2 = float16 (the parameters'), plus kWideState (8)
@@ -20,11 +26,13 @@
 // launch tables of one group and the flags (as the launchers in csrc/adam_mini_step.cu receive
 // them); the return value counts failed CUDA_KERNEL_ASSERTs.
 
-#include <atomic>
-#include <barrier>
+#include <ucontext.h>
+
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 struct EmulatedDim3 {
@@ -34,15 +42,98 @@ thread_local EmulatedDim3 threadIdx, blockIdx, blockDim;
 
 namespace emulation {
 
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber; the kernels keep small register arrays
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack{new char[kStackBytes]};
+  unsigned thread = 0;
+  unsigned block = 0;
+  bool done = false;
+};
+
+// The scheduler's state, per OS thread (each calling thread runs its own launches).
+thread_local ucontext_t scheduler;
+thread_local std::vector<std::unique_ptr<Fiber>> fibers;
+thread_local Fiber* current = nullptr;
+thread_local std::function<void()> body;  // what every fiber of the launch runs
+thread_local uint64_t progress = 0;       // barrier arrivals and finished fibers
+
+inline void yield() {
+  swapcontext(&current->context, &scheduler);
+}
+
+struct Barrier {
+  explicit Barrier(int expected) : expected(expected) {}
+  void arrive_and_wait() {
+    ++progress;
+    const uint64_t generation_now = generation;
+    if (++arrived == expected) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == generation_now) {
+      yield();
+    }
+  }
+  int expected;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
 struct Warp {
-  explicit Warp() : barrier(32) {}
-  std::barrier<> barrier;
+  Barrier barrier{32};
   float values[32];
 };
 
-std::barrier<>* block_barrier = nullptr;
-std::vector<std::unique_ptr<Warp>> warps;
-std::atomic<int> assert_failures{0};
+thread_local Barrier* block_barrier = nullptr;
+thread_local std::vector<std::unique_ptr<Warp>> warps;
+int assert_failures = 0;
+
+void fiber_main() {
+  body();
+  current->done = true;
+  ++progress;
+}  // returns to the scheduler (uc_link)
+
+// Runs `threads` fibers of `body` to completion, round-robin.
+inline void run_fibers(int threads) {
+  while (fibers.size() < static_cast<size_t>(threads)) {
+    fibers.push_back(std::make_unique<Fiber>());
+  }
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = *fibers[t];
+    f.thread = static_cast<unsigned>(t);
+    f.block = 0;
+    f.done = false;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  int remaining = threads;
+  while (remaining > 0) {
+    const uint64_t before = progress;
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = *fibers[t];
+      if (f.done) {
+        continue;
+      }
+      current = &f;
+      threadIdx.x = f.thread;
+      blockIdx.x = f.block;
+      blockDim.x = static_cast<unsigned>(threads);
+      swapcontext(&scheduler, &f.context);
+      remaining -= f.done ? 1 : 0;
+    }
+    if (remaining > 0 && progress == before) {
+      std::fprintf(stderr, "host emulator: a barrier that not every thread of the block reaches\n");
+      std::abort();
+    }
+  }
+}
 
 }  // namespace emulation
 
@@ -88,28 +179,21 @@ int launch(void (*kernel)(Params...), int64_t grid, int threads, Args... args) {
     return 0;
   }
   emulation::assert_failures = 0;
-  std::barrier<> block_barrier(threads);
+  emulation::Barrier block_barrier(threads);
   emulation::block_barrier = &block_barrier;
   emulation::warps.clear();
   for (int w = 0; w < threads / 32; ++w) {
     emulation::warps.push_back(std::make_unique<emulation::Warp>());
   }
-  std::vector<std::thread> workers;
-  for (int t = 0; t < threads; ++t) {
-    workers.emplace_back([=, &block_barrier] {
-      threadIdx.x = static_cast<unsigned>(t);
-      blockDim.x = static_cast<unsigned>(threads);
-      for (int64_t b = 0; b < grid; ++b) {
-        blockIdx.x = static_cast<unsigned>(b);
-        kernel(static_cast<Params>(args)...);
-        block_barrier.arrive_and_wait();  // the block is done: the next may reuse shared memory
-      }
-    });
-  }
-  for (auto& worker : workers) {
-    worker.join();
-  }
-  return emulation::assert_failures.load();
+  emulation::body = [=, &block_barrier] {
+    for (int64_t b = 0; b < grid; ++b) {
+      blockIdx.x = emulation::current->block = static_cast<unsigned>(b);
+      kernel(static_cast<Params>(args)...);
+      block_barrier.arrive_and_wait();  // the block is done: the next may reuse shared memory
+    }
+  };
+  emulation::run_fibers(threads);
+  return emulation::assert_failures;
 }
 
 constexpr int kWideState = 8;
