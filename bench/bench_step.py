@@ -504,6 +504,26 @@ def capture_step(opt: torch.optim.Optimizer, device: torch.device):
     return graph.replay
 
 
+HOST_CALLS = 10
+
+
+def host_ms(step: Callable[[], object], device: torch.device) -> Optional[float]:
+    """GPU rows: the median host time of one ``step()`` call, without a sync (what the Python
+    front-end and the launches cost the CPU). A step whose host time reaches its GPU time is
+    host-bound: its timed median is then the host's, not the kernels'. None on the CPU, where the
+    two are the same time."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    times = []
+    for _ in range(HOST_CALLS):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    sync(device)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def _error_text(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}"
     text = " ".join(text.split())
@@ -597,6 +617,7 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
             row["extra_peak_fraction_of_params"] = None
 
         row.update(ctx.timer(step, ctx.warmup_ms, ctx.rep_ms))
+        row["host_ms"] = host_ms(step, device)
         norms = torch._foreach_norm([p.detach() for _, p in named])
         row["finite"] = bool(torch.isfinite(torch.stack([x.float() for x in norms])).all())
 

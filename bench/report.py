@@ -63,8 +63,11 @@ def _row_cells(row: Dict) -> List[str]:
         if row.get("target_basis", "").startswith("H100 target x"):
             verdict += f" ({_fmt_ms(row['target_ms'])} ms: the H100 target scaled by the copy bandwidths)"
         note = (note + "; " if note else "") + verdict
+    host = row.get("host_ms")
+    if status == "ok" and host is not None and host >= 0.9 * row["median_ms"]:
+        note = (note + "; " if note else "") + "host-bound (host ms >= 90% of the median)"
     if status != "ok":
-        return [row["label"], status, "-", "-", "-", "-", "-", "-", "-", _fmt_ms(row.get("spec_reference_ms")), _one_line(note)]
+        return [row["label"], status, "-", "-", "-", "-", "-", "-", "-", "-", _fmt_ms(row.get("spec_reference_ms")), _one_line(note)]
     extra = row.get("extra_peak_bytes")
     extra_txt = "n/a" if extra is None else f"{_fmt_bytes(extra)} ({100 * row['extra_peak_fraction_of_params']:.2g}%)"
     return [
@@ -72,6 +75,7 @@ def _row_cells(row: Dict) -> List[str]:
         "ok",
         _fmt_ms(row["median_ms"]),
         f"{_fmt_ms(row['p20_ms'])}–{_fmt_ms(row['p80_ms'])}",
+        "n/a" if host is None else _fmt_ms(host),
         f"{row['min_bytes_per_param']:.2f}",
         _fmt_gbps(row["achieved_gbps"]),
         f"{100 * row['fraction_of_floor']:.1f}%",
@@ -87,6 +91,7 @@ HEADER = [
     "status",
     "median ms",
     "p20–p80 ms",
+    "host ms",
     "min B/param",
     "GB/s",
     "of floor",
@@ -122,7 +127,9 @@ def markdown(res: Dict) -> str:
         "- `of floor`: (minimum bytes / copy bandwidth) / median. `min B/param`: Adam-mini reads p, g, m and writes "
         "p, m (5 x storage bytes) plus v traffic; AdamW reads p, g, m, v and writes p, m, v (7 x storage bytes). "
         "`extra peak`: `torch.cuda.max_memory_allocated` during one step beyond what was allocated before it "
-        "(params, grads, state), with its fraction of the parameter bytes. `SPEC H100 ms`: SPEC section 5's "
+        "(params, grads, state), with its fraction of the parameter bytes. `host ms`: median host time of one "
+        "`step()` call without a sync (GPU rows; the step is host-bound where it nears the median). "
+        "`SPEC H100 ms`: SPEC section 5's "
         "anchors (AdamW, official) and targets (fused backends), measured on another day: compare with care.",
     ]
     if not res.get("complete", True):

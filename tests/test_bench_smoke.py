@@ -64,6 +64,7 @@ def _check_ok_row(row: dict, set_rec: dict) -> None:
         assert 5 * s < row["min_bytes_per_param"] < 5 * s + 1, row  # plus a little v traffic
         assert s <= row["state_bytes_per_param"] < s + 1, row  # m, plus few v values
     assert row["extra_peak_bytes"] is None  # CPU: n/a
+    assert row["host_ms"] is None  # CPU: the host time is the step time
 
 
 def test_smoke_run_writes_every_row(tmp_path):
@@ -186,3 +187,20 @@ def test_targets_belong_to_the_rows_they_were_set_for():
         "llama-1.1b-bf16": [3.85, 3.1, None, None, None, None],
         "gpt2-124m-fp32": [0.90, None, None, None, None, None],
     }
+
+
+def test_report_marks_host_bound_rows():
+    """A GPU row whose host time per step() call nears its median is marked host-bound in the
+    table (its timing then measures the Python front-end and the launches, not the kernels)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import report
+
+    row = dict(label="ours-triton", status="ok", median_ms=0.9, p20_ms=0.89, p80_ms=0.92, min_bytes_per_param=20.0,
+               achieved_gbps=2700.0, fraction_of_floor=0.93, state_bytes_per_param=4.0, extra_peak_bytes=0,
+               extra_peak_fraction_of_params=0.0)
+    for host, bound in ((None, False), (0.3, False), (0.85, True)):
+        cells = report._row_cells({**row, "host_ms": host})
+        assert cells[report.HEADER.index("host ms")] == ("n/a" if host is None else report._fmt_ms(host))
+        assert ("host-bound" in cells[-1]) == bound, cells
+    failed = report._row_cells(dict(label="ours-cuda", status="error", reason="boom", host_ms=None))
+    assert len(failed) == len(report.HEADER)
