@@ -84,62 +84,121 @@ def is_sharded(p: Any) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
+def _chunk_range(n: int, world: int, rank: int) -> Tuple[int, int]:
+    """(first index, length) of ``rank``'s piece of ``n`` indices split as torch.chunk splits
+    (DTensor and FSDP2 do): equal chunks of ceil(n / world), the last ones shorter or empty."""
+    chunk = -(-n // world)
+    start = min(rank * chunk, n)
+    return start, min(chunk, n - start)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """Where one rank's local shard sits in a DTensor parameter."""
+    """Where one rank's local shard sits in a DTensor parameter: on each sharded dim of the
+    parameter, one contiguous range of global indices (see [Note: sharded parameters])."""
 
     mesh: Any  # the DeviceMesh
     placements: tuple
-    dim: Optional[int]  # the sharded dim of the parameter, None when replicated
-    mesh_dim: Optional[int]  # the mesh dim it is sharded over, None when replicated
-    rank: int  # this rank's coordinate on that mesh dim
-    world: int  # ranks along that mesh dim
+    shard_mesh_dims: Tuple[int, ...]  # the mesh dims with a Shard placement, in order
+    mesh_sizes: Tuple[int, ...]  # their sizes
+    rank: int  # this rank's index among the ranks of those mesh dims (row-major coordinates)
     global_shape: Tuple[int, ...]
     local_shape: Tuple[int, ...]
+    process_group: Any = None  # the ranks of those mesh dims holding this rank's copy
 
     @property
-    def process_group(self):
-        """The ranks holding the other shards of this rank's copy (the mesh dim of the shards;
-        of a replicated parameter, any: it needs no collective)."""
-        return self.mesh.get_group(self.mesh_dim or 0)
+    def world(self) -> int:
+        """Ranks over which the parameter is sharded (1 when replicated)."""
+        return math.prod(self.mesh_sizes)
 
-    def shard_range(self, rank: int) -> Tuple[int, int]:
-        """(first index, length) along ``dim`` of ``rank``'s shard (torch.chunk's split, as
-        DTensor and FSDP2 use: equal chunks of ceil(n / world), the last ones shorter or empty)."""
-        n = self.global_shape[self.dim]
-        chunk = -(-n // self.world)
-        start = min(rank * chunk, n)
-        return start, min(chunk, n - start)
+    @property
+    def sharded(self) -> bool:
+        return bool(self.shard_mesh_dims)
+
+    def ranges(self, rank: int) -> Dict[int, Tuple[int, int]]:
+        """(first index, length) along each sharded dim of the parameter, for the shard of
+        ``rank`` (an index as ``self.rank``). Placements sharding one dim nest left to right, as
+        DTensor's ``Shard``; a leading ``_StridedShard`` (FSDP2 over tensor parallelism) makes
+        them nest right to left: the later mesh dims split the dim first."""
+        coords = np.unravel_index(rank, self.mesh_sizes) if self.mesh_sizes else ()
+        by_dim: Dict[int, List[Tuple[Any, int, int]]] = {}
+        for k, coord, size in zip(self.shard_mesh_dims, coords, self.mesh_sizes):
+            placement = self.placements[k]
+            by_dim.setdefault(placement.dim, []).append((placement, size, int(coord)))
+        out = {}
+        for dim, nest in by_dim.items():
+            if _is_strided(nest[0][0]):
+                nest = nest[::-1]
+            start, n = 0, self.global_shape[dim]
+            for _, size, coord in nest:
+                offset, n = _chunk_range(n, size, coord)
+                start += offset
+            out[dim] = (start, n)
+        return out
+
+
+def _is_strided(placement: Any) -> bool:
+    return type(placement).__name__ == "_StridedShard"
+
+
+def _check_placements(name: str, placements: tuple, mesh_sizes: Dict[int, int]) -> None:
+    """Refuse placements this optimizer does not support (see [Note: sharded parameters])."""
+    for placement in placements:
+        if type(placement) not in (Shard, Replicate) and not _is_strided(placement):
+            raise NotImplementedError(
+                f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports "
+                "Shard(d), Replicate and FSDP2's _StridedShard parameters"
+            )
+    for k, placement in enumerate(placements):
+        if not _is_strided(placement):
+            continue
+        later = [j for j in range(k + 1, len(placements)) if type(placements[j]) is Shard and placements[j].dim == placement.dim]
+        earlier = [j for j in range(k) if type(placements[j]) is not Replicate and placements[j].dim == placement.dim]
+        if earlier or getattr(placement, "split_factor", None) != math.prod(mesh_sizes[j] for j in later):
+            raise NotImplementedError(
+                f"parameter '{name}' has placements {placements}; AdamMini supports a _StridedShard only as FSDP2 "
+                "places it over tensor parallelism (first on its dim, split_factor the product of the later "
+                "Shard placements' mesh sizes on that dim)"
+            )
+
+
+_GROUPS: Dict[Tuple[int, ...], Any] = {}  # process groups over several mesh dims, by their ranks
+
+
+def _group_over(mesh: Any, mesh_dims: Tuple[int, ...]) -> Any:
+    """The process group of this rank's ranks along ``mesh_dims`` (the others fixed at this
+    rank's coordinates): the mesh's own group for one dim, else the world's where it is all of
+    it, else a new group made once (only its members take part in making it)."""
+    if len(mesh_dims) <= 1:
+        return mesh.get_group(mesh_dims[0] if mesh_dims else 0)
+    coords = mesh.get_coordinate()
+    index = tuple(slice(None) if k in mesh_dims else coords[k] for k in range(mesh.ndim))
+    ranks = tuple(sorted(int(r) for r in mesh.mesh[index].reshape(-1).tolist()))
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    if ranks not in _GROUPS:
+        _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _GROUPS[ranks]
 
 
 def shard_info(name: str, p: Any) -> ShardInfo:
     """The ``ShardInfo`` of DTensor parameter ``p``; raises ``NotImplementedError`` for
     placements this optimizer does not support (see [Note: sharded parameters])."""
     mesh, placements = p.device_mesh, tuple(p.placements)
-    for placement in placements:
-        if type(placement) not in (Shard, Replicate):
-            raise NotImplementedError(
-                f"parameter '{name}' has placement {type(placement).__name__} ({placement}); AdamMini supports "
-                "Shard(d) and Replicate parameters"
-            )
-    sharded = [k for k, placement in enumerate(placements) if type(placement) is Shard]
-    if len(sharded) > 1:
-        raise NotImplementedError(
-            f"parameter '{name}' is sharded over {len(sharded)} dims of a {mesh.ndim}-D device mesh "
-            f"{placements}; AdamMini supports one Shard placement per parameter, the other mesh dims "
-            "Replicate (FSDP2 and HSDP; not FSDP2 with tensor parallelism)"
-        )
-    mesh_dim = sharded[0] if sharded else None
-    dim = None if mesh_dim is None else placements[mesh_dim].dim
-    rank, world = (0, 1) if mesh_dim is None else (mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim))
-    info = ShardInfo(mesh, placements, dim, mesh_dim, rank, world, tuple(p.shape), tuple(p._local_tensor.shape))
+    _check_placements(name, placements, {k: mesh.size(k) for k in range(mesh.ndim)})
+    shard_dims = tuple(k for k, placement in enumerate(placements) if type(placement) is not Replicate)
+    sizes = tuple(mesh.size(k) for k in shard_dims)
+    coords = mesh.get_coordinate()
+    rank = int(np.ravel_multi_index([coords[k] for k in shard_dims], sizes)) if shard_dims else 0
+    info = ShardInfo(mesh, placements, shard_dims, sizes, rank, tuple(p.shape), tuple(p._local_tensor.shape),
+                     _group_over(mesh, shard_dims))
     expected = list(info.global_shape)
-    if dim is not None:
-        expected[dim] = info.shard_range(info.rank)[1]
+    for dim, (_, length) in info.ranges(rank).items():
+        expected[dim] = length
     if tuple(expected) != info.local_shape:
         raise NotImplementedError(
-            f"parameter '{name}': local shard of shape {list(info.local_shape)} is not the even split "
-            f"{expected} of {list(info.global_shape)} over {info.world} ranks; uneven DTensor shards are not supported"
+            f"parameter '{name}': local shard of shape {list(info.local_shape)} is not the split {expected} of "
+            f"{list(info.global_shape)} that placements {placements} give; uneven DTensor shards are not supported"
         )
     return info
 
@@ -167,17 +226,27 @@ def _pieces(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray
     local storage order. Zero-length pieces are left out."""
     shape = layout.storage_shape
     empty = np.zeros(0, dtype=np.int64)
-    if info.dim is None:
+    # (first, length) per storage dim (the parameter's dims reversed for columns).
+    spans = [(0, n) for n in shape]
+    for dim, span in info.ranges(rank).items():
+        spans[len(shape) - 1 - dim if layout.columns else dim] = span
+    if layout.numel == 0 or any(length == 0 for _, length in spans):
+        return empty, empty, empty
+    cut = [j for j, (first, length) in enumerate(spans) if (first, length) != (0, shape[j])]
+    if not cut:
         starts, run = np.zeros(1, dtype=np.int64), layout.numel
     else:
-        # The sharded dim of the parameter, in its storage shape (reversed for columns).
-        dim = len(shape) - 1 - info.dim if layout.columns else info.dim
-        start, length = info.shard_range(rank)
-        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
-        starts = np.arange(outer, dtype=np.int64) * (shape[dim] * inner) + start * inner
-        run = length * inner
-    if run == 0 or layout.numel == 0:
-        return empty, empty, empty
+        # Runs along the last cut dim (with every dim inside it whole), one per index of the
+        # dims outside it, in row-major order: the local storage order.
+        k = cut[-1]
+        inner = math.prod(shape[k + 1 :])
+        starts = np.zeros(1, dtype=np.int64)
+        for j in range(k):
+            first, length = spans[j]
+            stride = math.prod(shape[j + 1 :])
+            starts = (starts[:, None] + np.arange(first, first + length, dtype=np.int64)[None, :] * stride).reshape(-1)
+        starts = starts + spans[k][0] * inner
+        run = spans[k][1] * inner
     bounds = np.r_[0, np.cumsum(layout.block_sizes().numpy())]
     first = np.searchsorted(bounds, starts, side="right") - 1
     last = np.searchsorted(bounds, starts + run - 1, side="right") - 1
@@ -451,7 +520,7 @@ class ShardedGroup:
     def partial_members(self) -> List[int]:
         """Indices of the members whose gradients are split across ranks (not replicated): their
         squared norms are summed over the mesh for the global gradient norm."""
-        return [i for i, _, lb in self.members if lb.info.dim is not None]
+        return [i for i, _, lb in self.members if lb.info.sharded]
 
 
 def local_state_views(group, i: int) -> Dict[str, Any]:
@@ -543,10 +612,9 @@ def local_state(state: Dict[str, Any], lb: LocalBlocks) -> Dict[str, Any]:
                 return t._local_tensor
             t = t.full_tensor()
         t = t.reshape(info.global_shape)
-        if info.dim is None:
-            return t
-        start, length = info.shard_range(info.rank)
-        return t.narrow(info.dim, start, length)
+        for dim, (start, length) in info.ranges(info.rank).items():
+            t = t.narrow(dim, start, length)
+        return t
 
     layout = lb.global_layout
     local = {k: v for k, v in state.items() if k not in ("m", "m_codes", "m_scales", "v", "vmean", "block_runs", "columns")}

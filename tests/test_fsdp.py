@@ -447,6 +447,15 @@ def _int8_layouts():
     ]
 
 
+def _one_dim_info(placement, world: int, rank: int, shape, local_shape):
+    """The ShardInfo of ``rank``'s shard under one placement on a 1-D mesh of ``world`` ranks."""
+    from adam_mini_kernels.sharding import ShardInfo
+
+    if isinstance(placement, Replicate):
+        return ShardInfo(None, (placement,), (), (), 0, tuple(shape), tuple(local_shape))
+    return ShardInfo(None, (placement,), (0,), (world,), rank, tuple(shape), tuple(local_shape))
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=["shard0", "shard1", "replicate"])
 def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, placement):
@@ -454,7 +463,7 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
     chunk, as labelling every element with its global chunk shows; where a shard cuts a global
     chunk, the map is None."""
     from adam_mini_kernels.buffers import chunk_lengths
-    from adam_mini_kernels.sharding import ShardInfo, local_blocks, num_chunks
+    from adam_mini_kernels.sharding import local_blocks, num_chunks
 
     seen = {True: 0, False: 0}
     for layout in _int8_layouts():
@@ -471,7 +480,7 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
         labels = labels.t() if layout.columns else labels
         for rank in range(world):
             local = labels if dim is None else _chunk(labels, world, dim, rank)
-            info = ShardInfo(None, (placement,), dim, None if dim is None else 0, rank, world, layout.shape, tuple(local.shape))
+            info = _one_dim_info(placement, world, rank, layout.shape, local.shape)
             lb = local_blocks(layout, info)
             flat = (local.t() if layout.columns else local).reshape(-1)
             local_chunks = flat.split(chunk_lengths(lb.layout.block_sizes()).tolist()) if flat.numel() else []
@@ -899,6 +908,7 @@ def test_distributed_checkpoint_resume_equals_uninterrupted(tmp_path, run):
 
 def _errors_and_fused_worker(rank, port, out):
     from torch.distributed.tensor import DTensor, Partial
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     _init(rank, port)
     try:
@@ -914,8 +924,12 @@ def _errors_and_fused_worker(rank, port, out):
         partial = nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Partial()]))
         expect("partial param", lambda: AdamMini([("norm.weight", partial)], verbose=False))
         mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("a", "b"))
-        on_2d = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh_2d, [Shard(0), Shard(1)]))
-        expect("two shards", lambda: AdamMini([("mlp.weight", on_2d)], verbose=False))
+        # A _StridedShard that is not FSDP2's over tensor parallelism (split factor 3, not the
+        # later Shard's mesh size).
+        strided = _StridedShard(0, split_factor=3)
+        odd = nn.Parameter(DTensor.from_local(torch.randn(2, 4), mesh_2d, [strided, Shard(0)], run_check=False,
+                                              shape=torch.Size((4, 4)), stride=(4, 1)))
+        expect("odd strided", lambda: AdamMini([("mlp.weight", odd)], verbose=False))
         p = nn.Parameter(distribute_tensor(torch.randn(6), mesh, [Shard(0)]))
         opt = AdamMini([("norm.weight", p)], verbose=False)
         p.grad = DTensor.from_local(torch.randn(6), mesh, [Partial()])
@@ -957,7 +971,7 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         result = torch.load(tmp_path / f"rank{rank}.pt")
         errors = result["errors"]
         assert "placement Partial" in errors["partial param"]
-        assert "one Shard placement per parameter" in errors["two shards"]
+        assert "_StridedShard only as FSDP2 places it" in errors["odd strided"]
         assert "reduce Partial gradients first" in errors["partial grad"]
         assert result["unchanged"]
         assert result["fused"]
@@ -1056,7 +1070,7 @@ def _layouts_for_sharding():
 def test_local_segments_of_any_layout_match_an_element_by_element_count(world, placement):
     """Sectioned (fused QKV) and column-stored (Conv1D) layouts too: the segments, their global
     block sizes and the split flags agree with labelling every element by its block."""
-    from adam_mini_kernels.sharding import ShardInfo, local_blocks, segments
+    from adam_mini_kernels.sharding import local_blocks, segments
 
     for layout in _layouts_for_sharding():
         if isinstance(placement, Shard) and placement.dim >= len(layout.shape):
@@ -1065,7 +1079,7 @@ def test_local_segments_of_any_layout_match_an_element_by_element_count(world, p
         held = torch.zeros(layout.num_blocks, dtype=torch.int64)
         for rank in range(world):
             local_shape = layout.shape if dim is None else _chunk(torch.empty(layout.shape), world, dim, rank).shape
-            info = ShardInfo(None, (placement,), dim, None if dim is None else 0, rank, world, layout.shape, tuple(local_shape))
+            info = _one_dim_info(placement, world, rank, layout.shape, local_shape)
             ids, sizes = segments(layout, info, rank)
             want_ids, want_sizes = _segments_by_element(layout, placement, world, rank)
             assert ids.tolist() == want_ids.tolist() and sizes.tolist() == want_sizes.tolist(), (layout.name, rank)
