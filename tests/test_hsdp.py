@@ -122,6 +122,12 @@ GROUP_SIZES_2D = [MESH[1], MESH[0], WORLD]
 # (int8 m); a whole-tensor block split over ranks 0-2 (float m: too small for int8; its group is
 # empty on rank 3, which still joins the all-reduce of the block's sums).
 EMPTY_SHARDS = {"mlp.weight": (3, 2048), "norm.weight": (3,)}
+# HSDP with tensor parallelism: a (replicate, shard, tp) mesh of 2 x 1 x 2, the parameters
+# replicated over dim 0 and sharded over dims 1 and 2: their split blocks' sums go over the 2
+# ranks of one replica (a process group made for them), not over all 4.
+MESH_3D = (2, 1, 2)
+HSDP_TP_SHARDS = {"mlp.weight": (6, 4), "norm.weight": (6,)}
+HSDP_TP_PLACEMENTS = {"mlp.weight": (Replicate(), Shard(0), Shard(1)), "norm.weight": (Replicate(), Shard(0), Shard(0))}
 
 
 def _synthetic_grads(shapes: dict, step: int) -> dict:
@@ -162,16 +168,44 @@ def _placed_worker(rank, port, out, backend_arg):
             for n, g in _synthetic_grads(EMPTY_SHARDS, step).items():
                 empty[n].grad = distribute_tensor(g, line, [Shard(0)])
             int8.step()
+
+        cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
+        torch.manual_seed(6)
+        hsdp_tp = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
+                   for n, shape in HSDP_TP_SHARDS.items()}
+        opt_3d = _optimizer(list(hsdp_tp.items()), backend_arg)
+        sizes_3d = []
+        for step in range(3):
+            for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
+                hsdp_tp[n].grad = distribute_tensor(g, cube, hsdp_tp[n].placements)
+            with _all_reduce_sizes() as recorded:
+                opt_3d.step()
+            sizes_3d.append(recorded.records)
+
         result = {
             "params": {n: p.full_tensor() for n, p in sharded.items()}, "sizes": sizes,
             "empty": {n: p.full_tensor() for n, p in empty.items()},
             "empty_local": {n: tuple(p._local_tensor.shape) for n, p in empty.items()},
             "int8_groups": [g.quantized for g in int8._flat],
             "local": {n: tuple(p._local_tensor.shape) for n, p in sharded.items()},
+            "hsdp_tp": {n: p.full_tensor() for n, p in hsdp_tp.items()}, "sizes_3d": sizes_3d,
         }
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
+
+
+def _synthetic_run(shapes: dict, seed: int, **kw):
+    """One process, 3 steps of the synthetic gradients: (params, their initial values)."""
+    torch.manual_seed(seed)
+    start = {n: torch.randn(shape) for n, shape in shapes.items()}
+    single = {n: nn.Parameter(t.clone()) for n, t in start.items()}
+    opt = AdamMini(list(single.items()), **{**KW, **kw})
+    for step in range(3):
+        for n, g in _synthetic_grads(shapes, step).items():
+            single[n].grad = g
+        opt.step()
+    return single, start
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -179,17 +213,13 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
     """Parameters sharded over mesh dim 1, over mesh dim 0 and over both (two Shard placements,
     one dim split twice, FSDP2's _StridedShard over a Shard) form three flat groups, each with
     its own all-reduce per step (over the 2, 2 and 4 ranks of its dims); replicated ones need
-    none. An int8 m on a mesh of 4 where one rank's shard is empty equals one process."""
+    none. An int8 m on a mesh of 4 where one rank's shard is empty equals one process, and so do
+    parameters sharded over two dims of a 3-D mesh and replicated over the third (HSDP with
+    tensor parallelism: one all-reduce over the 2 ranks of a replica)."""
     spawn(_placed_worker, WORLD, str(tmp_path), backend_arg)
     expected = _single_process(STEPS)
-    torch.manual_seed(5)
-    start = {n: torch.randn(shape) for n, shape in EMPTY_SHARDS.items()}
-    single = {n: nn.Parameter(t.clone()) for n, t in start.items()}
-    opt = AdamMini(list(single.items()), state_dtype=torch.int8, **KW)
-    for step in range(3):
-        for n, g in _synthetic_grads(EMPTY_SHARDS, step).items():
-            single[n].grad = g
-        opt.step()
+    single, start = _synthetic_run(EMPTY_SHARDS, 5, state_dtype=torch.int8)
+    single_3d, start_3d = _synthetic_run(HSDP_TP_SHARDS, 6)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         for name, p in expected.items():
@@ -201,6 +231,10 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
         for name, p in single.items():
             assert max_rel_err(p.detach(), saved["empty"][name]) <= 1e-6, (rank, name)
             assert not torch.equal(p.detach(), start[name])
+        for name, p in single_3d.items():
+            assert max_rel_err(p.detach(), saved["hsdp_tp"][name]) <= 1e-6, (rank, name)
+            assert not torch.equal(p.detach(), start_3d[name])
+        assert saved["sizes_3d"] == [[MESH_3D[1] * MESH_3D[2]]] * 3, saved["sizes_3d"]
 
 
 # What the checkpoint test trains: (model, optimizer, batch).
