@@ -49,14 +49,20 @@ parameter's m is int8 is decided on the global layout, alike on every rank. Save
 is sharded like the parameter and ``m_scales`` replicated in the global chunk order, gathered
 with ``vmean`` in the same all-reduce.
 
-Supported: DTensors with at most one ``Shard(d)`` placement, on any mesh dim, the others
-``Replicate`` (FSDP2 gives ``Shard(0)``; HSDP ``(Replicate(), Shard(0))`` on a 2-D mesh). The
-split blocks' sums are all-reduced over the ranks of the sharded mesh dim only
-(``ShardInfo.process_group``): the replicas along the other dims hold the same gradients and
-step alike. A rank whose shards of a group are all empty (more ranks than rows) still joins the
-group's all-reduce. Anything else (``Partial``, ``_StridedShard``, a parameter sharded over two
-mesh dims as FSDP2 with tensor parallelism gives) is a ``NotImplementedError`` rather than a
-wrong ``v``.
+Supported: DTensors on a mesh of any number of dims, each dim ``Shard(d)`` or ``Replicate``, and
+FSDP2's ``_StridedShard`` over tensor parallelism: FSDP2 ``Shard(0)``; HSDP ``(Replicate(),
+Shard(0))``; FSDP2 + TP ``(_StridedShard(0), Shard(0))`` for column-wise and ``(Shard(0),
+Shard(1))`` for row-wise weights on a (dp, tp) mesh. On each sharded dim of the parameter a shard
+is one contiguous range of indices (``ShardInfo.ranges``): placements on one dim nest as
+torch.chunk splits, left to right in mesh order, or right to left after a leading ``_StridedShard``
+(the later mesh dims split first, as FSDP2 shards a TP shard), checked against the local shape. A
+block's pieces are then runs along the last cut dim of the storage order. The split blocks' sums
+are all-reduced over the ranks of the parameter's shard dims only (``ShardInfo.process_group``: one
+mesh dim's group, the world's, or a group made once for the ranks of several dims): the replicas
+along the other dims hold the same gradients and step alike; parameters of other shard dims are
+other flat groups. A rank whose shards of a group are all empty (more ranks than rows) still joins
+the group's all-reduce. Anything else (``Partial``, a ``_StridedShard`` not placed as FSDP2 places
+it) is a ``NotImplementedError`` rather than a wrong ``v``.
 """
 
 from __future__ import annotations
