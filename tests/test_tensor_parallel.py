@@ -70,14 +70,20 @@ def _batch(step: int) -> torch.Tensor:
     return torch.randn(8, 8, generator=torch.Generator().manual_seed(100 + step))
 
 
-def _single_process(steps: int, max_grad_norm=None) -> dict:
-    """The reference: the dp ranks' halves of each batch in one process (FSDP2 averages them)."""
+def _single_run(steps: int, max_grad_norm=None):
+    """The reference: the dp ranks' halves of each batch in one process (FSDP2 averages them).
+    Returns the model and its optimizer."""
     model = _model()
     opt = _optimizer(model.named_parameters(), ("torch", None), **{**KW, "max_grad_norm": max_grad_norm})
     for step in range(steps):
         opt.zero_grad()
         (sum(model(half) for half in _batch(step).chunk(MESH[0])) / MESH[0]).backward()
         opt.step()
+    return model, opt
+
+
+def _single_process(steps: int, max_grad_norm=None) -> dict:
+    model, _ = _single_run(steps, max_grad_norm)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -181,3 +187,31 @@ def test_checkpoint_of_fsdp2_with_tensor_parallelism_resumes_bitwise(tmp_path):
         straight, resumed = (torch.load(tmp_path / f"{phase}{rank}.pt")["params"] for phase in ("straight", "resumed"))
         for name, p in straight.items():
             assert torch.equal(p, resumed[name]), (rank, name)
+
+
+def _single_state_worker(rank, port, out):
+    """Train SAVE_AT steps, then a fresh optimizer loads the single-process optimizer's state
+    dict at that step (each rank keeps its part of every 2-D parameter's state) and goes on."""
+    _init(rank, port)
+    try:
+        model, mesh = _parallel_model()
+        opt = _optimizer(model.named_parameters(), ("torch", None), **KW, model=model)
+        _train(model, opt, mesh, range(SAVE_AT))
+        _, single = _single_run(SAVE_AT)
+        opt = _optimizer(model.named_parameters(), ("torch", None), **KW, model=model)  # a fresh one: no state
+        opt.load_state_dict(single.state_dict())
+        _train(model, opt, mesh, range(SAVE_AT, STEPS))
+        torch.save({"params": _gathered(model)}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_single_process_state_loads_into_fsdp2_with_tensor_parallelism(tmp_path):
+    """A single-process state dict (plain tensors of the global shapes) loaded into the 2-D job
+    is cut to each rank's ranges, _StridedShard's included: the run goes on as one process."""
+    spawn(_single_state_worker, WORLD, str(tmp_path))
+    expected = _single_process(STEPS)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")["params"]
+        for name, p in expected.items():
+            assert max_rel_err(p, saved[name]) <= 1e-6, (rank, name)
