@@ -140,9 +140,10 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
     device = group.device
     blocks_table = blocks.tensor(device)
     reduce_split = None
-    if sharded is not None and sharded.num_slots:
+    if sharded is not None:
         # Every rank of the mesh joins the all-reduce, also one holding none of the split blocks
-        # (its shards of them are empty): it adds zeros.
+        # (its shards of them are empty): it adds zeros. A group with no split block anywhere
+        # makes one only to carry a rider (ShardedGroup.ride).
         large_v = np.concatenate(blocks.cols[LB_V]) if blocks.cols[LB_V] else np.zeros(0, dtype=np.int64)
         reduce_split = sharded.split_reducer(large_v)
     return LaunchTables(
@@ -165,8 +166,8 @@ def fused_step(
 ) -> None:
     """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
     ``rows_step``, ``large_blocks_sumsq``, ``large_blocks_update``, ``adam_step``, with the
-    schemas of csrc/bindings.cpp): the coefficient table, the large blocks' sums (and for a
-    sharded group the one all-reduce of its split blocks'), one call per row class, the large
+    schemas of csrc/bindings.cpp): the large blocks' sums (and for a sharded group the one
+    all-reduce of its split blocks'), the coefficient table, one call per row class, the large
     blocks' update, the Adam tiles. The tables and the coefficient buffer are built once and kept
     in ``group.cache``. A float group passes an empty ``m_scales`` (the operators read it only
     for int8 ``m``)."""
@@ -177,7 +178,6 @@ def fused_step(
     if t is None:
         t = group.cache["launch_tables"] = build_launch_tables(group)
     rounding = group.round_seed is not None
-    ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
     p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
     scales = group.m_scales
     if scales is None:
@@ -188,6 +188,8 @@ def fused_step(
         ops.large_blocks_sumsq(g, t.tiles, t.blocks, t.partial, t.block_sums)
     if t.reduce_split is not None:
         t.reduce_split(t.block_sums)
+    # After the all-reduce: a clip factor riding in it is written into inv_scale there.
+    ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
     for width, rows in t.row_classes:
         ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)
     if t.tiles is not None:

@@ -511,10 +511,12 @@ class AdamMini(torch.optim.Optimizer):
         live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
         if self._device_lr:
             self._device_lrs()
-        inv_scale, skip = self._gradient_factors([group for group, _ in live])
+        live, (inv_scale, skip) = self._gradient_factors(live)
         for group, active in live:
             self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
             if group.sharded is not None:
+                if group.sharded.rider is not None:
+                    raise RuntimeError("internal error: the clipping norm's all-reduce did not run in the first group's step")
                 group.sharded.push(group)
         return loss
 
@@ -569,31 +571,70 @@ class AdamMini(torch.optim.Optimizer):
                 live.append((group, active))
         return live
 
-    def _gradient_factors(self, groups: List[FlatGroup]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The gradient multiplier and the skip flag of this step, as 0-dim device tensors (or
-        None): AMP's 1 / scale and found_inf, with max_grad_norm's clip factor folded into the
-        multiplier and a non-finite norm into the skip flag. No host sync."""
-        if not groups:
-            return None, None
+    # [Note: clipping norm of shards]
+    # The global gradient norm needs the squares of the sharded gradients' local norms summed
+    # over their ranks. Where those all live on one process group (FSDP2, HSDP), the sum rides as
+    # one more slot in the split-block all-reduce of a group on it (one with split blocks where
+    # there is one: no extra collective), which is stepped first: both
+    # backends build the coefficient table after that all-reduce, and its callback writes the clip
+    # factor (and the skip flag of a non-finite norm) into the device tensors the table reads. So
+    # a clipped FSDP2 step makes one collective, as an unclipped one does. Parameters on several
+    # process groups (tensor parallelism: the 2-D ones and the dp-only ones) need every group's
+    # sum before any update: one all-reduce per process group first, then the steps.
+    def _gradient_factors(self, live: List[Tuple[FlatGroup, Any]]) -> Tuple[List[Tuple[FlatGroup, Any]], Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """The groups to step, in order, and the gradient multiplier and skip flag of this step
+        as 0-dim device tensors (or None): AMP's 1 / scale and found_inf, with max_grad_norm's
+        clip factor folded into the multiplier and a non-finite norm into the skip flag. No host
+        sync. See [Note: clipping norm of shards]."""
+        if not live:
+            return live, (None, None)
+        groups = [group for group, _ in live]
         device = groups[0].device
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else _on(grad_scale, device).reciprocal()
         skip = None if found_inf is None else _on(found_inf, device)
         if self.max_grad_norm is None:
-            return inv_scale, skip
-        total = self._global_grad_norm(groups, device)
-        if inv_scale is not None:
-            total = total * inv_scale
-        self.last_grad_norm = total
-        clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-        nonfinite = (~torch.isfinite(total)).float()
-        return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
+            return live, (inv_scale, skip)
+        local, shard_squares = self._grad_norm_squares(groups, device)
 
-    def _global_grad_norm(self, groups: List[FlatGroup], device: torch.device) -> torch.Tensor:
-        """As clip_grad_norm_: the norm of the per-tensor norms (idle params' zeroed grads add 0).
-        The squares of sharded gradients' local norms are summed over their mesh (one all-reduce
-        per process group, whatever the number of groups on it)."""
-        squares = []
+        def factors(total_square: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            total = total_square.sqrt().float()
+            if inv_scale is not None:
+                total = total * inv_scale
+            self.last_grad_norm = total
+            clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            nonfinite = (~torch.isfinite(total)).float()
+            return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
+
+        rider = None
+        if len(shard_squares) == 1 and all(group.device == device for group in groups):
+            ((process_group, sums),) = shard_squares.items()
+            on_it = [k for k, g in enumerate(groups) if g.sharded is not None and g.sharded.process_group == process_group]
+            # A group that all-reduces split blocks anyway, else any on that process group.
+            rider = next((k for k in on_it if groups[k].sharded.num_slots), on_it[0] if on_it else None)
+        if rider is None:  # the squares of each process group's shards in an all-reduce of their own
+            for process_group, sums in shard_squares.items():
+                shard_sum = torch.stack(sums).sum()
+                torch.distributed.all_reduce(shard_sum, group=process_group)
+                local = local + shard_sum.to(device, non_blocking=True)
+            return live, factors(local)
+        # Fold them into the split-block all-reduce of the group stepped first.
+        multiplier, flag = torch.empty((), device=device), torch.empty((), device=device)
+
+        def then(summed: torch.Tensor) -> None:
+            m, f = factors(local + summed[0].double())
+            multiplier.copy_(m)
+            flag.copy_(f)
+
+        groups[rider].sharded.ride(torch.stack(sums).sum().float().reshape(1), then)
+        return [live[rider]] + live[:rider] + live[rider + 1 :], (multiplier, flag)
+
+    def _grad_norm_squares(self, groups: List[FlatGroup], device: torch.device) -> Tuple[torch.Tensor, Dict[Any, List[torch.Tensor]]]:
+        """As clip_grad_norm_, the squares of the per-tensor norms (idle params' zeroed grads add
+        0), float64: their sum over the unsharded and replicated parameters (on ``device``), and
+        per process group the local sums over the shards of parameters split across its ranks
+        (to be summed over them)."""
+        squares = [torch.zeros((), dtype=torch.float64, device=device)]
         shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
             norms = torch._foreach_norm(group.grad_views)
@@ -604,11 +645,7 @@ class AdamMini(torch.optim.Optimizer):
             if partial:
                 shard_sum = torch.stack([norms[i] for i in sorted(partial)]).double().square().sum()
                 shard_squares[group.sharded.process_group].append(shard_sum)
-        for process_group, sums in shard_squares.items():
-            shard_sum = torch.stack(sums).sum()
-            torch.distributed.all_reduce(shard_sum, group=process_group)
-            squares.append(shard_sum.to(device, non_blocking=True))
-        return torch.stack(squares).sum().sqrt().float()
+        return torch.stack(squares).sum(), shard_squares
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` the flat gradient

@@ -346,10 +346,12 @@ def split_slots(blocks: Sequence[LocalBlocks]) -> Tuple[List[np.ndarray], List[n
 
 class SplitReducer:
     """Sums a flat group's split-block partial sums across the ranks of its mesh, one
-    ``all_reduce`` per call (see [Note: sharded parameters])."""
+    ``all_reduce`` per call (see [Note: sharded parameters]), with the values of the group's
+    rider, if it has one (see ``ShardedGroup.ride``), appended to it."""
 
-    def __init__(self, process_group, positions: np.ndarray, slots: np.ndarray, num_slots: int, device: torch.device):
-        self.process_group = process_group
+    def __init__(self, owner: "ShardedGroup", positions: np.ndarray, slots: np.ndarray, num_slots: int, device: torch.device):
+        self.owner = owner
+        self.process_group = owner.process_group
         self.positions = torch.from_numpy(positions).to(device)
         self.slots = torch.from_numpy(slots).to(device)
         self.num_slots = num_slots
@@ -357,12 +359,18 @@ class SplitReducer:
     def __call__(self, block_sum: torch.Tensor) -> None:
         """Replace the split entries of ``block_sum`` (one per local segment, float32) by their
         sums over all ranks, in place."""
-        if self.num_slots == 0:
+        rider, self.owner.rider = self.owner.rider, None
+        if self.num_slots == 0 and rider is None:
             return
-        buffer = block_sum.new_zeros(self.num_slots)
+        extra = 0 if rider is None else rider[0].numel()
+        buffer = block_sum.new_zeros(self.num_slots + extra)
         buffer.index_copy_(0, self.slots, block_sum.index_select(0, self.positions))
+        if rider is not None:
+            buffer[self.num_slots :] = rider[0]
         dist.all_reduce(buffer, group=self.process_group)
         block_sum.index_copy_(0, self.positions, buffer.index_select(0, self.slots))
+        if rider is not None:
+            rider[1](buffer[self.num_slots :])
 
 
 def as_dtensor(local: torch.Tensor, info: ShardInfo, columns: bool = False) -> Any:
@@ -457,6 +465,7 @@ class ShardedGroup:
         fsdp = fsdp or {}
         self.fsdp = {i: fsdp[id(p)] for i, p, lb in self.members if id(p) in fsdp and not lb.layout.columns}
         self.shared: Dict[int, torch.Tensor] = {}  # index -> the flat-buffer view FSDP2 holds
+        self.rider: Optional[Tuple[torch.Tensor, Any]] = None  # see ride()
         self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
         by_index = {i: lb for i, _, lb in self.members}
@@ -489,7 +498,14 @@ class ShardedGroup:
         found = at < len(self.split_positions)
         found[found] = self.split_positions[at[found]] == v_index[found]
         positions = np.flatnonzero(found).astype(np.int64)
-        return SplitReducer(self.process_group, positions, self.split_slots[at[found]], self.num_slots, self.device)
+        return SplitReducer(self, positions, self.split_slots[at[found]], self.num_slots, self.device)
+
+    def ride(self, values: torch.Tensor, then) -> None:
+        """Have the next split-block all-reduce of this group (whichever backend calls it, also
+        with no split block) sum ``values`` (1-D float32) over the same ranks, then call
+        ``then(summed values)``: the clipping norm's squares ride in it (see
+        ``AdamMini._gradient_factors``)."""
+        self.rider = (values, then)
 
     def pull(self, group) -> None:
         """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy

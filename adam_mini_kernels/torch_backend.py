@@ -77,7 +77,6 @@ def torch_step(
 ) -> None:
     """Apply one step to ``group`` in place; ``active`` flags the parameters that have a gradient
     (None: all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler (or None)."""
-    coef = next_step_coefficients(group, active, inv_scale, found_inf)
     seg = group.cache.get("torch")
     if seg is None:
         seg = group.cache["torch"] = _segment_table(group)
@@ -87,6 +86,8 @@ def torch_step(
     block_sum = _segment_reduce(g * g, "sum", seg.seg_len)
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
+    # After the all-reduce: a clip factor riding in it is written into inv_scale there.
+    coef = next_step_coefficients(group, active, inv_scale, found_inf)
     block_coef = coef.index_select(0, seg.block_param)
     grad_scale = block_coef[:, C_GRAD_SCALE]  # see [Note: gradient multiplier] in coefficients.py
     block_sum = torch.where(grad_scale == 0, 0.0, block_sum * (grad_scale * grad_scale))

@@ -88,8 +88,8 @@ def _hsdp_worker(rank, port, out, backend_arg, max_grad_norm, share):
 @pytest.mark.parametrize("backend, max_grad_norm, share", [("torch", 0.05, False), ("triton", None, True), ("cuda-emulated", 0.05, True)])
 def test_hsdp_matches_single_process_reducing_over_the_shard_dim_only(tmp_path, backend_arg, max_grad_norm, share):
     """FSDP2 on a (replicate, shard) mesh: every rank equals one process; the split blocks' sums
-    (and the clipping norm's squares) are all-reduced over the 2 ranks of the shard dim, once
-    per step each, never over all 4 (which would double them). With the model given, the shards
+    (with the clipping norm's squares in the same vector) are all-reduced over the 2 ranks of
+    the shard dim, once per step, never over all 4 (which would double them). With the model given, the shards
     FSDP2 does not pad live in the flat buffer (see test_fsdp)."""
     spawn(_hsdp_worker, WORLD, str(tmp_path), backend_arg, max_grad_norm, share)
     expected = _single_process(STEPS, max_grad_norm)  # the same mean over 2 halves as over 4 quarters
@@ -98,7 +98,7 @@ def test_hsdp_matches_single_process_reducing_over_the_shard_dim_only(tmp_path, 
         assert saved["placements"] == {(Replicate(), Shard(0))}
         for name, p in expected.items():
             assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
-        assert saved["sizes"] == [[MESH[1]] * (1 + (max_grad_norm is not None))] * STEPS, saved["sizes"]
+        assert saved["sizes"] == [[MESH[1]]] * STEPS, saved["sizes"]
         assert (saved["fused_split"] >= 4) == (backend_arg[0] != "torch"), saved["fused_split"]
         # Shard-dim coordinate 0 (ranks 0, 2) has no padding: all 9 shared; coordinate 1 the 4
         # parameters of an even number of rows.
