@@ -10,9 +10,10 @@ flat group of the 2-D parameters, and a distributed checkpoint resumes bitwise."
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+import models
+from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
 from spawned import spawn
 from test_cuda_backend import emulator  # noqa: F401  (the fixture)
@@ -215,3 +216,76 @@ def test_single_process_state_loads_into_fsdp2_with_tensor_parallelism(tmp_path)
         saved = torch.load(tmp_path / f"rank{rank}.pt")["params"]
         for name, p in expected.items():
             assert max_rel_err(p, saved[name]) <= 1e-6, (rank, name)
+
+
+LLAMA_TP_PLAN = {
+    "self_attn.q_proj": ColwiseParallel(),
+    "self_attn.k_proj": ColwiseParallel(),
+    "self_attn.v_proj": ColwiseParallel(),
+    "self_attn.o_proj": RowwiseParallel(),
+    "mlp.gate_proj": ColwiseParallel(),
+    "mlp.up_proj": ColwiseParallel(),
+    "mlp.down_proj": RowwiseParallel(),
+}
+LLAMA_KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
+# Tensor parallelism sums row-wise matmuls in another order: the gradients differ from one
+# process's by rounding, the parameters by ~3e-7 after 1 to 4 steps; a real LM at lr 1e-2
+# amplifies that past 1e-6 by step 8 (5e-6 in k_proj), so 4 steps are compared.
+LLAMA_STEPS = 4
+
+
+def _llama_tokens(step: int) -> torch.Tensor:
+    return torch.randint(0, models.VOCAB, (4, 8), generator=torch.Generator().manual_seed(300 + step))
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    return models.llama_gqa()[0]
+
+
+def _llama_single(steps: int) -> dict:
+    model = _llama()
+    opt = AdamMini.for_model(model.lm, **LLAMA_KW)
+    for step in range(steps):
+        opt.zero_grad()
+        (sum(model(half) for half in _llama_tokens(step).chunk(MESH[0])) / MESH[0]).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _llama_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))
+        model = _llama()
+        for layer in model.lm.model.layers:
+            parallelize_module(layer, mesh["tp"], LLAMA_TP_PLAN)
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        opt = AdamMini.for_model(model.lm, **LLAMA_KW)
+        dp = mesh.get_coordinate()[0]
+        counts = []
+        for step in range(LLAMA_STEPS):
+            opt.zero_grad()
+            model(_llama_tokens(step).chunk(MESH[0])[dp]).backward()
+            with _all_reduce_sizes() as recorded:
+                opt.step()
+            counts.append(len(recorded.records))
+        two_d = sum(p.device_mesh.ndim == 2 for p in model.parameters())
+        torch.save({"params": _gathered(model), "counts": counts, "two_d": two_d}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_for_model_on_an_hf_llama_with_fsdp2_and_tensor_parallelism(tmp_path):
+    """AdamMini.for_model on a transformers Llama (GQA) whose attention and MLP weights are
+    tensor parallel and every parameter FSDP2-sharded: its blocks are those of the global
+    shapes (the config's heads, kv heads), and 4 steps equal one process to 1e-6."""
+    spawn(_llama_worker, WORLD, str(tmp_path))
+    expected = _llama_single(LLAMA_STEPS)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["two_d"] == 2 * len(LLAMA_TP_PLAN)  # 2 layers
+        for name, p in expected.items():
+            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+        assert saved["counts"] == [2] * LLAMA_STEPS  # the 2-D group's and the dp group's
