@@ -105,7 +105,7 @@ class ShardInfo:
 
     mesh: Any  # the DeviceMesh
     placements: tuple
-    shard_mesh_dims: Tuple[int, ...]  # the mesh dims with a Shard placement, in order
+    shard_mesh_dims: Tuple[int, ...]  # the mesh dims with a Shard (or _StridedShard) placement
     mesh_sizes: Tuple[int, ...]  # their sizes
     rank: int  # this rank's index among the ranks of those mesh dims (row-major coordinates)
     global_shape: Tuple[int, ...]
@@ -171,10 +171,19 @@ def _check_placements(name: str, placements: tuple, mesh_sizes: Dict[int, int]) 
 _GROUPS: Dict[Tuple[int, ...], Any] = {}  # process groups over several mesh dims, by their ranks
 
 
+def _live(group: Any) -> bool:
+    """Whether ``group`` still belongs to the current process group set (not destroyed)."""
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def _group_over(mesh: Any, mesh_dims: Tuple[int, ...]) -> Any:
     """The process group of this rank's ranks along ``mesh_dims`` (the others fixed at this
     rank's coordinates): the mesh's own group for one dim, else the world's where it is all of
-    it, else a new group made once (only its members take part in making it)."""
+    it, else a new group made once per process group set (only its members take part)."""
     if len(mesh_dims) <= 1:
         return mesh.get_group(mesh_dims[0] if mesh_dims else 0)
     coords = mesh.get_coordinate()
@@ -182,7 +191,7 @@ def _group_over(mesh: Any, mesh_dims: Tuple[int, ...]) -> Any:
     ranks = tuple(sorted(int(r) for r in mesh.mesh[index].reshape(-1).tolist()))
     if len(ranks) == dist.get_world_size():
         return dist.group.WORLD
-    if ranks not in _GROUPS:
+    if ranks not in _GROUPS or not _live(_GROUPS[ranks]):
         _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
     return _GROUPS[ranks]
 
