@@ -89,7 +89,7 @@ struct Warp {
 
 thread_local Barrier* block_barrier = nullptr;
 thread_local std::vector<std::unique_ptr<Warp>> warps;
-int assert_failures = 0;
+thread_local int assert_failures = 0;
 
 void fiber_main() {
   body();
