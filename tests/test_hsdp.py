@@ -128,6 +128,8 @@ EMPTY_SHARDS = {"mlp.weight": (3, 2048), "norm.weight": (3,)}
 MESH_3D = (2, 1, 2)
 HSDP_TP_SHARDS = {"mlp.weight": (6, 4), "norm.weight": (6,)}
 HSDP_TP_PLACEMENTS = {"mlp.weight": (Replicate(), Shard(0), Shard(1)), "norm.weight": (Replicate(), Shard(0), Shard(0))}
+# int8 m on two Shard placements of the 2x2 mesh: rows of 2048 split 1024 / 1024 (whole chunks).
+INT8_2D = {"mlp.weight": (4, 2048)}
 
 
 def _synthetic_grads(shapes: dict, step: int) -> dict:
@@ -169,6 +171,14 @@ def _placed_worker(rank, port, out, backend_arg):
                 empty[n].grad = distribute_tensor(g, line, [Shard(0)])
             int8.step()
 
+        torch.manual_seed(7)
+        int8_2d = {n: nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [Shard(0), Shard(1)])) for n, shape in INT8_2D.items()}
+        opt_int8_2d = _optimizer(list(int8_2d.items()), backend_arg, state_dtype=torch.int8)
+        for step in range(3):
+            for n, g in _synthetic_grads(INT8_2D, step).items():
+                int8_2d[n].grad = distribute_tensor(g, mesh, int8_2d[n].placements)
+            opt_int8_2d.step()
+
         cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
         torch.manual_seed(6)
         hsdp_tp = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
@@ -189,6 +199,7 @@ def _placed_worker(rank, port, out, backend_arg):
             "int8_groups": [g.quantized for g in int8._flat],
             "local": {n: tuple(p._local_tensor.shape) for n, p in sharded.items()},
             "hsdp_tp": {n: p.full_tensor() for n, p in hsdp_tp.items()}, "sizes_3d": sizes_3d,
+            "int8_2d": {n: p.full_tensor() for n, p in int8_2d.items()}, "int8_2d_quantized": [g.quantized for g in opt_int8_2d._flat],
         }
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
@@ -215,11 +226,13 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
     its own all-reduce per step (over the 2, 2 and 4 ranks of its dims); replicated ones need
     none. An int8 m on a mesh of 4 where one rank's shard is empty equals one process, and so do
     parameters sharded over two dims of a 3-D mesh and replicated over the third (HSDP with
-    tensor parallelism: one all-reduce over the 2 ranks of a replica)."""
+    tensor parallelism: one all-reduce over the 2 ranks of a replica), and an int8 m on two
+    Shard placements."""
     spawn(_placed_worker, WORLD, str(tmp_path), backend_arg)
     expected = _single_process(STEPS)
     single, start = _synthetic_run(EMPTY_SHARDS, 5, state_dtype=torch.int8)
     single_3d, start_3d = _synthetic_run(HSDP_TP_SHARDS, 6)
+    single_int8_2d, _ = _synthetic_run(INT8_2D, 7, state_dtype=torch.int8)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         for name, p in expected.items():
@@ -235,6 +248,9 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
             assert max_rel_err(p.detach(), saved["hsdp_tp"][name]) <= 1e-6, (rank, name)
             assert not torch.equal(p.detach(), start_3d[name])
         assert saved["sizes_3d"] == [[MESH_3D[1] * MESH_3D[2]]] * 3, saved["sizes_3d"]
+        assert saved["int8_2d_quantized"] == [True]
+        for name, p in single_int8_2d.items():
+            assert max_rel_err(p.detach(), saved["int8_2d"][name]) <= 1e-6, (rank, name)
 
 
 # What the checkpoint test trains: (model, optimizer, batch).
