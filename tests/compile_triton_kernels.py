@@ -4,7 +4,10 @@ machine code (PTX and cubin) for the archs given, without a GPU.
 Triton's CPU interpreter (what CI runs the kernels with) does not type-check or lower the kernels
 as the compiler does, so a kernel can pass every interpreter test and still fail to compile on a
 GPU. ``triton.compile`` with an explicit ``GPUTarget`` needs no device, only Triton's bundled
-``ptxas``. Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
+``ptxas``. Pointer arguments are compiled as the JIT specializes the optimizer's buffers (16-byte
+aligned), and the streaming kernels must then have 128-bit accesses in their aligned branch
+beside the scalar fallback ([Note: aligned spans] in kernels.py). Run by
+tests/test_triton_compile.py in a process without TRITON_INTERPRET:
 
     python tests/compile_triton_kernels.py 90 80
 """
@@ -61,6 +64,11 @@ def configurations():
                 yield (f"step_coefficients {flags}", K.step_coefficients_kernel, coef_args, flags, 4)
 
 
+# Kernels that stream p, g and m (programs of at least 1024 elements: one 16-byte unit per thread
+# and more): their aligned branch must use vector accesses.
+STREAMING = ("rows_step BLOCK=1024", "rows_step BLOCK=8192", "tile_step", "tile_sumsq", "adam_step")
+
+
 def compile_all(archs):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -70,14 +78,21 @@ def compile_all(archs):
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         for name, kernel, args, constexprs, num_warps in configurations():
-            # The kernel's own arguments, in order: pointers/scalars typed, the rest constexpr.
+            # The kernel's own arguments, in order: pointers/scalars typed, the rest constexpr;
+            # pointers 16-byte aligned, as the JIT specializes the optimizer's buffers.
             signature = {arg: "constexpr" if arg in constexprs else args[arg] for arg in kernel.arg_names}
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+                       if arg not in constexprs and args[arg].startswith("*")}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
             try:
                 compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
             except Exception as err:  # report which configuration, then fail
                 raise RuntimeError(f"sm_{arch}: {name} does not compile: {err}") from err
             assert compiled.asm.get("cubin"), f"sm_{arch}: {name}: no cubin"
+            if name.startswith(STREAMING):
+                ptx = compiled.asm["ptx"]
+                for access in ("ld.global.v4", "st.global.v4" if not name.startswith("tile_sumsq") else "ld.global.v4"):
+                    assert access in ptx, f"sm_{arch}: {name}: no 128-bit access ({access}) in the aligned branch"
             count += 1
     return count
 

@@ -70,6 +70,7 @@ _MIX_MUL1, _MIX_MUL2, _GOLDEN, _MOMENT_STREAM = (
     tl.constexpr(c) for c in (R.MIX_MUL1, R.MIX_MUL2, R.GOLDEN, R.MOMENT_STREAM)
 )
 _QBLOCK = tl.constexpr(QBLOCK)
+_VEC = tl.constexpr(8)  # elements of an aligned span's unit: 16 bytes of 16-bit storage, 32 of float32
 _CODE_MAX = tl.constexpr(float(CODE_MAX))
 _RINT_MAGIC = tl.constexpr(1.5 * 2.0**23)  # x + this - this rounds |x| < 2^22 to nearest even
 
@@ -183,15 +184,34 @@ def _update_elements(
 
 
 @triton.jit
-def rows_step_kernel(
-    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, rows_ptr,
+def _is_aligned(start, numel):
+    """[Note: aligned spans] Triton vectorizes an access only where it can prove the alignment.
+    The buffers' pointers are 16-byte aligned (the JIT specializes such arguments), but a span's
+    first element and length come from a launch table at run time: unhinted, every load and store
+    of p, g and m is a 32-bit (float32) or 16-bit (bfloat16) scalar access (seen in the PTX). So
+    each program tests its span: where its first element and its length are multiples of _VEC
+    elements (the rows and tiles of the usual shapes: parameters start at multiples of 32
+    elements), it runs its body with the first element and length passed through ``_down``,
+    whose result the compiler knows to be a multiple, and the accesses become 128-bit; otherwise
+    the same body with them as they are (masked scalar accesses, any offset and length). The
+    branch is uniform per program; both bodies are compiled (tests/test_triton_compile.py checks
+    the vector accesses in the PTX)."""
+    return ((start % _VEC) == 0) & ((numel % _VEC) == 0)
+
+
+@triton.jit
+def _down(x):
+    """``x`` rounded down to a multiple of _VEC: ``x`` itself in an aligned span, computed so
+    that the compiler sees the multiple (a ``tl.multiple_of`` hint would attach to the load of
+    ``x`` and so hold in both branches of the test)."""
+    return x // _VEC * _VEC
+
+
+@triton.jit
+def _row_step(
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, start, numel,
     BLOCK: tl.constexpr, QCHUNK: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    """One program per small block of at most BLOCK elements: the whole step in one pass."""
-    row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
-    start = tl.load(row + ROW_START)
-    numel = tl.load(row + ROW_NUMEL)
-    coef = coef_ptr + tl.load(row + ROW_PARAM) * _NUM_COEF
     lanes = tl.arange(0, BLOCK)
     offs = start + lanes
     mask = lanes < numel
@@ -204,14 +224,40 @@ def rows_step_kernel(
 
 
 @triton.jit
+def rows_step_kernel(
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, rows_ptr,
+    BLOCK: tl.constexpr, QCHUNK: tl.constexpr, ROUNDING: tl.constexpr,
+):
+    """One program per small block of at most BLOCK elements: the whole step in one pass."""
+    row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
+    start = tl.load(row + ROW_START)
+    numel = tl.load(row + ROW_NUMEL)
+    coef = coef_ptr + tl.load(row + ROW_PARAM) * _NUM_COEF
+    if _is_aligned(start, numel):
+        _row_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, _down(start),
+                  _down(numel), BLOCK, QCHUNK, ROUNDING)
+    else:
+        _row_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, start, numel, BLOCK, QCHUNK, ROUNDING)
+
+
+@triton.jit
+def _sumsq(g_ptr, start, numel, TILE: tl.constexpr):
+    lanes = tl.arange(0, TILE)
+    g = tl.load(g_ptr + start + lanes, mask=lanes < numel, other=0.0).to(tl.float32)
+    return tl.sum(g * g, axis=0)
+
+
+@triton.jit
 def tile_sumsq_kernel(g_ptr, tiles_ptr, partial_ptr, TILE: tl.constexpr):
     """Large blocks, phase 1: the sum of g^2 of each tile, into the tile's own slot."""
     tile_id = tl.program_id(0).to(tl.int64)
     tile = tiles_ptr + tile_id * TILE_COLS
-    offs = tl.load(tile + TILE_START) + tl.arange(0, TILE)
-    mask = tl.arange(0, TILE) < tl.load(tile + TILE_NUMEL)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + tile_id, tl.sum(g * g, axis=0))
+    start = tl.load(tile + TILE_START)
+    numel = tl.load(tile + TILE_NUMEL)
+    if _is_aligned(start, numel):
+        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, _down(start), _down(numel), TILE))
+    else:
+        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, start, numel, TILE))
 
 
 @triton.jit
@@ -239,15 +285,11 @@ def large_block_v_kernel(v_ptr, coef_ptr, sums_ptr, blocks_ptr):
 
 
 @triton.jit
-def tile_step_kernel(
-    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
+def _tile_step(
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel, TILE: tl.constexpr, ROUNDING: tl.constexpr
 ):
-    """Large blocks, phase 4: update m and p of one tile with its block's new v."""
-    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
-    block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
-    numel = tl.load(tile + TILE_NUMEL)
     lanes = tl.arange(0, TILE)
-    offs = tl.load(tile + TILE_START) + lanes
+    offs = start + lanes
     mask = lanes < numel
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
@@ -258,19 +300,46 @@ def tile_step_kernel(
 
 
 @triton.jit
-def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr):
-    """Adam blocks: one v per element, a tile of consecutive elements of one parameter."""
-    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
+def tile_step_kernel(
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tiles_ptr, blocks_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr
+):
+    """Large blocks, phase 4: update m and p of one tile with its block's new v."""
+    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
+    block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
+    start = tl.load(tile + TILE_START)
+    numel = tl.load(tile + TILE_NUMEL)
+    if _is_aligned(start, numel):
+        _tile_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, _down(start),
+                   _down(numel), TILE, ROUNDING)
+    else:
+        _tile_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel, TILE, ROUNDING)
+
+
+@triton.jit
+def _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TILE: tl.constexpr, ROUNDING: tl.constexpr):
     lanes = tl.arange(0, TILE)
-    mask = lanes < tl.load(tile + ROW_NUMEL)
-    offs = tl.load(tile + ROW_START) + lanes
-    v_offs = tl.load(tile + ROW_V) + lanes
+    mask = lanes < numel
+    offs = start + lanes
+    v_offs = tl.load(tile + ROW_V) + lanes  # per-element v offsets are not aligned: scalar accesses
     coef = coef_ptr + tl.load(tile + ROW_PARAM) * _NUM_COEF
     g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
     # Adam blocks never have an int8 m (quantization.int8_first_moment): no scales.
     _update_elements(p_ptr, m_ptr, m_ptr, offs, lanes, mask, 0, 0, g, v, coef, ROUNDING, TILE, TILE)
+
+
+@triton.jit
+def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.constexpr, ROUNDING: tl.constexpr):
+    """Adam blocks: one v per element, a tile of consecutive elements of one parameter."""
+    tile = tiles_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
+    start = tl.load(tile + ROW_START)
+    numel = tl.load(tile + ROW_NUMEL)
+    if _is_aligned(start, numel):
+        _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, _down(start),
+                        _down(numel), TILE, ROUNDING)
+    else:
+        _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TILE, ROUNDING)
 
 
 @triton.jit
