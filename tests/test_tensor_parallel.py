@@ -17,7 +17,7 @@ from adam_mini_kernels import AdamMini
 from grad_stream import max_rel_err
 from spawned import spawn
 from test_cuda_backend import emulator  # noqa: F401  (the fixture)
-from test_fsdp import BACKENDS, _fused_split_blocks, _gathered, _optimizer, _teardown, backend_arg  # noqa: F401
+from test_fsdp import _fused_split_blocks, _gathered, _optimizer, _teardown, backend_arg  # noqa: F401  (backend_arg: the fixture)
 from test_hsdp import _all_reduce_sizes, _init
 
 pytest.importorskip("torch.distributed.fsdp")
