@@ -54,6 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import param_sets as PS  # noqa: E402
+from provenance import git_info  # noqa: E402
 import report  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -285,22 +286,6 @@ def versions(official_version: Optional[str]) -> Dict[str, Optional[str]]:
         adam_mini_kernels=getattr(adam_mini_kernels, "__version__", None),
         adam_mini_official=official_version,
     )
-
-
-def git_info(override: Optional[str]) -> Dict[str, object]:
-    """The commit benchmarked. The GPU machine gets a copy of the working tree without .git, so
-    ``--commit`` (or BENCH_COMMIT) passes the commit from where the run was launched."""
-    override = override or os.environ.get("BENCH_COMMIT")
-    if override:
-        return dict(commit=override, dirty=override.endswith("-dirty"), source="--commit/BENCH_COMMIT")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=20)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=20)
-        if commit.returncode == 0:
-            return dict(commit=commit.stdout.strip(), dirty=bool(status.stdout.strip()), source="git")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return dict(commit=None, dirty=None, source="unknown (no git checkout here; pass --commit)")
 
 
 # --------------------------------------------------------------------------------------------

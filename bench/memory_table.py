@@ -50,6 +50,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import bench_step  # noqa: E402
 import param_sets as PS  # noqa: E402
+from provenance import git_info  # noqa: E402
 
 HPARAMS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 INT8_LIMIT = 1.1  # issue 10: int8 AdamMini state bytes per parameter on Llama-1.1B shapes
@@ -232,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
         "versions": dict(torch=torch.__version__, adam_mini_kernels=_version("adam-mini-kernels"),
                          adam_mini=_version("adam-mini"), torchao=_version("torchao"),
                          bitsandbytes=_version("bitsandbytes")),
-        "git": bench_step.git_info(args.commit),
+        "git": git_info(args.commit),
         "full_shapes": not args.quick,
         "torch_compile": "disabled (--quick): torchao's step runs eagerly" if args.quick else "enabled",
         "set": dict(key=pset.key, title=pset.title, description=pset.description, n_params=pset.n_params,

@@ -26,6 +26,7 @@ def test_convergence_smoke(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
     table = json_path.with_suffix(".md").read_text()
     report = json.loads(json_path.read_text())
+    assert set(report["git"]) == {"commit", "dirty", "source"}  # the commit the curves come from
     runs = report["results"]
     assert set(runs) == {"official", "official (1 ulp)", "AdamMini[torch]", "AdamMini[int8]", "AdamMini.for_model", "AdamW"}
     for name, run in runs.items():
