@@ -29,6 +29,14 @@ that are all-int8 or all-float. Per-parameter state (checkpoint.py) holds ``m_co
 parameter's shape) and ``m_scales`` (float32, flat, chunk after chunk of the blocks in storage
 order) in place of ``m``. Loading a float ``m`` into an int8 optimizer quantizes it (lossy);
 loading codes into a float optimizer dequantizes them (exact in float32).
+
+[Note: idle int8 m]
+A parameter without an update this step (no gradient, or a step AMP skips) must keep its state
+bit for bit. Its float ``m`` does (the lerp weight is 0), but requantizing its unchanged int8
+``m`` would not: the chunk's absmax is ``127 * scale / 127``, which rounds to another float32 for
+about 0.4 % of scales, and they would drift by an ulp each idle step. So every backend writes
+neither the codes nor the scales of a parameter whose ``m`` weight (``C_M_WEIGHT``, 1 - beta1 or
+0 when idle) is 0.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ class _SegmentTable:
     block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
     block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
     chunk_lengths: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: quantization chunks
+    chunk_param: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: each chunk's parameter
     index: Optional[torch.Tensor] = None  # (n,) int64 flat element indices (stochastic rounding)
 
 
@@ -66,7 +67,14 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
         block_numel=block_numel.clamp(min=1).to(torch.float32),
         block_param=block_param,
         chunk_lengths=group.quantization_chunk_lengths() if group.quantized else None,
+        chunk_param=_chunk_param(group) if group.quantized else None,
     )
+
+
+def _chunk_param(group: FlatGroup) -> torch.Tensor:
+    """The parameter of each quantization chunk of an int8 group."""
+    starts = torch.tensor(group.scale_offsets + [len(group.m_scales)], device=group.device)
+    return torch.repeat_interleave(torch.arange(len(group.params), device=group.device), starts.diff())
 
 
 def torch_step(
@@ -107,7 +115,7 @@ def torch_step(
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
     keys = None if group.round_seed is None else _element_keys(group, seg, block_coef[:, C_ROUND_KEY])
     if group.quantized:
-        _requantize_m(group, seg, m)
+        _requantize_m(group, seg, m, coef[:, C_M_WEIGHT] == 0, m_weight == 0)
     elif group.m.dtype != torch.float32:  # float32 m was updated in place
         group.m.copy_(_rounded(m, keys, seg, MOMENT_STREAM))
     if group.param_buffer.dtype != torch.float32:
@@ -142,11 +150,15 @@ def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
     return group.m.float().mul_(scales).div_(CODE_MAX)
 
 
-def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor) -> None:
+def _requantize_m(
+    group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle_param: torch.Tensor, idle_element: torch.Tensor
+) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
-    rounded to nearest (padding is 0 and stays code 0). ``m`` is overwritten (by the codes)."""
+    rounded to nearest (padding is 0 and stays code 0); idle parameters (``idle_param``, per
+    parameter, and ``idle_element``, per element) keep theirs, see [Note: idle int8 m] in
+    quantization.py. ``m`` is overwritten (by the codes)."""
     scales = _segment_reduce(m.abs(), "max", seg.chunk_lengths)
-    group.m_scales.copy_(scales)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=group.numel)
     codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
-    group.m.copy_(codes)
+    group.m_scales.copy_(torch.where(idle_param.index_select(0, seg.chunk_param), group.m_scales, scales))
+    group.m.copy_(torch.where(idle_element, group.m, codes))

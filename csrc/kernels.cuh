@@ -296,21 +296,30 @@ __device__ __forceinline__ void load_span(Fragment& gf, Fragment& mf, Fragment& 
 
 // Stores the m and p fragments of one span, through the path it was loaded with; `r` is p's
 // rounding (m's is the same with its stream's salt). An int8 m is requantized first (a barrier:
-// every thread of the CUDA block calls this).
+// every thread of the CUDA block calls this), and neither its codes nor its scales are written
+// unless `m_changed` (the parameter had an update: [Note: idle int8 m] in
+// adam_mini_kernels/quantization.py; one parameter's, so the same in the whole CUDA block).
 template <typename scalar_t, typename state_t>
 __device__ __forceinline__ void store_span(state_t* __restrict__ m, scalar_t* __restrict__ p, Fragment& mf,
                                            const Fragment& pf, float* __restrict__ scales, int numel,
-                                           bool vectorized, const Rounding& r) {
+                                           bool vectorized, bool m_changed, const Rounding& r) {
   constexpr int kVec = vec_width<scalar_t>();
+  const bool store_m = !std::is_same_v<state_t, int8_t> || m_changed;
   if constexpr (std::is_same_v<state_t, int8_t>) {
-    quantize_fragment<kVec>(mf, scales, numel);
+    if (m_changed) {
+      quantize_fragment<kVec>(mf, scales, numel);
+    }
   }
   const Rounding rm = moment_rounding(r);
   if (vectorized) {
-    store_fragment<kVec, true>(m, mf, numel, rm);
+    if (store_m) {
+      store_fragment<kVec, true>(m, mf, numel, rm);
+    }
     store_fragment<kVec, true>(p, pf, numel, r);
   } else {
-    store_fragment<kVec, false>(m, mf, numel, rm);
+    if (store_m) {
+      store_fragment<kVec, false>(m, mf, numel, rm);
+    }
     store_fragment<kVec, false>(p, pf, numel, r);
   }
 }
@@ -460,7 +469,8 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, m_scales, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
+  store_span(m, p, mf, pf, m_scales, numel, vectorized, c.m_weight != 0.f,
+             Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
@@ -549,7 +559,8 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int k = 0; k < kElemsPerThread; ++k) {
     update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
   }
-  store_span(m, p, mf, pf, m_scales, numel, vectorized, Rounding{stochastic_rounding, c.round_key, start});
+  store_span(m, p, mf, pf, m_scales, numel, vectorized, c.m_weight != 0.f,
+             Rounding{stochastic_rounding, c.round_key, start});
 }
 
 // [Note: v of Adam tiles]

@@ -144,20 +144,24 @@ def _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start):
 
 
 @triton.jit
-def _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr):
+def _store_m(
+    m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, changed,
+    ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr,
+):
     """Store float32 ``m`` of a span of ``numel`` (<= SPAN) elements: in m's dtype, or for int8 m
-    each chunk's absmax in its scale slot and rint(m * 127 / scale) as codes. QCHUNK is
+    each chunk's absmax in its scale slot and rint(m * 127 / scale) as codes, only where ``changed``
+    (the parameter had an update: [Note: idle int8 m] in quantization.py). QCHUNK is
     min(SPAN, QBLOCK): the span's chunks seen as the rows of a (SPAN / QCHUNK, QCHUNK) tile."""
     if m_ptr.dtype.element_ty == tl.int8:
         chunked = tl.reshape(m, (SPAN // QCHUNK, QCHUNK))
         absmax = tl.max(tl.abs(chunked), axis=1)  # lanes past the span hold m = 0
         chunk = tl.arange(0, SPAN // QCHUNK)
-        tl.store(scales_ptr + scale_start + chunk, absmax, mask=chunk * QCHUNK < numel)
+        tl.store(scales_ptr + scale_start + chunk, absmax, mask=tl.where(changed, chunk * QCHUNK < numel, False))
         divisor = tl.where(absmax == 0, 1.0, absmax)
         y = tl.math.div_rn(chunked * _CODE_MAX, divisor[:, None])
         codes = (y + _RINT_MAGIC) - _RINT_MAGIC
         codes = tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX)
-        tl.store(m_ptr + offs, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=mask)
+        tl.store(m_ptr + offs, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=tl.where(changed, mask, False))
     else:
         _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)
 
@@ -175,11 +179,12 @@ def _update_elements(
     # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
     scale = tl.where(step_size == 0, 0.0, step_size / h)
     m = _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start)
-    m = m + tl.load(coef + _C_M_WEIGHT) * (g - m)
+    m_weight = tl.load(coef + _C_M_WEIGHT)
+    m = m + m_weight * (g - m)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * tl.load(coef + _C_DECAY) - scale * m
     key = tl.load(coef + _C_ROUND_KEY).to(tl.uint32, bitcast=True)
-    _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, ROUNDING, SPAN, QCHUNK)
+    _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, m_weight != 0, ROUNDING, SPAN, QCHUNK)
     _store(p_ptr, offs, mask, p, key, 0, ROUNDING)
 
 
