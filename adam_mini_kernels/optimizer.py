@@ -45,6 +45,8 @@ logger = logging.getLogger("adam_mini_kernels")
 
 # state_dict key of the stochastic rounding seed (absent when stochastic rounding is off).
 ROUNDING_KEY = "stochastic_rounding"
+# What ``state_dtype`` (the constructor's, or a param group's) may be.
+STATE_DTYPES = (None, torch.float32, torch.int8)
 
 
 def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -64,6 +66,13 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
         raise ValueError(f"{where}: invalid beta2 {beta2} (must be in [0, 1))")
     if not 0.0 <= weight_decay:
         raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be >= 0)")
+
+
+def _check_state_dtype(where: str, state_dtype: Any) -> None:
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"{where}: state_dtype must be None (the parameters' dtype), torch.float32 or torch.int8, got {state_dtype!r}"
+        )
 
 
 def _check_param(name: str, p: Any) -> None:
@@ -125,7 +134,12 @@ class AdamMini(torch.optim.Optimizer):
             requantized inside the step on every backend (see [Note: int8 first moment] in
             quantization.py; sharded parameters too, where the shards do not cut quantization
             chunks: [Note: int8 on shards] in sharding.py); other parameters keep ``m`` in their
-            dtype. ``v`` is always float32.
+            dtype. ``v`` is always float32. A param group may hold a ``state_dtype`` of its own
+            (one of the same three values), which its parameters take instead: e.g. float32 ``m``
+            for the embeddings of an int8 optimizer, as 8-bit AdamW users keep them, or for a
+            sharded parameter whose shards cut chunks. Set between steps, it converts the state
+            at the next step (int8 to float exactly, float to int8 lossily); it is saved with the
+            param groups, and a loaded group without it keeps this optimizer's.
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
@@ -200,10 +214,7 @@ class AdamMini(torch.optim.Optimizer):
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
-        if state_dtype not in (None, torch.float32, torch.int8):
-            raise ValueError(
-                f"state_dtype must be None (the parameters' dtype), torch.float32 or torch.int8, got {state_dtype!r}"
-            )
+        _check_state_dtype("AdamMini", state_dtype)
         self.state_dtype = state_dtype
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
@@ -316,6 +327,8 @@ class AdamMini(torch.optim.Optimizer):
         params = param_group["params"]
         for p in [params] if isinstance(params, torch.Tensor) else list(params):
             _check_param(param_group["name"], p)
+        if "state_dtype" in param_group:
+            _check_state_dtype(f"param group '{param_group['name']}'", param_group["state_dtype"])
         param_group.setdefault("weight_decay", default_weight_decay(param_group["name"], self._weight_decay))
         super().add_param_group(param_group)
         self._flat = None
@@ -328,6 +341,16 @@ class AdamMini(torch.optim.Optimizer):
         """What the partition depends on, as a comparable value: the name sets and (a copy of)
         the overrides; comparing it with the last one is cheap (layouts compare by identity first)."""
         return snapshot_rules(self), dict(self.layout_overrides)
+
+    def _buffer_key(self):
+        """What the flat buffers depend on: the partition key and each param group's m dtype
+        (its ``state_dtype`` where it has one, else the constructor's), validated."""
+        dtypes = []
+        for group in self.param_groups:
+            dtype = group.get("state_dtype", self.state_dtype)
+            _check_state_dtype(f"param group '{group['name']}'", dtype)
+            dtypes.append(dtype)
+        return self._partition_key(), tuple(dtypes)
 
     def _partition(self, key) -> List[BlockLayout]:
         """Every parameter's layout: its override where there is one, else by the name rules."""
@@ -373,18 +396,28 @@ class AdamMini(torch.optim.Optimizer):
         Everything is validated before anything is changed. Sharded parameters are held by their
         local shards, grouped apart per process group."""
         named = self._named_params()
-        layouts = self._partition(key)
-        # Whether m is int8, from the global layouts: every rank of a mesh decides alike.
-        int8_m = [self.state_dtype == torch.int8 and int8_first_moment(layout) for layout in layouts]
+        partition_key, group_dtypes = key
+        layouts = self._partition(partition_key)
+        asked = [dtype for group, dtype in zip(self.param_groups, group_dtypes) for _ in group["params"]]
+        group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
+        # m's storage dtype per parameter (None: the parameter's). Whether m is int8 comes from
+        # the global layouts: every rank of a mesh decides alike.
+        m_dtypes = [
+            torch.int8 if dtype == torch.int8 and int8_first_moment(layout)
+            else torch.float32 if dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
+            else None
+            for dtype, layout, (_, p) in zip(asked, layouts, named)
+        ]
         local = self._local_blocks(layouts)
         for k, lb in local.items():
-            if int8_m[k] and lb.global_chunks() is None:
+            if m_dtypes[k] == torch.int8 and lb.global_chunks() is None:
                 raise NotImplementedError(
                     f"parameter '{named[k][0]}': its shards cut the {QBLOCK}-element quantization chunks of its "
                     f"blocks, which state_dtype=torch.int8 keeps whole on one rank (see [Note: int8 on shards]). "
                     f"Shard it along a dim that keeps its blocks whole (FSDP2: fully_shard(..., shard_placement_fn=...) "
                     f"returning Shard(1) for HF Conv1D weights, whose blocks are columns), or into shards of whole "
-                    f"{QBLOCK}-element chunks of a block, or use state_dtype=None"
+                    f"{QBLOCK}-element chunks of a block, or keep this parameter's m in float: "
+                    f"opt.param_groups[{group_of[k]}]['state_dtype'] = None"
                 )
         layouts = [local[k].layout if k in local else layout for k, layout in enumerate(layouts)]
         for (_, p), layout in zip(named, layouts):
@@ -393,7 +426,7 @@ class AdamMini(torch.optim.Optimizer):
 
         by_key: Dict[tuple, List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
-            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, int8_m[k])].append(k)
+            by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, m_dtypes[k])].append(k)
         dtypes = {key[1] for key in by_key}
         if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
             raise ValueError(
@@ -403,14 +436,8 @@ class AdamMini(torch.optim.Optimizer):
             )
         fsdp = fsdp_params(self._model) if local else {}
         flat, self._slots, self._owners = [], {}, []
-        for (*_, quantized), members in by_key.items():
+        for (*_, m_dtype), members in by_key.items():
             params = [named[k][1] for k in members]
-            if quantized:
-                m_dtype = torch.int8
-            elif self.state_dtype == torch.float32 and params[0].dtype in (torch.bfloat16, torch.float16):
-                m_dtype = torch.float32
-            else:
-                m_dtype = None  # the parameters' dtype
             # A sharded parameter enters the flat group as a plain proxy of its local shard.
             proxies = [p._local_tensor.detach() if k in local else p for k, p in zip(members, params)]
             group = FlatGroup(proxies, [layouts[k] for k in members], m_dtype)
@@ -525,7 +552,7 @@ class AdamMini(torch.optim.Optimizer):
         parameters' dtypes/devices changed, re-point parameters and gradients that stopped
         aliasing them, upload changed hyperparameters. Everything that can be wrong is checked
         before anything changes. Returns the groups to step, with their active flags."""
-        key = self._partition_key()
+        key = self._buffer_key()
         hparams_changed = self._read_hparams()
         if self._flat is None or key != self._built_key or any(group.moved() for group in self._flat):
             for name, p in self._named_params():
@@ -553,10 +580,10 @@ class AdamMini(torch.optim.Optimizer):
 
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
-        if self._flat is None or self._partition_key() != self._built_key:
+        if self._flat is None or self._buffer_key() != self._built_key:
             raise RuntimeError(
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
-                "(and again after changing name sets, adding param groups or loading a state dict)"
+                "(and again after changing name sets, a param group's state_dtype, adding param groups or loading a state dict)"
             )
         if any(group.sharded is not None for group in self._flat):
             raise NotImplementedError("torch.compile of AdamMini.step() with sharded (DTensor, FSDP2) parameters is not supported yet")
@@ -725,10 +752,17 @@ class AdamMini(torch.optim.Optimizer):
             for k in ("m", "m_codes"):
                 if torch.is_tensor(s.get(k)):
                     moments[idx][k] = s[k].detach()
+        for group in state_dict["param_groups"]:
+            if "state_dtype" in group:
+                _check_state_dtype(f"state dict param group '{group.get('name')}'", group["state_dtype"])
+        # A param group's own state_dtype is this optimizer's setting where the saved group has none.
+        own_dtypes = {i: g["state_dtype"] for i, g in enumerate(self.param_groups) if "state_dtype" in g}
         rounding = state_dict.get(ROUNDING_KEY)
         if rounding is not None and not (isinstance(rounding.get("seed"), int) and 0 <= rounding["seed"] < SEED_BOUND):
             raise ValueError(f"state dict entry '{ROUNDING_KEY}' must be {{'seed': int in [0, 2**31)}}, got {rounding!r}")
         super().load_state_dict(state_dict)
+        for i, dtype in own_dtypes.items():
+            self.param_groups[i].setdefault("state_dtype", dtype)
         if rounding is not None and self.stochastic_rounding:
             self._round_seed = rounding["seed"]
         for idx, kept in moments.items():

@@ -583,13 +583,21 @@ def _int8_worker(rank, port, out, backend_arg):
             error = None
         except NotImplementedError as err:
             error = str(err)
+        after_refusal = bad.full_tensor()
+        # The remedy the error names: that parameter's m in float, the rest of the optimizer int8.
+        refused.param_groups[0]["state_dtype"] = None
+        refused.step()
+        plain_bad = nn.Parameter(before.clone())
+        plain_bad.grad = bad.grad.full_tensor()
+        AdamMini([("norm.weight", plain_bad)], verbose=False).step()
+        remedied = max_rel_err(plain_bad, bad.full_tensor()), "m" in refused.state[bad]
 
         gathered = lambda params: {n: p.full_tensor() for n, p in params.items()}  # noqa: E731
         result = {
             "params": gathered(sharded), "single": {n: p.detach().clone() for n, p in plain.items()},
             "state": _full_state(opt), "single_state": _full_state(single),
             "resumed": {source: gathered(params) for source, (params, _) in resumed.items()},
-            "error": error, "unchanged": torch.equal(before, bad.full_tensor()),
+            "error": error, "unchanged": torch.equal(before, after_refusal), "remedied": remedied,
             "fused_split": _fused_split_blocks(opt),
         }
         torch.save(result, f"{out}/rank{rank}.pt")
@@ -624,6 +632,8 @@ def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_a
             assert torch.equal(r["resumed"]["sharded"][name], r["params"][name]), (rank, name)
             assert max_rel_err(r["params"][name], r["resumed"]["single"][name]) <= 1e-6, (rank, name)
         assert "cut the 256-element quantization chunks" in r["error"] and r["unchanged"]
+        assert "opt.param_groups[0]['state_dtype'] = None" in r["error"]
+        assert r["remedied"][0] <= 1e-6 and r["remedied"][1]  # then one process's float-m step
         assert (r["fused_split"] > 0) == (backend_arg[0] != "torch")
 
 
