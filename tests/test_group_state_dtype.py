@@ -1,7 +1,8 @@
-"""A param group's own ``state_dtype`` (torch backend): its parameters keep m in the dtype it names
+"""A param group's own ``state_dtype``: its parameters keep m in the dtype it names
 while the rest of the optimizer follows the constructor's, exactly as if each kind had an
 optimizer of its own; changing it between steps converts the state; it travels with the param
-groups through state_dict; bad values are refused before anything changes."""
+groups through state_dict; bad values are refused before anything changes. The torch backend
+throughout, and the Triton backend for the equality (in its interpreter without a GPU)."""
 
 import copy
 
@@ -21,13 +22,14 @@ SHAPES = {
 }
 QUANTIZED = {"embed.weight", "layers.0.q_proj.weight", "mlp.weight"}  # under state_dtype=torch.int8
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=128, n_heads=4, backend="torch")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Parameter name -> its group's state_dtype in the mixed optimizer (others: the constructor's int8).
 OWN = {"embed.weight": None, "layers.0.q_proj.weight": torch.float32}
 
 
 def _named(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))) for n, s in SHAPES.items()]
+    return [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, dtype))) for n, s in SHAPES.items()]
 
 
 def _mixed(named, **kw):
@@ -44,16 +46,19 @@ def _float_m(state):
     return dequantize_runs(state["m_codes"].reshape(-1), state["m_scales"], runs).view(state["m_codes"].shape)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_state_dtype_equals_an_optimizer_of_that_dtype(dtype):
+def test_group_state_dtype_equals_an_optimizer_of_that_dtype(backend, dtype):
     """Bitwise: each parameter of the mixed optimizer follows the optimizer built with its
     group's state_dtype for all parameters (the steps are independent per parameter)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     named = _named(dtype)
     refs = {d: clone_named(named) for d in (torch.int8, None, torch.float32)}
-    mixed = _mixed(named)
-    ref_opts = {d: AdamMini(n, state_dtype=d, **KW) for d, n in refs.items()}
+    mixed = _mixed(named, backend=backend)
+    ref_opts = {d: AdamMini(n, state_dtype=d, **dict(KW, backend=backend)) for d, n in refs.items()}
     sets = [[p for _, p in named]] + [[p for _, p in n] for n in refs.values()]
-    run_stream(sets, [mixed, *ref_opts.values()], steps=5, seed=3, none_every=3)
+    run_stream(sets, [mixed, *ref_opts.values()], steps=3, seed=3, none_every=3)  # each idle once
     for k, (name, p) in enumerate(named):
         want = OWN.get(name, torch.int8)
         q = refs[want][k][1]
