@@ -290,6 +290,37 @@ def test_fsdp2_shards_live_in_the_flat_buffer_when_the_model_is_given(tmp_path, 
                 assert [sizes] == steady, (rank, step, sizes)
 
 
+def _built_before_sharding_worker(rank, port, out, backend_arg):
+    """The optimizer built on the plain parameters, then the model sharded and the optimizer's
+    param groups switched to the DTensors, as accelerate's FSDP2 prepare does (its
+    ``fsdp2_switch_optimizer_parameters``; the HF Trainer goes through it)."""
+    _init(rank, port)
+    try:
+        model = _model()
+        opt = _optimizer(model.named_parameters(), backend_arg, model=model)
+        fully_shard(model)
+        sharded = dict(model.named_parameters())
+        for group in opt.param_groups:
+            group["params"] = [sharded[group["name"]]]
+        _train(model, opt, rank, range(STEPS))
+        result = {"params": _gathered(model), "shared": len(opt._flat[0].sharded.shared), "state": len(opt.state)}
+        torch.save(result, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_optimizer_built_before_fully_shard_as_accelerate_does(tmp_path, backend_arg):
+    _spawn(_built_before_sharding_worker, str(tmp_path), backend_arg)
+    expected = _single_process(STEPS)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, p in expected.items():
+            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+        assert saved["state"] == len(expected)  # the state of the DTensors, nothing else
+        assert saved["shared"] > 0  # the model given before sharding still shares FSDP2's storage
+
+
 INF_STEP = 3  # the step whose gradient holds an inf, in rank 1's shard of q_proj (row 3 of 6)
 
 
