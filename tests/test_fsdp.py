@@ -293,7 +293,7 @@ def test_fsdp2_shards_live_in_the_flat_buffer_when_the_model_is_given(tmp_path, 
 def _built_before_sharding_worker(rank, port, out, backend_arg):
     """The optimizer built on the plain parameters, then the model sharded and the optimizer's
     param groups switched to the DTensors, as accelerate's FSDP2 prepare does (its
-    ``fsdp2_switch_optimizer_parameters``; the HF Trainer goes through it)."""
+    ``fsdp2_switch_optimizer_parameters``; accelerate's FSDP needs GPUs, so it is not called)."""
     _init(rank, port)
     try:
         model = _model()
