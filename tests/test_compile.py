@@ -119,3 +119,38 @@ def test_compiled_step_needs_an_eager_step_first():
     m(torch.zeros(2, 3, dtype=torch.long)).backward()
     with pytest.raises(Exception, match="call opt.step\\(\\) once eagerly first"):
         torch.compile(lambda: o.step(), fullgraph=True)()
+
+
+# -- a compiled model beside an eager step ----------------------------------------------------------
+
+def test_compiled_model_follows_the_parameters_the_step_re_points():
+    """torch.compile(model) before the first step, which re-points the parameters into the flat
+    buffer: the compiled forward reads the new storage (losses and parameters as eager, to float32
+    rounding) and does not recompile."""
+
+    def run(compile_model):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        opt = AdamMini(model.named_parameters(), lr=1e-2, verbose=False, backend="torch")
+        forward = torch.compile(model) if compile_model else model
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(4):
+            loss = forward(torch.randn(8, 16, generator=gen)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            losses.append(loss.detach())
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        flat = opt._flat[0].param_buffer.untyped_storage().data_ptr()
+        repointed = all(p.untyped_storage().data_ptr() == flat for p in model.parameters())
+        return torch.stack(losses), [p.detach().clone() for p in model.parameters()], graphs, repointed
+
+    eager_losses, eager_params, _, _ = run(False)
+    losses, params, graphs, repointed = run(True)
+    assert repointed  # the parameters the compiled forward reads live in the flat buffer
+    assert max_rel_err(eager_losses, losses) <= 1e-5 and eager_losses[-1] < eager_losses[0]
+    for a, b in zip(eager_params, params):
+        assert max_rel_err(a, b) <= 1e-5
+    assert graphs == 1
