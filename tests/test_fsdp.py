@@ -180,6 +180,18 @@ def _single_process(steps: int, max_grad_norm=None) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _rank_results(tmp_path, expected: dict) -> list:
+    """Each rank's saved results, after checking that its gathered ``params`` equal ``expected``
+    (the single-process run) to 1e-6."""
+    results = []
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, p in expected.items():
+            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+        results.append(saved)
+    return results
+
+
 def _fsdp_worker(rank, port, out, max_grad_norm, set_to_none, backend_arg):
     _init(rank, port)
     try:
@@ -206,11 +218,9 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(tmp_path, bac
     _spawn(_fsdp_worker, str(tmp_path), max_grad_norm, set_to_none, backend_arg)
     expected = _single_process(STEPS, max_grad_norm)
     initial = dict(_model().named_parameters())
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, p in expected.items():
-            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
-            assert not torch.equal(p, initial[name].detach()), f"{name} never moved"
+    for name, p in expected.items():
+        assert not torch.equal(p, initial[name].detach()), f"{name} never moved"
+    for saved in _rank_results(tmp_path, expected):
         # One fp32 group on one mesh: one all-reduce of the split blocks' sums per step, which
         # also sums the shards' squared norms when clipping ([Note: clipping norm of shards]).
         assert saved["counts"] == [1] * STEPS, saved["counts"]
@@ -269,12 +279,8 @@ def test_fsdp2_shards_live_in_the_flat_buffer_when_the_model_is_given(tmp_path, 
     no copy of it is made (the only copies left are rank 1's padded shards, in and out), a local
     tensor FSDP2 re-points is copied in once and shared again, and the run equals one process."""
     _spawn(_shared_storage_worker, str(tmp_path), backend_arg)
-    expected = _single_process(STEPS)
     rows = {n: p.shape[0] for n, p in _model().named_parameters()}
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, p in expected.items():
-            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+    for rank, saved in enumerate(_rank_results(tmp_path, _single_process(STEPS))):
         want = sorted(n for n, r in rows.items() if rank == 0 or r % 2 == 0)
         assert saved["shared"] == want, (rank, saved["shared"])
         assert saved["in_buffer"] == {n: n in want for n in rows}, rank
@@ -313,10 +319,7 @@ def _built_before_sharding_worker(rank, port, out, backend_arg):
 def test_optimizer_built_before_fully_shard_as_accelerate_does(tmp_path, backend_arg):
     _spawn(_built_before_sharding_worker, str(tmp_path), backend_arg)
     expected = _single_process(STEPS)
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, p in expected.items():
-            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+    for saved in _rank_results(tmp_path, expected):
         assert saved["state"] == len(expected)  # the state of the DTensors, nothing else
         assert saved["shared"] > 0  # the model given before sharding still shares FSDP2's storage
 
@@ -431,11 +434,7 @@ def test_dtensor_placements_match_single_process(tmp_path, backend_arg):
     """Shard(1) splits every row and head of q_proj and mlp: on the fused backends they all take
     the split path."""
     _spawn(_dtensor_worker, str(tmp_path), backend_arg)
-    expected = _single_process(STEPS)
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, p in expected.items():
-            assert max_rel_err(p, saved["params"][name]) <= 1e-6, (rank, name)
+    for saved in _rank_results(tmp_path, _single_process(STEPS)):
         assert saved["counts"] == [1] * STEPS
         assert (saved["fused_split"] >= 8) == (backend_arg[0] != "torch"), saved["fused_split"]
 
