@@ -130,6 +130,7 @@ def test_compiled_model_follows_the_parameters_the_step_re_points():
 
     def run(compile_model):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
         opt = AdamMini(model.named_parameters(), lr=1e-2, verbose=False, backend="torch")
