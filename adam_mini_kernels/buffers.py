@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .partition import BlockLayout
@@ -132,6 +133,7 @@ class FlatGroup:
         # The gradient views the parameters' .grad point at (the very objects: a compiled step
         # checks aliasing by identity) and that max_grad_norm takes norms of.
         self.grad_views = [self.grad_view(i) for i in range(len(self.params))]
+        self._shapes = [torch.Size(layout.shape) for layout in self.layouts]
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
         self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
         self.repair(GradCheck(None, list(range(len(self.params))), []))
@@ -215,22 +217,25 @@ class FlatGroup:
         active: List[bool] = []
         stale_params: List[int] = []
         stale_grads: List[int] = []
-        for i, p in enumerate(self.params):
-            if p.shape != self.layouts[i].shape:
+        strided = torch.strided
+        # One pass of attribute reads per parameter: this runs every step, for every parameter.
+        for i, (p, shape, param_ptr, grad_ptr) in enumerate(zip(self.params, self._shapes, self._param_ptrs, self._grad_ptrs)):
+            if p.shape != shape:
                 raise RuntimeError(
                     f"parameter '{self.layouts[i].name}' changed shape from "
                     f"{list(self.layouts[i].shape)} to {list(p.shape)} after the optimizer was "
                     "built; create a new optimizer for the new model"
                 )
-            if p.data_ptr() != self._param_ptrs[i]:
+            if p.data_ptr() != param_ptr:
                 stale_params.append(i)
             g = p.grad
             if g is None:
                 active.append(False)
                 continue
             active.append(True)
-            check_dense_grad(self.layouts[i].name, g)
-            if g.data_ptr() != self._grad_ptrs[i]:
+            if g.layout != strided:
+                check_dense_grad(self.layouts[i].name, g)
+            if g.data_ptr() != grad_ptr:
                 if g.shape != p.shape:
                     raise RuntimeError(
                         f"gradient of '{self.layouts[i].name}' has shape {list(g.shape)}, "
@@ -262,7 +267,11 @@ class FlatGroup:
     def moved(self) -> bool:
         """True when a parameter's dtype or device is no longer the group's (``module.to()``
         after the buffers were built): the optimizer then rebuilds them."""
-        return any(p.dtype != self.dtype or p.device != self.device for p in self.params)
+        # A parameter still in its flat-buffer view has not moved: only the others are looked at.
+        return any(
+            p.data_ptr() != ptr and (p.dtype != self.dtype or p.device != self.device)
+            for p, ptr in zip(self.params, self._param_ptrs)
+        )
 
     def repair(self, check: GradCheck) -> None:
         """Copy parameters and gradients that stopped aliasing the flat buffers back in, and
@@ -301,10 +310,10 @@ class FlatGroup:
         """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps);
         no host-device sync. The optimizer calls it only when the values changed. The host copy
         of an upload captured in a CUDA graph is kept alive: each replay copies it again."""
-        host = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), NUM_HPARAMS)
         if torch.compiler.is_compiling():  # values are constants of the graph, guarded on
-            self.hparams.copy_(host.to(self.device))
+            self.hparams.copy_(torch.tensor(rows, dtype=torch.float64, device=self.device).reshape(len(rows), NUM_HPARAMS))
             return
+        host = torch.from_numpy(np.array(rows, dtype=np.float64).reshape(len(rows), NUM_HPARAMS))
         if self.device.type == "cuda":
             host = host.pin_memory()
             if torch.cuda.is_current_stream_capturing():

@@ -344,13 +344,9 @@ class AdamMini(torch.optim.Optimizer):
 
     def _buffer_key(self):
         """What the flat buffers depend on: the partition key and each param group's m dtype
-        (its ``state_dtype`` where it has one, else the constructor's), validated."""
-        dtypes = []
-        for group in self.param_groups:
-            dtype = group.get("state_dtype", self.state_dtype)
-            _check_state_dtype(f"param group '{group['name']}'", dtype)
-            dtypes.append(dtype)
-        return self._partition_key(), tuple(dtypes)
+        (its ``state_dtype`` where it has one, else the constructor's; validated by ``_build``)."""
+        default = self.state_dtype
+        return self._partition_key(), tuple(group.get("state_dtype", default) for group in self.param_groups)
 
     def _partition(self, key) -> List[BlockLayout]:
         """Every parameter's layout: its override where there is one, else by the name rules."""
@@ -397,6 +393,8 @@ class AdamMini(torch.optim.Optimizer):
         local shards, grouped apart per process group."""
         named = self._named_params()
         partition_key, group_dtypes = key
+        for group, dtype in zip(self.param_groups, group_dtypes):
+            _check_state_dtype(f"param group '{group['name']}'", dtype)
         layouts = self._partition(partition_key)
         asked = [dtype for group, dtype in zip(self.param_groups, group_dtypes) for _ in group["params"]]
         group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
@@ -435,7 +433,7 @@ class AdamMini(torch.optim.Optimizer):
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
         fsdp = fsdp_params(self._model) if local else {}
-        flat, self._slots, self._owners = [], {}, []
+        flat, self._slots, self._owners, self._row_index = [], {}, [], []
         for (*_, m_dtype), members in by_key.items():
             params = [named[k][1] for k in members]
             # A sharded parameter enters the flat group as a plain proxy of its local shard.
@@ -453,6 +451,7 @@ class AdamMini(torch.optim.Optimizer):
                 self._slots[p] = (len(flat), i)
             flat.append(group)
             self._owners.append(params)
+            self._row_index.append([group_of[k] for k in members])  # each member's param group
         self._flat, self._built_key = flat, key
         if self.verbose:
             self._log_partition(layouts)
@@ -488,29 +487,37 @@ class AdamMini(torch.optim.Optimizer):
         """Read one (lr, weight_decay, beta1, beta2, eps) row per param group from
         ``param_groups`` (which users and LR schedulers edit); validate them and return True
         when they changed since the last step. A tensor lr read on the device stands as None."""
-        rows = []
+        rows, device_lr = [], False
         for group in self.param_groups:
-            lr, device = group["lr"], group["params"][0].device
-            if isinstance(lr, torch.Tensor):
-                lr = None if self._lr_on_device(lr, device) else lr.item()
+            lr = group["lr"]
+            if type(lr) is not float and isinstance(lr, torch.Tensor):
+                lr = None if self._lr_on_device(lr, group["params"][0].device) else lr.item()
+                device_lr = device_lr or lr is None
             rows.append((lr, group["weight_decay"], group["beta1"], group["beta2"], group["eps"]))
-        if rows == self._hparam_rows:
+        old = self._hparam_rows
+        if rows == old:
             return False
-        for group, (lr, wd, b1, b2, eps) in zip(self.param_groups, rows):
+        if old is None or len(old) != len(rows):
+            old = [None] * len(rows)
+        for group, row, before in zip(self.param_groups, rows, old):
+            if row == before:
+                continue
+            lr, wd, b1, b2, eps = row
+            # What an LR scheduler changes every step: only a float lr (checked before the rest).
+            if type(lr) is float and lr >= 0 and before is not None and row[1:] == before[1:]:
+                continue
             _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         self._hparam_rows = rows
-        self._device_lr = any(lr is None for lr, *_ in rows)  # read on the device every step
+        self._device_lr = device_lr  # some lr is read on the device, every step
         return True
 
     def _upload_hparams(self) -> None:
         """Each flat group's per-parameter hyperparameter table, from the rows last read."""
-        per_group = [[None] * len(group.params) for group in self._flat]
-        for group, (lr, *rest) in zip(self.param_groups, self._hparam_rows):
-            for p in group["params"]:
-                gi, i = self._slots[p]
-                per_group[gi][i] = (0.0 if lr is None else lr, *rest)
-        for group, rows in zip(self._flat, per_group):
-            group.set_hparams(rows)
+        rows = self._hparam_rows
+        if self._device_lr:  # their column is written on the device (_device_lrs)
+            rows = [row if row[0] is not None else (0.0, *row[1:]) for row in rows]
+        for group, index in zip(self._flat, self._row_index):
+            group.set_hparams([rows[k] for k in index])
 
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
@@ -684,7 +691,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_owners", "_built_key", "_hparam_rows", "_step_fn", "_model")
+    _UNPICKLED = ("_flat", "_slots", "_owners", "_row_index", "_built_key", "_hparam_rows", "_step_fn", "_model")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
