@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Host time of AdamMini's front-end: what ``opt.step()`` costs on the CPU besides its kernels.
+
+    python bench/host_overhead.py                 # writes bench/results/host_overhead_<device>_<date>.{json,md}
+    python bench/host_overhead.py --quick --out /tmp/h   # a few hundred steps (the CI test)
+
+Every step runs the Python front-end over each parameter (gradient aliasing, hyperparameters,
+buffer keys) before it launches the fused step. A step whose kernels take less time than that
+(small models, eager mode) is host-bound, so this is measured on its own: the backend's step is
+replaced by a no-op, leaving everything else of ``opt.step()``. The parameter sets have the
+tensor count and names of GPT-2 small (148 tensors) and TinyLlama-1.1B (201 tensors) with tiny
+shapes (the front-end's cost does not depend on sizes). Two ways to train: a constant lr, and an
+LR scheduler (``LambdaLR``) that changes every param group's lr before each step (the usual case:
+the hyperparameter table is then re-read, checked and uploaded every step); the scheduler's own
+``step()`` is not timed. Each step is timed alone (``time.perf_counter``), after warm-up, and
+the timed steps are taken in blocks of ``BLOCK``: reported are the best block's mean (the least
+disturbed by other work on the machine: a shared virtual CPU makes single steps vary twofold)
+and the 20th, 50th and 80th percentiles of the block means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import param_sets as P  # noqa: E402
+from provenance import git_info  # noqa: E402
+
+from adam_mini_kernels import AdamMini  # noqa: E402
+
+SETS = {  # name -> (shapes, optimizer dims): real tensor counts and names, tiny shapes
+    "gpt2-small tensors (148)": (
+        P.gpt2_shapes(P.GPT2Config(dim=64, n_layers=12, n_heads=4, vocab=512, n_positions=128)), dict(dim=64, n_heads=4)
+    ),
+    "tinyllama-1.1b tensors (201)": (
+        P.llama_shapes(P.LlamaConfig(dim=64, n_layers=22, n_heads=4, n_kv_heads=2, ffn=172, vocab=512)),
+        dict(dim=64, n_heads=4, n_kv_heads=2),
+    ),
+}
+
+
+BLOCK = 50  # timed steps per block
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(shapes, dims, device, scheduled: bool, steps: int, warmup: int) -> dict:
+    """Front-end microseconds per ``opt.step()`` (backend step replaced by a no-op)."""
+    named = [(n, torch.nn.Parameter(torch.randn(s, device=device))) for n, s in shapes]
+    opt = AdamMini(named, lr=1e-3, weight_decay=0.1, verbose=False, **dims)
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the buffers and re-points parameters and gradients
+    opt._step_fn = lambda *args, **kwargs: None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s)) if scheduled else None
+    samples = []
+    for k in range(warmup + steps):
+        start = time.perf_counter()
+        opt.step()
+        elapsed = time.perf_counter() - start
+        if k >= warmup:
+            samples.append(elapsed * 1e6)
+        if scheduler is not None:
+            scheduler.step()  # a new lr in every param group for the next step
+    blocks = [statistics.fmean(samples[i : i + BLOCK]) for i in range(0, len(samples) - BLOCK + 1, BLOCK)]
+    return dict(
+        tensors=len(shapes), backend=opt.backend, best_block_us=min(blocks), median_us=statistics.median(blocks),
+        p20_us=_percentile(blocks, 0.2), p80_us=_percentile(blocks, 0.8), steps=steps, blocks=len(blocks),
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=3000, help="timed steps per row")
+    ap.add_argument("--quick", action="store_true", help="200 timed steps per row (the CI smoke test)")
+    ap.add_argument("--commit", help="the commit measured, where there is no git checkout")
+    ap.add_argument("--tag", help="suffix of the output file names")
+    args = ap.parse_args(argv)
+    steps = 200 if args.quick else args.steps
+    device = torch.device(args.device)
+    rows = []
+    for name, (shapes, dims) in SETS.items():
+        for scheduled in (False, True):
+            row = dict(set=name, lr="LambdaLR every step" if scheduled else "constant",
+                       **measure(shapes, dims, device, scheduled, steps, warmup=steps // 5))
+            rows.append(row)
+            print(f"{name}, lr {row['lr']}: best block {row['best_block_us']:.0f} us, median {row['median_us']:.0f} "
+                  f"(p20 {row['p20_us']:.0f}, p80 {row['p80_us']:.0f})")
+    date = dt.date.today().isoformat()
+    result = dict(
+        date=date, device=str(device), machine=platform.processor() or platform.machine(),
+        python=platform.python_version(), torch=torch.__version__, git=git_info(args.commit), rows=rows,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    stem = args.out / f"host_overhead_{device.type}_{date}{suffix}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# AdamMini front-end host time per step ({device.type}, {date})", "",
+        f"torch {torch.__version__}, Python {result['python']}, commit {result['git']['commit']}"
+        f"{' (dirty)' if result['git']['dirty'] else ''}. The backend's step is a no-op: this is the Python "
+        "front-end alone (see bench/host_overhead.py).", "",
+        f"Microseconds per step, means of blocks of {BLOCK} steps.", "",
+        "| parameter set | lr | best block | p20 | median | p80 |", "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['set']} | {r['lr']} | {r['best_block_us']:.0f} | {r['p20_us']:.0f} | {r['median_us']:.0f} | "
+              f"{r['p80_us']:.0f} |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
