@@ -13,7 +13,7 @@ shapes (the front-end's cost does not depend on sizes). Two ways to train: a con
 LR scheduler (``LambdaLR``) that changes every param group's lr before each step (the usual case:
 the hyperparameter table is then re-read, checked and uploaded every step); the scheduler's own
 ``step()`` is not timed. Each step is timed alone (``time.perf_counter``), after warm-up, and
-the timed steps are taken in blocks of ``BLOCK``: reported are the best block's mean (the least
+the timed steps are taken in blocks of ``BLOCK``, the rows' blocks in turn: reported are the best block's mean (the least
 disturbed by other work on the machine: a shared virtual CPU makes single steps vary twofold)
 and the 20th, 50th and 80th percentiles of the block means.
 """
@@ -57,29 +57,34 @@ def _percentile(values, q):
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(shapes, dims, device, scheduled: bool, steps: int, warmup: int) -> dict:
-    """Front-end microseconds per ``opt.step()`` (backend step replaced by a no-op)."""
-    named = [(n, torch.nn.Parameter(torch.randn(s, device=device))) for n, s in shapes]
-    opt = AdamMini(named, lr=1e-3, weight_decay=0.1, verbose=False, **dims)
-    for _, p in named:
-        p.grad = torch.randn_like(p)
-    opt.step()  # builds the buffers and re-points parameters and gradients
-    opt._step_fn = lambda *args, **kwargs: None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s)) if scheduled else None
-    samples = []
-    for k in range(warmup + steps):
-        start = time.perf_counter()
-        opt.step()
-        elapsed = time.perf_counter() - start
-        if k >= warmup:
-            samples.append(elapsed * 1e6)
-        if scheduler is not None:
-            scheduler.step()  # a new lr in every param group for the next step
-    blocks = [statistics.fmean(samples[i : i + BLOCK]) for i in range(0, len(samples) - BLOCK + 1, BLOCK)]
-    return dict(
-        tensors=len(shapes), backend=opt.backend, best_block_us=min(blocks), median_us=statistics.median(blocks),
-        p20_us=_percentile(blocks, 0.2), p80_us=_percentile(blocks, 0.8), steps=steps, blocks=len(blocks),
-    )
+class Row:
+    """One parameter set and lr mode: an optimizer whose backend step is a no-op."""
+
+    def __init__(self, shapes, dims, device, scheduled: bool):
+        named = [(n, torch.nn.Parameter(torch.randn(s, device=device))) for n, s in shapes]
+        self.opt = AdamMini(named, lr=1e-3, weight_decay=0.1, verbose=False, **dims)
+        for _, p in named:
+            p.grad = torch.randn_like(p)
+        self.opt.step()  # builds the buffers and re-points parameters and gradients
+        self.opt._step_fn = lambda *args, **kwargs: None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1.0 + 0.01 * s)) if scheduled else None
+        self.tensors, self.blocks = len(shapes), []
+
+    def block(self) -> float:
+        """The mean microseconds of ``opt.step()`` over BLOCK steps, each timed alone."""
+        total = 0.0
+        for _ in range(BLOCK):
+            start = time.perf_counter()
+            self.opt.step()
+            total += time.perf_counter() - start
+            if self.scheduler is not None:
+                self.scheduler.step()  # a new lr in every param group for the next step
+        return total / BLOCK * 1e6
+
+    def summary(self) -> dict:
+        b = self.blocks
+        return dict(tensors=self.tensors, backend=self.opt.backend, best_block_us=min(b), median_us=statistics.median(b),
+                    p20_us=_percentile(b, 0.2), p80_us=_percentile(b, 0.8), steps=len(b) * BLOCK, blocks=len(b))
 
 
 def main(argv=None) -> int:
@@ -93,14 +98,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     steps = 200 if args.quick else args.steps
     device = torch.device(args.device)
+    runs = {(name, "LambdaLR every step" if scheduled else "constant"): Row(shapes, dims, device, scheduled)
+            for name, (shapes, dims) in SETS.items() for scheduled in (False, True)}
+    # Blocks of the rows taken in turn, so that a slow phase of the machine falls on all of them.
+    for k in range(max(1, steps // BLOCK) + 2):
+        for run in runs.values():
+            mean = run.block()
+            if k >= 2:  # two warm-up blocks
+                run.blocks.append(mean)
     rows = []
-    for name, (shapes, dims) in SETS.items():
-        for scheduled in (False, True):
-            row = dict(set=name, lr="LambdaLR every step" if scheduled else "constant",
-                       **measure(shapes, dims, device, scheduled, steps, warmup=steps // 5))
-            rows.append(row)
-            print(f"{name}, lr {row['lr']}: best block {row['best_block_us']:.0f} us, median {row['median_us']:.0f} "
-                  f"(p20 {row['p20_us']:.0f}, p80 {row['p80_us']:.0f})")
+    for (name, lr), run in runs.items():
+        row = dict(set=name, lr=lr, **run.summary())
+        rows.append(row)
+        print(f"{name}, lr {lr}: best block {row['best_block_us']:.0f} us, median {row['median_us']:.0f} "
+              f"(p20 {row['p20_us']:.0f}, p80 {row['p80_us']:.0f})")
     date = dt.date.today().isoformat()
     result = dict(
         date=date, device=str(device), machine=platform.processor() or platform.machine(),
