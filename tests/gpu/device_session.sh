@@ -13,7 +13,8 @@
 #                     CUDA-graph replay rows of issue 7 (1M, 10M, 124M parameters).
 #   convergence       build; bench/convergence.py --preset gpu (issues 9, 10), as many runs as
 #                     the time allows (its files are rewritten after every run).
-#   rest              build; the torch.compile rows (about a minute each); the microbenchmarks.
+#   rest              build; the torch.compile rows (about a minute each); the front-end's host
+#                     time (bench/host_overhead.py); the microbenchmarks.
 #
 # Run from the repository root:  SESSION=checks BENCH_COMMIT=<sha> OUT=$OUT bash tests/gpu/device_session.sh
 # (device tool: carry ["wheels"] holding the adam-mini 1.1.1 and torchao wheels, timeout_s 600).
@@ -119,7 +120,12 @@ convergence() {
 }
 
 rest() {
-  bench $(( $(left) - 200 )) compile --no-sweep --optimizers compile,adamw-fused
+  bench $(( $(left) - 230 )) compile --no-sweep --optimizers compile,adamw-fused
+  # The front-end's host time on the GPU machine's cores (seconds; bench/NOTES "Front-end host time").
+  timeout 60 $PY bench/host_overhead.py --out "$OUT" --commit "${BENCH_COMMIT:-unknown}" > "$LOGS/host_overhead.log" 2>&1
+  local host_rc=$?
+  note "host_overhead rc=$host_rc: $(grep -c 'best block' "$LOGS/host_overhead.log") rows"
+  [ $host_rc -eq 0 ] || fail "host_overhead (rc $host_rc)"
   local micro_s=$(( $(left) - 15 ))
   if [ "$micro_s" -gt 60 ]; then
     timeout "$micro_s" $PY bench/microbench.py --out "$LOGS/microbench" > "$LOGS/microbench.log" 2>&1; local rc=$?
