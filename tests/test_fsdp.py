@@ -299,7 +299,8 @@ def test_fsdp2_shards_live_in_the_flat_buffer_when_the_model_is_given(tmp_path, 
 def _built_before_sharding_worker(rank, port, out, backend_arg):
     """The optimizer built on the plain parameters, then the model sharded and the optimizer's
     param groups switched to the DTensors, as accelerate's FSDP2 prepare does (its
-    ``fsdp2_switch_optimizer_parameters``; accelerate's FSDP needs GPUs, so it is not called)."""
+    ``fsdp2_switch_optimizer_parameters``; accelerate's FSDP needs GPUs, so it is not called).
+    Half-way, a param group's state_dtype rebuilds the buffers that FSDP2 holds the shards in."""
     _init(rank, port)
     try:
         model = _model()
@@ -308,8 +309,14 @@ def _built_before_sharding_worker(rank, port, out, backend_arg):
         sharded = dict(model.named_parameters())
         for group in opt.param_groups:
             group["params"] = [sharded[group["name"]]]
-        _train(model, opt, rank, range(STEPS))
-        result = {"params": _gathered(model), "shared": len(opt._flat[0].sharded.shared), "state": len(opt.state)}
+        _train(model, opt, rank, range(STEPS // 2))
+        # A rebuild of the flat buffers (a group's own state_dtype: float32 m, as fp32 params have)
+        # while they are FSDP2's storage: the shards are copied into the new buffer and shared again.
+        before = opt._flat[0]
+        opt.param_groups[0]["state_dtype"] = torch.float32
+        _train(model, opt, rank, range(STEPS // 2, STEPS))
+        result = {"params": _gathered(model), "shared": len(opt._flat[0].sharded.shared), "state": len(opt.state),
+                  "rebuilt": opt._flat[0] is not before}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
@@ -322,6 +329,7 @@ def test_optimizer_built_before_fully_shard_as_accelerate_does(tmp_path, backend
     for saved in _rank_results(tmp_path, expected):
         assert saved["state"] == len(expected)  # the state of the DTensors, nothing else
         assert saved["shared"] > 0  # the model given before sharding still shares FSDP2's storage
+        assert saved["rebuilt"]
 
 
 INF_STEP = 3  # the step whose gradient holds an inf, in rank 1's shard of q_proj (row 3 of 6)
