@@ -433,7 +433,7 @@ class AdamMini(torch.optim.Optimizer):
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
         fsdp = fsdp_params(self._model) if local else {}
-        flat, self._slots, self._owners, self._row_index = [], {}, [], []
+        flat, self._owners, self._row_index = [], [], []
         for (*_, m_dtype), members in by_key.items():
             params = [named[k][1] for k in members]
             # A sharded parameter enters the flat group as a plain proxy of its local shard.
@@ -448,7 +448,6 @@ class AdamMini(torch.optim.Optimizer):
             for i, k in enumerate(members):
                 p = named[k][1]
                 self.state[p] = local_state_views(group, i) if k in local else state_views(group, i)
-                self._slots[p] = (len(flat), i)
             flat.append(group)
             self._owners.append(params)
             self._row_index.append([group_of[k] for k in members])  # each member's param group
@@ -497,14 +496,12 @@ class AdamMini(torch.optim.Optimizer):
         old = self._hparam_rows
         if rows == old:
             return False
-        if old is None or len(old) != len(rows):
-            old = [None] * len(rows)
-        for group, row, before in zip(self.param_groups, rows, old):
-            if row == before:
-                continue
+        comparable = old is not None and len(old) == len(rows)
+        for k, (group, row) in enumerate(zip(self.param_groups, rows)):
             lr, wd, b1, b2, eps = row
-            # What an LR scheduler changes every step: only a float lr (checked before the rest).
-            if type(lr) is float and lr >= 0 and before is not None and row[1:] == before[1:]:
+            # Rows checked before, or only a float lr changed (what an LR scheduler does every
+            # step: its one check here), need no full check.
+            if comparable and row[1:] == old[k][1:] and (lr == old[k][0] or (type(lr) is float and lr >= 0)):
                 continue
             _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         self._hparam_rows = rows
@@ -522,17 +519,13 @@ class AdamMini(torch.optim.Optimizer):
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
         on the device (a few tensor ops per group, no host sync)."""
-        tensors: Dict[int, Dict[int, torch.Tensor]] = defaultdict(dict)
-        for group, row in zip(self.param_groups, self._hparam_rows):
-            if row[0] is None:
-                for p in group["params"]:
-                    gi, i = self._slots[p]
-                    tensors[gi][i] = group["lr"]
-        for gi, by_param in tensors.items():
-            flat = self._flat[gi]
+        rows = self._hparam_rows
+        for flat, index in zip(self._flat, self._row_index):
+            if all(rows[k][0] is not None for k in index):
+                continue
             column = flat.hparams[:, HP_LR]
             # Parameters with a float lr keep the value uploaded into the column.
-            lrs = [by_param[i].reshape(()).to(torch.float64) if i in by_param else column[i] for i in range(len(flat.params))]
+            lrs = [self.param_groups[k]["lr"].reshape(()).to(torch.float64) if rows[k][0] is None else column[i] for i, k in enumerate(index)]
             column.copy_(torch.stack(lrs))
 
     @torch.no_grad()
@@ -691,7 +684,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_slots", "_owners", "_row_index", "_built_key", "_hparam_rows", "_step_fn", "_model")
+    _UNPICKLED = ("_flat", "_owners", "_row_index", "_built_key", "_hparam_rows", "_step_fn", "_model")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the

@@ -115,7 +115,7 @@ def torch_step(
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
     keys = None if group.round_seed is None else _element_keys(group, seg, block_coef[:, C_ROUND_KEY])
     if group.quantized:
-        _requantize_m(group, seg, m, coef[:, C_M_WEIGHT] == 0, m_weight == 0)
+        _requantize_m(group, seg, m, coef[:, C_M_WEIGHT] == 0)
     elif group.m.dtype != torch.float32:  # float32 m was updated in place
         group.m.copy_(_rounded(m, keys, seg, MOMENT_STREAM))
     if group.param_buffer.dtype != torch.float32:
@@ -150,15 +150,15 @@ def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
     return group.m.float().mul_(scales).div_(CODE_MAX)
 
 
-def _requantize_m(
-    group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle_param: torch.Tensor, idle_element: torch.Tensor
-) -> None:
+def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: torch.Tensor) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
-    rounded to nearest (padding is 0 and stays code 0); idle parameters (``idle_param``, per
-    parameter, and ``idle_element``, per element) keep theirs, see [Note: idle int8 m] in
-    quantization.py. ``m`` is overwritten (by the codes)."""
+    rounded to nearest (padding is 0 and stays code 0); the chunks of idle parameters (``idle``,
+    per parameter) keep theirs, see [Note: idle int8 m] in quantization.py. ``m`` is
+    overwritten (by the codes)."""
+    n = group.numel
     scales = _segment_reduce(m.abs(), "max", seg.chunk_lengths)
-    divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=group.numel)
+    idle_chunk = idle.index_select(0, seg.chunk_param)
+    divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=n)
     codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
-    group.m_scales.copy_(torch.where(idle_param.index_select(0, seg.chunk_param), group.m_scales, scales))
-    group.m.copy_(torch.where(idle_element, group.m, codes))
+    group.m_scales.copy_(torch.where(idle_chunk, group.m_scales, scales))
+    group.m.copy_(torch.where(torch.repeat_interleave(idle_chunk, seg.chunk_lengths, output_size=n), group.m, codes))
