@@ -11,6 +11,9 @@ TORCH_SPEC ?= torch==2.14.1
 EXTRA_SPEC ?=
 CUDA_HOME ?= /usr/local/cuda
 PYTEST_ARGS ?=
+# pytest-xdist workers: most tests are one Python thread (Triton's interpreter), so two workers
+# on CI's two cores halve the suite's time (13 -> 8 min measured); 0 runs it in one process.
+TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(subst =,-,$(subst <,-,$(subst >,-,$(TORCH_SPEC))))
@@ -30,7 +33,7 @@ $(STAMP): $(PY) setup.py pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m demo.train
