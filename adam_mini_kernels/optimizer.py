@@ -101,6 +101,16 @@ def _moved(value: Optional[torch.Tensor], device: torch.device) -> Optional[torc
     return None if value is None else value.to(device, non_blocking=True)
 
 
+class _StepMemo:
+    """What a step leaves for the next one and for the user: the hyperparameter rows last read,
+    whether some lr is read on the device, the last gradient norm (see [Note: compiled steps])."""
+
+    def __init__(self) -> None:
+        self.hparam_rows: Optional[List[tuple]] = None
+        self.device_lr = False
+        self.grad_norm: Optional[torch.Tensor] = None
+
+
 class AdamMini(torch.optim.Optimizer):
     """Adam-mini (Zhang et al., 2024): Adam's first moment per element, one second moment per
     block of parameters, blocks chosen from parameter names.
@@ -219,7 +229,6 @@ class AdamMini(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
         self.max_grad_norm = max_grad_norm
-        self.last_grad_norm: Optional[torch.Tensor] = None
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
         self.capturable = capturable
@@ -245,7 +254,7 @@ class AdamMini(torch.optim.Optimizer):
         self.layout_overrides: Dict[str, BlockLayout] = {}
         self._weight_decay = weight_decay
         self._flat: Optional[List[FlatGroup]] = None
-        self._hparam_rows: Optional[List[tuple]] = None
+        self._memo = _StepMemo()
 
         groups = []
         seen: Dict[int, str] = {}
@@ -472,6 +481,12 @@ class AdamMini(torch.optim.Optimizer):
                 )
 
     # -- step ----------------------------------------------------------------------------------
+    @property
+    def last_grad_norm(self) -> Optional[torch.Tensor]:
+        """The global L2 gradient norm of the last step with ``max_grad_norm`` (of unscaled
+        gradients under AMP), a 0-dim float32 device tensor, a new one each step; None before."""
+        return self._memo.grad_norm
+
     def _lr_on_device(self, lr, device: torch.device) -> bool:
         """True when ``lr`` is a tensor the step reads on ``device`` (the parameters')."""
         if not isinstance(lr, torch.Tensor):
@@ -493,7 +508,7 @@ class AdamMini(torch.optim.Optimizer):
                 lr = None if self._lr_on_device(lr, group["params"][0].device) else lr.item()
                 device_lr = device_lr or lr is None
             rows.append((lr, group["weight_decay"], group["beta1"], group["beta2"], group["eps"]))
-        old = self._hparam_rows
+        old = self._memo.hparam_rows
         if rows == old:
             return False
         comparable = old is not None and len(old) == len(rows)
@@ -504,14 +519,14 @@ class AdamMini(torch.optim.Optimizer):
             if comparable and row[1:] == old[k][1:] and (lr == old[k][0] or (type(lr) is float and lr >= 0)):
                 continue
             _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
-        self._hparam_rows = rows
-        self._device_lr = device_lr  # some lr is read on the device, every step
+        self._memo.hparam_rows = rows
+        self._memo.device_lr = device_lr  # some lr is read on the device, every step
         return True
 
     def _upload_hparams(self) -> None:
         """Each flat group's per-parameter hyperparameter table, from the rows last read."""
-        rows = self._hparam_rows
-        if self._device_lr:  # their column is written on the device (_device_lrs)
+        rows = self._memo.hparam_rows
+        if self._memo.device_lr:  # their column is written on the device (_device_lrs)
             rows = [row if row[0] is not None else (0.0, *row[1:]) for row in rows]
         for group, index in zip(self._flat, self._row_index):
             group.set_hparams([rows[k] for k in index])
@@ -519,7 +534,7 @@ class AdamMini(torch.optim.Optimizer):
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
         on the device (a few tensor ops per group, no host sync)."""
-        rows = self._hparam_rows
+        rows = self._memo.hparam_rows
         for flat, index in zip(self._flat, self._row_index):
             if all(rows[k][0] is not None for k in index):
                 continue
@@ -536,7 +551,7 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
-        if self._device_lr:
+        if self._memo.device_lr:
             self._device_lrs()
         live, (inv_scale, skip) = self._gradient_factors(live)
         for group, active in live:
@@ -578,6 +593,19 @@ class AdamMini(torch.optim.Optimizer):
                 live.append((group, active))
         return live
 
+    # [Note: compiled steps]
+    # Under torch.compile, opt.step() traces as one graph (no break caused by the optimizer):
+    # * The flat buffers are built by an eager step first; building them (allocating, copying the
+    #   parameters in, re-pointing them) is refused inside a trace.
+    # * The traced inspection cannot read data pointers: FlatGroup.inspect_traced checks the
+    #   gradients by identity against the views it handed out, which the graph guards on.
+    # * Dynamo drops attribute writes on a torch.optim.Optimizer made inside a traced step (its
+    #   OptimizerVariable does not replay them; a plain object's are replayed). So whatever a step
+    #   leaves behind (hyperparameter rows, the gradient norm) lives on a _StepMemo the optimizer
+    #   holds, never in an attribute of its own: otherwise last_grad_norm would stay at the last
+    #   eager step's value.
+    # * Sharded parameters are refused: a traced step over DTensors did not refresh the flat
+    #   gradient buffer from their new gradients (it stepped stale ones).
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
         if self._flat is None or self._buffer_key() != self._built_key:
@@ -628,7 +656,7 @@ class AdamMini(torch.optim.Optimizer):
             total = total_square.sqrt().float()
             if inv_scale is not None:
                 total = total * inv_scale
-            self.last_grad_norm = total
+            self._memo.grad_norm = total
             clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             nonfinite = (~torch.isfinite(total)).float()
             return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
@@ -684,7 +712,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_owners", "_row_index", "_built_key", "_hparam_rows", "_step_fn", "_model")
+    _UNPICKLED = ("_flat", "_owners", "_row_index", "_built_key", "_step_fn", "_model")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -695,7 +723,8 @@ class AdamMini(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._flat, self._hparam_rows = None, None
+        self._flat = None
+        self._memo.hparam_rows = None  # re-read and re-uploaded into the rebuilt buffers
         self.__dict__.setdefault("_model", None)  # not pickled; load_state_dict keeps it
         self._step_fn = dispatch.load_backend(self.backend)
 

@@ -93,6 +93,34 @@ def test_compiled_opt_step_fullgraph_matches_eager(backend, set_to_none):
     assert torch.equal(eo._flat[0].steps, co._flat[0].steps)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_clipped_step_leaves_each_steps_grad_norm(backend):
+    """max_grad_norm under fullgraph=True: the clipped parameters and ``last_grad_norm`` of every
+    step equal eager's (the norm was once left at the last eager step's value: dynamo drops
+    attribute writes on an Optimizer inside a trace, see [Note: compiled steps])."""
+    torch._dynamo.reset()
+    (em, eo), (cm, co) = _pair(backend, max_grad_norm=0.05)
+    _train(em, eo, eo.step, 1, False)
+    _train(cm, co, co.step, 1, False)
+    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    norms = []
+    for _ in range(3):
+        x = torch.randint(0, 11, (4, 5), generator=gen)
+        em(x).backward()
+        cm(x).backward()
+        eo.step()
+        compiled()
+        assert eo.last_grad_norm > 0.05  # the clip is active
+        assert max_rel_err(eo.last_grad_norm, co.last_grad_norm) <= 1e-6
+        norms.append(co.last_grad_norm)
+        eo.zero_grad(set_to_none=False)
+        co.zero_grad(set_to_none=False)
+    assert len({n.item() for n in norms}) == 3  # a new norm each step, none overwritten
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+
+
 def test_compiled_step_with_tensor_lr_does_not_recompile():
     """A tensor lr changed in place every step (as an LR scheduler does) is read on the device:
     the result of float lrs (to the float32 rounding of the tensor), one compiled graph."""
