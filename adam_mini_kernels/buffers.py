@@ -211,23 +211,27 @@ class FlatGroup:
         return self.steps[i]
 
     # -- per step ----------------------------------------------------------------------------
-    def inspect(self) -> GradCheck:
-        """Check every parameter and gradient without changing anything. Raises on sparse
-        gradients."""
+    def inspect(self) -> Optional[GradCheck]:
+        """Check every parameter and gradient without changing anything; None when a parameter's
+        dtype or device is no longer the group's (``module.to()`` after the buffers were built:
+        the optimizer then rebuilds them). Raises on sparse gradients and changed shapes."""
         active: List[bool] = []
         stale_params: List[int] = []
         stale_grads: List[int] = []
-        strided = torch.strided
+        strided, dtype, device = torch.strided, self.dtype, self.device
         # One pass of attribute reads per parameter: this runs every step, for every parameter.
+        # A parameter still in its flat-buffer view has not moved: only the others are looked at.
         for i, (p, shape, param_ptr, grad_ptr) in enumerate(zip(self.params, self._shapes, self._param_ptrs, self._grad_ptrs)):
+            if p.data_ptr() != param_ptr:
+                if p.dtype != dtype or p.device != device:
+                    return None
+                stale_params.append(i)
             if p.shape != shape:
                 raise RuntimeError(
                     f"parameter '{self.layouts[i].name}' changed shape from "
                     f"{list(self.layouts[i].shape)} to {list(p.shape)} after the optimizer was "
                     "built; create a new optimizer for the new model"
                 )
-            if p.data_ptr() != param_ptr:
-                stale_params.append(i)
             g = p.grad
             if g is None:
                 active.append(False)
@@ -263,15 +267,6 @@ class FlatGroup:
             if g is not None and g is not self.grad_views[i]:
                 stale_grads.append(i)
         return GradCheck(None if all(active) else active, [], stale_grads)
-
-    def moved(self) -> bool:
-        """True when a parameter's dtype or device is no longer the group's (``module.to()``
-        after the buffers were built): the optimizer then rebuilds them."""
-        # A parameter still in its flat-buffer view has not moved: only the others are looked at.
-        return any(
-            p.data_ptr() != ptr and (p.dtype != self.dtype or p.device != self.device)
-            for p, ptr in zip(self.params, self._param_ptrs)
-        )
 
     def repair(self, check: GradCheck) -> None:
         """Copy parameters and gradients that stopped aliasing the flat buffers back in, and

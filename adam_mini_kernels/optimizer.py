@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dispatch
-from .buffers import HP_LR, FlatGroup, check_dense_grad
+from .buffers import HP_LR, FlatGroup, GradCheck, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
 from .model_layouts import config_dims, model_layouts
 from .quantization import QBLOCK, int8_first_moment
@@ -569,18 +569,16 @@ class AdamMini(torch.optim.Optimizer):
         before anything changes. Returns the groups to step, with their active flags."""
         key = self._buffer_key()
         hparams_changed = self._read_hparams()
-        if self._flat is None or key != self._built_key or any(group.moved() for group in self._flat):
+        checks = self._inspect() if self._flat is not None and key == self._built_key else None
+        if checks is None:  # no buffers yet, new name sets or m dtypes, or a parameter moved
             for name, p in self._named_params():
                 if p.grad is not None:
                     check_dense_grad(name, p.grad)
             self._build(key)
             hparams_changed = True
-        if not self.capturable and any(g.device.type == "cuda" for g in self._flat) and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("AdamMini.step() is being captured in a CUDA graph: construct the optimizer with capturable=True")
-        for group in self._flat:
-            if group.sharded is not None:
-                group.sharded.pull(group)
-        checks = [group.inspect() for group in self._flat]
+            checks = self._inspect()
+            if checks is None:
+                raise RuntimeError("internal error: a parameter is outside the flat buffers just built for it")
         if hparams_changed:
             self._upload_hparams()
         live = []
@@ -592,6 +590,21 @@ class AdamMini(torch.optim.Optimizer):
                 active = None if check.active is None else group.active_flags(check.active, keep=self.capturable)
                 live.append((group, active))
         return live
+
+    def _inspect(self) -> Optional[List[GradCheck]]:
+        """Every group's ``inspect``, after pointing sharded groups at their shards' gradients
+        and values (``ShardedGroup.pull``); None when a parameter moved (the buffers are rebuilt)."""
+        if not self.capturable and any(g.device.type == "cuda" for g in self._flat) and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("AdamMini.step() is being captured in a CUDA graph: construct the optimizer with capturable=True")
+        checks = []
+        for group in self._flat:
+            if group.sharded is not None:
+                group.sharded.pull(group)
+            check = group.inspect()
+            if check is None:
+                return None
+            checks.append(check)
+        return checks
 
     # [Note: compiled steps]
     # Under torch.compile, opt.step() traces as one graph (no break caused by the optimizer):
