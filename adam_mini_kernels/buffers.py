@@ -215,13 +215,25 @@ class FlatGroup:
         """Check every parameter and gradient without changing anything; None when a parameter's
         dtype or device is no longer the group's (``module.to()`` after the buffers were built:
         the optimizer then rebuilds them). Raises on sparse gradients and changed shapes."""
+        params = self.params
+        # Fast path, the usual step: every parameter and gradient still in its flat-buffer view,
+        # in three comprehensions. A missing or sparse gradient raises in them and takes the full
+        # pass below, which says what is wrong.
+        try:
+            if (
+                [p.data_ptr() for p in params] == self._param_ptrs
+                and [p.grad.data_ptr() for p in params] == self._grad_ptrs
+                and [p.shape for p in params] == self._shapes
+            ):
+                return GradCheck(None, [], [])
+        except (AttributeError, RuntimeError):
+            pass
         active: List[bool] = []
         stale_params: List[int] = []
         stale_grads: List[int] = []
         strided, dtype, device = torch.strided, self.dtype, self.device
-        # One pass of attribute reads per parameter: this runs every step, for every parameter.
         # A parameter still in its flat-buffer view has not moved: only the others are looked at.
-        for i, (p, shape, param_ptr, grad_ptr) in enumerate(zip(self.params, self._shapes, self._param_ptrs, self._grad_ptrs)):
+        for i, (p, shape, param_ptr, grad_ptr) in enumerate(zip(params, self._shapes, self._param_ptrs, self._grad_ptrs)):
             if p.data_ptr() != param_ptr:
                 if p.dtype != dtype or p.device != device:
                     return None

@@ -355,7 +355,7 @@ class AdamMini(torch.optim.Optimizer):
         """What the flat buffers depend on: the partition key and each param group's m dtype
         (its ``state_dtype`` where it has one, else the constructor's; validated by ``_build``)."""
         default = self.state_dtype
-        return self._partition_key(), tuple(group.get("state_dtype", default) for group in self.param_groups)
+        return self._partition_key(), tuple([group.get("state_dtype", default) for group in self.param_groups])
 
     def _partition(self, key) -> List[BlockLayout]:
         """Every parameter's layout: its override where there is one, else by the name rules."""

@@ -244,6 +244,30 @@ def test_sparse_gradient_is_rejected_after_steps_and_changes_nothing():
     _assert_unchanged(before, _snapshot(named, opt))
 
 
+@pytest.mark.parametrize("reshape", ["view", "narrow"])
+def test_parameter_reshaped_in_its_storage_is_rejected_and_changes_nothing(reshape):
+    """``p.data = p.data.view(...)`` (or a narrowed view) after steps: the same storage, so the
+    same data pointer, and gradients still aliasing the flat buffer (the per-step fast path), but
+    the partition was built for the old shape: the step refuses and changes nothing."""
+    named = _named(3)
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    for seed in range(2):
+        _good_step(named, opt, seed)
+    opt.zero_grad(set_to_none=False)  # gradients stay views of the flat buffer
+    gen = torch.Generator().manual_seed(9)
+    for _, p in named:
+        p.grad.copy_(torch.randn(p.shape, generator=gen))
+    name, w = named[2]  # layer.mlp.weight, (12, 8)
+    ptr = w.data_ptr()
+    w.data = w.data.view(-1) if reshape == "view" else w.data[:4]
+    assert w.data_ptr() == ptr
+    before = _snapshot(named, opt)
+    with pytest.raises(RuntimeError, match="changed shape") as err:
+        opt.step()
+    assert name in str(err.value)
+    _assert_unchanged(before, _snapshot(named, opt))
+
+
 def test_sparse_gradient_at_first_step_is_rejected():
     torch.manual_seed(5)
     model = _SparseModel()
