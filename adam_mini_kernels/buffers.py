@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .partition import BlockLayout
@@ -313,14 +312,14 @@ class FlatGroup:
         if detached:
             torch._foreach_zero_(detached)
 
-    def set_hparams(self, rows: List[tuple]) -> None:
-        """Upload the per-parameter hyperparameter table (lr, weight decay, beta1, beta2, eps);
-        no host-device sync. The optimizer calls it only when the values changed. The host copy
-        of an upload captured in a CUDA graph is kept alive: each replay copies it again."""
+    def set_hparams(self, table: torch.Tensor) -> None:
+        """Upload the per-parameter hyperparameter table (a float64 CPU tensor, columns HP_LR to
+        HP_EPS); no host-device sync. The optimizer calls it only when the values changed. The
+        host copy of an upload captured in a CUDA graph is kept alive: each replay copies it again."""
         if torch.compiler.is_compiling():  # values are constants of the graph, guarded on
-            self.hparams.copy_(torch.tensor(rows, dtype=torch.float64, device=self.device).reshape(len(rows), NUM_HPARAMS))
+            self.hparams.copy_(table)
             return
-        host = torch.from_numpy(np.array(rows, dtype=np.float64).reshape(len(rows), NUM_HPARAMS))
+        host = table
         if self.device.type == "cuda":
             host = host.pin_memory()
             if torch.cuda.is_current_stream_capturing():

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dispatch
-from .buffers import HP_LR, FlatGroup, GradCheck, check_dense_grad
+from .buffers import HP_LR, NUM_HPARAMS, FlatGroup, GradCheck, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
 from .model_layouts import config_dims, model_layouts
 from .quantization import QBLOCK, int8_first_moment
@@ -101,12 +101,19 @@ def _moved(value: Optional[torch.Tensor], device: torch.device) -> Optional[torc
     return None if value is None else value.to(device, non_blocking=True)
 
 
+_PLAIN_LR = frozenset({float, int})
+
+
 class _StepMemo:
-    """What a step leaves for the next one and for the user: the hyperparameter rows last read,
-    whether some lr is read on the device, the last gradient norm (see [Note: compiled steps])."""
+    """What a step leaves for the next one and for the user: the hyperparameters last read (per
+    param group: the lr, None for one read on the device, and (weight_decay, beta1, beta2, eps)),
+    those four as a float64 table, whether some lr is read on the device, the last gradient norm
+    (see [Note: compiled steps])."""
 
     def __init__(self) -> None:
-        self.hparam_rows: Optional[List[tuple]] = None
+        self.lrs: Optional[list] = None
+        self.rest: Optional[List[tuple]] = None
+        self.rest_table: Optional[torch.Tensor] = None
         self.device_lr = False
         self.grad_norm: Optional[torch.Tensor] = None
 
@@ -442,7 +449,7 @@ class AdamMini(torch.optim.Optimizer):
                 "(use bfloat16, or float32 master weights with torch.amp.GradScaler)"
             )
         fsdp = fsdp_params(self._model) if local else {}
-        flat, self._owners, self._row_index = [], [], []
+        flat, self._owners, self._row_index, self._row_select = [], [], [], []
         for (*_, m_dtype), members in by_key.items():
             params = [named[k][1] for k in members]
             # A sharded parameter enters the flat group as a plain proxy of its local shard.
@@ -460,6 +467,7 @@ class AdamMini(torch.optim.Optimizer):
             flat.append(group)
             self._owners.append(params)
             self._row_index.append([group_of[k] for k in members])  # each member's param group
+            self._row_select.append(torch.tensor(self._row_index[-1], dtype=torch.long))  # the same, to index a table
         self._flat, self._built_key = flat, key
         if self.verbose:
             self._log_partition(layouts)
@@ -498,50 +506,57 @@ class AdamMini(torch.optim.Optimizer):
         raise ValueError(f"lr is a tensor on {lr.device}; it must be on the parameters' device ({device}) or the CPU")
 
     def _read_hparams(self) -> bool:
-        """Read one (lr, weight_decay, beta1, beta2, eps) row per param group from
-        ``param_groups`` (which users and LR schedulers edit); validate them and return True
-        when they changed since the last step. A tensor lr read on the device stands as None."""
-        rows, device_lr = [], False
-        for group in self.param_groups:
-            lr = group["lr"]
-            if type(lr) is not float and isinstance(lr, torch.Tensor):
-                lr = None if self._lr_on_device(lr, group["params"][0].device) else lr.item()
-                device_lr = device_lr or lr is None
-            rows.append((lr, group["weight_decay"], group["beta1"], group["beta2"], group["eps"]))
-        old = self._memo.hparam_rows
-        if rows == old:
+        """Read each param group's lr and (weight_decay, beta1, beta2, eps) from ``param_groups``
+        (which users and LR schedulers edit); validate what changed and return True when anything
+        did since the last step. A tensor lr read on the device stands as None."""
+        groups, memo = self.param_groups, self._memo
+        lrs = [group["lr"] for group in groups]
+        rest = [(group["weight_decay"], group["beta1"], group["beta2"], group["eps"]) for group in groups]
+        device_lr = False
+        if not _PLAIN_LR.issuperset(map(type, lrs)):  # a tensor lr (or another number type)
+            for k, lr in enumerate(lrs):
+                if isinstance(lr, torch.Tensor):
+                    lrs[k] = None if self._lr_on_device(lr, groups[k]["params"][0].device) else lr.item()
+                    device_lr = device_lr or lrs[k] is None
+        same_rest = rest == memo.rest
+        if same_rest and lrs == memo.lrs:
             return False
-        comparable = old is not None and len(old) == len(rows)
-        for k, (group, row) in enumerate(zip(self.param_groups, rows)):
-            lr, wd, b1, b2, eps = row
-            # Rows checked before, or only a float lr changed (what an LR scheduler does every
-            # step: its one check here), need no full check.
-            if comparable and row[1:] == old[k][1:] and (lr == old[k][0] or (type(lr) is float and lr >= 0)):
-                continue
-            _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
-        self._memo.hparam_rows = rows
-        self._memo.device_lr = device_lr  # some lr is read on the device, every step
+        # What an LR scheduler does every step, new float lrs >= 0 and nothing else, is checked
+        # at once; otherwise every row that changed.
+        if not (same_rest and lrs and {float}.issuperset(map(type, lrs)) and all(lr >= 0 for lr in lrs)):
+            old_lrs, old_rest = memo.lrs or [], memo.rest or []
+            for k, (group, lr, (wd, b1, b2, eps)) in enumerate(zip(groups, lrs, rest)):
+                if k < len(old_rest) and k < len(old_lrs) and rest[k] == old_rest[k] and lr == old_lrs[k]:
+                    continue
+                _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
+        if not same_rest:
+            memo.rest_table = None
+        memo.lrs, memo.rest, memo.device_lr = lrs, rest, device_lr  # device_lr: read every step
         return True
 
     def _upload_hparams(self) -> None:
-        """Each flat group's per-parameter hyperparameter table, from the rows last read."""
-        rows = self._memo.hparam_rows
-        if self._memo.device_lr:  # their column is written on the device (_device_lrs)
-            rows = [row if row[0] is not None else (0.0, *row[1:]) for row in rows]
-        for group, index in zip(self._flat, self._row_index):
-            group.set_hparams([rows[k] for k in index])
+        """Each flat group's per-parameter hyperparameter table, from the values last read (the
+        lr of a device tensor is written into it on the device: ``_device_lrs``)."""
+        memo = self._memo
+        if memo.rest_table is None:
+            memo.rest_table = torch.tensor(memo.rest, dtype=torch.float64).reshape(len(memo.rest), NUM_HPARAMS - 1)
+        lrs = [0.0 if lr is None else lr for lr in memo.lrs] if memo.device_lr else memo.lrs
+        # Columns HP_LR, then HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS: the order of ``rest``.
+        table = torch.cat([torch.tensor(lrs, dtype=torch.float64).reshape(-1, 1), memo.rest_table], dim=1)
+        for group, select in zip(self._flat, self._row_select):
+            group.set_hparams(table.index_select(0, select))
 
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
         on the device (a few tensor ops per group, no host sync)."""
-        rows = self._memo.hparam_rows
+        lrs = self._memo.lrs
         for flat, index in zip(self._flat, self._row_index):
-            if all(rows[k][0] is not None for k in index):
+            if all(lrs[k] is not None for k in index):
                 continue
             column = flat.hparams[:, HP_LR]
             # Parameters with a float lr keep the value uploaded into the column.
-            lrs = [self.param_groups[k]["lr"].reshape(()).to(torch.float64) if rows[k][0] is None else column[i] for i, k in enumerate(index)]
-            column.copy_(torch.stack(lrs))
+            values = [self.param_groups[k]["lr"].reshape(()).to(torch.float64) if lrs[k] is None else column[i] for i, k in enumerate(index)]
+            column.copy_(torch.stack(values))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -725,7 +740,7 @@ class AdamMini(torch.optim.Optimizer):
             group.zero_grad()
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_owners", "_row_index", "_built_key", "_step_fn", "_model")
+    _UNPICKLED = ("_flat", "_owners", "_row_index", "_row_select", "_built_key", "_step_fn", "_model")
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -737,7 +752,7 @@ class AdamMini(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._flat = None
-        self._memo.hparam_rows = None  # re-read and re-uploaded into the rebuilt buffers
+        self._memo.lrs = None  # re-read and re-uploaded into the rebuilt buffers
         self.__dict__.setdefault("_model", None)  # not pickled; load_state_dict keeps it
         self._step_fn = dispatch.load_backend(self.backend)
 

@@ -80,7 +80,7 @@ def make_group(path: str, size: int, numel: int, dtype: torch.dtype, device: tor
     group = FlatGroup([p], [layout])
     group.m.copy_(torch.randn(group.m.shape, device=device, dtype=dtype, generator=gen).mul_(0.1))
     group.v.copy_(torch.rand(group.v.shape, device=device, generator=gen).add_(0.1))
-    group.set_hparams([(1e-3, 0.1, 0.9, 0.999, 1e-8)])
+    group.set_hparams(torch.tensor([[1e-3, 0.1, 0.9, 0.999, 1e-8]], dtype=torch.float64))
     advance_steps(group, None)
     return group, p
 

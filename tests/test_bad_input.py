@@ -349,6 +349,7 @@ def test_dim_squared_not_divisible_by_n_heads_is_fine_without_query_key_params()
     "key, value, words",
     [
         ("lr", -1e-3, ["learning rate"]),
+        ("lr", float("nan"), ["learning rate"]),  # only a float lr changed: the scheduler's check
         ("eps", -1.0, ["eps"]),
         ("weight_decay", -0.5, ["weight_decay"]),
         ("beta1", 1.0, ["beta1"]),

@@ -141,6 +141,22 @@ def test_compiled_step_with_tensor_lr_does_not_recompile():
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_compiled_step_with_float_lr_changed_each_step_matches_eager():
+    """A float lr an LR scheduler changes before every step (the hyperparameter check and upload
+    traced with new values each time): the eager result."""
+    torch._dynamo.reset()
+    lrs = [1e-2, 5e-3, 2e-3, 1e-3, 5e-4]
+    (em, eo), (cm, co) = _pair("torch")
+    _train(cm, co, co.step, 1, False, lrs[:1])
+    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    _train(cm, co, compiled, 4, False, lrs[1:], seed=2)
+    _train(em, eo, eo.step, 1, False, lrs[:1])
+    _train(em, eo, eo.step, 4, False, lrs[1:], seed=2)
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert torch.equal(co._flat[0].hparams[:, 0], torch.full_like(co._flat[0].hparams[:, 0], lrs[-1]))
+
+
 def test_compiled_step_needs_an_eager_step_first():
     torch._dynamo.reset()
     (m, o), _ = _pair("torch")

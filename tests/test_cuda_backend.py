@@ -556,7 +556,7 @@ def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     gen = torch.Generator().manual_seed(17)
     n = len(group.params)
     u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
-    group.set_hparams([(1e-4 + r[0].item(), r[1].item() * 0.2, 0.8 + 0.19 * r[2].item(), 0.9 + 0.0999 * r[3].item(), 1e-8 * r[4].item()) for r in u])
+    group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
     group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
     active = (torch.rand(n, generator=gen) > 0.3) if case == "idle" else None
     inv_scale = torch.tensor(1 / 1024.0) if case.startswith("amp") else None

@@ -161,7 +161,7 @@ def test_coefficient_kernel_matches_torch_ops(with_idle):
     gen = torch.Generator().manual_seed(13)
     n = len(group.params)
     u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
-    group.set_hparams([(1e-4 + r[0].item(), r[1].item() * 0.2, 0.8 + 0.19 * r[2].item(), 0.9 + 0.0999 * r[3].item(), 1e-8 * r[4].item()) for r in u])
+    group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
     group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
     active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if with_idle else None
     start = group.steps.clone()
