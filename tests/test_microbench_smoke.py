@@ -1,0 +1,35 @@
+"""The per-kernel microbenchmarks (bench/microbench.py) in their CPU dry-run mode, so that they
+cannot rot: every path (rows, large blocks, Adam tiles) at every dry-run size and dtype steps the
+Triton kernels under the interpreter and the torch backend, each compared by the script with the
+reference step; a backend that cannot run here (cuda) is reported with its reason."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "microbench.py"
+POINTS = {"rows": 3, "large": 2, "adam": 2}  # dry-run sizes per path (microbench.run_dry)
+DTYPES = ["float32", "bfloat16"]
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU check; on a GPU run the benchmark")
+
+
+def test_microbench_dry_run_checks_every_path():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"microbench.py --dry-run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = re.findall(r"dry run: +(\w+) size +(\d+) +(\w+) +(\w+): +(\d+) min bytes, rel err p (\S+), v (\S+) (\w+)", proc.stdout)
+    assert all(status == "ok" for *_, status in lines), proc.stdout
+    for path, count in POINTS.items():
+        for dtype in DTYPES:
+            for backend in ("triton", "torch"):
+                rows = [r for r in lines if r[0] == path and r[2] == dtype and r[3] == backend]
+                assert len(rows) == count, (path, dtype, backend, proc.stdout)
+                assert all(int(r[4]) > 0 and float(r[5]) <= 2e-2 for r in rows), rows
+    assert re.search(r"backend 'cuda' skipped: .+", proc.stdout), proc.stdout
