@@ -466,8 +466,10 @@ class AdamMini(torch.optim.Optimizer):
                 self.state[p] = local_state_views(group, i) if k in local else state_views(group, i)
             flat.append(group)
             self._owners.append(params)
-            self._row_index.append([group_of[k] for k in members])  # each member's param group
-            self._row_select.append(torch.tensor(self._row_index[-1], dtype=torch.long))  # the same, to index a table
+            # Each member's param group: a list (read on the host, also inside a traced step) and
+            # the same as a tensor (selects the members' rows of the hyperparameter table).
+            self._row_index.append([group_of[k] for k in members])
+            self._row_select.append(torch.tensor(self._row_index[-1], dtype=torch.long))
         self._flat, self._built_key = flat, key
         if self.verbose:
             self._log_partition(layouts)
@@ -524,10 +526,11 @@ class AdamMini(torch.optim.Optimizer):
         # What an LR scheduler does every step, new float lrs >= 0 and nothing else, is checked
         # at once; otherwise every row that changed.
         if not (same_rest and lrs and {float}.issuperset(map(type, lrs)) and all(lr >= 0 for lr in lrs)):
-            old_lrs, old_rest = memo.lrs or [], memo.rest or []
-            for k, (group, lr, (wd, b1, b2, eps)) in enumerate(zip(groups, lrs, rest)):
-                if k < len(old_rest) and k < len(old_lrs) and rest[k] == old_rest[k] and lr == old_lrs[k]:
+            checked = list(zip(memo.lrs or [], memo.rest or []))
+            for k, (group, lr, row) in enumerate(zip(groups, lrs, rest)):
+                if k < len(checked) and (lr, row) == checked[k]:
                     continue
+                wd, b1, b2, eps = row
                 _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         if not same_rest:
             memo.rest_table = None
