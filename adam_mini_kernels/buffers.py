@@ -38,6 +38,9 @@ import torch
 from .partition import BlockLayout
 from .quantization import QBLOCK
 
+# The attribute marking the gradient views of the flat buffers (see [Note: gradient view marks]).
+GRAD_MARK = "_adam_mini_grad_view"
+
 ALIGN_ELEMENTS = 32
 
 # Columns of the per-parameter hyperparameter table (float64, one row per parameter).
@@ -129,9 +132,10 @@ class FlatGroup:
         # The DTensor side of a group of sharded parameters (sharding.ShardedGroup), or None.
         self.sharded = None
 
-        # The gradient views the parameters' .grad point at (the very objects: a compiled step
-        # checks aliasing by identity) and that max_grad_norm takes norms of.
-        self.grad_views = [self.grad_view(i) for i in range(len(self.params))]
+        # The gradient views the parameters' .grad point at (each marked: see [Note: gradient
+        # view marks]) and that max_grad_norm takes norms of.
+        self._grad_marks = [object() for _ in self.params]
+        self.grad_views = [self.marked_grad(i, self.grad_view(i)) for i in range(len(self.params))]
         self._shapes = [torch.Size(layout.shape) for layout in self.layouts]
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
         self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
@@ -190,6 +194,25 @@ class FlatGroup:
 
     def grad_view(self, i: int) -> torch.Tensor:
         return self.shaped(i, self._span(self.grad_buffer, i))
+
+    # [Note: gradient view marks]
+    # A compiled step cannot read data pointers, so it tells a gradient that aliases the flat
+    # buffer from a new one by a mark: the view the buffers hand out as parameter i's .grad holds
+    # _grad_marks[i] (an object of its own) as an attribute, which a new or copied tensor lacks.
+    # Dynamo guards on the attribute of the live p.grad, so a compiled step whose gradient was
+    # replaced is retraced (it copies the new one in). Not an identity check `p.grad is view`:
+    # dynamo gives a tensor that is some parameter's .grad that .grad as its only source, so the
+    # view held here got no guard of its own and the check was baked into the graph (measured: a
+    # compiled step went on stepping the old flat gradient after zero_grad(set_to_none=True)).
+    # What a mark cannot see, as no identity could: `p.grad.data = other` (eager steps notice).
+    def marked_grad(self, i: int, view: torch.Tensor) -> torch.Tensor:
+        """``view`` (parameter ``i``'s gradient span) marked as aliasing the flat gradient buffer."""
+        setattr(view, GRAD_MARK, self._grad_marks[i])
+        return view
+
+    def holds_grad(self, i: int, g: torch.Tensor) -> bool:
+        """Whether ``g`` is a gradient view this group marked for parameter ``i`` (traced steps)."""
+        return getattr(g, GRAD_MARK, None) is self._grad_marks[i]
 
     def m_view(self, i: int) -> torch.Tensor:
         """The first moment of parameter ``i``, flat."""
@@ -261,10 +284,10 @@ class FlatGroup:
 
     def inspect_traced(self) -> GradCheck:
         """``inspect`` for a step traced by ``torch.compile``, which cannot read data pointers:
-        gradients alias the flat buffer when they are the very view objects it handed out (an
-        identity check the compiled graph guards on); parameters are taken to alias it still
-        (their dtype, device and shape are checked). Replacing ``p.data`` by a same-shaped tensor
-        after the buffers are built is noticed by eager steps only."""
+        gradients alias the flat buffer when they carry the mark of its views (see [Note:
+        gradient view marks]); parameters are taken to alias it still (their dtype, device and
+        shape are checked). Replacing ``p.data`` or ``p.grad.data`` by a same-shaped tensor after
+        the buffers are built is noticed by eager steps only."""
         active: List[bool] = []
         stale_grads: List[int] = []
         for i, p in enumerate(self.params):
@@ -275,7 +298,7 @@ class FlatGroup:
                 )
             g = p.grad
             active.append(g is not None)
-            if g is not None and g is not self.grad_views[i]:
+            if g is not None and not self.holds_grad(i, g):
                 stale_grads.append(i)
         return GradCheck(None if all(active) else active, [], stale_grads)
 
@@ -295,7 +318,7 @@ class FlatGroup:
             views = [self.grad_view(i) for i in grads]
             torch._foreach_copy_(views, [self.params[i].grad for i in grads])
             for i, view in zip(grads, views):
-                self.grad_views[i] = self.params[i].grad = view
+                self.grad_views[i] = self.params[i].grad = self.marked_grad(i, view)
         if check.active is not None:
             # A parameter without a gradient this step is not updated; its stale flat gradient is
             # zeroed so that it adds nothing to max_grad_norm's global norm.

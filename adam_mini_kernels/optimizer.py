@@ -628,8 +628,9 @@ class AdamMini(torch.optim.Optimizer):
     # Under torch.compile, opt.step() traces as one graph (no break caused by the optimizer):
     # * The flat buffers are built by an eager step first; building them (allocating, copying the
     #   parameters in, re-pointing them) is refused inside a trace.
-    # * The traced inspection cannot read data pointers: FlatGroup.inspect_traced checks the
-    #   gradients by identity against the views it handed out, which the graph guards on.
+    # * The traced inspection cannot read data pointers: FlatGroup.inspect_traced tells the
+    #   gradient views it handed out by their mark, which the graph guards on (see [Note:
+    #   gradient view marks] in buffers.py).
     # * Dynamo drops attribute writes on a torch.optim.Optimizer made inside a traced step (its
     #   OptimizerVariable does not replay them; a plain object's are replayed). So whatever a step
     #   leaves behind (hyperparameter rows, the gradient norm) lives on a _StepMemo the optimizer
