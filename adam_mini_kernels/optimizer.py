@@ -636,8 +636,12 @@ class AdamMini(torch.optim.Optimizer):
     #   leaves behind (hyperparameter rows, the gradient norm) lives on a _StepMemo the optimizer
     #   holds, never in an attribute of its own: otherwise last_grad_norm would stay at the last
     #   eager step's value.
-    # * Sharded parameters are refused: a traced step over DTensors did not refresh the flat
-    #   gradient buffer from their new gradients (it stepped stale ones).
+    # * Sharded parameters: ShardedGroup.pull points the proxies at the DTensors' local gradients
+    #   and copies the shards in (as eager; a shard FSDP2 holds in the flat buffer is recognized
+    #   by identity, and is copied if it was re-pointed), and push copies them out. A traced step
+    #   does not adopt: a DTensor made inside the graph over a flat-buffer view comes out of it as
+    #   a copy, so new gradients stay where FSDP2 put them (copied in each step, zeroed by
+    #   opt.zero_grad(set_to_none=False) as such) and storage is shared by eager steps only.
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
         if self._flat is None or self._buffer_key() != self._built_key:
@@ -645,12 +649,12 @@ class AdamMini(torch.optim.Optimizer):
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
                 "(and again after changing name sets, a param group's state_dtype, adding param groups or loading a state dict)"
             )
-        if any(group.sharded is not None for group in self._flat):
-            raise NotImplementedError("torch.compile of AdamMini.step() with sharded (DTensor, FSDP2) parameters is not supported yet")
         if self._read_hparams():
             self._upload_hparams()
         live = []
         for group in self._flat:
+            if group.sharded is not None:
+                group.sharded.pull(group, traced=True)
             check = group.inspect_traced()
             if check.active is None or any(check.active):
                 group.repair(check)
@@ -742,6 +746,8 @@ class AdamMini(torch.optim.Optimizer):
             return
         for group in self._flat:
             group.zero_grad()
+            if group.sharded is not None:
+                group.sharded.zero_grad(group)
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
     _UNPICKLED = ("_flat", "_owners", "_row_index", "_row_select", "_built_key", "_step_fn", "_model")

@@ -33,7 +33,9 @@ last ones of an uneven split), row-major (not ``Conv1D`` column storage), withou
 a tensor-subclass extension, and where FSDP2 reads back the view (checked): the others keep the
 copies. Each step checks, on the host, that a shared shard is still the view (FSDP2 re-points
 after ``model.to()``, ``load_state_dict(assign=True)``); one that is not is copied in and shared
-again. These are FSDP2 internals (the same in torch 2.11 to 2.14); where they differ, nothing is
+again. A compiled step cannot read data pointers: a shared local tensor carries a mark (as the
+gradient views do, see [Note: gradient view marks] in buffers.py), and one re-pointed there is
+copied in and out (sharing it again is left to an eager step). These are FSDP2 internals (the same in torch 2.11 to 2.14); where they differ, nothing is
 shared and the copies stay.
 
 [Note: int8 on shards]
@@ -69,7 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -83,6 +85,10 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch built without distributed support
     DTensor = None
+
+
+# The attribute marking a local tensor shared with FSDP2 (see [Note: shared FSDP2 storage]).
+SHARE_MARK = "_adam_mini_shared_shard"
 
 
 def is_sharded(p: Any) -> bool:
@@ -473,7 +479,11 @@ class ShardedGroup:
         # Members whose FSDP2 FSDPParam is known (index -> it), and those sharing its storage.
         fsdp = fsdp or {}
         self.fsdp = {i: fsdp[id(p)] for i, p, lb in self.members if id(p) in fsdp and not lb.layout.columns}
-        self.shared: Dict[int, torch.Tensor] = {}  # index -> the flat-buffer view FSDP2 holds
+        # Indices whose flat-buffer view FSDP2 holds as its storage. Not the views themselves: a
+        # compiled step must see a shared local tensor only through its DTensor (its mark is
+        # guarded there; dynamo gives an object reachable twice the source it was first met by).
+        self.shared: Set[int] = set()
+        self._share_marks = {i: object() for i in self.fsdp}  # see [Note: shared FSDP2 storage]
         self.rider: Optional[Tuple[torch.Tensor, Any]] = None  # see ride()
         self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
@@ -516,30 +526,50 @@ class ShardedGroup:
         ``AdamMini._gradient_factors``)."""
         self.rider = (values, then)
 
-    def pull(self, group) -> None:
+    def pull(self, group, traced: bool = False) -> None:
         """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy
         the local shards of the parameters into the flat buffer (those FSDP2 still holds there
-        need none; one it re-pointed is copied and no longer counted as shared)."""
+        need none; one it re-pointed is copied and no longer counted as shared). ``traced``: in
+        a compiled step, which tells a shared shard by its mark (no data pointers)."""
         for i, p, _ in self.members:
             check_grad_placement(group.layouts[i].name, p)
             group.params[i].grad = None if p.grad is None else p.grad._local_tensor
-            if i in self.shared and not is_shared(self.fsdp[i], p, self.shared[i]):
-                del self.shared[i]
+            if i in self.shared and not (self._holds_shard(i, p) if traced else is_shared(self.fsdp[i], p, group.param_view(i))):
+                self.shared.discard(i)
         copied = [(i, p) for i, p, _ in self.members if i not in self.shared]
         if copied:
             torch._foreach_copy_([group.param_view(i) for i, _ in copied], [p._local_tensor for _, p in copied])
 
     def adopt(self, group) -> None:
         """After ``FlatGroup.repair`` (the flat buffer holds every shard's values): re-point
-        gradients that were copied in as DTensors over the flat gradient buffer, and make the
-        flat buffer FSDP2's storage of the shards it can hold (see [Note: shared FSDP2 storage])."""
+        gradients that were copied in as DTensors over the flat gradient buffer (the group's
+        gradient view becomes the DTensor's local tensor, marked: a traced step recognizes it),
+        and make the flat buffer FSDP2's storage of the shards it can hold (see [Note: shared
+        FSDP2 storage]). Eager steps only: see [Note: compiled steps]."""
         for i, p, lb in self.members:
             if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
                 p.grad = as_dtensor(group.grad_views[i], lb.info, lb.layout.columns)
+                group.grad_views[i] = group.params[i].grad = group.marked_grad(i, p.grad._local_tensor)
             if i in self.fsdp and i not in self.shared:
                 view = group.param_view(i)
                 if share_storage(self.fsdp[i], p, view):
-                    self.shared[i] = view
+                    self.shared.add(i)
+                    setattr(p._local_tensor, SHARE_MARK, self._share_marks[i])
+
+    def _holds_shard(self, i: int, p: Any) -> bool:
+        """Whether the local tensor of member ``i``'s DTensor ``p`` is the one shared with FSDP2
+        when it was marked (compiled steps: see [Note: shared FSDP2 storage])."""
+        return getattr(p._local_tensor, SHARE_MARK, None) is self._share_marks[i]
+
+    def zero_grad(self, group) -> None:
+        """Zero the DTensors' local gradients that do not alias the flat gradient buffer (which
+        ``FlatGroup.zero_grad`` fills): those a compiled step left where they were."""
+        detached = [
+            p.grad._local_tensor for i, p, _ in self.members
+            if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr()
+        ]
+        if detached:
+            torch._foreach_zero_(detached)
 
     def push(self, group) -> None:
         """After a step: copy the updated local shards back into the DTensors (not those whose

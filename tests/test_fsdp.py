@@ -1028,7 +1028,7 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         assert result["err"] <= 1e-6
 
 
-def _cuda_worker(rank, port, out, backend, share):
+def _cuda_worker(rank, port, out, backend, share, compiled):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
@@ -1036,10 +1036,11 @@ def _cuda_worker(rank, port, out, backend, share):
         model = _model().cuda()
         fully_shard(model)
         opt = AdamMini(model.named_parameters(), backend=backend, model=model if share else None, **KW)
+        step_fn = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
         for step in range(STEPS):
             opt.zero_grad()
             model(_batch(step).cuda()).backward()
-            opt.step()
+            (opt.step if step == 0 else step_fn)()
         result = {n: p.full_tensor().cpu() for n, p in model.named_parameters()}
         torch.save({"params": result, "shared": sum(len(g.sharded.shared) for g in opt._flat)}, f"{out}/cuda.pt")
     finally:
@@ -1047,19 +1048,21 @@ def _cuda_worker(rank, port, out, backend, share):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("share", [False, True], ids=["copies", "shared_storage"])
+@pytest.mark.parametrize("share, compiled", [(False, False), (True, False), (True, True)],
+                         ids=["copies", "shared_storage", "shared_storage_compiled"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_fsdp2_world_size_one_on_cuda(tmp_path, backend, share):
+def test_fsdp2_world_size_one_on_cuda(tmp_path, backend, share, compiled):
     """FSDP2 with one rank on CUDA: the sharded code path (DTensor params, proxies, copies or,
     with the model given, FSDP2's storage in the flat buffer, the all-reduce over a one-rank
-    mesh) equals a plain CUDA run, on every backend."""
+    mesh) equals a plain CUDA run, on every backend; also with the steps after the first through
+    ``torch.compile(opt.step, fullgraph=True)``."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from adam_mini_kernels import available_backends
 
     if backend not in available_backends([torch.device("cuda")]):
         pytest.skip(f"backend {backend} cannot run here")
-    spawn(_cuda_worker, 1, str(tmp_path), backend, share)
+    spawn(_cuda_worker, 1, str(tmp_path), backend, share, compiled)
     model = _model().cuda()
     opt = AdamMini(model.named_parameters(), backend=backend, **KW)
     for step in range(STEPS):
@@ -1146,53 +1149,67 @@ def test_local_segments_of_any_layout_match_an_element_by_element_count(world, p
         assert held.tolist() == (copies * layout.block_sizes()).tolist(), layout.name
 
 
-def _compiled_worker(rank, port, out):
-    """Two optimizers over the same DTensor parameters, one stepped eagerly, one through
-    ``torch.compile``: without ``fullgraph`` the optimizer's frame falls back to eager (a graph
-    break, by the NotImplementedError the traced step raises); with it the refusal reaches the
-    caller and nothing changes."""
+# zero_grad's set_to_none per step of the compiled runs (step 0 eager): FSDP2 accumulating into
+# the gradients the eager step re-pointed into the flat buffer, then new ones, then FSDP2
+# accumulating into those (which compiled steps leave in place: opt.zero_grad must zero them).
+COMPILED_SET_TO_NONE = [False] * 4 + [True] * 3 + [False] * 3
+COMPILED_REPOINT_STEP = 5  # with shared storage, q_proj's local tensor swapped for a copy before it
+
+
+def _compiled_fsdp_worker(rank, port, out, backend_arg, share, max_grad_norm):
+    """FSDP2, the first step eager (it builds the buffers), the others through
+    ``torch.compile(opt.step, fullgraph=True)``."""
+    from adam_mini_kernels.sharding import fsdp_params
+
     _init(rank, port)
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        plain = _model()
-        runs = []
-        for _ in range(2):
-            sharded = {n: nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for n, p in plain.named_parameters()}
-            runs.append((sharded, AdamMini(list(sharded.items()), backend="torch", **KW)))
+        import torch._dynamo.utils
 
-        def set_grads(sharded, step):
-            for n, g in _synthetic_grads(plain, step, torch.float32).items():
-                sharded[n].grad = distribute_tensor(g, mesh, [Shard(0)])
-
-        (eager_params, eager), (compiled_params, compiled) = runs
-        for sharded, opt in runs:  # builds the buffers (the compiled step asks for one eager step first)
-            set_grads(sharded, 0)
-            opt.step()
-        set_grads(compiled_params, 1)
-        before = {n: p.full_tensor() for n, p in compiled_params.items()}
-        with pytest.raises(Exception, match="torch.compile of AdamMini.step"):
-            torch.compile(compiled.step, fullgraph=True)()
-        unchanged = all(torch.equal(before[n], p.full_tensor()) for n, p in compiled_params.items())
-        step = torch.compile(compiled.step)
-        for s in range(1, 4):
-            set_grads(eager_params, s)
-            eager.step()
-            set_grads(compiled_params, s)
-            step()
-        torch.save({"unchanged": unchanged, "eager": {n: p.full_tensor() for n, p in eager_params.items()},
-                    "compiled": {n: p.full_tensor() for n, p in compiled_params.items()}}, f"{out}/rank{rank}.pt")
+        model = _model()
+        fully_shard(model)
+        opt = _optimizer(model.named_parameters(), backend_arg, model=model if share else None, max_grad_norm=max_grad_norm)
+        compiled = torch.compile(opt.step, fullgraph=True)
+        counts, copies = [], []
+        torch._dynamo.utils.counters.clear()
+        for step, set_to_none in enumerate(COMPILED_SET_TO_NONE):
+            opt.zero_grad(set_to_none=set_to_none)
+            model(_batch(step).chunk(WORLD)[rank]).backward()
+            if share and step == COMPILED_REPOINT_STEP:  # as FSDP2 does after model.to()
+                model.q_proj.weight._local_tensor = model.q_proj.weight._local_tensor.clone()
+                fsdp_params(model)[id(model.q_proj.weight)].reset_sharded_param()
+            with _count_all_reduce() as counter, _count_copies() as copied:
+                (opt.step if step == 0 else compiled)()
+            counts.append(len(counter.records))
+            copies.append(copied.records)
+        shared = sorted(opt._flat[0].layouts[i].name for i in opt._flat[0].sharded.shared)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        torch.save({"params": _gathered(model), "counts": counts, "shared": shared, "graphs": graphs, "copies": copies}, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-def test_compiled_step_with_sharded_params_falls_back_to_eager(tmp_path):
-    """``torch.compile`` of a step calling ``opt.step()`` on DTensor parameters: without
-    ``fullgraph`` it equals eager steps (to float32 rounding: the backend's function is compiled
-    as a frame of its own); ``fullgraph=True`` raises the refusal, before anything changes (a traced
-    sharded step would read stale gradients: measured 3% off eager before the refusal)."""
-    _spawn(_compiled_worker, str(tmp_path))
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["unchanged"]
-        for n, p in saved["eager"].items():
-            assert max_rel_err(p, saved["compiled"][n]) <= 1e-6, n
+@pytest.mark.parametrize(
+    "backend, share, max_grad_norm", [("torch", False, None), ("torch", True, 0.05), ("triton", True, 0.05)]
+)
+def test_compiled_steps_over_fsdp2_shards_match_single_process(tmp_path, backend_arg, share, max_grad_norm):
+    """``torch.compile(fullgraph=True)`` of ``opt.step()`` on FSDP2 shards: each compiled step
+    takes the gradients FSDP2 left (new ones, or accumulated into the last ones), makes the one
+    all-reduce of an eager step, keeps the flat buffer as FSDP2's storage, copies in and out a
+    shard FSDP2 re-pointed, recompiles only when one of these changes, and the run equals one
+    process. (Compiled steps once stepped old gradients, and once missed the re-pointed shard.)"""
+    _spawn(_compiled_fsdp_worker, str(tmp_path), backend_arg, share, max_grad_norm)
+    expected = _single_process(len(COMPILED_SET_TO_NONE), max_grad_norm)
+    rows = {n: p.shape[0] for n, p in _model().named_parameters()}
+    for rank, saved in enumerate(_rank_results(tmp_path, expected)):
+        assert saved["counts"] == [1] * len(COMPILED_SET_TO_NONE), saved["counts"]
+        # Graphs: gradients in the flat buffer, then new ones; with sharing, the re-pointed shard.
+        assert saved["graphs"] <= (4 if share else 2), saved["graphs"]
+        want = sorted(n for n, r in rows.items() if rank == 0 or r % 2 == 0) if share else []
+        # A compiled step copies the re-pointed shard; sharing it again is left to an eager step.
+        assert saved["shared"] == [n for n in want if n != "q_proj.weight"], (rank, saved["shared"])
+        # Copies per step: the shards not shared in the flat buffer, in and out, around the
+        # gradients, copied in from the first new ones on (compiled steps leave them in place).
+        for step, copies in enumerate(saved["copies"][1:], start=1):
+            moved = len(rows) - len(want) + (share and step >= COMPILED_REPOINT_STEP)
+            grads = [len(rows)] if step >= COMPILED_SET_TO_NONE.index(True) else []
+            assert copies == ([moved] if moved else []) + grads + ([moved] if moved else []), (rank, step, copies)

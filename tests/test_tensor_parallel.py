@@ -96,19 +96,20 @@ def _parallel_model():
     return model, mesh
 
 
-def _train(model, opt, mesh, steps, sizes=None) -> None:
-    """Data parallel over dp: the tp ranks of a dp coordinate take the same half of the batch."""
+def _train(model, opt, mesh, steps, sizes=None, step_fn=None) -> None:
+    """Data parallel over dp: the tp ranks of a dp coordinate take the same half of the batch.
+    ``step_fn``: what steps after the first step (``opt.step`` if None)."""
     dp = mesh.get_coordinate()[0]
     for step in steps:
         opt.zero_grad()
         model(_batch(step).chunk(MESH[0])[dp]).backward()
         with _all_reduce_sizes() as recorded:
-            opt.step()
+            (opt.step if step == 0 or step_fn is None else step_fn)()
         if sizes is not None:
             sizes.append(recorded.records)
 
 
-def _worker(rank, port, out, backend_arg, max_grad_norm):
+def _worker(rank, port, out, backend_arg, max_grad_norm, compiled=False):
     _init(rank, port)
     try:
         model, mesh = _parallel_model()
@@ -117,7 +118,7 @@ def _worker(rank, port, out, backend_arg, max_grad_norm):
                       for n, p in model.named_parameters()}
         opt = _optimizer(model.named_parameters(), backend_arg, **{**KW, "max_grad_norm": max_grad_norm}, model=model)
         sizes = []
-        _train(model, opt, mesh, range(STEPS), sizes)
+        _train(model, opt, mesh, range(STEPS), sizes, torch.compile(opt.step, fullgraph=True) if compiled else None)
         result = {"params": _gathered(model), "placements": placements, "sizes": sizes,
                   "fused_split": _fused_split_blocks(opt), "local": {n: tuple(p._local_tensor.shape) for n, p in model.named_parameters()}}
         torch.save(result, f"{out}/rank{rank}.pt")
@@ -125,12 +126,16 @@ def _worker(rank, port, out, backend_arg, max_grad_norm):
         _teardown()
 
 
-@pytest.mark.parametrize("backend, max_grad_norm", [("torch", None), ("torch", 0.05), ("triton", None), ("cuda-emulated", 0.05)])
-def test_fsdp2_with_tensor_parallelism_matches_single_process(tmp_path, backend_arg, max_grad_norm):
+@pytest.mark.parametrize(
+    "backend, max_grad_norm, compiled",
+    [("torch", None, False), ("torch", 0.05, False), ("torch", 0.05, True), ("triton", None, False), ("cuda-emulated", 0.05, False)],
+)
+def test_fsdp2_with_tensor_parallelism_matches_single_process(tmp_path, backend_arg, max_grad_norm, compiled):
     """Every rank equals one process to 1e-6 after 8 steps; the flat group of the 2-D parameters
     all-reduces its split blocks' sums over all 4 ranks and the 1-D (dp) parameters' group over
-    the 2 dp ranks, once per step each (+1 for the clipping norm per process group)."""
-    spawn(_worker, WORLD, str(tmp_path), backend_arg, max_grad_norm)
+    the 2 dp ranks, once per step each (+1 for the clipping norm per process group). ``compiled``:
+    every step after the first through ``torch.compile(opt.step, fullgraph=True)``, the same."""
+    spawn(_worker, WORLD, str(tmp_path), backend_arg, max_grad_norm, compiled)
     expected = _single_process(STEPS, max_grad_norm)
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
