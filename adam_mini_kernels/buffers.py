@@ -30,6 +30,7 @@ torch backend, which keeps it; the fused backends address chunks through their l
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -40,6 +41,11 @@ from .quantization import QBLOCK
 
 # The attribute marking the gradient views of the flat buffers (see [Note: gradient view marks]).
 GRAD_MARK = "_adam_mini_grad_view"
+
+
+def new_mark() -> int:
+    """A mark value of its own (see [Note: gradient view marks])."""
+    return secrets.randbits(62)
 
 ALIGN_ELEMENTS = 32
 
@@ -134,7 +140,7 @@ class FlatGroup:
 
         # The gradient views the parameters' .grad point at (each marked: see [Note: gradient
         # view marks]) and that max_grad_norm takes norms of.
-        self._grad_marks = [object() for _ in self.params]
+        self._grad_marks = [new_mark() for _ in self.params]
         self.grad_views = [self.marked_grad(i, self.grad_view(i)) for i in range(len(self.params))]
         self._shapes = [torch.Size(layout.shape) for layout in self.layouts]
         self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
@@ -198,13 +204,17 @@ class FlatGroup:
     # [Note: gradient view marks]
     # A compiled step cannot read data pointers, so it tells a gradient that aliases the flat
     # buffer from a new one by a mark: the view the buffers hand out as parameter i's .grad holds
-    # _grad_marks[i] (an object of its own) as an attribute, which a new or copied tensor lacks.
-    # Dynamo guards on the attribute of the live p.grad, so a compiled step whose gradient was
-    # replaced is retraced (it copies the new one in). Not an identity check `p.grad is view`:
-    # dynamo gives a tensor that is some parameter's .grad that .grad as its only source, so the
-    # view held here got no guard of its own and the check was baked into the graph (measured: a
-    # compiled step went on stepping the old flat gradient after zero_grad(set_to_none=True)).
-    # What a mark cannot see, as no identity could: `p.grad.data = other` (eager steps notice).
+    # _grad_marks[i] as an attribute, which a new tensor (from autograd, clone(), .to()) lacks.
+    # Dynamo guards on the attribute of the live p.grad, by value, so a compiled step whose
+    # gradient was replaced is retraced (it copies the new one in). Not an identity check
+    # `p.grad is view`: dynamo gives a tensor that is some parameter's .grad that .grad as its
+    # only source, so the view held here got no guard of its own and the check was baked into the
+    # graph (measured: a compiled step went on stepping the old flat gradient after
+    # zero_grad(set_to_none=True)). Marks are random ints, not objects: dynamo guards an object
+    # by its type only, and an int pickles as one (torch.load(weights_only=True) of a saved
+    # gradient works); a mark saved in another process cannot match. What a mark cannot tell,
+    # as no identity could: `p.grad.data = other`, and a copy.deepcopy (or a torch.load in the
+    # same process) of a marked gradient assigned back as p.grad: eager steps notice both.
     def marked_grad(self, i: int, view: torch.Tensor) -> torch.Tensor:
         """``view`` (parameter ``i``'s gradient span) marked as aliasing the flat gradient buffer."""
         setattr(view, GRAD_MARK, self._grad_marks[i])
@@ -212,7 +222,7 @@ class FlatGroup:
 
     def holds_grad(self, i: int, g: torch.Tensor) -> bool:
         """Whether ``g`` is a gradient view this group marked for parameter ``i`` (traced steps)."""
-        return getattr(g, GRAD_MARK, None) is self._grad_marks[i]
+        return getattr(g, GRAD_MARK, None) == self._grad_marks[i]
 
     def m_view(self, i: int) -> torch.Tensor:
         """The first moment of parameter ``i``, flat."""

@@ -47,6 +47,8 @@ logger = logging.getLogger("adam_mini_kernels")
 ROUNDING_KEY = "stochastic_rounding"
 # What ``state_dtype`` (the constructor's, or a param group's) may be.
 STATE_DTYPES = (None, torch.float32, torch.int8)
+# Whether dynamo traces a step over FSDP2 shards shared with the flat buffer ([Note: compiled steps]).
+TRACES_SHARED_SHARDS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 
 
 def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -642,8 +644,17 @@ class AdamMini(torch.optim.Optimizer):
     #   does not adopt: a DTensor made inside the graph over a flat-buffer view comes out of it as
     #   a copy, so new gradients stay where FSDP2 put them (copied in each step, zeroed by
     #   opt.zero_grad(set_to_none=False) as such) and storage is shared by eager steps only.
+    #   Dynamo of torch 2.11 and 2.13 fails (an internal error) on a DTensor whose local tensor is
+    #   flat-buffer storage shared with FSDP2, 2.14 traces it (2.12 not measured): below 2.14 a
+    #   compiled step over shared shards is refused (TRACES_SHARED_SHARDS).
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
+        if not TRACES_SHARED_SHARDS and self._flat is not None and any(g.sharded is not None and g.sharded.shared for g in self._flat):
+            raise NotImplementedError(
+                f"torch.compile of AdamMini.step() over FSDP2 shards held in the optimizer's flat buffer (built with "
+                f"model=, or for_model) needs torch >= 2.14 (dynamo of torch {torch.__version__} fails on them); "
+                "build the optimizer without model= to compile its step, or step eagerly"
+            )
         if self._flat is None or self._buffer_key() != self._built_key:
             raise RuntimeError(
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "

@@ -76,6 +76,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import torch
 
+from .buffers import new_mark
 from .checkpoint import regroup_v, saved_blocks, saved_codes_as_float, second_moment, state_views
 from .partition import ADAM, BlockLayout, Section
 from .quantization import QBLOCK
@@ -483,7 +484,7 @@ class ShardedGroup:
         # compiled step must see a shared local tensor only through its DTensor (its mark is
         # guarded there; dynamo gives an object reachable twice the source it was first met by).
         self.shared: Set[int] = set()
-        self._share_marks = {i: object() for i in self.fsdp}  # see [Note: shared FSDP2 storage]
+        self._share_marks = {i: new_mark() for i in self.fsdp}  # see [Note: shared FSDP2 storage]
         self.rider: Optional[Tuple[torch.Tensor, Any]] = None  # see ride()
         self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
@@ -559,7 +560,7 @@ class ShardedGroup:
     def _holds_shard(self, i: int, p: Any) -> bool:
         """Whether the local tensor of member ``i``'s DTensor ``p`` is the one shared with FSDP2
         when it was marked (compiled steps: see [Note: shared FSDP2 storage])."""
-        return getattr(p._local_tensor, SHARE_MARK, None) is self._share_marks[i]
+        return getattr(p._local_tensor, SHARE_MARK, None) == self._share_marks[i]
 
     def zero_grad(self, group) -> None:
         """Zero the DTensors' local gradients that do not alias the flat gradient buffer (which

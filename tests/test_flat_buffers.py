@@ -257,6 +257,20 @@ def _perturb(mode, model, opt, grads, step):
         raise AssertionError(mode)
 
 
+def test_gradients_in_the_flat_buffer_save_and_load_with_weights_only(tmp_path):
+    """The gradient views carry a mark (see [Note: gradient view marks]); a saved gradient
+    still loads with ``torch.load(weights_only=True)``, torch's default (an object mark did not)."""
+    model = _module(_spec(4), seed=1)
+    opt = _opt(model)
+    _backward(model, _grads(model, 1))
+    opt.step()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    torch.save(grads, tmp_path / "grads.pt")
+    loaded = torch.load(tmp_path / "grads.pt", weights_only=True)
+    for n, g in grads.items():
+        assert torch.equal(loaded[n], g), n
+
+
 @pytest.mark.parametrize("mode", ["set_to_none", "assign_grad", "replace_data", "module_apply", "mixed"])
 def test_broken_aliasing_still_steps_correctly(mode):
     spec = _spec(len(KINDS) + 3)
