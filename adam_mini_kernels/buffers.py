@@ -47,6 +47,7 @@ def new_mark() -> int:
     """A mark value of its own (see [Note: gradient view marks])."""
     return secrets.randbits(62)
 
+
 ALIGN_ELEMENTS = 32
 
 # Columns of the per-parameter hyperparameter table (float64, one row per parameter).

@@ -640,7 +640,7 @@ class AdamMini(torch.optim.Optimizer):
     #   eager step's value.
     # * Sharded parameters: ShardedGroup.pull points the proxies at the DTensors' local gradients
     #   and copies the shards in (as eager; a shard FSDP2 holds in the flat buffer is recognized
-    #   by identity, and is copied if it was re-pointed), and push copies them out. A traced step
+    #   by its mark, and is copied if it was re-pointed), and push copies them out. A traced step
     #   does not adopt: a DTensor made inside the graph over a flat-buffer view comes out of it as
     #   a copy, so new gradients stay where FSDP2 put them (copied in each step, zeroed by
     #   opt.zero_grad(set_to_none=False) as such) and storage is shared by eager steps only.

@@ -35,8 +35,8 @@ copies. Each step checks, on the host, that a shared shard is still the view (FS
 after ``model.to()``, ``load_state_dict(assign=True)``); one that is not is copied in and shared
 again. A compiled step cannot read data pointers: a shared local tensor carries a mark (as the
 gradient views do, see [Note: gradient view marks] in buffers.py), and one re-pointed there is
-copied in and out (sharing it again is left to an eager step). These are FSDP2 internals (the same in torch 2.11 to 2.14); where they differ, nothing is
-shared and the copies stay.
+copied in and out (sharing it again is left to an eager step). These are FSDP2 internals (the
+same in torch 2.11 to 2.14); where they differ, nothing is shared and the copies stay.
 
 [Note: int8 on shards]
 With ``state_dtype=torch.int8`` the local layout's quantization chunks (``QBLOCK`` elements of a
