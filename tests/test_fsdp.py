@@ -1029,6 +1029,56 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         assert result["err"] <= 1e-6
 
 
+def _compiled_int8_worker(rank, port, out):
+    """int8 m on DTensor shards (a head layout of columns, the int8 test's placements): the same
+    parameters and m stepped eagerly and, after the first step, through a compiled step."""
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(3)
+        full = {n: torch.randn(shape) for n, shape in INT8_SHAPES.items()}
+        runs = []
+        for _ in range(2):
+            params = {n: nn.Parameter(distribute_tensor(t.clone(), mesh, [INT8_PLACEMENTS.get(n, Shard(0))])) for n, t in full.items()}
+            opt = AdamMini(list(params.items()), backend="torch", state_dtype=torch.int8, **{**KW, **INT8_DIMS})
+            opt.layout_overrides.update(_int8_overrides())
+            runs.append((params, opt))
+        (eager_params, eager), (compiled_params, compiled) = runs
+        step = torch.compile(compiled.step, fullgraph=True)
+        for k in range(5):
+            for params, step_fn in ((eager_params, eager.step), (compiled_params, compiled.step if k == 0 else step)):
+                for n, g in _int8_grads(k).items():
+                    params[n].grad = distribute_tensor(g, mesh, params[n].placements)
+                step_fn()
+
+        def state(opt, p):
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+
+        states = {n: (state(eager, eager_params[n]), state(compiled, compiled_params[n])) for n in full}
+        torch.save({"params": {n: max_rel_err(eager_params[n].full_tensor(), compiled_params[n].full_tensor()) for n in full},
+                    "state": {(n, k): torch.equal(a[k], b[k]) if k == "m_codes" else max_rel_err(a[k].float(), b[k].float())
+                              for n, (a, b) in states.items() for k in a},
+                    "int8": sorted(n for n, (a, _) in states.items() if "m_codes" in a)},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_compiled_steps_with_int8_m_on_shards_equal_eager(tmp_path):
+    """int8 m on shards under ``torch.compile(fullgraph=True)``: parameters and state equal
+    eager steps to float32 rounding, the int8 codes exactly."""
+    _spawn(_compiled_int8_worker, str(tmp_path))
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["int8"], "no parameter with int8 m"
+        for n, err in saved["params"].items():
+            assert err <= 1e-6, (rank, n, err)
+        for (n, key), err in saved["state"].items():
+            assert err is True if key == "m_codes" else err <= 1e-6, (rank, n, key, err)
+
+
 def _refused_compile_worker(rank, port, out):
     _init(rank, port)
     try:
