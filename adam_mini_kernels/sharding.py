@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -452,22 +452,18 @@ def share_storage(fsdp_param: Any, p: Any, view: torch.Tensor) -> bool:
     old = p._local_tensor
     p._local_tensor = view
     fsdp_param.reset_sharded_param()
-    if is_shared(fsdp_param, p, view):
+    if is_shared(fsdp_param, p, (view.data_ptr(), view.numel())):
         return True
     p._local_tensor = old  # FSDP2 did not take it: back to its own storage
     fsdp_param.reset_sharded_param()
     return False
 
 
-def is_shared(fsdp_param: Any, p: Any, view: torch.Tensor) -> bool:
-    """Whether FSDP2 all-gathers parameter ``p`` from ``view`` and ``p``'s local tensor is it."""
+def is_shared(fsdp_param: Any, p: Any, span: Tuple[int, int]) -> bool:
+    """Whether FSDP2 all-gathers parameter ``p`` from the memory ``span`` (data pointer, number
+    of elements) and ``p``'s local tensor starts there."""
     storage = _fsdp_storage(fsdp_param)
-    return (
-        storage is not None
-        and storage.data_ptr() == view.data_ptr()
-        and storage.numel() == view.numel()
-        and p._local_tensor.data_ptr() == view.data_ptr()
-    )
+    return storage is not None and (storage.data_ptr(), storage.numel()) == span and p._local_tensor.data_ptr() == span[0]
 
 
 class ShardedGroup:
@@ -480,10 +476,11 @@ class ShardedGroup:
         # Members whose FSDP2 FSDPParam is known (index -> it), and those sharing its storage.
         fsdp = fsdp or {}
         self.fsdp = {i: fsdp[id(p)] for i, p, lb in self.members if id(p) in fsdp and not lb.layout.columns}
-        # Indices whose flat-buffer view FSDP2 holds as its storage. Not the views themselves: a
-        # compiled step must see a shared local tensor only through its DTensor (its mark is
-        # guarded there; dynamo gives an object reachable twice the source it was first met by).
-        self.shared: Set[int] = set()
+        # Index -> the (data pointer, numel) of the flat-buffer span FSDP2 holds as its storage.
+        # Not the view itself: a compiled step must see a shared local tensor only through its
+        # DTensor (its mark is guarded there; dynamo gives an object reachable twice the source
+        # it was first met by).
+        self.shared: Dict[int, Tuple[int, int]] = {}
         self._share_marks = {i: new_mark() for i in self.fsdp}  # see [Note: shared FSDP2 storage]
         self.rider: Optional[Tuple[torch.Tensor, Any]] = None  # see ride()
         self.device = group.device
@@ -535,8 +532,8 @@ class ShardedGroup:
         for i, p, _ in self.members:
             check_grad_placement(group.layouts[i].name, p)
             group.params[i].grad = None if p.grad is None else p.grad._local_tensor
-            if i in self.shared and not (self._holds_shard(i, p) if traced else is_shared(self.fsdp[i], p, group.param_view(i))):
-                self.shared.discard(i)
+            if i in self.shared and not (self._holds_shard(i, p) if traced else is_shared(self.fsdp[i], p, self.shared[i])):
+                del self.shared[i]
         copied = [(i, p) for i, p, _ in self.members if i not in self.shared]
         if copied:
             torch._foreach_copy_([group.param_view(i) for i, _ in copied], [p._local_tensor for _, p in copied])
@@ -548,14 +545,19 @@ class ShardedGroup:
         and make the flat buffer FSDP2's storage of the shards it can hold (see [Note: shared
         FSDP2 storage]). Eager steps only: see [Note: compiled steps]."""
         for i, p, lb in self.members:
-            if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr():
+            if self._grad_off_buffer(group, i, p):
                 p.grad = as_dtensor(group.grad_views[i], lb.info, lb.layout.columns)
                 group.grad_views[i] = group.params[i].grad = group.marked_grad(i, p.grad._local_tensor)
             if i in self.fsdp and i not in self.shared:
                 view = group.param_view(i)
                 if share_storage(self.fsdp[i], p, view):
-                    self.shared.add(i)
+                    self.shared[i] = (view.data_ptr(), view.numel())
                     setattr(p._local_tensor, SHARE_MARK, self._share_marks[i])
+
+    @staticmethod
+    def _grad_off_buffer(group, i: int, p: Any) -> bool:
+        """Whether DTensor ``p`` (member ``i``) has a gradient outside the flat gradient buffer."""
+        return p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr()
 
     def _holds_shard(self, i: int, p: Any) -> bool:
         """Whether the local tensor of member ``i``'s DTensor ``p`` is the one shared with FSDP2
@@ -565,10 +567,7 @@ class ShardedGroup:
     def zero_grad(self, group) -> None:
         """Zero the DTensors' local gradients that do not alias the flat gradient buffer (which
         ``FlatGroup.zero_grad`` fills): those a compiled step left where they were."""
-        detached = [
-            p.grad._local_tensor for i, p, _ in self.members
-            if p.grad is not None and p.grad._local_tensor.data_ptr() != group.grad_views[i].data_ptr()
-        ]
+        detached = [p.grad._local_tensor for i, p, _ in self.members if self._grad_off_buffer(group, i, p)]
         if detached:
             torch._foreach_zero_(detached)
 
