@@ -6,8 +6,10 @@ as the compiler does, so a kernel can pass every interpreter test and still fail
 GPU. ``triton.compile`` with an explicit ``GPUTarget`` needs no device, only Triton's bundled
 ``ptxas``. Pointer arguments are compiled as the JIT specializes the optimizer's buffers (16-byte
 aligned), and the streaming kernels must then have 128-bit accesses in their aligned branch
-beside the scalar fallback ([Note: aligned spans] in kernels.py). Run by
-tests/test_triton_compile.py in a process without TRITON_INTERPRET:
+beside the scalar fallback ([Note: aligned spans] in kernels.py). Each kernel is compiled with
+the launcher's options, and the update kernels must then hold fused multiply-adds whatever
+Triton's default ([Note: FMA contraction] in launch.py; the test runs this with that default
+turned off). Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
 
     python tests/compile_triton_kernels.py 90 80
 """
@@ -67,12 +69,16 @@ def configurations():
 # Kernels that stream p, g and m (programs of at least 1024 elements: one 16-byte unit per thread
 # and more): their aligned branch must use vector accesses.
 STREAMING = ("rows_step BLOCK=1024", "rows_step BLOCK=8192", "tile_step", "tile_sumsq", "adam_step")
+# Kernels that update p and m (decay * p - scale * m and the like): contracted into FMAs.
+UPDATES = ("rows_step", "tile_step", "adam_step")
 
 
 def compile_all(archs):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from adam_mini_kernels.triton_kernels.launch import LAUNCH_OPTIONS
 
     count = 0
     for arch in archs:
@@ -85,7 +91,7 @@ def compile_all(archs):
                        if arg not in constexprs and args[arg].startswith("*")}
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
             try:
-                compiled = triton.compile(source, target=target, options={"num_warps": num_warps})
+                compiled = triton.compile(source, target=target, options={"num_warps": num_warps, **LAUNCH_OPTIONS})
             except Exception as err:  # report which configuration, then fail
                 raise RuntimeError(f"sm_{arch}: {name} does not compile: {err}") from err
             assert compiled.asm.get("cubin"), f"sm_{arch}: {name}: no cubin"
@@ -93,6 +99,8 @@ def compile_all(archs):
                 accesses = ("ld.global.v4",) if name.startswith("tile_sumsq") else ("ld.global.v4", "st.global.v4")
                 for access in accesses:
                     assert access in compiled.asm["ptx"], f"sm_{arch}: {name}: no 128-bit access ({access}) in the aligned branch"
+            if name.startswith(UPDATES):
+                assert "fma.rn.f32" in compiled.asm["ptx"], f"sm_{arch}: {name}: no fused multiply-add in the update"
             count += 1
     return count
 

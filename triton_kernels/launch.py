@@ -24,6 +24,15 @@ from . import kernels as K
 CHUNK = 1024  # tile sums added per iteration when reducing a large block
 COEF_BLOCK = 1024  # parameters per program of the coefficient kernel
 
+# [Note: FMA contraction] Every launch asks for ``a * b + c`` to be contracted into fused
+# multiply-adds, rather than taking Triton's default: that default is on up to 3.9 (which warns
+# on every first compilation that 3.10 turns it off) and the TRITON_DEFAULT_FP_FUSION variable
+# changes it. Asking makes the kernels' rounding the same on every Triton version and the same as
+# the CUDA backend's (nvcc contracts by default), so the fused backends differ from the PyTorch
+# backend by summation order and contraction only. Triton's own debugging switch
+# TRITON_FORCE_DISABLE_FP_FUSION still turns it off. The interpreter ignores launch options.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 
 def _warps(block: int) -> int:
     return min(16, max(1, block // 512))
@@ -50,7 +59,7 @@ def step_coefficients(
         steps, steps if active is None else active, hparams, coef,
         inv_scale if amp else coef, found_inf if amp else coef, n, round_seed,
         HAS_ACTIVE=active is not None, HAS_AMP=amp, ROUNDING=stochastic_rounding,
-        BLOCK=COEF_BLOCK, num_warps=4,
+        BLOCK=COEF_BLOCK, num_warps=4, **LAUNCH_OPTIONS,
     )
 
 
@@ -63,14 +72,17 @@ def rows_step(
     K.rows_step_kernel[(rows.shape[0],)](
         p, g, m, m_scales, v, coef, rows,
         BLOCK=width, QCHUNK=min(width, QBLOCK), ROUNDING=stochastic_rounding, num_warps=_warps(width),
+        **LAUNCH_OPTIONS,
     )
 
 
 def large_blocks_sumsq(g: Tensor, tiles: Tensor, blocks: Tensor, partial: Tensor, block_sums: Tensor) -> None:
     """Large blocks, first half: each tile's sum of g^2 into ``partial``, then each block's (a
     fixed-order sum of its tiles') into ``block_sums`` (two launches)."""
-    K.tile_sumsq_kernel[(tiles.shape[0],)](g, tiles, partial, TILE=TILE, num_warps=8)
-    K.block_sumsq_kernel[(blocks.shape[0],)](partial, blocks, block_sums, CHUNK=CHUNK, num_warps=4)
+    K.tile_sumsq_kernel[(tiles.shape[0],)](g, tiles, partial, TILE=TILE, num_warps=8, **LAUNCH_OPTIONS)
+    K.block_sumsq_kernel[(blocks.shape[0],)](
+        partial, blocks, block_sums, CHUNK=CHUNK, num_warps=4, **LAUNCH_OPTIONS
+    )
 
 
 def large_blocks_update(
@@ -79,16 +91,17 @@ def large_blocks_update(
 ) -> None:
     """Large blocks, second half: each block's v from ``block_sums``, then m and p of every tile
     (two launches)."""
-    K.large_block_v_kernel[(blocks.shape[0],)](v, coef, block_sums, blocks, num_warps=1)
+    K.large_block_v_kernel[(blocks.shape[0],)](v, coef, block_sums, blocks, num_warps=1, **LAUNCH_OPTIONS)
     K.tile_step_kernel[(tiles.shape[0],)](
-        p, g, m, m_scales, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8
+        p, g, m, m_scales, v, coef, tiles, blocks, TILE=TILE, ROUNDING=stochastic_rounding, num_warps=8,
+        **LAUNCH_OPTIONS,
     )
 
 
 def adam_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: Tensor, stochastic_rounding: bool) -> None:
     """Adam blocks (one v per element), one program per Adam tile."""
     K.adam_step_kernel[(tiles.shape[0],)](
-        p, g, m, v, coef, tiles, TILE=ADAM_TILE, ROUNDING=stochastic_rounding, num_warps=4
+        p, g, m, v, coef, tiles, TILE=ADAM_TILE, ROUNDING=stochastic_rounding, num_warps=4, **LAUNCH_OPTIONS
     )
 
 
