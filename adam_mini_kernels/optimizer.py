@@ -644,11 +644,11 @@ class AdamMini(torch.optim.Optimizer):
     #   does not adopt: a DTensor made inside the graph over a flat-buffer view comes out of it as
     #   a copy, so new gradients stay where FSDP2 put them (copied in each step, zeroed by
     #   opt.zero_grad(set_to_none=False) as such) and storage is shared by eager steps only.
-    #   Dynamo of torch 2.11 and 2.13 fails (an internal error) on DTensors whose local tensors are
-    #   flat-buffer storage shared with FSDP2, depending on the layout (on the 2-rank FSDP2 test
-    #   model whenever a shard at a storage offset other than 0 is shared; the FSDP2 + TP one
-    #   traced), 2.14 traces them all (2.12 not measured): below 2.14 a compiled step over shared
-    #   shards is refused (TRACES_SHARED_SHARDS).
+    #   Dynamo of torch 2.11, 2.12 and 2.13 fails (an internal error) on DTensors whose local
+    #   tensors are flat-buffer storage shared with FSDP2, depending on the layout (on the 2-rank
+    #   FSDP2 test model whenever a shard at a storage offset other than 0 is shared; the FSDP2 + TP
+    #   one traced on 2.11), 2.14 traces them all: below 2.14 a compiled step over shared shards is
+    #   refused (TRACES_SHARED_SHARDS).
     def _prepare_traced(self) -> List[Tuple[FlatGroup, Optional[torch.Tensor]]]:
         """``_prepare`` inside ``torch.compile`` (see [Note: compiled steps])."""
         if not TRACES_SHARED_SHARDS and self._flat is not None and any(g.sharded is not None and g.sharded.shared for g in self._flat):
