@@ -45,12 +45,14 @@ def _cuda_extension():
     # No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++20 from
     # torch 2.10 on; an explicit -std=c++17 fails on them). No --use_fast_math: the kernels rely
     # on correctly rounded sqrt/division and on denormals being kept (see [Note: float32 math,
-    # IEEE sqrt and division] in csrc/kernels.cuh). -lineinfo costs nothing at run time and
-    # lets compute-sanitizer and profilers name source lines.
+    # IEEE sqrt and division] in csrc/kernels.cuh). --fmad=true is nvcc's default, pinned: the
+    # contraction into fused multiply-adds is part of the kernels' rounding, the same as the Triton
+    # backend's ([Note: FMA contraction] in triton_kernels/launch.py). -lineinfo costs nothing at
+    # run time and lets compute-sanitizer and profilers name source lines.
     ext = CUDAExtension(
         EXTENSION,
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--fmad=true", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

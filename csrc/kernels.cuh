@@ -392,7 +392,7 @@ __device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
 // All arithmetic is float32, whatever the storage dtype, with correctly rounded sqrt and division
 // (the extension is built without --use_fast_math, which would swap in approximate sqrt/division
 // and flush denormals): results then differ from the PyTorch backend only by summation order and
-// FMA contraction. sqrt and division run once per block in the rows and tile kernels, and once
+// FMA contraction (setup.py pins nvcc's --fmad=true, as the Triton launches pin theirs). sqrt and division run once per block in the rows and tile kernels, and once
 // per element only for Adam blocks, so exactness costs nothing measurable in these memory-bound
 // kernels.
 

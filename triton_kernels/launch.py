@@ -28,8 +28,8 @@ COEF_BLOCK = 1024  # parameters per program of the coefficient kernel
 # multiply-adds, rather than taking Triton's default: that default is on up to 3.9 (which warns
 # on every first compilation that 3.10 turns it off) and the TRITON_DEFAULT_FP_FUSION variable
 # changes it. Asking makes the kernels' rounding the same on every Triton version and the same as
-# the CUDA backend's (nvcc contracts by default), so the fused backends differ from the PyTorch
-# backend by summation order and contraction only. Triton's own debugging switch
+# the CUDA backend's (setup.py pins nvcc's --fmad=true), so the fused backends differ from the
+# PyTorch backend by summation order and contraction only. Triton's own debugging switch
 # TRITON_FORCE_DISABLE_FP_FUSION still turns it off. The interpreter ignores launch options.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
