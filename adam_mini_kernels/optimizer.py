@@ -485,11 +485,13 @@ class AdamMini(torch.optim.Optimizer):
         )
         if self.layout_overrides:  # for_model chose the blocks: the name sets hardly matter
             return
-        for rule, attr in (("embd", "embd_names"), ("output", "output_names"), ("wqk", "wqk_names")):
+        for rule, example in (("embd", ".add('tok_emb')"), ("output", ".add('head')"), ("wqk", ".update({'q_lin', 'k_lin'})")):
             if counts[rule] == 0:
+                attr = NAME_SET_ATTRS[rule]
                 logger.warning(
-                    "AdamMini: no parameter matched optimizer.%s %s; if you train a transformer, "
-                    "add the key of yours (e.g. optimizer.%s.add('tok_emb'))", attr, sorted(getattr(self, attr)), attr,
+                    "AdamMini: no parameter matched optimizer.%s %s; if you train a transformer, add the keys of "
+                    "yours (e.g. optimizer.%s%s) or build the optimizer with AdamMini.for_model(model)",
+                    attr, sorted(getattr(self, attr)), attr, example,
                 )
 
     # -- step ----------------------------------------------------------------------------------

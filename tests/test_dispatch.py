@@ -242,7 +242,7 @@ def test_verbose_false_logs_nothing_at_info(caplog, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_verbose_warns_through_logging_when_no_embedding_found(caplog, capsys):
+def test_verbose_warns_through_logging_when_a_name_set_matches_nothing(caplog, capsys):
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -250,6 +250,11 @@ def test_verbose_warns_through_logging_when_no_embedding_found(caplog, capsys):
     opt.zero_grad()
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
-    assert any("embd_names" in r.getMessage() for r in warnings)
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    # One warning per name set that matched nothing, each with an example fit for that set.
+    examples = {"embd_names": "embd_names.add('tok_emb')", "output_names": "output_names.add('head')",
+                "wqk_names": "wqk_names.update({'q_lin', 'k_lin'})"}
+    for attr, example in examples.items():
+        (message,) = [m for m in warnings if f"optimizer.{attr} " in m]
+        assert example in message and "AdamMini.for_model(model)" in message, message
     assert capsys.readouterr().out == ""
