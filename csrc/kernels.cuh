@@ -392,9 +392,9 @@ __device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
 // All arithmetic is float32, whatever the storage dtype, with correctly rounded sqrt and division
 // (the extension is built without --use_fast_math, which would swap in approximate sqrt/division
 // and flush denormals): results then differ from the PyTorch backend only by summation order and
-// FMA contraction (setup.py pins nvcc's --fmad=true, as the Triton launches pin theirs). sqrt and division run once per block in the rows and tile kernels, and once
-// per element only for Adam blocks, so exactness costs nothing measurable in these memory-bound
-// kernels.
+// FMA contraction (setup.py pins nvcc's --fmad=true, as the Triton launches pin theirs). sqrt and
+// division run once per block in the rows and tile kernels, and once per element only for Adam
+// blocks, so exactness costs nothing measurable in these memory-bound kernels.
 
 // v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
 // block's sum of the raw g^2 (the multiplier is applied to the sum, squared).
