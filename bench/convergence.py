@@ -29,6 +29,7 @@ of ``AdamMini[int8]`` within 1% of the float32-state ``AdamMini[torch]`` run's (
 
     python bench/convergence.py                 # CPU: the demo model, 500 steps (~5 min, 2 cores)
     python bench/convergence.py --seed 1        # the same with other initial weights and batches
+    python bench/convergence.py --lr 1e-3 --tag lr1e-3   # the same at another peak lr
     python bench/convergence.py --preset gpu    # GPU: ~26M parameters, 3000 steps
     python bench/convergence.py --preset smoke --out /tmp/conv   # seconds (CI)
 """
@@ -286,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on a CUDA device, else cpu")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, help="override the preset's steps")
+    ap.add_argument("--lr", type=float, help="override the preset's peak lr (the same for every optimizer)")
     ap.add_argument("--backends", help="AdamMini backends, comma-separated (default: every available one)")
     ap.add_argument("--interpreter-steps", type=int, default=10,
                     help="steps of a triton run on the CPU (Triton's interpreter is slow)")
@@ -310,6 +312,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
+    if args.lr:
+        cfg = replace(cfg, lr=args.lr)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_float32_matmul_precision("highest")  # fp32 curves: no TF32 on GPUs
 
