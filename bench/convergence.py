@@ -312,7 +312,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
-    if args.lr:
+    if args.lr is not None:
         cfg = replace(cfg, lr=args.lr)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_float32_matmul_precision("highest")  # fp32 curves: no TF32 on GPUs
