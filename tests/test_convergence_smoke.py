@@ -74,5 +74,5 @@ def test_time_budget_and_resume(tmp_path):
     assert resumed["results"] == full["results"]  # kept, seconds included: nothing ran again
     refused = call(tmp_path / "other", "--seed", "7", "--resume", str(full_path))
     assert refused.returncode != 0 and "another seed" in refused.stderr
-    refused = call(tmp_path / "other_lr", "--lr", "1e-4", "--resume", str(full_path))  # --lr is the config's
+    refused = call(tmp_path / "other_lr", "--lr", "0", "--resume", str(full_path))  # --lr (0 too) is the config's
     assert refused.returncode != 0 and "another config" in refused.stderr
