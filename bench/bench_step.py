@@ -54,6 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import param_sets as PS  # noqa: E402
+from arguments import nonnegative_int, positive_float, positive_int  # noqa: E402
 from provenance import git_info  # noqa: E402
 import report  # noqa: E402
 
@@ -663,11 +664,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "graphs = CUDA graph replay of a capturable step, ours and torch AdamW fused, on the 1M, 10M and 124M sets)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
-    ap.add_argument("--warmup-steps", type=int, default=None, help="steps after the first one, before timing (default 3)")
-    ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up, ms (default 100; smoke 5)")
-    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition time per row, ms (default 1000; smoke 20)")
-    ap.add_argument("--sweep-rep-ms", type=float, default=None, help="repetition time per sweep row, ms (default 300; smoke 10)")
-    ap.add_argument("--copy-bytes", type=int, default=None, help="bytes per copy buffer (default 1 GiB; smoke 16 MiB)")
+    ap.add_argument("--warmup-steps", type=nonnegative_int, default=None, help="steps after the first one, before timing (default 3)")
+    ap.add_argument("--warmup-ms", type=positive_float, default=None, help="do_bench warm-up, ms (default 100; smoke 5)")
+    ap.add_argument("--rep-ms", type=positive_float, default=None, help="do_bench repetition time per row, ms (default 1000; smoke 20)")
+    ap.add_argument("--sweep-rep-ms", type=positive_float, default=None, help="repetition time per sweep row, ms (default 300; smoke 10)")
+    ap.add_argument("--copy-bytes", type=positive_int, default=None, help="bytes per copy buffer (default 1 GiB; smoke 16 MiB)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--commit", default=None, help="commit benchmarked, when this is no git checkout (env BENCH_COMMIT)")
     ap.add_argument("--time-budget-s", type=float, default=None,

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from demo.tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
 from demo.train import NO_DECAY, SEED, RunConfig, evaluate, get_batch, load_corpus, lr_at  # noqa: E402
+from arguments import nonnegative_float, positive_int  # noqa: E402
 from provenance import git_info  # noqa: E402
 
 PRESETS = {
@@ -286,10 +287,10 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu on a CUDA device, else cpu")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, help="override the preset's steps")
-    ap.add_argument("--lr", type=float, help="override the preset's peak lr (the same for every optimizer)")
+    ap.add_argument("--steps", type=positive_int, help="override the preset's steps")
+    ap.add_argument("--lr", type=nonnegative_float, help="override the preset's peak lr (the same for every optimizer)")
     ap.add_argument("--backends", help="AdamMini backends, comma-separated (default: every available one)")
-    ap.add_argument("--interpreter-steps", type=int, default=10,
+    ap.add_argument("--interpreter-steps", type=positive_int, default=10,
                     help="steps of a triton run on the CPU (Triton's interpreter is slow)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=SEED, help=f"initial weights and batches (default {SEED}, the demo's)")
@@ -310,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     from adam_mini_kernels import available_backends
 
     cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
-    if args.steps:
+    if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
     if args.lr is not None:
         cfg = replace(cfg, lr=args.lr)

@@ -34,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import param_sets as P  # noqa: E402
+from arguments import positive_int  # noqa: E402
 from provenance import git_info  # noqa: E402
 
 from adam_mini_kernels import AdamMini  # noqa: E402
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=3000, help="timed steps per row")
+    ap.add_argument("--steps", type=positive_int, default=3000, help="timed steps per row")
     ap.add_argument("--quick", action="store_true", help="200 timed steps per row (the CI smoke test)")
     ap.add_argument("--commit", help="the commit measured, where there is no git checkout")
     ap.add_argument("--tag", help="suffix of the output file names")

@@ -44,6 +44,8 @@ from typing import Callable, Dict, List, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
+from arguments import positive_float, positive_int  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -210,9 +212,9 @@ def parse_args(argv=None):
     ap.add_argument("--paths", default="rows,large,adam", help="comma list from rows, large, adam")
     ap.add_argument("--backends", default="triton,cuda,torch", help="comma list of AdamMini backends")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma list from float32, bfloat16, float16")
-    ap.add_argument("--numel", type=int, default=2**26, help="elements per point (default 2^26)")
-    ap.add_argument("--warmup-ms", type=float, default=50.0)
-    ap.add_argument("--rep-ms", type=float, default=300.0)
+    ap.add_argument("--numel", type=positive_int, default=2**26, help="elements per point (default 2^26)")
+    ap.add_argument("--warmup-ms", type=positive_float, default=50.0)
+    ap.add_argument("--rep-ms", type=positive_float, default=300.0)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results go to OUT/microbench_<device>_<date>/")
     ap.add_argument("--dry-run", action="store_true", help="CPU: run every path once at tiny sizes under TRITON_INTERPRET=1 and check it against the torch backend; no timing")
     args = ap.parse_args(argv)

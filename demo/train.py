@@ -195,11 +195,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny ~20-step run for tests")
     parser.add_argument("--backend", default="auto", help="AdamMini backend")
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"argument --steps: must be a positive integer, got {args.steps}")
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_float32_matmul_precision("high")
     cfg = PRESETS["quick" if args.quick else "cuda" if args.device.startswith("cuda") else "cpu"]
-    if args.steps:
+    if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
 
     data = load_corpus()
