@@ -42,9 +42,11 @@ class _SegmentTable:
     appended to its last block's segment (it is zero, so sums do not change)."""
 
     seg_len: torch.Tensor  # (B,) int64: elements of each block's segment, padding included
+    seg_offsets: torch.Tensor  # (B + 1,) int64: where each segment starts, then the end
     block_numel: torch.Tensor  # (B,) float32: true block size, at least 1 (empty blocks: mean 0)
     block_param: torch.Tensor  # (B,) int64: index of the parameter owning each block
     chunk_lengths: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: quantization chunks
+    chunk_offsets: Optional[torch.Tensor] = None  # (C + 1,) int64, int8 groups: their starts, then the end
     chunk_param: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: each chunk's parameter
     index: Optional[torch.Tensor] = None  # (n,) int64 flat element indices (stochastic rounding)
 
@@ -62,13 +64,21 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
     last_block = torch.cumsum(num_blocks, 0) - 1
     has_blocks = num_blocks > 0
     seg_len.index_add_(0, last_block[has_blocks], pad[has_blocks])
+    chunk_lengths = group.quantization_chunk_lengths() if group.quantized else None
     return _SegmentTable(
         seg_len=seg_len,
+        seg_offsets=_offsets(seg_len),
         block_numel=block_numel.clamp(min=1).to(torch.float32),
         block_param=block_param,
-        chunk_lengths=group.quantization_chunk_lengths() if group.quantized else None,
+        chunk_lengths=chunk_lengths,
+        chunk_offsets=None if chunk_lengths is None else _offsets(chunk_lengths),
         chunk_param=_chunk_param(group) if group.quantized else None,
     )
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """Segment boundaries for ``torch.segment_reduce(offsets=...)``: 0, then the running sums."""
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
 def _chunk_param(group: FlatGroup) -> torch.Tensor:
@@ -91,7 +101,7 @@ def torch_step(
     n = group.numel
 
     g = group.grad_buffer.float()
-    block_sum = _segment_reduce(g * g, "sum", seg.seg_len)
+    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets)
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
     # After the all-reduce: a clip factor riding in it is written into inv_scale there.
@@ -122,12 +132,14 @@ def torch_step(
         group.param_buffer.copy_(_rounded(p, keys, seg, 0))
 
 
-def _segment_reduce(x: torch.Tensor, reduce: str, lengths: torch.Tensor) -> torch.Tensor:
-    """``torch.segment_reduce``, also of an empty ``x`` (it refuses one): a rank's shards of a
-    group can all be empty, each of its segments then holds 0."""
+def _segment_reduce(x: torch.Tensor, reduce: str, offsets: torch.Tensor) -> torch.Tensor:
+    """``torch.segment_reduce`` over segments with the boundaries ``offsets``, also of an empty
+    ``x`` (it refuses one): a rank's shards of a group can all be empty, each of its segments then
+    holds 0. ``unsafe=True``: the checks it skips (lengths >= 0, summing to ``len(x)``) read two
+    values back to the host, a sync per call; the table was built to hold them."""
     if x.numel() == 0:
-        return x.new_zeros(len(lengths))
-    return torch.segment_reduce(x, reduce, lengths=lengths)
+        return x.new_zeros(len(offsets) - 1)
+    return torch.segment_reduce(x, reduce, offsets=offsets, unsafe=True)
 
 
 def _element_keys(group: FlatGroup, seg: _SegmentTable, block_keys: torch.Tensor) -> torch.Tensor:
@@ -156,7 +168,7 @@ def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: t
     per parameter) keep theirs, see [Note: idle int8 m] in quantization.py. ``m`` is
     overwritten (by the codes)."""
     n = group.numel
-    scales = _segment_reduce(m.abs(), "max", seg.chunk_lengths)
+    scales = _segment_reduce(m.abs(), "max", seg.chunk_offsets)
     idle_chunk = idle.index_select(0, seg.chunk_param)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=n)
     codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
