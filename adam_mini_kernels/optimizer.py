@@ -10,6 +10,8 @@ parameters change.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -163,6 +165,9 @@ class AdamMini(torch.optim.Optimizer):
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
             ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update.
+            16-bit gradients' norms are taken in float32 (clip_grad_norm_ takes them in 16 bits),
+            so there the norm is more exact and parameters may differ from clip_grad_norm_'s by
+            a 16-bit rounding.
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
             training. The random bits are a hash of a seed (``rounding_seed``, saved in
@@ -235,8 +240,12 @@ class AdamMini(torch.optim.Optimizer):
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
         _check_state_dtype("AdamMini", state_dtype)
         self.state_dtype = state_dtype
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real):
+                raise TypeError(f"max_grad_norm must be None or a number, got {max_grad_norm!r}")
+            if not 0 < max_grad_norm < math.inf:
+                raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
+            max_grad_norm = float(max_grad_norm)
         self.max_grad_norm = max_grad_norm
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
@@ -693,6 +702,8 @@ class AdamMini(torch.optim.Optimizer):
         clip factor folded into the multiplier and a non-finite norm into the skip flag. No host
         sync. See [Note: clipping norm of shards]."""
         if not live:
+            if self.max_grad_norm is not None:  # no gradient: norm 0, as clip_grad_norm_ of none
+                self._memo.grad_norm = torch.zeros((), device=self._index_to_param()[0].device)
             return live, (None, None)
         groups = [group for group, _ in live]
         device = groups[0].device
@@ -743,7 +754,10 @@ class AdamMini(torch.optim.Optimizer):
         squares = [torch.zeros((), dtype=torch.float64, device=device)]
         shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
-            norms = torch._foreach_norm(group.grad_views)
+            # 16-bit gradients: norms in float32, as a 16-bit norm of scaled (AMP) gradients
+            # overflows to inf (and the step would be skipped) long before any element does.
+            wide = torch.float32 if group.grad_buffer.element_size() == 2 else None
+            norms = torch._foreach_norm(group.grad_views, 2, dtype=wide)
             partial = set(group.sharded.partial_members()) if group.sharded is not None else set()
             local = [n for i, n in enumerate(norms) if i not in partial]
             if local:

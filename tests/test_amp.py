@@ -47,15 +47,20 @@ def test_scaler_step_equals_unscaled_step(backend):
         targets = _targets(step)
         amp_opt.zero_grad()
         _scaled_backward(amp_named, scaler, targets)
+        scale = scaler.get_scale()
         scaler.step(amp_opt)
         scaler.update()
+        # Unscaled inside the step, not by GradScaler (which unscales .grad in place for an
+        # optimizer without _step_supports_amp_scaling): the gradients are left scaled.
+        for n, p in amp_named:
+            assert torch.equal(p.grad, targets[n] * scale), n
         for n, p in ref_named:
             p.grad = targets[n].clone()
         ref_opt.step()
     assert scaler.get_scale() > 2.0**14  # it grew: the scale really changed between steps
     for (n, a), (_, b) in zip(amp_named, ref_named):
         assert torch.equal(a, b), n
-    assert torch.equal(amp_opt._flat[0].v, ref_opt._flat[0].v)
+    assert torch.equal(amp_opt._flat[0].v, ref_opt._flat[0].v) and torch.equal(amp_opt._flat[0].m, ref_opt._flat[0].m)
     assert not hasattr(amp_opt, "grad_scale")  # GradScaler removes what it set
 
 
@@ -107,4 +112,38 @@ def test_unscale_then_clip_then_step(backend):
         torch.nn.utils.clip_grad_norm_([p for _, p in ref_named], 1.0)
         ref_opt.step()
     for (n, a), (_, b) in zip(amp_named, ref_named):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["plain", "clipped"])
+def test_float16_parameters_with_a_large_scale(backend, max_grad_norm):
+    """fp16 parameters and gradients under GradScaler at its default scale (2^16), where the
+    scaled gradient of a large weight has an L2 norm above fp16's range (65504) while every element
+    is finite: the step must go through (a 16-bit norm would be inf and skip every step while the
+    scaler, seeing no inf, never backs off) and equal the step on the unscaled fp16 gradients."""
+    shapes = {"mlp.weight": (400, 256), "ln.weight": (256,), "mlp.bias": (400,)}
+    gen = torch.Generator().manual_seed(5)
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, torch.float16))) for n, s in shapes.items()]
+    ref_named = clone_named(named)
+    kw = dict(KW, backend=backend, max_grad_norm=max_grad_norm)
+    opt, ref = AdamMini(named, **kw), AdamMini(ref_named, **kw)
+    scaler = torch.amp.GradScaler(DEVICE.type)
+    assert scaler.get_scale() == 2.0**16
+    for step in range(3):
+        targets = {n: (5e-3 * torch.randn(s, generator=gen)).to(DEVICE, torch.float16) for n, s in shapes.items()}
+        opt.zero_grad()
+        scaler.scale(sum((p.float() * targets[n].float()).sum() for n, p in named)).backward()
+        scaled = named[0][1].grad
+        assert torch.isfinite(scaled).all() and scaled.float().norm() > 65504
+        scaler.step(opt)
+        scaler.update()
+        for n, p in ref_named:
+            p.grad = targets[n].clone()
+        ref.step()
+    assert scaler.get_scale() == 2.0**16  # no inf was found, no step was skipped
+    assert torch.equal(opt._flat[0].steps, torch.full_like(opt._flat[0].steps, 3))
+    if max_grad_norm is not None:
+        assert torch.equal(opt.last_grad_norm, ref.last_grad_norm) and torch.isfinite(opt.last_grad_norm)
+    for (n, a), (_, b) in zip(named, ref_named):
         assert torch.equal(a, b), n

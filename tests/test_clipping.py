@@ -86,5 +86,42 @@ def test_non_finite_norm_skips_the_update(backend):
 
 
 def test_max_grad_norm_is_validated():
-    with pytest.raises(ValueError, match="max_grad_norm"):
-        AdamMini(_named(), max_grad_norm=0.0, **KW)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            AdamMini(_named(), max_grad_norm=bad, **KW)
+    for bad in (True, "1.0", torch.tensor(1.0)):  # True would clip at 1.0
+        with pytest.raises(TypeError, match="max_grad_norm"):
+            AdamMini(_named(), max_grad_norm=bad, **KW)
+    assert AdamMini(_named(), max_grad_norm=2, **KW).max_grad_norm == 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_of_a_step_without_gradients_is_zero(backend):
+    """last_grad_norm is each step's: a step where no parameter has a gradient leaves 0 (as
+    clip_grad_norm_ of no gradients), not the norm of the step before."""
+    named = _named(4)
+    opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
+    grads = _grads(0)
+    for n, p in named:
+        p.grad = grads[n].clone()
+    opt.step()
+    assert opt.last_grad_norm > 0
+    opt.zero_grad()
+    opt.step()
+    assert opt.last_grad_norm.item() == 0.0 and opt.last_grad_norm.device == DEVICE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_of_16_bit_gradients_in_float32(backend, dtype):
+    """16-bit gradients: the per-tensor norms are taken in float32 (clip_grad_norm_ takes them in
+    the gradients' dtype, 2e-3 off in bf16), so the norm is the float64 one to float32 rounding."""
+    named = [(n, torch.nn.Parameter(p.detach().to(dtype))) for n, p in _named(3)]
+    opt = AdamMini(named, backend=backend, max_grad_norm=0.5, **KW)
+    for step in range(2):
+        grads = _grads(step, scale=30.0)
+        for n, p in named:
+            p.grad = grads[n].to(dtype)
+        opt.step()
+        exact = torch.cat([p.grad.double().flatten() for _, p in named]).norm()
+        assert abs(opt.last_grad_norm.double() - exact) <= 1e-6 * exact
