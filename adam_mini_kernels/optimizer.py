@@ -57,10 +57,9 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got {lr.dtype} of shape {list(lr.shape)}")
-        if lr.device.type != "cpu":
-            return  # reading a device tensor's value would be a host sync; it is not checked
-        lr = lr.item()
-    if not 0.0 <= lr:
+        # A device tensor's value is not checked: reading it would be a host sync.
+        lr = lr.item() if lr.device.type == "cpu" else None
+    if lr is not None and not 0.0 <= lr:
         raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
     if not 0.0 <= eps:
         raise ValueError(f"{where}: invalid eps {eps} (must be >= 0)")
@@ -559,20 +558,29 @@ class AdamMini(torch.optim.Optimizer):
         lrs = [0.0 if lr is None else lr for lr in memo.lrs] if memo.device_lr else memo.lrs
         # Columns HP_LR, then HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS: the order of ``rest``.
         table = torch.cat([torch.tensor(lrs, dtype=torch.float64).reshape(-1, 1), memo.rest_table], dim=1)
-        for group, select in zip(self._flat, self._row_select):
+        for group, select, index in zip(self._flat, self._row_select, self._row_index):
             group.set_hparams(table.index_select(0, select))
+            # The rows whose lr ``_device_lrs`` writes on the device, and their param groups.
+            rows = [i for i, k in enumerate(index) if memo.lrs[k] is None] if memo.device_lr else []
+            group.cache["device_lr_rows"] = (torch.tensor(rows, device=group.device), [index[i] for i in rows]) if rows else None
 
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
-        on the device (a few tensor ops per group, no host sync)."""
-        lrs = self._memo.lrs
-        for flat, index in zip(self._flat, self._row_index):
-            if all(lrs[k] is not None for k in index):
+        on the device, no host sync: one cast and one index_copy_ per group when the param groups
+        share one lr tensor (the constructor's), a stack of the tensors otherwise; never an op per
+        parameter (a CUDA graph of the step would hold them all). The tensors are read from
+        ``param_groups`` each step: a group given another device tensor is followed."""
+        for flat in self._flat:
+            plan = flat.cache.get("device_lr_rows")
+            if plan is None:  # every lr of this group is a float, uploaded with the table
                 continue
-            column = flat.hparams[:, HP_LR]
-            # Parameters with a float lr keep the value uploaded into the column.
-            values = [self.param_groups[k]["lr"].reshape(()).to(torch.float64) if lrs[k] is None else column[i] for i, k in enumerate(index)]
-            column.copy_(torch.stack(values))
+            rows, ks = plan
+            lrs = [self.param_groups[k]["lr"] for k in ks]
+            if all(lr is lrs[0] for lr in lrs):
+                values = lrs[0].reshape(1).to(torch.float64).expand(len(ks))
+            else:
+                values = torch.stack([lr.reshape(()) for lr in lrs]).to(torch.float64)
+            flat.hparams[:, HP_LR].index_copy_(0, rows, values)
 
     @torch.no_grad()
     def step(self, closure=None):

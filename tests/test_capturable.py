@@ -56,7 +56,9 @@ def test_tensor_lr_per_group_and_mixed_with_floats():
         for i, (ga, gb) in enumerate(zip(a.param_groups, b.param_groups)):
             lr = 1e-2 * (i + 1) / (step + 1)
             ga["lr"] = lr
-            if isinstance(gb["lr"], torch.Tensor):
+            if isinstance(gb["lr"], torch.Tensor) and step == 1 and i == 1:  # another tensor: followed
+                gb["lr"] = torch.tensor(lr, dtype=torch.float32)
+            elif isinstance(gb["lr"], torch.Tensor):
                 gb["lr"].fill_(lr)
             else:
                 gb["lr"] = lr
@@ -69,6 +71,38 @@ def test_tensor_lr_is_validated():
     for bad in (torch.tensor([1e-3, 1e-3]), torch.tensor(1), torch.tensor(-1e-3)):
         with pytest.raises(ValueError, match="lr|learning rate"):
             AdamMini(_named(), lr=bad, **KW)
+    # An lr on a device (meta: the same path as CUDA) is not read, the other values are checked.
+    device_lr = torch.tensor(1e-3, device="meta")
+    for bad, match in ((dict(betas=(2.0, 0.999)), "beta1"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-5.0), "weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            AdamMini(_named(), lr=device_lr, **dict(KW, **bad))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one lr tensor", "a tensor per group"])
+def test_tensor_lr_costs_no_op_per_parameter(shared):
+    """A tensor lr read on the device: a warm step runs as many ops for 100 parameters as for
+    10 (it ran a cast per parameter, each a kernel and a node of a captured CUDA graph). A tensor
+    per group is stacked: views of each (metadata only, no kernel) are all that grows."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    views = {"aten::reshape", "aten::view", "aten::unsqueeze", "aten::as_strided"}
+
+    def ops(count):
+        params = [(f"layers.{i}.mlp.weight", torch.nn.Parameter(torch.randn(4, 8))) for i in range(count)]
+        opt = AdamMini(params, lr=torch.tensor(1e-2, dtype=torch.float32), **KW)
+        if not shared:
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(1e-2, dtype=torch.float32)
+        for p in (p for _, p in params):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::") and (shared or e.name not in views))
+
+    assert ops(100) == ops(10)
 
 
 def test_capturable_needs_cuda_parameters():
