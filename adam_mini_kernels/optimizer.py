@@ -45,12 +45,33 @@ from .sharding import (
 
 logger = logging.getLogger("adam_mini_kernels")
 
-# state_dict key of the stochastic rounding seed (absent when stochastic rounding is off).
-ROUNDING_KEY = "stochastic_rounding"
+# The stochastic rounding seed is saved in every param group of state_dict() under this key (absent
+# when stochastic rounding is off): param groups' keys survive torch.distributed.checkpoint's
+# get/set_optimizer_state_dict, which keep only "state" and "param_groups".
+ROUNDING_SEED_KEY = "rounding_seed"
+# Where state dicts written before 2026-12-06 hold it: {"seed": int} at the top level.
+LEGACY_ROUNDING_KEY = "stochastic_rounding"
 # What ``state_dtype`` (the constructor's, or a param group's) may be.
 STATE_DTYPES = (None, torch.float32, torch.int8)
 # Whether dynamo traces a step over FSDP2 shards shared with the flat buffer ([Note: compiled steps]).
 TRACES_SHARED_SHARDS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
+def _saved_rounding_seed(state_dict: Dict[str, Any]) -> Optional[int]:
+    """The stochastic rounding seed a state dict holds (None: none), checked: the same int in
+    [0, 2**31) in every param group that has one (and in the legacy top-level entry)."""
+    seeds = [group[ROUNDING_SEED_KEY] for group in state_dict["param_groups"] if ROUNDING_SEED_KEY in group]
+    legacy = state_dict.get(LEGACY_ROUNDING_KEY)
+    if legacy is not None:
+        if not isinstance(legacy, dict) or "seed" not in legacy:
+            raise ValueError(f"state dict entry '{LEGACY_ROUNDING_KEY}' must be {{'seed': int in [0, 2**31)}}, got {legacy!r}")
+        seeds.append(legacy["seed"])
+    for seed in seeds:
+        if type(seed) is not int or not 0 <= seed < SEED_BOUND:
+            raise ValueError(f"state dict's stochastic rounding seed must be an int in [0, 2**31), got {seed!r}")
+    if len(set(seeds)) > 1:
+        raise ValueError(f"state dict's param groups hold different stochastic rounding seeds: {sorted(set(seeds))}")
+    return seeds[0] if seeds else None
 
 
 def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -170,7 +191,7 @@ class AdamMini(torch.optim.Optimizer):
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
             training. The random bits are a hash of a seed (``rounding_seed``, saved in
-            ``state_dict``), the step counters and the element position: runs are reproducible
+            ``state_dict``'s param groups), the step counters and the element position: runs are reproducible
             and resumes exact. Needs bfloat16 parameters; float16 parameters are refused.
         rounding_seed: the seed of stochastic rounding, an int in [0, 2**31). None (default):
             drawn from torch's default generator at construction, and where torch.distributed is
@@ -826,7 +847,8 @@ class AdamMini(torch.optim.Optimizer):
             saved = global_state([(state_dict["state"][idx], local[idx]) for idx in sharded])
             state_dict["state"].update(zip(sharded, saved))
         if self._round_seed is not None:
-            state_dict[ROUNDING_KEY] = {"seed": self._round_seed}
+            for group in state_dict["param_groups"]:  # copies made by torch's state_dict
+                group[ROUNDING_SEED_KEY] = self._round_seed
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -861,14 +883,14 @@ class AdamMini(torch.optim.Optimizer):
                 _check_state_dtype(f"state dict param group '{group.get('name')}'", group["state_dtype"])
         # A param group's own state_dtype is this optimizer's setting where the saved group has none.
         own_dtypes = {i: g["state_dtype"] for i, g in enumerate(self.param_groups) if "state_dtype" in g}
-        rounding = state_dict.get(ROUNDING_KEY)
-        if rounding is not None and not (isinstance(rounding.get("seed"), int) and 0 <= rounding["seed"] < SEED_BOUND):
-            raise ValueError(f"state dict entry '{ROUNDING_KEY}' must be {{'seed': int in [0, 2**31)}}, got {rounding!r}")
+        seed = _saved_rounding_seed(state_dict)
         super().load_state_dict(state_dict)
         for i, dtype in own_dtypes.items():
             self.param_groups[i].setdefault("state_dtype", dtype)
-        if rounding is not None and self.stochastic_rounding:
-            self._round_seed = rounding["seed"]
+        for group in self.param_groups:  # the seed lives on the optimizer, not in its groups
+            group.pop(ROUNDING_SEED_KEY, None)
+        if seed is not None and self.stochastic_rounding:
+            self._round_seed = seed
         for idx, kept in moments.items():
             self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})
         for idx, lb in self._local_blocks(layouts).items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adam_mini_kernels import AdamMini, available_backends, rounding
-from adam_mini_kernels.optimizer import ROUNDING_KEY
+from adam_mini_kernels.optimizer import LEGACY_ROUNDING_KEY, ROUNDING_SEED_KEY
 from grad_stream import clone_named, run_stream
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,13 +232,15 @@ def test_resume_is_exact(backend):
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer)
-    assert saved[ROUNDING_KEY] == {"seed": opt._round_seed}
+    assert [g[ROUNDING_SEED_KEY] for g in saved["param_groups"]] == [opt._round_seed] * len(opt.param_groups)
+    assert LEGACY_ROUNDING_KEY not in saved and ROUNDING_SEED_KEY not in opt.param_groups[0]
 
     resumed_named = clone_named(named)
     torch.manual_seed(12)
     resumed = AdamMini(resumed_named, backend=backend, stochastic_rounding=True, **KW)
     assert resumed._round_seed != opt._round_seed
     resumed.load_state_dict(saved)
+    assert resumed._round_seed == opt._round_seed and all(ROUNDING_SEED_KEY not in g for g in resumed.param_groups)
     run_stream([params, [p for _, p in resumed_named]], [opt, resumed], steps=3, seed=5)
     for (n, a), (_, b) in zip(named, resumed_named):
         assert torch.equal(a, b), n
@@ -285,16 +287,34 @@ def test_is_validated():
             opt.step()
         assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
     opt = AdamMini(_named(), stochastic_rounding=True, **KW)
-    bad = dict(opt.state_dict(), **{ROUNDING_KEY: {"seed": -1}})
-    with pytest.raises(ValueError, match="must be"):
-        opt.load_state_dict(bad)
+    seed = opt._round_seed
+
+    def saved_with(first, rest, legacy=None):  # the first param group's seed, the others' (None: no key)
+        saved = opt.state_dict()
+        for i, group in enumerate(saved["param_groups"]):
+            value = first if i == 0 else rest
+            if value is None:
+                del group[ROUNDING_SEED_KEY]
+            else:
+                group[ROUNDING_SEED_KEY] = value
+        if legacy is not None:
+            saved[LEGACY_ROUNDING_KEY] = legacy
+        return saved
+
+    for bad, match in ((saved_with(-1, -1), "must be an int"), (saved_with(1.5, 1.5), "must be an int"),
+                       (saved_with(1, 2), "different stochastic rounding seeds"),
+                       (saved_with(None, None, {"seed": -1}), "must be an int"),
+                       (saved_with(None, None, 7), "must be {'seed'"), (saved_with(1, 1, {"seed": 2}), "different")):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert opt._round_seed == seed
 
 
 def test_rounding_seed_is_used_as_given_and_validated():
     state = torch.get_rng_state()
     a = AdamMini(_named(), stochastic_rounding=True, rounding_seed=12345, **KW)
     assert torch.equal(state, torch.get_rng_state())  # a given seed draws nothing
-    assert a._round_seed == 12345 and a.state_dict()[ROUNDING_KEY] == {"seed": 12345}
+    assert a._round_seed == 12345 and a.state_dict()["param_groups"][0][ROUNDING_SEED_KEY] == 12345
     torch.manual_seed(7)
     drawn = AdamMini(_named(), stochastic_rounding=True, **KW)._round_seed
     assert AdamMini(_named(), stochastic_rounding=True, rounding_seed=drawn, **KW)._round_seed == drawn
@@ -309,4 +329,39 @@ def test_off_by_default_and_no_seed_drawn():
     state = torch.get_rng_state()
     opt = AdamMini(_named(), **KW)
     assert torch.equal(state, torch.get_rng_state())  # constructing does not consume randomness
-    assert opt._round_seed is None and ROUNDING_KEY not in opt.state_dict()
+    saved = opt.state_dict()
+    assert opt._round_seed is None and all(ROUNDING_SEED_KEY not in g for g in saved["param_groups"])
+    assert LEGACY_ROUNDING_KEY not in saved
+
+
+def test_seed_of_a_legacy_state_dict_is_loaded():
+    """State dicts written before the seed moved into the param groups hold it at the top level."""
+    opt = AdamMini(_named(), stochastic_rounding=True, rounding_seed=99, **KW)
+    legacy = opt.state_dict()
+    for g in legacy["param_groups"]:
+        del g[ROUNDING_SEED_KEY]
+    legacy[LEGACY_ROUNDING_KEY] = {"seed": 4321}
+    opt.load_state_dict(legacy)
+    assert opt._round_seed == 4321
+
+
+def test_seed_survives_torch_distributed_checkpoint(tmp_path):
+    """get_optimizer_state_dict keeps only "state" and "param_groups" (a top-level entry is
+    dropped): saved with dcp and loaded into an optimizer of another seed, the seed comes back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build(seed):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)).to(torch.bfloat16)
+        return model, AdamMini(model.named_parameters(), stochastic_rounding=True, rounding_seed=seed, **KW)
+
+    model, opt = build(1234)
+    model(torch.randn(4, 16, dtype=torch.bfloat16)).sum().backward()
+    opt.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ckpt"))
+    model2, opt2 = build(5678)
+    state = {"optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=str(tmp_path / "ckpt"))
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    assert opt2._round_seed == 1234
