@@ -5,8 +5,9 @@ A backend's step function has the signature
 counters of the parameters flagged in ``active`` (a bool tensor on the group's device; None: all;
 none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
 (``coefficients``, gradients multiplied by AMP's ``inv_scale``) and updates the group in place.
-``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices; an
-explicit request for a backend that cannot run raises ``BackendUnavailableError`` saying why.
+``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices and
+dtypes (Triton's CPU interpreter, for tests, only when asked for by name); an explicit request for
+a backend that cannot run raises ``BackendUnavailableError`` saying why.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -48,6 +49,10 @@ def _cuda_or_interpreter(devices: List[torch.device]) -> Optional[str]:
     return reason and reason + " (or all on the CPU with TRITON_INTERPRET=1)"
 
 
+# Storage dtypes of the fused kernels (fp32 math): float64 would be computed in float32.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -55,10 +60,22 @@ class Backend:
     function: str
     device_check: Callable[[List[torch.device]], Optional[str]]
     missing_hint: str  # what to do when the module cannot be imported
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None  # parameter dtypes it steps (None: any floating)
+    auto_device_check: Optional[Callable[[List[torch.device]], Optional[str]]] = None  # for auto, if stricter
 
-    def why_not(self, devices: Iterable[torch.device]) -> Optional[str]:
-        """None if this backend can step parameters on ``devices``, else the reason."""
-        reason = self.device_check(list(devices))
+    def dtype_reason(self, dtypes: Iterable[torch.dtype]) -> Optional[str]:
+        """None if this backend steps parameters of ``dtypes``, else the reason."""
+        unsupported = sorted(str(d) for d in set(dtypes) if self.dtypes is not None and d not in self.dtypes)
+        if unsupported:
+            supported = ", ".join(str(d) for d in self.dtypes)
+            return f"its kernels store {supported} parameters, not {', '.join(unsupported)} (backend='torch' steps any)"
+        return None
+
+    def why_not(self, devices: Iterable[torch.device], dtypes: Iterable[torch.dtype] = (), auto: bool = False) -> Optional[str]:
+        """None if this backend can step parameters of ``dtypes`` on ``devices`` (chosen by
+        ``auto`` or by name), else the reason."""
+        check = self.auto_device_check if auto and self.auto_device_check is not None else self.device_check
+        reason = check(list(devices)) or self.dtype_reason(dtypes)
         if reason is not None:
             return reason
         try:
@@ -79,6 +96,8 @@ BACKENDS = {
         "triton_step",
         _cuda_or_interpreter,
         "the Triton kernels cannot be loaded (is triton installed?)",
+        dtypes=KERNEL_DTYPES,
+        auto_device_check=_cuda_only,  # the interpreter (CPU tensors) is for tests: by name only
     ),
     "cuda": Backend(
         "cuda",
@@ -88,6 +107,7 @@ BACKENDS = {
         "the CUDA extension adam_mini_kernels._C is not built: install the package with a CUDA "
         "build of torch and nvcc on the PATH (or CUDA_HOME set), "
         "`pip install --no-build-isolation -e .`",
+        dtypes=KERNEL_DTYPES,
     ),
 }
 
@@ -103,9 +123,9 @@ def available_backends(devices: Optional[Iterable[torch.device]] = None) -> List
     return [name for name in PREFERENCE if BACKENDS[name].why_not(devices) is None]
 
 
-def resolve_backend(request: str, devices: Iterable[torch.device]) -> str:
-    """The backend to use for ``request`` ("auto" or a name); ``ADAM_MINI_BACKEND`` overrides
-    "auto". Never fails for "auto"."""
+def resolve_backend(request: str, devices: Iterable[torch.device], dtypes: Iterable[torch.dtype] = ()) -> str:
+    """The backend to use for ``request`` ("auto" or a name) on parameters of ``dtypes`` on
+    ``devices``; ``ADAM_MINI_BACKEND`` overrides "auto". Never fails for "auto"."""
     choices = ("auto",) + tuple(BACKENDS)
     if request not in choices:
         raise ValueError(f"backend must be one of {choices}, got {request!r}")
@@ -113,10 +133,10 @@ def resolve_backend(request: str, devices: Iterable[torch.device]) -> str:
         request = os.environ.get(ENV_VAR, "auto") or "auto"
         if request not in choices:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {choices}, got {request!r}")
-    devices = list(devices)
+    devices, dtypes = list(devices), list(dtypes)
     if request == "auto":
-        return next(name for name in AUTO_ORDER if BACKENDS[name].why_not(devices) is None)
-    reason = BACKENDS[request].why_not(devices)
+        return next(name for name in AUTO_ORDER if BACKENDS[name].why_not(devices, dtypes, auto=True) is None)
+    reason = BACKENDS[request].why_not(devices, dtypes)
     if reason is not None:
         raise BackendUnavailableError(f"AdamMini backend {request!r} cannot run here: {reason}")
     return request

@@ -165,8 +165,10 @@ class AdamMini(torch.optim.Optimizer):
         head_dim: size of one attention head when it is not ``dim // n_heads`` (Qwen3, Gemma);
             the head block is then ``head_dim * dim`` elements.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. ``auto`` (overridden by the
-            environment variable ``ADAM_MINI_BACKEND``) picks the fastest backend that can run;
-            an explicit backend that cannot run raises ``BackendUnavailableError``.
+            environment variable ``ADAM_MINI_BACKEND``) picks the first of ``dispatch.AUTO_ORDER``
+            that can run (torch today, until the fused backends pass their GPU suites); an
+            explicit backend that cannot run raises ``BackendUnavailableError``. The fused
+            backends store float32, bfloat16 and float16 parameters.
         state_dtype: dtype of the first moment ``m``: None (the parameter's dtype, as official)
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
             ``state_dict``/``load_state_dict``), or ``torch.int8``: ``m`` of every parameter with
@@ -319,7 +321,8 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError("capturable=True (CUDA graph capture of step()) needs every parameter on a CUDA device")
         if capturable and any(is_sharded(p) for _, p in self._named_params()):
             raise NotImplementedError("capturable=True is not supported with sharded (DTensor, FSDP2) parameters yet")
-        self.backend = dispatch.resolve_backend(backend, devices)
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        self.backend = dispatch.resolve_backend(backend, devices, dtypes)
         self._step_fn = dispatch.load_backend(self.backend)
         if stochastic_rounding and rounding_seed is None:
             cuda = sorted((d for d in devices if d.type == "cuda"), key=str)  # NCCL broadcasts CUDA tensors
@@ -473,6 +476,9 @@ class AdamMini(torch.optim.Optimizer):
         for k, (_, p) in enumerate(named):
             by_key[(p.device, p.dtype, local[k].info.process_group if k in local else None, m_dtypes[k])].append(k)
         dtypes = {key[1] for key in by_key}
+        reason = dispatch.BACKENDS[self.backend].dtype_reason(dtypes)
+        if reason is not None:  # parameters cast after construction (e.g. model.double())
+            raise ValueError(f"AdamMini backend {self.backend!r} cannot step these parameters: {reason}")
         if self.stochastic_rounding and (torch.float16 in dtypes or torch.bfloat16 not in dtypes):
             raise ValueError(
                 "stochastic_rounding=True rounds bfloat16 parameters and state; this optimizer has "

@@ -138,6 +138,68 @@ def test_env_var_selects_a_backend_auto_would_not_pick(monkeypatch):
     assert explicit.backend == "torch"
 
 
+def _preferred_auto(monkeypatch, without_extension=False):
+    """``auto`` as it will be once the fused backends are verified on a GPU (every backend, fastest
+    first); optionally with the CUDA extension missing."""
+    import dataclasses
+
+    from adam_mini_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", dispatch.PREFERENCE)
+    if without_extension:
+        missing = dataclasses.replace(dispatch.BACKENDS["cuda"], module="._C_not_built")
+        monkeypatch.setitem(dispatch.BACKENDS, "cuda", missing)
+    return dispatch
+
+
+def test_preferred_auto_moves_on_when_the_extension_is_missing(monkeypatch):
+    dispatch = _preferred_auto(monkeypatch, without_extension=True)
+    cuda = [torch.device("cuda", 0)]
+    triton = dispatch.BACKENDS["triton"].why_not(cuda) is None  # importable here (no GPU needed to check)
+    assert dispatch.resolve_backend("auto", cuda) == ("triton" if triton else "torch")
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        dispatch.resolve_backend("cuda", cuda)
+
+
+def test_preferred_auto_never_picks_the_triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 runs Triton on CPU tensors for tests; ``auto`` on CPU parameters stays
+    the PyTorch backend (by name, the interpreter still runs)."""
+    dispatch = _preferred_auto(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = _net()
+    assert AdamMini(model.named_parameters(), dim=8, n_heads=2, n_kv_heads=1, verbose=False).backend == "torch"
+    if "triton" in available_backends([torch.device("cpu")]):
+        assert dispatch.resolve_backend("triton", [torch.device("cpu")]) == "triton"
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_fused_backends_refuse_float64_parameters(name, monkeypatch):
+    """Their kernels store fp32/bf16/fp16: float64 parameters are refused by name (Triton computed
+    them in float32, silently), and ``auto`` takes the PyTorch backend for them."""
+    dispatch = _preferred_auto(monkeypatch)
+    cuda = [torch.device("cuda", 0)]
+    with pytest.raises(BackendUnavailableError, match="not torch.float64"):
+        dispatch.resolve_backend(name, cuda, [torch.float32, torch.float64])
+    assert dispatch.resolve_backend("auto", cuda, [torch.float64]) == "torch"
+    assert dispatch.BACKENDS[name].dtype_reason([torch.float32, torch.bfloat16, torch.float16]) is None
+
+
+def test_parameters_cast_to_an_unsupported_dtype_after_construction_are_refused(monkeypatch):
+    """A fused backend built on float32 parameters, then ``model.double()``: the next step says
+    so before changing anything (the torch backend rebuilds in float64: test_capturable.py)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if "triton" not in available_backends([torch.device("cpu")]):
+        pytest.skip("triton is not importable here")
+    model = _net()
+    opt = AdamMini(model.named_parameters(), dim=8, n_heads=2, n_kv_heads=1, verbose=False, backend="triton")
+    _step(model, opt)
+    model.double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="backend 'triton' cannot step these parameters.*float64"):
+        _step(model, opt, seed=1)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_env_var_does_not_override_an_explicit_backend(monkeypatch):
     model = _net()
     monkeypatch.setenv(ENV, "cuda")
