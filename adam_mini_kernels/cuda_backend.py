@@ -56,7 +56,6 @@ def _check_constants() -> None:
 
 _check_constants()
 
-OPS = ("rows_step", "large_blocks_sumsq", "large_blocks_update", "adam_step", "step_coefficients")
 _ops = torch.ops.adam_mini_kernels
 
 

@@ -115,4 +115,13 @@ def triton_step(
     parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
     from . import ops  # registers the operators on first use
 
-    fused_step(group, ops.OPERATORS if torch.compiler.is_compiling() else ops.LAUNCHERS, active, inv_scale, found_inf)
+    if torch.compiler.is_compiling():  # the compiled graph runs under its device's guard
+        fused_step(group, ops.OPERATORS, active, inv_scale, found_inf)
+    elif group.device.type == "cuda" and group.device.index != torch.cuda.current_device():
+        # Triton launches on the current device's current stream, not on the tensors' device
+        # (the CUDA extension guards each launch itself): parameters on cuda:1 stepped while
+        # cuda:0 is current would run unordered with their backward, on the wrong device.
+        with torch.cuda.device(group.device):
+            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)
+    else:
+        fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)
