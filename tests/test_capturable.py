@@ -133,27 +133,34 @@ def test_parameters_moved_after_the_first_step_are_rebuilt():
 
 
 @pytest.mark.skipif("triton" not in available_backends([CPU]), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_operators_opcheck(dtype):
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.int8)])
+def test_triton_operators_opcheck(dtype, state_dtype):
     """The Triton backend's operators: schema (what they mutate), fake implementations and
-    dispatch agree with the real launches (torch.library.opcheck), here on CPU tensors."""
+    dispatch agree with the real launches (torch.library.opcheck), here on CPU tensors; also with
+    int8 m (codes and scales) and with active flags and AMP's tensors."""
     from adam_mini_kernels.launch_tables import build_launch_tables
     from adam_mini_kernels.triton_kernels import ops
 
-    named = _named(dtype=dtype)
-    opt = AdamMini(named, lr=1e-2, backend="triton", **KW)
-    run_stream([[p for _, p in named]], [opt], steps=1)
-    group = opt._flat[0]
+    named = _named(dtype=dtype) + [("proj.weight", torch.nn.Parameter(torch.randn(64, 128, dtype=dtype)))]
+    opt = AdamMini(named, lr=1e-2, backend="triton", state_dtype=state_dtype, **KW)
+    run_stream([[p for _, p in named]], [opt], steps=1, none_every=0)  # int8 m: big_norm and proj
+    [group] = [g for g in opt._flat if g.quantized == (state_dtype == torch.int8)]
     t = build_launch_tables(group)
     coef = group.cache["coef"]
     rounding = dtype == torch.bfloat16
-    state = (group.param_buffer, group.grad_buffer, group.m, torch.empty(0), group.v, coef)
+    scales = group.m_scales if group.quantized else torch.empty(0)
+    state = (group.param_buffer, group.grad_buffer, group.m, scales, group.v, coef)
     torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, 7, rounding))
+    active = torch.arange(len(group.params)) % 2 == 0
+    amp = (torch.tensor(0.5), torch.tensor(0.0))
+    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, active, *amp, 7, rounding))
     width, rows = t.row_classes[-1]
     torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
     torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, (group.grad_buffer, t.tiles, t.blocks, t.partial, t.block_sums))
     torch.library.opcheck(ops.OPERATORS.large_blocks_update, state + (t.tiles, t.blocks, t.block_sums, rounding))
-    torch.library.opcheck(ops.OPERATORS.adam_step, (group.param_buffer, group.grad_buffer, group.m, group.v, coef, t.adam, rounding))
+    if t.adam is not None:
+        torch.library.opcheck(ops.OPERATORS.adam_step, (group.param_buffer, group.grad_buffer, group.m, group.v, coef, t.adam, rounding))
+    assert (t.adam is None) == group.quantized  # int8 m: no bias in the group
 
 
 # -- GPU: CUDA graphs -----------------------------------------------------------------------------
