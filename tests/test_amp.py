@@ -147,3 +147,30 @@ def test_float16_parameters_with_a_large_scale(backend, max_grad_norm):
         assert torch.equal(opt.last_grad_norm, ref.last_grad_norm) and torch.isfinite(opt.last_grad_norm)
     for (n, a), (_, b) in zip(named, ref_named):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_parameters_under_float16_autocast(backend):
+    """The usual mixed-precision recipe: float32 parameters, the forward under fp16 autocast,
+    GradScaler: equal to unscaling the same gradients by hand and stepping."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8)).to(DEVICE)
+    ref_named = clone_named(list(model.named_parameters()))
+    opt, ref = AdamMini(model.named_parameters(), backend=backend, **KW), AdamMini(ref_named, backend=backend, **KW)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**12)
+    for step in range(3):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(step)).to(DEVICE)
+        opt.zero_grad()
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            assert model[0](x).dtype == torch.float16  # autocast really runs the matmuls in fp16
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        for (n, p), (_, q) in zip(model.named_parameters(), ref_named):
+            assert p.dtype == torch.float32
+            q.grad = p.grad / scale  # exact: a power of two
+        scaler.step(opt)
+        scaler.update()
+        ref.step()
+    for (n, a), (_, b) in zip(model.named_parameters(), ref_named):
+        assert torch.equal(a, b), n
