@@ -22,6 +22,7 @@ from test_cuda_backend import _emulated_step, emulated_optimizer, emulator, load
 pytest.importorskip("torch.distributed.fsdp")
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 WORLD = 2
 STEPS = 10
@@ -104,7 +105,31 @@ class Recorded:
         setattr(self.owner, self.name, self._original)
 
 
-def _count_all_reduce() -> Recorded:
+class Collectives(TorchDispatchMode):
+    """While active, records the name of every collective op dispatched (c10d's, eager or
+    functional) in ``records``: an all_reduce made any way, and any other collective (a broadcast,
+    an all_gather) too, which a count of ``dist.all_reduce`` calls would miss."""
+
+    NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in self.NAMESPACES:
+            self.records.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _count_all_reduce() -> Collectives:
+    """The collectives of an eager step (the tests expect one, an all-reduce)."""
+    return Collectives()
+
+
+def _count_all_reduce_calls() -> Recorded:
+    """The ``dist.all_reduce`` calls of a step, compiled too (torch.compile refuses to run under
+    a dispatch mode)."""
     return Recorded(dist, "all_reduce", lambda *args, **kwargs: 1)
 
 
@@ -114,6 +139,7 @@ def _train(model, opt, rank: int, steps: range, counts=None, set_to_none=True, b
         model((batch or _batch)(step).chunk(WORLD)[rank]).backward()
         with _count_all_reduce() as counter:
             opt.step()
+        assert all(name.startswith("c10d::allreduce") for name in counter.records), counter.records
         if counts is not None:
             counts.append(len(counter.records))
 
@@ -1261,7 +1287,7 @@ def _compiled_fsdp_worker(rank, port, out, backend_arg, share, max_grad_norm):
             if share and step == COMPILED_REPOINT_STEP:  # as FSDP2 does after model.to()
                 model.q_proj.weight._local_tensor = model.q_proj.weight._local_tensor.clone()
                 fsdp_params(model)[id(model.q_proj.weight)].reset_sharded_param()
-            with _count_all_reduce() as counter, _count_copies() as copied:
+            with _count_all_reduce_calls() as counter, _count_copies() as copied:
                 (opt.step if step == 0 else compiled)()
             counts.append(len(counter.records))
             copies.append(copied.records)
