@@ -124,3 +124,34 @@ def test_setup_installs_triton_kernels_under_the_package_namespace():
     assert "adam_mini_kernels" in packages
     assert "adam_mini_kernels.triton_kernels" in packages
     assert all(p == "adam_mini_kernels" or p.startswith("adam_mini_kernels.") for p in packages), packages
+
+
+def test_setup_finds_nvcc_on_path_when_cuda_home_has_none(tmp_path):
+    """No nvcc under CUDA_HOME, one on PATH (a symlink into a toolkit, as distributions install
+    it): setup.py builds the extension with that toolkit as CUDA_HOME, the rule by which
+    tests/test_cuda_backend.py expects the extension (it skipped the build, and the test then
+    reported the extension missing)."""
+    toolkit = tmp_path / "cuda-x"
+    for folder in ("bin", "include", "lib64"):
+        (toolkit / folder).mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    on_path = tmp_path / "bin"
+    on_path.mkdir()
+    (on_path / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    code = (
+        "import json, os, runpy, sys, setuptools, torch\n"
+        "torch.version.cuda = torch.version.cuda or '13.0'  # a CPU-only torch: pretend\n"
+        "captured = {}\n"
+        "setuptools.setup = lambda **kw: captured.update(kw)\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        f"runpy.run_path({str(SETUP_PY)!r}, run_name='__main__')\n"
+        "print(json.dumps({'ext': [e.name for e in captured.get('ext_modules', [])], 'cuda_home': os.environ.get('CUDA_HOME')}))\n"
+    )
+    env = _clean_env(CUDA_HOME=str(tmp_path / "no-cuda-here"), PATH=f"{on_path}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}/usr/bin:/bin")
+    env = {k: v for k, v in env.items() if k not in ("ADAM_MINI_SKIP_CUDA_BUILD", "CUDA_PATH")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found == {"ext": ["adam_mini_kernels._C"], "cuda_home": str(toolkit)}, (found, result.stderr[-2000:])
