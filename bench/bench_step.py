@@ -548,8 +548,13 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         row["note"] = f"official adam-mini version {ctx.official_version}, the anchors are for 1.1.1"
 
     device = ctx.device
-    release(device)
-    mem_start = allocated(device)
+    try:
+        release(device)
+        mem_start = allocated(device)
+    except Exception as err:  # noqa: BLE001 - a context broken since the last check: this row and the rest are skipped
+        ctx.lost_context = f"before {spec.id} on {pset.key}, freeing memory raised {_error_text(err)[:200]}"
+        row.update(status="skipped", reason=f"not run: the CUDA context was lost ({ctx.lost_context})")
+        return row
     named = opt = step = target = None
     try:
         named = make_params(pset, device)
@@ -631,10 +636,19 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         row["traceback"] = traceback.format_exc(limit=12)[-4000:]
     finally:
         step = target = opt = named = None  # the compiled closure holds the optimizer too
-        if spec.compiled:
-            torch._dynamo.reset()  # drop compiled code and the references its guards keep
-        release(device)
-    if device.type == "cuda" and row["status"] != "ok":
+        # After a sticky CUDA error (an illegal address, say) the clean-up raises too: that must
+        # not end the run (the rows after it are then reported as skipped, and the JSON, table and
+        # plot are still written). The row keeps what it measured before (every timing ends in a
+        # sync, so a fault of its own steps is its error already) and says what its clean-up hit.
+        cleanups = ([("torch._dynamo.reset", torch._dynamo.reset)] if spec.compiled else []) + [("release", lambda: release(device))]
+        for what, cleanup in cleanups:  # reset: drop compiled code and the references its guards keep
+            try:
+                cleanup()
+            except Exception as err:  # noqa: BLE001
+                row["cleanup_error"] = f"{what}: {_error_text(err)}"
+                if ctx.lost_context is None:
+                    ctx.lost_context = f"after {spec.id} on {pset.key}, its clean-up ({what}) raised {_error_text(err)[:200]}"
+    if device.type == "cuda" and row["status"] != "ok" and ctx.lost_context is None:
         try:
             torch.cuda.synchronize(device)
             torch.cuda.memory_allocated(device)
@@ -654,7 +668,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, few repetitions (seconds); the CI test runs this")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output folder (default bench/results)")
-    ap.add_argument("--sets", default=",".join(PS.SET_KEYS), help=f"comma list of sets, from {', '.join(PS.SET_KEYS)}; empty for none")
+    ap.add_argument("--sets", default=",".join(PS.SET_KEYS),
+                    help=f"comma list of sets, from {', '.join(PS.SET_KEYS)} and the sweep's keys "
+                         f"({', '.join(s.key for s in PS.sweep_sets())}; --smoke: "
+                         f"{', '.join(s.key for s in PS.sweep_sets(smoke=True))}), a sweep key run as a sweep row "
+                         "(with --no-sweep: that size alone); empty for none")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="run the Llama-shape size sweep (default on)")
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
     ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
@@ -677,9 +695,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
+    known = PS.SET_KEYS + tuple(s.key for s in PS.sweep_sets(smoke=args.smoke))
     for s in args.sets:
-        if s not in PS.SET_KEYS:
-            ap.error(f"unknown set {s!r}; choose from {', '.join(PS.SET_KEYS)}")
+        if s not in known:
+            ap.error(f"unknown set {s!r}; choose from {', '.join(known)}")
     args.backends = [b for b in args.backends.split(",") if b]
     args.optimizers = [o for o in args.optimizers.split(",") if o]
     for o in args.optimizers:
@@ -733,8 +752,10 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     copy = copy_bandwidth(device, timer, args.copy_bytes, args.warmup_ms, max(args.rep_ms, 20.0))
 
-    sets = [PS.make_set(k, smoke=args.smoke) for k in args.sets]
-    sweep = PS.sweep_sets(smoke=args.smoke) if args.sweep else []
+    # A sweep key named in --sets runs as a sweep row (the sweep's repetition time and rules), once.
+    sweep_keys = {s.key for s in PS.sweep_sets(smoke=args.smoke)}
+    sets = [PS.make_set(k, smoke=args.smoke) for k in args.sets if k not in sweep_keys]
+    sweep = [s for s in PS.sweep_sets(smoke=args.smoke) if args.sweep or s.key in args.sets]
     specs = optimizer_specs(args.backends, args.optimizers)
     ctx = Context(
         device=device, timer=timer, smoke=args.smoke, warmup_steps=args.warmup_steps, warmup_ms=args.warmup_ms,
@@ -783,38 +804,64 @@ def main(argv=None) -> int:
         tmp.replace(json_path)
 
     bar = tqdm(total=total, desc="bench", unit="row", file=sys.stderr, dynamic_ncols=True, disable=args.no_progress)
-    for pset, in_sweep in tasks:
-        same_as = pset.extra.get("same_as")
-        if in_sweep and same_as in args.sets:
-            # The same shapes and dtype as a set timed above: reuse its rows rather than time twice.
-            for r in [r for r in rows if r["set"] == same_as]:
-                rows.append(dict(r, set=pset.key, reused_from=same_as, spec_reference_ms=None, meets_target=None))
-            continue
-        ctx.rep_ms = args.sweep_rep_ms if in_sweep else args.rep_ms
-        for spec in specs:
-            bar.set_postfix_str(f"{pset.key}: {spec.id}")
-            elapsed = time.perf_counter() - started
-            if args.time_budget_s is not None and elapsed > args.time_budget_s:
-                row = dict(set=pset.key, optimizer=spec.id, label=spec.label, backend=spec.backend, compiled=spec.compiled,
-                           family=spec.family, status="skipped",
-                           reason=f"not run: the time budget (--time-budget-s {args.time_budget_s:g}) was used up")
-            else:
-                row = run_row(spec, pset, records[pset.key], ctx, in_sweep)
-            rows.append(row)
-            save(result(complete=False))  # a run killed half-way still leaves its rows
-            bar.update(1)
-            msg = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {str(row['reason'])[:120]}"
-            bar.write(f"  {pset.key:>22}  {spec.label:<40} {msg}", file=sys.stderr)
+    # SIGINT (the device script's `timeout -s INT` at its deadline): stop, report the rows not run as
+    # skipped, and still write the table and the plot (the JSON is rewritten after every row anyway).
+    interrupted = None
+    try:
+        for pset, in_sweep in tasks:
+            same_as = pset.extra.get("same_as")
+            if in_sweep and same_as in args.sets:
+                # The same shapes and dtype as a set timed above: reuse its rows rather than time twice.
+                for r in [r for r in rows if r["set"] == same_as]:
+                    rows.append(dict(r, set=pset.key, reused_from=same_as, spec_reference_ms=None, meets_target=None))
+                continue
+            ctx.rep_ms = args.sweep_rep_ms if in_sweep else args.rep_ms
+            for spec in specs:
+                bar.set_postfix_str(f"{pset.key}: {spec.id}")
+                elapsed = time.perf_counter() - started
+                if args.time_budget_s is not None and elapsed > args.time_budget_s:
+                    row = dict(set=pset.key, optimizer=spec.id, label=spec.label, backend=spec.backend, compiled=spec.compiled,
+                               family=spec.family, status="skipped",
+                               reason=f"not run: the time budget (--time-budget-s {args.time_budget_s:g}) was used up")
+                else:
+                    try:
+                        row = run_row(spec, pset, records[pset.key], ctx, in_sweep)
+                    except Exception as err:  # noqa: BLE001 - the harness itself failed: a row, and the files still written
+                        row = dict(set=pset.key, optimizer=spec.id, label=spec.label, backend=spec.backend,
+                                   compiled=spec.compiled, family=spec.family, status="error",
+                                   reason=f"the benchmark harness raised {_error_text(err)}",
+                                   traceback=traceback.format_exc(limit=12)[-4000:])
+                        if device.type == "cuda" and ctx.lost_context is None:
+                            ctx.lost_context = f"the harness raised on {spec.id}, {pset.key}: {_error_text(err)[:200]}"
+                rows.append(row)
+                save(result(complete=False))  # a run killed half-way still leaves its rows
+                bar.update(1)
+                msg = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {str(row['reason'])[:120]}"
+                bar.write(f"  {pset.key:>22}  {spec.label:<40} {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = f"not run: interrupted (SIGINT) after {time.perf_counter() - started:.0f} s"
+        done = {(r["set"], r["optimizer"]) for r in rows}
+        rows.extend(dict(set=p.key, optimizer=o.id, label=o.label, backend=o.backend, compiled=o.compiled, family=o.family,
+                         status="skipped", reason=interrupted)
+                    for p, _ in tasks for o in specs if (p.key, o.id) not in done)
+        print(f"bench_step: {interrupted}; writing what was measured", file=sys.stderr, flush=True)
     bar.close()
-    if ctx.lost_context is None:
-        copy["gbps_end"] = copy_bandwidth(device, timer, args.copy_bytes, args.warmup_ms, max(args.rep_ms, 20.0))["gbps"]
+    if interrupted:
+        copy["gbps_end_error"] = interrupted
+    elif ctx.lost_context is None:
+        try:
+            copy["gbps_end"] = copy_bandwidth(device, timer, args.copy_bytes, args.warmup_ms, max(args.rep_ms, 20.0))["gbps"]
+        except Exception as err:  # noqa: BLE001 - the rows are what matters: write them anyway
+            copy["gbps_end_error"] = _error_text(err)
+    else:
+        copy["gbps_end_error"] = f"not measured: the CUDA context was lost ({ctx.lost_context})"
 
-    res = result(complete=True)
+    res = result(complete=interrupted is None)
     save(res)
     md = report.write(res, json_path)
     print(md)
     print(f"wrote {json_path}, {json_path.with_suffix('.md')}, {json_path.with_suffix('.png')}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

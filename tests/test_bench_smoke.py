@@ -204,3 +204,78 @@ def test_report_marks_host_bound_rows():
         assert ("host-bound" in cells[-1]) == bound, cells
     failed = report._row_cells(dict(label="ours-cuda", status="error", reason="boom", host_ms=None))
     assert len(failed) == len(report.HEADER)
+
+
+def test_smoke_sets_take_sweep_keys(tmp_path):
+    """--sets names a sweep size too (the graph rows of issue 7 at 1M and 10M without timing the
+    whole sweep): it runs as a sweep row, once, beside the named sets."""
+    res, _, _ = _run(tmp_path, "--no-sweep", "--sets", "sweep-llama-19.6k,gpt2-124m-fp32,sweep-llama-19.6k",
+                     "--backends", "torch", "--optimizers", "ours,adamw-fused")
+    assert sorted(s["key"] for s in res["sets"]) == ["gpt2-124m-fp32", "sweep-llama-19.6k"]
+    rows = [(r["set"], r["optimizer"], r["status"]) for r in res["rows"]]
+    assert sorted(rows) == [("gpt2-124m-fp32", "adamw-fused", "ok"), ("gpt2-124m-fp32", "ours-torch", "ok"),
+                            ("sweep-llama-19.6k", "adamw-fused", "ok"), ("sweep-llama-19.6k", "ours-torch", "ok")]
+    assert res["timing"]["sweep_rep_ms"] == 10.0  # smoke
+
+
+def test_failed_cleanup_skips_the_rest_and_still_writes_the_files(tmp_path):
+    """After a sticky CUDA error, freeing memory at the end of a row raises too (empty_cache):
+    simulated in-process by a release() that raises once, from the first row's clean-up. The
+    run must go on: the rows after it are skipped with the reason, and the JSON, table and plot
+    are written (before, the exception left main with no .md, no .png, no skipped rows)."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import bench_step as b\n"
+        "real, calls = b.release, []\n"
+        "def release(device):\n"
+        "    calls.append(device)\n"
+        "    if len(calls) == 3:  # 1: copy bandwidth, 2: before the first row, 3: its clean-up\n"
+        "        raise RuntimeError('CUDA error: an illegal memory access was encountered (simulated)')\n"
+        "    real(device)\n"
+        "b.release = release\n"
+        f"sys.exit(b.main(['--smoke', '--out', {str(tmp_path)!r}, '--no-sweep', '--sets', 'gpt2-124m-fp32,llama-1.1b-bf16',\n"
+        "                  '--backends', 'torch', '--optimizers', 'adamw-fused,ours', '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [path] = tmp_path.glob("*.json")
+    for suffix in (".md", ".png"):
+        assert path.with_suffix(suffix).is_file(), suffix
+    res = json.loads(path.read_text(encoding="utf-8"))
+    assert res["complete"] is True
+    first, *rest = res["rows"]
+    assert (first["set"], first["optimizer"], first["status"]) == ("gpt2-124m-fp32", "adamw-fused", "ok")
+    assert "illegal memory access" in first["cleanup_error"]
+    assert len(rest) == 3
+    for row in rest:
+        assert row["status"] == "skipped" and "context was lost" in row["reason"], row
+        assert "adamw-fused on gpt2-124m-fp32" in row["reason"], row
+    assert "gbps_end" not in res["copy_bandwidth"] and "not measured" in res["copy_bandwidth"]["gbps_end_error"]
+
+
+def test_sigint_reports_the_rest_as_skipped_and_writes_the_files(tmp_path):
+    """tests/gpu/device_session.sh stops the benchmark with SIGINT at its deadline: simulated by a
+    KeyboardInterrupt from the second row. The rows not run are skipped with the reason, the
+    JSON (marked incomplete), the table and the plot are written, and the exit status is 130."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import bench_step as b\n"
+        "real, calls = b.run_row, []\n"
+        "def run_row(*args):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(*args)\n"
+        "b.run_row = run_row\n"
+        f"sys.exit(b.main(['--smoke', '--out', {str(tmp_path)!r}, '--no-sweep', '--sets', 'gpt2-124m-fp32,llama-1.1b-bf16',\n"
+        "                  '--backends', 'torch', '--optimizers', 'adamw-fused,ours', '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 130, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [path] = tmp_path.glob("*.json")
+    for suffix in (".md", ".png"):
+        assert path.with_suffix(suffix).is_file(), suffix
+    res = json.loads(path.read_text(encoding="utf-8"))
+    assert res["complete"] is False and "incomplete run" in path.with_suffix(".md").read_text(encoding="utf-8")
+    assert [(r["set"], r["optimizer"], r["status"]) for r in res["rows"]] == [
+        ("gpt2-124m-fp32", "adamw-fused", "ok"), ("gpt2-124m-fp32", "ours-torch", "skipped"),
+        ("llama-1.1b-bf16", "adamw-fused", "skipped"), ("llama-1.1b-bf16", "ours-torch", "skipped")]
+    assert all("interrupted (SIGINT)" in r["reason"] for r in res["rows"][1:])
