@@ -9,7 +9,8 @@ the same for every optimizer. Runs:
 * ``official (1 ulp)``: the same, one initial weight moved by one float32 ulp: the noise floor of
   criterion (1) (see [Note: noise floor]).
 * ``AdamMini[<backend>]``: ours, same name partition as official, one run per backend asked for
-  (``--backends``; by default every backend ``available_backends`` lists for the device). The
+  (``--backends``; by default every backend, one that cannot run on the device being a row that
+  says why, never left out). The
   Triton interpreter on the CPU is far too slow for a full run: asking for ``triton`` on the CPU
   runs it (under ``TRITON_INTERPRET=1``) for ``--interpreter-steps`` steps only, which is said in
   the results.
@@ -263,23 +264,39 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _resumed(path: Path, dev: dict, cfg: RunConfig, seed: int) -> Dict[str, dict]:
-    """The finished runs of results file ``path``, which must come from the same configuration."""
-    old = json.loads(path.read_text())
-    same = {"device": old["device"]["name"] == dev["name"], "config": old["config"] == json.loads(json.dumps(asdict(cfg))),
-            "seed": old["seed"] == seed}
-    if not all(same.values()):
-        raise SystemExit(f"--resume {path}: another {', '.join(k for k, v in same.items() if not v)} than this run's")
-    return {run: r for run, r in old["results"].items() if "train_loss" in r}
+def _resumed(paths: List[Path], dev: dict, cfg: RunConfig, seed: int) -> Tuple[Dict[str, dict], dict]:
+    """(the finished runs, what was resumed) of the first results file of ``paths`` from this
+    device, which must come from the same configuration and seed (else SystemExit: those are the
+    caller's choice). Files of another device are passed over with a warning, and with none of
+    this device every run starts fresh: which GPU a lease gets is not the caller's choice (an H200
+    instead of an H100), and refusing would waste the lease, while curves of two devices must
+    not be mixed in one file."""
+    passed_over = []
+    for path in paths:
+        old = json.loads(path.read_text())
+        if old["device"]["name"] != dev["name"]:
+            passed_over.append(f"{path} ({old['device']['name']})")
+            continue
+        same = {"config": old["config"] == json.loads(json.dumps(asdict(cfg))), "seed": old["seed"] == seed}
+        if not all(same.values()):
+            raise SystemExit(f"--resume {path}: another {', '.join(k for k, v in same.items() if not v)} than this run's")
+        kept = {run: r for run, r in old["results"].items() if "train_loss" in r}
+        return kept, {"from": str(path), "runs_kept": sorted(kept), "passed_over": passed_over}
+    print(f"convergence: WARNING: --resume: no file of this device ({dev['name']}): "
+          f"{'; '.join(passed_over)}; every run starts fresh", file=sys.stderr, flush=True)
+    return {}, {"from": None, "runs_kept": [], "passed_over": passed_over}
 
 
-def _report(dev: dict, date: str, seed: int, cfg: RunConfig, results: Dict[str, dict], complete: bool) -> dict:
-    """The results file's content; ``complete``: every run was tried (not stopped early)."""
+def _report(dev: dict, date: str, seed: int, cfg: RunConfig, results: Dict[str, dict], complete: bool,
+            resumed: Optional[dict] = None) -> dict:
+    """The results file's content; ``complete``: every run was tried (not stopped early);
+    ``resumed``: what --resume kept (None without it)."""
     done = [r for r in results.values() if "params" in r]
     return {
         "device": dev, "date": date, "seed": seed, "torch": torch.__version__, "git": git_info(None), "model": asdict(cfg.model),
         "params": done[0]["params"] if done else None, "config": asdict(cfg), "hparams": HPARAMS,
         "complete": complete, "results": results, "criteria": criteria(results),
+        **({"resumed": resumed} if resumed is not None else {}),
     }
 
 
@@ -289,7 +306,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=positive_int, help="override the preset's steps")
     ap.add_argument("--lr", type=nonnegative_float, help="override the preset's peak lr (the same for every optimizer)")
-    ap.add_argument("--backends", help="AdamMini backends, comma-separated (default: every available one)")
+    ap.add_argument("--backends", help="AdamMini backends, comma-separated (default: every one; those that cannot "
+                                       "run here are rows saying why)")
     ap.add_argument("--interpreter-steps", type=positive_int, default=10,
                     help="steps of a triton run on the CPU (Triton's interpreter is slow)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -298,9 +316,10 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--time-budget-s", type=float,
                     help="start no run after this many seconds (the others are reported as not run); the files are "
                          "rewritten after every run, so a stopped run leaves the finished ones")
-    ap.add_argument("--resume", type=Path,
-                    help="a results JSON of this script with the same preset, steps, seed and device: its finished runs "
-                         "are kept and only the others run (a run split over several GPU leases)")
+    ap.add_argument("--resume", type=Path, nargs="+",
+                    help="results JSONs of this script; the first of this device (it must have the same preset, steps "
+                         "and seed) has its finished runs kept and only the others run (a run split over several GPU "
+                         "leases); with none of this device, a warning and every run starts fresh")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -308,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     interpret = device.type == "cpu" and (wanted is None or "triton" in wanted) and _importable("triton")
     if interpret:  # before triton is first imported
         os.environ["TRITON_INTERPRET"] = "1"
-    from adam_mini_kernels import available_backends
+    from adam_mini_kernels import available_backends, dispatch
 
     cfg = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
     if args.steps is not None:
@@ -319,7 +338,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
     torch.set_float32_matmul_precision("highest")  # fp32 curves: no TF32 on GPUs
 
     available = available_backends([device])
-    wanted = wanted or available
+    # Every backend by default, fastest first: one that cannot run here is a row with the reason
+    # (an unbuilt CUDA extension must show, not drop out of the table).
+    wanted = wanted or list(dispatch.PREFERENCE)
     data = load_corpus()
     split = int(0.9 * len(data))
     val_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -335,17 +356,18 @@ def main(argv: Optional[List[str]] = None) -> Path:
     suffix = (f"_seed{args.seed}" if args.seed != SEED else "") + (f"_{_slug(args.tag)}" if args.tag else "")
     stem = args.out / f"convergence_{_slug(dev['name'])}_{date}{suffix}"
     results: Dict[str, dict] = {}
-    kept = _resumed(args.resume, dev, cfg, args.seed) if args.resume else {}
+    kept, resumed = _resumed(args.resume, dev, cfg, args.seed) if args.resume else ({}, None)
     start = time.perf_counter()
     for run in runs:
         backend = backend_of(run)
         elapsed = time.perf_counter() - start
         if run in kept:
             results[run] = kept[run]
+        elif backend is not None and backend not in available:  # said whatever the time left
+            why = dispatch.BACKENDS[backend].why_not([device]) if backend in dispatch.BACKENDS else "no such backend"
+            results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here: {why} (available: {available})"}
         elif args.time_budget_s is not None and elapsed > args.time_budget_s:
             results[run] = {"not_run": f"the time budget ({args.time_budget_s:.0f} s) was spent before this run"}
-        elif backend is not None and backend not in available:
-            results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here (available: {available})"}
         else:
             interpreted = backend == "triton" and device.type == "cpu"
             stop = args.interpreter_steps if interpreted else None
@@ -356,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
             if interpreted and "steps" in results[run]:
                 results[run]["note"] = f"Triton interpreter (CPU): the first {results[run]['steps']} steps only"
         print(f"{run}: {results[run].get('not_run') or '%.1f s' % results[run]['seconds']}", flush=True)
-        report = _report(dev, date, args.seed, cfg, results, complete=run == runs[-1])
+        report = _report(dev, date, args.seed, cfg, results, complete=run == runs[-1], resumed=resumed)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
         stem.with_suffix(".md").write_text(markdown(report))
         plot(report, stem.with_suffix(".png"))

@@ -76,3 +76,47 @@ def test_time_budget_and_resume(tmp_path):
     assert refused.returncode != 0 and "another seed" in refused.stderr
     refused = call(tmp_path / "other_lr", "--lr", "0", "--resume", str(full_path))  # --lr (0 too) is the config's
     assert refused.returncode != 0 and "another config" in refused.stderr
+
+
+def _conv(out, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "bench/convergence.py", "--preset", "smoke", "--out", str(out), *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_backends_that_cannot_run_are_rows_saying_why(tmp_path):
+    """By default every backend is a run: one that cannot run here (cuda on a CPU) is a not_run
+    row with the reason, never silently left out (the table of issue 9 must show it)."""
+    proc = _conv(tmp_path, "--time-budget-s", "0")  # nothing trains: the rows alone
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("convergence_*.json")
+    results = json.loads(path.read_text())["results"]
+    assert {"AdamMini[cuda]", "AdamMini[triton]", "AdamMini[torch]"} <= set(results), sorted(results)
+    import torch
+
+    if not torch.cuda.is_available():
+        cuda = results["AdamMini[cuda]"]["not_run"]
+        assert "'cuda' cannot run on cpu here" in cuda and "CUDA" in cuda, cuda
+        assert "AdamMini[cuda] | not run: backend 'cuda' cannot run" in path.with_suffix(".md").read_text()
+
+
+def test_resume_passes_over_files_of_another_device(tmp_path):
+    """--resume with a file of another GPU (the next lease drew an H200, not an H100) warns and
+    starts fresh instead of refusing (which would waste the lease); of several files, the one of
+    this device is resumed."""
+    assert _conv(tmp_path / "here", "--backends", "torch", "--time-budget-s", "0").returncode == 0
+    [here] = (tmp_path / "here").glob("convergence_*.json")
+    other = tmp_path / "convergence_other-gpu.json"
+    report = json.loads(here.read_text())
+    report["device"]["name"] = "NVIDIA Some Other GPU"
+    other.write_text(json.dumps(report))
+    fresh = _conv(tmp_path / "fresh", "--backends", "torch", "--time-budget-s", "0", "--resume", str(other))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "WARNING" in fresh.stderr and "NVIDIA Some Other GPU" in fresh.stderr and "starts fresh" in fresh.stderr
+    [path] = (tmp_path / "fresh").glob("convergence_*.json")
+    resumed = json.loads(path.read_text())["resumed"]
+    assert resumed["from"] is None and "NVIDIA Some Other GPU" in resumed["passed_over"][0]
+    both = _conv(tmp_path / "both", "--backends", "torch", "--time-budget-s", "0", "--resume", str(other), str(here))
+    assert both.returncode == 0 and "WARNING" not in both.stderr, both.stderr[-3000:]
+    [path] = (tmp_path / "both").glob("convergence_*.json")
+    assert json.loads(path.read_text())["resumed"]["from"] == str(here)
