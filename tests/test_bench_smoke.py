@@ -218,13 +218,29 @@ def test_smoke_sets_take_sweep_keys(tmp_path):
     assert res["timing"]["sweep_rep_ms"] == 10.0  # smoke
 
 
+def _patched_smoke_run(tmp_path, patch: str, returncode: int):
+    """bench_step.main in smoke mode on two sets (AdamW fused and ours, torch) in a process where
+    ``patch`` (code with ``b`` = the bench_step module) has replaced a function: the exit status
+    must be ``returncode``, and the JSON, table and plot written. Returns (JSON path, results)."""
+    code = (
+        "import sys; sys.path.insert(0, 'bench'); import bench_step as b\n" + patch +
+        f"sys.exit(b.main(['--smoke', '--out', {str(tmp_path)!r}, '--no-sweep', '--sets', 'gpt2-124m-fp32,llama-1.1b-bf16',\n"
+        "                  '--backends', 'torch', '--optimizers', 'adamw-fused,ours', '--no-progress']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == returncode, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [path] = tmp_path.glob("*.json")
+    for suffix in (".md", ".png"):
+        assert path.with_suffix(suffix).is_file(), suffix
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
 def test_failed_cleanup_skips_the_rest_and_still_writes_the_files(tmp_path):
     """After a sticky CUDA error, freeing memory at the end of a row raises too (empty_cache):
     simulated in-process by a release() that raises once, from the first row's clean-up. The
     run must go on: the rows after it are skipped with the reason, and the JSON, table and plot
     are written (before, the exception left main with no .md, no .png, no skipped rows)."""
-    code = (
-        "import sys; sys.path.insert(0, 'bench'); import bench_step as b\n"
+    path, res = _patched_smoke_run(tmp_path, (
         "real, calls = b.release, []\n"
         "def release(device):\n"
         "    calls.append(device)\n"
@@ -232,15 +248,7 @@ def test_failed_cleanup_skips_the_rest_and_still_writes_the_files(tmp_path):
         "        raise RuntimeError('CUDA error: an illegal memory access was encountered (simulated)')\n"
         "    real(device)\n"
         "b.release = release\n"
-        f"sys.exit(b.main(['--smoke', '--out', {str(tmp_path)!r}, '--no-sweep', '--sets', 'gpt2-124m-fp32,llama-1.1b-bf16',\n"
-        "                  '--backends', 'torch', '--optimizers', 'adamw-fused,ours', '--no-progress']))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    [path] = tmp_path.glob("*.json")
-    for suffix in (".md", ".png"):
-        assert path.with_suffix(suffix).is_file(), suffix
-    res = json.loads(path.read_text(encoding="utf-8"))
+    ), returncode=0)
     assert res["complete"] is True
     first, *rest = res["rows"]
     assert (first["set"], first["optimizer"], first["status"]) == ("gpt2-124m-fp32", "adamw-fused", "ok")
@@ -256,8 +264,7 @@ def test_sigint_reports_the_rest_as_skipped_and_writes_the_files(tmp_path):
     """tests/gpu/device_session.sh stops the benchmark with SIGINT at its deadline: simulated by a
     KeyboardInterrupt from the second row. The rows not run are skipped with the reason, the
     JSON (marked incomplete), the table and the plot are written, and the exit status is 130."""
-    code = (
-        "import sys; sys.path.insert(0, 'bench'); import bench_step as b\n"
+    path, res = _patched_smoke_run(tmp_path, (
         "real, calls = b.run_row, []\n"
         "def run_row(*args):\n"
         "    calls.append(1)\n"
@@ -265,15 +272,7 @@ def test_sigint_reports_the_rest_as_skipped_and_writes_the_files(tmp_path):
         "        raise KeyboardInterrupt\n"
         "    return real(*args)\n"
         "b.run_row = run_row\n"
-        f"sys.exit(b.main(['--smoke', '--out', {str(tmp_path)!r}, '--no-sweep', '--sets', 'gpt2-124m-fp32,llama-1.1b-bf16',\n"
-        "                  '--backends', 'torch', '--optimizers', 'adamw-fused,ours', '--no-progress']))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 130, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    [path] = tmp_path.glob("*.json")
-    for suffix in (".md", ".png"):
-        assert path.with_suffix(suffix).is_file(), suffix
-    res = json.loads(path.read_text(encoding="utf-8"))
+    ), returncode=130)
     assert res["complete"] is False and "incomplete run" in path.with_suffix(".md").read_text(encoding="utf-8")
     assert [(r["set"], r["optimizer"], r["status"]) for r in res["rows"]] == [
         ("gpt2-124m-fp32", "adamw-fused", "ok"), ("gpt2-124m-fp32", "ours-torch", "skipped"),

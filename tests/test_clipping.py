@@ -23,6 +23,11 @@ def _grads(step, scale=1.0):
     return {n: (torch.randn(s, generator=gen) * scale).to(DEVICE) for n, s in SHAPES.items()}
 
 
+def _set_grads(named, grads):
+    for n, p in named:
+        p.grad = grads[n].clone()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_norm", [0.5, 1e3], ids=["clipped", "below-limit"])
 def test_equals_clip_grad_norm_then_step(backend, max_norm):
@@ -69,16 +74,13 @@ def test_composes_with_amp(backend):
 def test_non_finite_norm_skips_the_update(backend):
     named = _named(2)
     opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
-    grads = _grads(0)
-    for n, p in named:
-        p.grad = grads[n].clone()
+    _set_grads(named, _grads(0))
     opt.step()
     group = opt._flat[0]
     before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
     grads = _grads(1)
     grads["mlp.weight"][2, 3] = float("inf")
-    for n, p in named:
-        p.grad = grads[n].clone()
+    _set_grads(named, grads)
     opt.step()
     assert not torch.isfinite(opt.last_grad_norm)
     for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
@@ -101,9 +103,7 @@ def test_norm_of_a_step_without_gradients_is_zero(backend):
     clip_grad_norm_ of no gradients), not the norm of the step before."""
     named = _named(4)
     opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
-    grads = _grads(0)
-    for n, p in named:
-        p.grad = grads[n].clone()
+    _set_grads(named, _grads(0))
     opt.step()
     assert opt.last_grad_norm > 0
     opt.zero_grad()
