@@ -262,12 +262,6 @@ class AdamMini(torch.optim.Optimizer):
         self.dim, self.n_heads, self.n_kv_heads, self.head_dim = int(dim), int(n_heads), int(n_kv_heads), head_dim
         _check_state_dtype("AdamMini", state_dtype)
         self.state_dtype = state_dtype
-        if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real):
-                raise TypeError(f"max_grad_norm must be None or a number, got {max_grad_norm!r}")
-            if not 0 < max_grad_norm < math.inf:
-                raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
-            max_grad_norm = float(max_grad_norm)
         self.max_grad_norm = max_grad_norm
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
@@ -528,6 +522,22 @@ class AdamMini(torch.optim.Optimizer):
                     "yours (e.g. optimizer.%s%s) or build the optimizer with AdamMini.for_model(model)",
                     attr, sorted(getattr(self, attr)), attr, example,
                 )
+
+    @property
+    def max_grad_norm(self) -> Optional[float]:
+        """The clipping limit (None: no clipping); may be set between steps, checked as in the
+        constructor."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"max_grad_norm must be None or a number, got {value!r}")
+            if not 0 < value < math.inf:
+                raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {value!r}")
+            value = float(value)
+        self._max_grad_norm = value
 
     # -- step ----------------------------------------------------------------------------------
     @property

@@ -94,7 +94,12 @@ def test_max_grad_norm_is_validated():
     for bad in (True, "1.0", torch.tensor(1.0)):  # True would clip at 1.0
         with pytest.raises(TypeError, match="max_grad_norm"):
             AdamMini(_named(), max_grad_norm=bad, **KW)
-    assert AdamMini(_named(), max_grad_norm=2, **KW).max_grad_norm == 2.0
+    opt = AdamMini(_named(), max_grad_norm=2, **KW)
+    assert opt.max_grad_norm == 2.0
+    with pytest.raises(ValueError, match="max_grad_norm"):  # set later: checked the same way
+        opt.max_grad_norm = -1.0
+    assert opt.max_grad_norm == 2.0
+    opt.max_grad_norm = None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
