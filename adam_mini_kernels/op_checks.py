@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import coefficients, launch_tables
+from .rounding import SEED_BOUND
 
 
 def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
@@ -125,4 +126,4 @@ def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_i
             t is None or (t.numel() == 1 and t.dtype == torch.float32),
             lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
         )
-    torch._check(0 <= round_seed < 2**32, lambda: f"adam_mini_kernels::{op}: round_seed must fit 32 bits")
+    torch._check(0 <= round_seed < SEED_BOUND, lambda: f"adam_mini_kernels::{op}: round_seed must be in [0, 2^31)")

@@ -312,8 +312,9 @@ void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparam
                   " must be a one-element float32 tensor");
     }
   }
-  TORCH_CHECK(round_seed >= 0 && round_seed <= UINT32_MAX, "adam_mini_kernels::", op,
-              ": round_seed must fit 32 bits, got ", round_seed);
+  // The bound of rounding.SEED_BOUND: the Triton launch passes the seed as an int32.
+  TORCH_CHECK(round_seed >= 0 && round_seed < (int64_t{1} << 31), "adam_mini_kernels::", op,
+              ": round_seed must be in [0, 2^31), got ", round_seed);
   if (n == 0) {
     return;
   }

@@ -30,7 +30,8 @@ import torch
 import models
 from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables, rounding
 from adam_mini_kernels.launch_tables import build_launch_tables, fused_step
-from grad_stream import assert_backends_close, backend_runs, clone_named, max_rel_err, run_stream
+from grad_stream import backend_runs, clone_named, max_rel_err, run_stream
+from precision import ULP, assert_runs_close
 
 OPS = ("rows_step", "large_blocks_sumsq", "large_blocks_update", "adam_step", "step_coefficients")
 SCHEMAS = {
@@ -309,11 +310,8 @@ def test_odd_set_covers_every_kernel_path(vec):
 # -- comparing runs ------------------------------------------------------------------------------
 
 DEVICE = torch.device("cuda")
-# Relative tolerance on params after a few steps, per storage dtype (as the Triton tests): fp32
-# differs from the torch backend only by summation order and FMA contraction (on the GPU; the
-# emulation on the CPU contracts differently); in bf16/fp16 that
-# can flip the rounding of the stored p (and m) by one unit in the last place at each step.
-TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+# Tolerances against the torch backend, per storage dtype: tests/precision.py (measured, and why;
+# fp32 differs by summation order and FMA contraction, which the emulation on the CPU does not do).
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
 
 
@@ -469,7 +467,7 @@ def test_emulated_kernels_match_torch_backend(emulator, dtype):
     named, dims = _odd_named()
     sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast"])
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
-    assert_backends_close(sets, opts, TOL[dtype])
+    assert_runs_close(sets, opts, steps=3)
     _assert_padding_zero(opts[1]._flat[0])
 
 
@@ -493,7 +491,7 @@ def test_emulated_kernels_float32_state(emulator, dtype):
     sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast", "scalar"], state_dtype=torch.float32)
     run_stream(sets, opts, steps=3, seed=31, none_every=4)
     assert all(opt._flat[0].m.dtype == torch.float32 for opt in opts)
-    assert_backends_close(sets[:2], opts[:2], TOL[dtype])
+    assert_runs_close(sets[:2], opts[:2], steps=3)
     for a, b in zip(sets[1], sets[2]):
         assert torch.equal(a, b)
     assert torch.equal(opts[1]._flat[0].m, opts[2]._flat[0].m)
@@ -506,7 +504,7 @@ def test_emulated_kernels_fused_clipping(emulator):
     sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"], max_grad_norm=0.5)
     run_stream(sets, opts, steps=3, seed=41, none_every=4)
     assert opts[1].last_grad_norm > 0.5  # the clip was active
-    assert_backends_close(sets, opts, TOL[torch.float32])
+    assert_runs_close(sets, opts, steps=3)
 
 
 def test_emulated_kernels_amp_unscale_and_skip(emulator):
@@ -517,7 +515,7 @@ def test_emulated_kernels_amp_unscale_and_skip(emulator):
     for opt in opts:
         opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
     run_stream(sets, opts, steps=2, seed=21, none_every=4, grad_scale=lambda i: 1024.0)
-    assert_backends_close(sets, opts, TOL[torch.float32])
+    assert_runs_close(sets, opts, steps=2)
     group = opts[1]._flat[0]
     before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
     for opt in opts:
@@ -583,12 +581,127 @@ def test_emulated_random_bits_beyond_2_pow_32(emulator):
         assert [emulator.emulate_random_bits(key, i) for i in HIGH_INDICES] == expected_bits(key, HIGH_INDICES)
 
 
+# [Note: offsets past 2^31 on the CPU]
+# The kernels address p, g, m as base + start and v as base + index, with start and index read
+# from the int64 launch tables. Adding SHIFT to every start (V_SHIFT to every v index) and passing
+# base pointers SHIFT (V_SHIFT) elements before the real buffers addresses the very same memory,
+# with offsets past 2^31 and byte offsets past 2^32, no big buffer needed: the results must be
+# bitwise those of the unshifted step. An offset computed in 32 bits (an int start, an int
+# product) lands GiBs away from the buffers instead: wrong results, or a crash. Each pointer the
+# kernels form is base + offset inside real memory; only the shifted bases (plain integers
+# handed over through ctypes) point outside it, which on x86-64 is just an address. The shifted
+# step runs in a forked child, on buffers in shared memory, so that a wild write or a crash
+# fails this test and nothing else. (No stochastic rounding: its bits hash the flat index.)
+SHIFT = 2**31 + 2**23  # a multiple of 16 elements: every span keeps its alignment, so its path
+V_SHIFT = 2**31 + 2**20  # a multiple of 4 floats: the Adam tiles' v alignment too
+
+
+def _fixed_coefficients(num_params):
+    C = coefficients
+    row = {C.C_DECAY: 0.999, C.C_STEP_SIZE: 1e-2, C.C_BC2_SQRT: 0.3, C.C_EPS: 1e-8, C.C_BETA2: 0.999,
+           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0}
+    coef = torch.zeros(num_params, C.NUM_COEFFICIENTS)
+    for column, value in row.items():
+        coef[:, column] = value
+    return coef
+
+
+def _emulated_kernel_calls(lib, x, tables, shift, v_shift):
+    """One step of every kernel (large-block sums, each row class, large-block update, Adam
+    tiles) over the buffers ``x``, with ``tables`` whose starts carry ``shift`` and v indices
+    ``v_shift``; the base pointers are moved back by as much. Only ctypes calls: safe in a forked
+    child. Returns the number of failed kernel asserts (or -1: unknown dtype)."""
+    p, g, m, v = x["p"], x["g"], x["m"], x["v"]
+    code = DTYPE_CODE[p.dtype]
+    es = p.element_size()
+    p_, g_, m_ = (t.data_ptr() - shift * es for t in (p, g, m))
+    v_ = v.data_ptr() - v_shift * v.element_size()
+    scales, coef = x["m_scales"].data_ptr(), x["coef"].data_ptr()
+    aligned = int(all(t.data_ptr() % 16 == 0 for t in (p, g, m)))
+    failures = lib.emulate_large_blocks_sumsq(code, g_, tables["tiles"].data_ptr(), tables["tiles"].shape[0],
+                                              tables["blocks"].data_ptr(), tables["blocks"].shape[0],
+                                              x["partial"].data_ptr(), x["block_sums"].data_ptr(), aligned)
+    for width, rows in tables["rows"]:
+        failures += lib.emulate_rows_step(code, p_, g_, m_, scales, v_, coef, rows.data_ptr(), rows.shape[0], width,
+                                          aligned, 0)
+    failures += lib.emulate_large_blocks_update(code, p_, g_, m_, scales, v_, coef, tables["tiles"].data_ptr(),
+                                                tables["tiles"].shape[0], tables["blocks"].data_ptr(),
+                                                tables["blocks"].shape[0], x["block_sums"].data_ptr(), aligned, 0)
+    failures += lib.emulate_adam_step(code, p_, g_, m_, v_, coef, tables["adam"].data_ptr(), tables["adam"].shape[0],
+                                      aligned, int(v.data_ptr() % 16 == 0), 0)
+    return failures
+
+
+def _shifted_tables(tables, shift, v_shift):
+    """The launch tables with ``shift`` added to every start and ``v_shift`` to every v index."""
+    T = launch_tables
+
+    def moved(table, start_col, v_col):
+        table = table.clone()
+        if start_col is not None:
+            table[:, start_col] += shift
+        if v_col is not None:
+            table[:, v_col] += v_shift
+        return table
+
+    return dict(
+        rows=[(width, moved(rows, T.ROW_START, T.ROW_V)) for width, rows in tables.row_classes],
+        tiles=moved(tables.tiles, T.TILE_START, None),
+        blocks=moved(tables.blocks, None, T.LB_V),
+        adam=moved(tables.adam, T.ROW_START, T.ROW_V),
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_kernels_offsets_past_2_pow_31(emulator, dtype):
+    """[Note: offsets past 2^31 on the CPU]: the row, large-block (tile) and Adam kernels with
+    every start past element 2^31 and every v index past 2^31, against the same step unshifted."""
+    named, dims = _odd_named()
+    group = _cpu_group(named, dims)
+    tables = build_launch_tables(group)
+    gen = torch.Generator().manual_seed(61)
+    start = dict(
+        p=torch.randn(group.numel, generator=gen).to(dtype), g=torch.randn(group.numel, generator=gen).to(dtype),
+        m=(0.1 * torch.randn(group.numel, generator=gen)).to(dtype), v=torch.rand(group.num_v, generator=gen) * 1e-3,
+        m_scales=torch.empty(0), coef=_fixed_coefficients(len(group.params)),
+        partial=tables.partial, block_sums=tables.block_sums,
+    )
+    runs = []
+    for shift, v_shift in ((0, 0), (SHIFT, V_SHIFT)):
+        x = {k: t.clone().share_memory_() for k, t in start.items()}
+        moved = _shifted_tables(tables, shift, v_shift)
+        runs.append(x)
+        if shift == 0:
+            assert _emulated_kernel_calls(emulator, x, moved, 0, 0) == 0
+            continue
+        assert min(int(r[:, launch_tables.ROW_START].min()) for _, r in moved["rows"]) > 2**31
+        assert int(moved["tiles"][:, launch_tables.TILE_START].min()) > 2**31
+        assert int(moved["adam"][:, launch_tables.ROW_V].min()) > 2**31
+        assert all(x[k].data_ptr() > SHIFT * x[k].element_size() for k in ("p", "g", "m", "v"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: ctypes calls only, then leave without any clean-up
+            try:
+                os._exit(min(_emulated_kernel_calls(emulator, x, moved, shift, v_shift), 100) & 0xFF)
+            except BaseException:
+                os._exit(101)
+        _, status = os.waitpid(pid, 0)
+        assert not os.WIFSIGNALED(status), f"the shifted step died of signal {os.WTERMSIG(status)} (a 32-bit offset?)"
+        assert os.WEXITSTATUS(status) == 0, f"the shifted step failed: exit status {os.WEXITSTATUS(status)}"
+    unshifted, shifted = runs
+    for key in ("p", "m", "v", "partial", "block_sums"):
+        assert not torch.equal(unshifted[key], start[key]), key  # the step wrote it
+        assert torch.equal(unshifted[key], shifted[key]), key
+
+
 @pytest.mark.parametrize("model_name", ["nanogpt_beyond_official", "llama_gqa", "cnn"])
 def test_emulated_kernels_on_model_trees(emulator, model_name):
     named, dims = _model_named(model_name)
     sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"])
     run_stream(sets, opts, steps=3, seed=sum(map(ord, model_name)))
-    assert_backends_close(sets, opts, TOL[torch.float32])
+    assert_runs_close(sets, opts, steps=3)
 
 
 # -- GPU: parity -----------------------------------------------------------------------------------
@@ -600,7 +713,7 @@ def test_matches_torch_backend_fp32(backend, model_name):
     named, dims = _model_named(model_name)
     sets, opts = backend_runs(named, dims, torch.float32, ("torch", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=4, seed=sum(map(ord, model_name)))
-    assert_backends_close(sets, opts, TOL[torch.float32])
+    assert_runs_close(sets, opts, steps=4)
 
 
 @gpu
@@ -611,7 +724,7 @@ def test_matches_torch_backend_low_precision(backend, model_name, dtype):
     named, dims = _model_named(model_name)
     sets, opts = backend_runs(named, dims, dtype, ("torch", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=3, seed=11)
-    assert_backends_close(sets, opts, TOL[dtype])
+    assert_runs_close(sets, opts, steps=3)
 
 
 @gpu
@@ -623,7 +736,7 @@ def test_odd_sizes(backend, dtype):
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
     tables = opts[1]._flat[0].cache["launch_tables"]
     assert tables.tiles is not None and tables.adam is not None and len(tables.row_classes) >= 2
-    assert_backends_close(sets, opts, TOL[dtype])
+    assert_runs_close(sets, opts, steps=3)
 
 
 @gpu
@@ -651,7 +764,7 @@ def test_matches_triton_backend(backend, tree, dtype):
     named, dims = _odd_named() if tree == "odd" else _model_named(tree)
     sets, opts = backend_runs(named, dims, dtype, ("triton", "cuda"), DEVICE, **KW)
     run_stream(sets, opts, steps=4, seed=21)
-    assert_backends_close(sets, opts, TOL[dtype])
+    assert_runs_close(sets, opts, steps=4)
 
 
 @gpu
@@ -805,8 +918,9 @@ def test_launchers_check_their_inputs(backend):
         ops.step_coefficients(x["steps"], x["hparams"].float(), coef, None, None, None, 0, False)
     with pytest.raises(RuntimeError, match=r"step_coefficients: active must be a bool tensor"):
         ops.step_coefficients(x["steps"], x["hparams"], coef, x["steps"], None, None, 0, False)
-    with pytest.raises(RuntimeError, match=r"step_coefficients: round_seed must fit 32 bits"):
-        ops.step_coefficients(x["steps"], x["hparams"], coef, None, None, None, -1, False)
+    for seed in (-1, 2**31):  # rounding.SEED_BOUND, the fake implementation's bound too
+        with pytest.raises(RuntimeError, match=r"step_coefficients: round_seed must be in \[0, 2\^31\)"):
+            ops.step_coefficients(x["steps"], x["hparams"], coef, None, None, None, seed, False)
 
 
 # -- GPU: more than 2^31 elements ------------------------------------------------------------------
@@ -847,7 +961,7 @@ def test_buffer_over_2_pow_31_elements(backend):
     opt.step()
     ref.step()
     for (_, p), (_, q) in zip(tail, tail_ref):
-        assert max_rel_err(q, p) <= TOL[torch.bfloat16]
+        assert max_rel_err(q, p) <= ULP[torch.bfloat16]  # one step: at most a rounding flip
     # The large block: v = (1 - beta2) * mean(g^2); after one step p = -lr * g / (sqrt(mean) + eps).
     g = first.grad
     sumsq = sum(chunk.double().square().sum() for chunk in g.split(1 << 28))
@@ -855,4 +969,4 @@ def test_buffer_over_2_pow_31_elements(backend):
     assert abs(group.v_view(0).item() / (0.001 * mean) - 1) < 1e-4
     last = slice(n_first - launch_tables.TILE - 5, n_first)
     expected = -kw["lr"] * g[last].double() / (mean**0.5 + kw["eps"])
-    assert max_rel_err(expected, first.detach()[last]) <= TOL[torch.bfloat16]
+    assert max_rel_err(expected, first.detach()[last]) <= ULP[torch.bfloat16]
