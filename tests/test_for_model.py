@@ -285,6 +285,105 @@ def test_compiled_opt_step_with_for_model_layouts_matches_eager(set_to_none):
         assert max_rel_err(a, b) <= 1e-6, n
 
 
+# -- fused query/key/value weights: the blocks sit where the forward reads Q, K and V ---------------
+
+def _eager(model):
+    """Attention probabilities come out of HF models only with the eager attention."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:
+        model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def _qkv_probe(arch):
+    """(model, name of layer 0's fused QKV weight, probe): ``probe()`` runs the forward and returns
+    layer 0's attention probabilities (batch, heads, query, key) and the per-head context that
+    enters its output projection (batch, query, hidden)."""
+    tokens = _tokens(3)
+    model = _build(arch)
+    if arch == "transformer_encoder":  # nn.MultiheadAttention, called as the encoder layer calls it
+        attn = model.encoder.layers[0].self_attn
+        with torch.no_grad():  # out_proj applied inside F.multi_head_attention_forward: make it the identity
+            attn.out_proj.weight.copy_(torch.eye(H))
+            attn.out_proj.bias.zero_()
+        x = torch.randn(2, 8, H, generator=torch.Generator().manual_seed(4))
+
+        def probe():
+            out, probs = attn(x, x, x, need_weights=True, average_attn_weights=False)
+            return probs, out
+
+        return model.eval(), "encoder.layers.0.self_attn.in_proj_weight", probe
+    _eager(model)
+    if arch == "gpt_neox":
+        attention, name = model.gpt_neox.layers[0].attention, "gpt_neox.layers.0.attention.query_key_value.weight"
+        out_proj = attention.dense
+    else:
+        attention, name = model.transformer.h[0].attn, "transformer.h.0.attn.c_attn.weight"
+        out_proj = attention.c_proj
+
+    def probe():
+        seen = []
+        hook = out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+        try:
+            probs = model(input_ids=tokens, output_attentions=True).attentions[0]
+        finally:
+            hook.remove()
+        return probs, seen[0]
+
+    return model, name, probe
+
+
+def _element_blocks(row):
+    """(block index of every element, in the parameter's own shape; rule of every block) from a
+    partition_summary row: sections in storage order, which is the transpose for column layouts."""
+    rules = [rule for rule, _, count in row["sections"] for _ in range(count)]
+    sizes = torch.tensor([size for _, size, count in row["sections"] for _ in range(count)])
+    shape = tuple(row["shape"])
+    ids = torch.repeat_interleave(torch.arange(len(rules)), sizes)
+    ids = ids.reshape(shape[::-1]).t() if row["columns"] else ids.reshape(shape)
+    return ids, rules
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "transformer_encoder"])
+def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch):
+    """Block by block, change only the elements the partition puts in that block and watch the
+    model's own forward: a query/key block must change the attention pattern of exactly one head
+    (and only that head's context), each head by exactly two blocks (its Q and its K); a value
+    block must change no attention pattern and exactly one channel of the context, each channel
+    by exactly one. A layout that puts a block on the wrong rows or columns (GPT-NeoX's per-head
+    interleaving read as [Q | K | V], GPT-2's Conv1D columns read as rows) fails."""
+    model, name, probe = _qkv_probe(arch)
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    row = {r["name"]: r for r in opt.partition_summary()}[name]
+    weight = dict(model.named_parameters())[name]
+    ids, rules = _element_blocks(row)
+    assert ids.shape == weight.shape and sorted(set(rules)) == ["wqk", "wv"]
+    with torch.no_grad():
+        probs0, context0 = probe()
+    assert probs0.shape == (2, NH, 8, 8) and context0.shape == (2, 8, H)
+    gen = torch.Generator().manual_seed(5)
+    head_hits, channel_hits = [0] * NH, [0] * H
+    for block, rule in enumerate(rules):
+        where = ids == block
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[where] += torch.randn(int(where.sum()), generator=gen)
+            probs, context = probe()
+            weight.copy_(saved)
+        heads = [h for h in range(NH) if (probs[:, h] - probs0[:, h]).abs().max() > 1e-5]
+        channels = [c for c in range(H) if (context[..., c] - context0[..., c]).abs().max() > 1e-5]
+        if rule == "wqk":
+            assert len(heads) == 1, (block, rule, heads)
+            head = heads[0]
+            assert channels and all(c // HD == head for c in channels), (block, head, channels)
+            head_hits[head] += 1
+        else:
+            assert heads == [] and len(channels) == 1, (block, rule, heads, channels)
+            channel_hits[channels[0]] += 1
+    assert head_hits == [2] * NH and channel_hits == [1] * H, (head_hits, channel_hits)
+
+
 # -- fused backends on for_model layouts -----------------------------------------------------------
 
 def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
