@@ -19,6 +19,7 @@ pytest.importorskip("triton")  # CPU builds of torch come without it (required i
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.quantization import quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
+from precision import FP32_TOL, ULP
 from test_cuda_backend import emulated_optimizer, emulator  # noqa: F401  (emulator: the fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,8 +36,8 @@ SHAPES = {
 }
 QUANTIZED = {"embed.weight", "layers.0.q_proj.weight", "conv.weight", "wide.weight", "layers.0.mlp.up.weight", "mlp.weight"}
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=128, n_heads=4)
-# Params after 4 steps against the torch backend, per storage dtype (see test_triton_backend.py).
-TOL = {torch.float32: 2e-6, torch.bfloat16: 4e-2}
+# Params (and float m) against the torch backend, per storage dtype: tests/precision.py.
+TOL = {torch.float32: FP32_TOL, **ULP}
 FUSED = ["triton", "cuda" if DEVICE.type == "cuda" else "cuda-emulated"]  # the fused kernels, as they run here
 
 
