@@ -156,7 +156,7 @@ def test_smoke_8bit_adamw_rows_run_or_say_why(tmp_path):
         if row["status"] == "ok":  # fp32: read p, g, m, v codes, write p and the codes, + scales
             assert row["min_bytes_per_param"] == pytest.approx(16.06, abs=0.05), row
         else:
-            assert row["status"] in ("unavailable", "failed") and row["reason"], row
+            assert row["status"] in ("unavailable", "error") and row["reason"], row  # error: imports, fails on this device
 
 
 def test_smoke_graph_rows_say_why_they_cannot_run(tmp_path):
