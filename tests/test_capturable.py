@@ -156,7 +156,10 @@ def test_triton_operators_opcheck(dtype, state_dtype):
     torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, active, *amp, 7, rounding))
     width, rows = t.row_classes[-1]
     torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
-    torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, (group.grad_buffer, t.tiles, t.blocks, t.partial, t.block_sums))
+    sumsq = (group.grad_buffer, t.tiles, t.blocks, t.partial, t.block_sums)
+    torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, sumsq)
+    ops.OPERATORS.large_blocks_sumsq(*sumsq)  # opcheck ran on copies: the update reads real sums, not torch.empty's
+    assert (t.block_sums > 0).all()
     torch.library.opcheck(ops.OPERATORS.large_blocks_update, state + (t.tiles, t.blocks, t.block_sums, rounding))
     if t.adam is not None:
         torch.library.opcheck(ops.OPERATORS.adam_step, (group.param_buffer, group.grad_buffer, group.m, group.v, coef, t.adam, rounding))
