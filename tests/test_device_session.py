@@ -141,3 +141,18 @@ def test_graph_sets_are_sets_of_the_benchmark_at_gpu_size():
 def test_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", str(REPO / "tests" / "gpu" / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_sanitizer_script_runs_on_the_interpreter():
+    """tests/gpu/sanitize_step.py, which the checks session runs under compute-sanitizer, steps
+    every configuration it names (and finds every kind of launch in its parameter set) on the
+    CPU through Triton's interpreter: an API change that breaks it fails here, not in a lease."""
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, 'tests/gpu'); import sanitize_step; "
+            "sys.exit(sanitize_step.main('triton', device='cpu'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "sanitize_step: triton ok"
+    assert len([line for line in lines if line.startswith("sanitize_step: triton torch.")]) == 8, lines

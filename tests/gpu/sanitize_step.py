@@ -34,8 +34,10 @@ from adam_mini_kernels import AdamMini  # noqa: E402
 STEPS = 3
 
 
-def main(backend: str) -> int:
-    if not torch.cuda.is_available():
+def main(backend: str, device: str = "cuda") -> int:
+    """``device="cpu"``: the same steps on Triton's CPU interpreter (``TRITON_INTERPRET=1``), the
+    CPU test that this script still runs (tests/test_device_session.py); no sanitizer there."""
+    if device == "cuda" and not torch.cuda.is_available():
         print("sanitize_step: needs a CUDA GPU", file=sys.stderr)
         return 2
 
@@ -45,14 +47,15 @@ def main(backend: str) -> int:
                (torch.bfloat16, {"state_dtype": torch.int8, "stochastic_rounding": True})]
     for dtype, options in configs:
         named, dims = _odd_named()
-        params = clone_named(named, device="cuda", dtype=dtype)
+        params = clone_named(named, device=device, dtype=dtype)
         opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims, **options)
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
         for step in range(STEPS):
             for i, (_, p) in enumerate(params):
-                p.grad = None if (i + step) % 4 == 0 else torch.randn(p.shape, generator=gen, device="cuda").to(dtype)
+                p.grad = None if (i + step) % 4 == 0 else torch.randn(p.shape, generator=gen, device=device).to(dtype)
             opt.step()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         counts = {"row classes": 0, "tiles": 0, "Adam tiles": 0}
         for group in opt._flat:  # one group; two with int8 state (int8 m and float m)
             tables = group.cache["launch_tables"]
