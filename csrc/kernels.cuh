@@ -52,6 +52,17 @@ namespace kernels {
 //
 // The choice is made per span at run time (uniform over the CUDA block, no divergence); the
 // load/store routines take it as a compile-time flag so each path is straight-line code.
+//
+// [Note: alignment check of the emulator]
+// A vector access at an address that is not a multiple of its size faults on the GPU; on the CPU
+// of the host emulator (tests/gpu/host_emulator.cpp) a narrow one just works and a 16-byte one
+// may or may not fault (as the host compiler chose the load), so a wrong choice of the fast path
+// could pass CI. The emulator defines ADAM_MINI_ASSERT_ALIGNED(ptr) to abort at a misaligned
+// access, naming the line (pytest -s shows it); here it is nothing (no code, no cost).
+#ifndef ADAM_MINI_ASSERT_ALIGNED
+#define ADAM_MINI_ASSERT_ALIGNED(ptr) ((void)0)
+#endif
+
 template <typename T, int N = 16 / static_cast<int>(sizeof(T))>
 struct alignas(N * sizeof(T)) Chunk {
   static constexpr int kSize = N;  // elements per access: 16 bytes by default
@@ -85,7 +96,9 @@ __device__ __forceinline__ void load_fragment(Fragment& x, const T* __restrict__
       if (first < numel) {  // numel is a multiple of kVec: the whole unit is in the span
 #pragma unroll
         for (int c = 0; c < kVec / kChunk; ++c) {
-          const Access raw = reinterpret_cast<const Access*>(base + first)[c];
+          const Access* unit = reinterpret_cast<const Access*>(base + first) + c;
+          ADAM_MINI_ASSERT_ALIGNED(unit);
+          const Access raw = *unit;
 #pragma unroll
           for (int j = 0; j < kChunk; ++j) {
             x[i * kVec + c * kChunk + j] = static_cast<float>(raw.val[j]);
@@ -178,7 +191,9 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
           for (int j = 0; j < kChunk; ++j) {
             raw.val[j] = to_storage<T>(x[i * kVec + c * kChunk + j], r, first + c * kChunk + j);
           }
-          reinterpret_cast<Access*>(base + first)[c] = raw;
+          Access* unit = reinterpret_cast<Access*>(base + first) + c;
+          ADAM_MINI_ASSERT_ALIGNED(unit);
+          *unit = raw;
         }
       }
     } else {

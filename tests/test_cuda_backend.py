@@ -29,6 +29,7 @@ import torch
 import models
 from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables, rounding
 from adam_mini_kernels.launch_tables import build_launch_tables, fused_step
+from adam_mini_kernels.partition import BlockLayout, Section
 from grad_stream import backend_runs, clone_named, max_rel_err, run_stream
 from precision import assert_runs_close
 
@@ -271,6 +272,39 @@ def _odd_named():
     return named, dict(dim=96, n_heads=1)
 
 
+def _sectioned_named():
+    """``_odd_named`` plus a parameter of several sections (a layout ``AdamMini.for_model`` may
+    give a fused weight), with the layouts to put in ``opt.layout_overrides``: after its odd first
+    section, rows and the tiles of a large block whose lengths are multiples of every vector width
+    start off the vector boundary. The name rules never give such spans (parameters start aligned,
+    their blocks are equal); the fast paths must leave them to the scalar ones: on a GPU a vector
+    access there faults, in the emulator it fails an assert ([Note: alignment check of the
+    emulator] in csrc/kernels.cuh), and Triton's aligned body would read a shifted span."""
+    named, dims = _odd_named()
+    sections = (Section("mlp", 5, 3), Section("mlp", 8, 5), Section("mlp", 2 * launch_tables.TILE + 8, 1))
+    numel = sum(s.block_numel * s.num_blocks for s in sections)
+    param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(6)))
+    return named + [("fused.weight", param)], dims, {"fused.weight": BlockLayout("fused.weight", "mlp", (numel,), sections)}
+
+
+def unaligned_starts(opt, vec):
+    """How many rows and tiles of ``opt``'s launch tables have a length that is a multiple of
+    ``vec`` but start off a multiple of it."""
+    T = launch_tables
+
+    def count(table, start, numel):
+        if table is None:
+            return 0
+        return int(((table[:, start] % vec != 0) & (table[:, numel] % vec == 0) & (table[:, numel] > 0)).sum())
+
+    rows = tiles = 0
+    for group in opt._flat:
+        tables = group.cache["launch_tables"]
+        rows += sum(count(r, T.ROW_START, T.ROW_NUMEL) for _, r in tables.row_classes)
+        tiles += count(tables.tiles, T.TILE_START, T.TILE_NUMEL)
+    return rows, tiles
+
+
 def _cpu_group(named, dims):
     """The flat group the optimizer builds for ``named`` (built on the CPU by a no-gradient step)."""
     opt = AdamMini(clone_named(named), backend="torch", verbose=False, **dims)
@@ -468,6 +502,26 @@ def test_emulated_kernels_match_torch_backend(emulator, dtype):
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
     assert_runs_close(sets, opts, steps=3)
     _assert_padding_zero(opts[1]._flat[0])
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.int8)])
+def test_emulated_kernels_unaligned_starts_of_aligned_spans(emulator, dtype, state_dtype):
+    """Rows and tiles of aligned lengths at unaligned starts (``_sectioned_named``): the scalar
+    path, no misaligned vector access (the emulator aborts at one), the torch backend's result,
+    bitwise the forced-scalar run's; also with int8 m."""
+    named, dims, layouts = _sectioned_named()
+    sets, opts = _emulated_runs(named, dims, dtype, emulator, ["fast", "scalar"], state_dtype=state_dtype)
+    for opt in opts:
+        opt.layout_overrides.update(layouts)
+    run_stream(sets, opts, steps=3, seed=14, none_every=4)
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    rows, tiles = unaligned_starts(opts[1], vec)
+    assert rows >= 4 and tiles >= 2, (rows, tiles)
+    assert_runs_close(sets[:2], opts[:2], steps=3)
+    for a, b in zip(sets[1], sets[2]):
+        assert torch.equal(a, b)
+    for fast, scalar in zip(opts[1]._flat, opts[2]._flat):
+        assert torch.equal(fast.v, scalar.v) and torch.equal(fast.m, scalar.m)
 
 
 def test_emulated_scalar_path_is_bitwise_the_vector_path(emulator):

@@ -14,7 +14,7 @@ import models
 from adam_mini_kernels import AdamMini
 from grad_stream import backend_runs, clone_named, max_rel_err, run_stream
 from precision import assert_runs_close
-from test_cuda_backend import _odd_named  # the odd-size set of the CUDA tests: every path of the kernels
+from test_cuda_backend import _odd_named, _sectioned_named, unaligned_starts  # the CUDA tests' sets: every path of the kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
@@ -115,6 +115,21 @@ def test_odd_sizes(case):
     state_dtype = extra.get("state_dtype")
     expected = {torch.int8, dtype} if state_dtype == torch.int8 else {state_dtype or dtype}  # int8: some m stay 16/32-bit
     assert {group.m.dtype for group in opts[1]._flat} == expected
+    assert_runs_close(sets, opts, steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_starts_of_aligned_spans(dtype):
+    """Rows and tiles of aligned lengths at unaligned starts (``_sectioned_named``) take the
+    scalar body ([Note: aligned spans]: the aligned one would read a span shifted to the vector
+    boundary): the torch backend's result."""
+    named, dims, layouts = _sectioned_named()
+    sets, opts = backend_runs(named, dims, dtype, ("torch", "triton"), DEVICE, **KW)
+    for opt in opts:
+        opt.layout_overrides.update(layouts)
+    run_stream(sets, opts, steps=3, seed=14, none_every=4)
+    rows, tiles = unaligned_starts(opts[1], 8)  # _VEC
+    assert rows >= 4 and tiles >= 2, (rows, tiles)
     assert_runs_close(sets, opts, steps=3)
 
 

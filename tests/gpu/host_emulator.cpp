@@ -33,6 +33,7 @@
 #include <cstdlib>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 struct EmulatedDim3 {
@@ -164,6 +165,20 @@ inline float __shfl_xor_sync(unsigned /*mask: always the full warp here*/, float
     if (!(cond)) {                        \
       emulation::assert_failures += 1;    \
     }                                     \
+  } while (0)
+
+// [Note: alignment check of the emulator] in kernels.cuh: a misaligned vector access, which would
+// fault on the GPU, aborts here with the line, before the access (the host compiler may make a
+// 16-byte one an aligned SSE load, which would fault without saying where; a narrower one would
+// just work).
+#define ADAM_MINI_ASSERT_ALIGNED(ptr)                                                                  \
+  do {                                                                                                 \
+    constexpr std::uintptr_t kAlign = alignof(std::remove_reference_t<decltype(*(ptr))>);              \
+    if (reinterpret_cast<std::uintptr_t>(ptr) % kAlign != 0) {                                         \
+      std::fprintf(stderr, "emulated kernel: misaligned %zu-byte access at kernels.cuh:%d (faults on a GPU)\n", \
+                   static_cast<size_t>(kAlign), __LINE__);                                             \
+      std::abort();                                                                                    \
+    }                                                                                                  \
   } while (0)
 
 #include "../../csrc/kernels.cuh"

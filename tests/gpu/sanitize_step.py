@@ -1,8 +1,9 @@
 """A few steps of every kind of work of a fused backend (``cuda`` or ``triton``, the first
 argument), small, for NVIDIA compute-sanitizer.
 
-Rows (aligned and not, a row of one element, zero-length rows, rows at exactly ROW_MAX), large
-blocks (three phases, an unaligned last tile), Adam tiles (v on a 16-byte boundary and not), in
+Rows (aligned and not, a row of one element, zero-length rows, rows at exactly ROW_MAX, rows of
+aligned lengths at unaligned starts), large blocks (three phases, an unaligned last tile, tiles of
+aligned lengths at unaligned starts), Adam tiles (v on a 16-byte boundary and not), in
 float32, bfloat16 and float16 (also with stochastic rounding, float32 state, int8 state and
 clipping), with some gradients None; then every result is checked finite.
 Run from the repository root, after building the extension:
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 from grad_stream import clone_named  # noqa: E402
-from test_cuda_backend import _odd_named  # noqa: E402  (the parameter set covering every path)
+from test_cuda_backend import _sectioned_named  # noqa: E402  (the parameter set covering every path)
 
 from adam_mini_kernels import AdamMini  # noqa: E402
 
@@ -46,9 +47,10 @@ def main(backend: str, device: str = "cuda") -> int:
                (torch.float32, {"max_grad_norm": 0.1}), (torch.float32, {"state_dtype": torch.int8}),
                (torch.bfloat16, {"state_dtype": torch.int8, "stochastic_rounding": True})]
     for dtype, options in configs:
-        named, dims = _odd_named()
+        named, dims, layouts = _sectioned_named()
         params = clone_named(named, device=device, dtype=dtype)
         opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims, **options)
+        opt.layout_overrides.update(layouts)
         gen = torch.Generator(device=device).manual_seed(0)
         for step in range(STEPS):
             for i, (_, p) in enumerate(params):
