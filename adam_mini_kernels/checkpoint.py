@@ -76,6 +76,11 @@ def saved_blocks(state: Dict[str, Any], numel: int) -> Tuple[Tuple[Tuple[int, in
 def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     """Raise ``ValueError`` if ``state`` (official layout or ours) cannot be loaded for a
     parameter laid out as ``layout``."""
+    if "step" not in state and any(state.get(k) is not None for k in ("m", "m_codes", "v", "vmean")):
+        raise ValueError(
+            f"state of parameter '{layout.name}' has moments but no 'step': resumed at step 0, the "
+            "next step would bias-correct the trained moments as if they were new"
+        )
     m = state.get("m")
     if m is not None:
         # m is the parameter's shape, or (heads, head_numel) in official's query/key layout.

@@ -8,7 +8,7 @@
 * Interchange with official ``adam_mini.Adam_mini`` 1.1.1, both ways: a checkpoint written by one
   optimizer continues in the other exactly as in the writer (float32, relative error <= 1e-5 after
   the N more steps; the two continuations compute their own gradients).
-* A state dict whose first moment does not fit a parameter is refused with ``ValueError`` before
+* A state dict whose moments do not fit a parameter (or lack its step count) is refused with ``ValueError`` before
   anything is changed: state, hyperparameters and later steps are as if the load was never tried.
 """
 
@@ -180,17 +180,27 @@ def test_interchange_with_official(name, writer, reader):
 
 # -- refused loads -----------------------------------------------------------------------------
 
-BAD_M = {
-    # one row too many: a different number of elements
-    "extra_row": lambda m: torch.cat([m, m[:1]]),
-    # same number of elements, wrong shape: loading it would scramble the first moment
-    "transposed": lambda m: m.t().contiguous(),
+def _set(key, value):
+    def damage(state):
+        state[key] = value(state[key])
+    return damage
+
+
+BAD_STATE = {
+    # m with one row too many: a different number of elements
+    "m_extra_row": _set("m", lambda m: torch.cat([m, m[:1]])),
+    # m with the same number of elements, wrong shape: loading it would scramble the first moment
+    "m_transposed": _set("m", lambda m: m.t().contiguous()),
+    # no second-moment value at all for a parameter with elements
+    "vmean_empty": _set("vmean", lambda v: v[:0]),
+    # moments without their step count: resuming at step 0 would bias-correct a trained m again
+    "no_step": lambda state: state.pop("step"),
 }
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
-@pytest.mark.parametrize("bad", sorted(BAD_M))
-def test_mismatched_m_is_refused_and_changes_nothing(bad, trained):
+@pytest.mark.parametrize("bad", sorted(BAD_STATE))
+def test_mismatched_state_is_refused_and_changes_nothing(bad, trained):
     name, n = "nanogpt", 2
     model, batch_fn, dims = build(name)
     twin, batch_twin, _ = build(name)
@@ -200,7 +210,7 @@ def test_mismatched_m_is_refused_and_changes_nothing(bad, trained):
         models.train(model, opt, batch_fn, n)
         models.train(twin, opt_twin, batch_twin, n)
 
-    # A checkpoint from another run, with other hyperparameters, one parameter's m corrupted
+    # A checkpoint from another run, with other hyperparameters, one parameter's state corrupted
     # (the last parameter, so that loading parameter by parameter would have changed the others).
     donor, batch_donor, _ = build(name, seed=3)
     opt_donor = make_opt("ours", donor, dims, lr=3e-2)
@@ -211,7 +221,7 @@ def test_mismatched_m_is_refused_and_changes_nothing(bad, trained):
     assert target == len(names) - 1
     m = checkpoint["state"][target]["m"]
     assert m.dim() == 2 and m.shape[0] != m.shape[1]
-    checkpoint["state"][target]["m"] = BAD_M[bad](m)
+    BAD_STATE[bad](checkpoint["state"][target])
 
     before = roundtrip(opt.state_dict())
     with pytest.raises(ValueError, match="lm_head.weight"):
@@ -244,3 +254,34 @@ def test_deepcopy_of_the_optimizer_steps_like_the_original():
     for (name, a), b in zip(model.named_parameters(), model_copy.parameters()):
         assert torch.equal(a, b), name
     assert opt.state_dict()["state"].keys() == opt_copy.state_dict()["state"].keys()
+
+
+def test_second_moments_follow_the_blocks_when_only_the_storage_order_changes():
+    """A square weight saved with one v per column (an HF Conv1D under ``for_model``) loads into
+    an optimizer keeping one v per row (the name rules): the same (block_numel, num_blocks) runs,
+    other blocks. Each element takes its column's v, each row the mean over its elements; and
+    back, each column the mean of the rows' values."""
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    def optimizer(by_columns, seed):
+        w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)))
+        opt = AdamMini([("mlp.weight", w)], lr=1e-2, verbose=False, backend="torch")
+        if by_columns:
+            opt.layout_overrides["mlp.weight"] = BlockLayout(
+                "mlp.weight", "neuron", (4, 4), (Section("neuron", 4, 4),), columns=True
+            )
+        return w, opt
+
+    for saved_by_columns in (True, False):
+        w, writer = optimizer(saved_by_columns, 0)
+        scales = torch.tensor([1.0, 2.0, 3.0, 4.0])  # every block its own mean of g^2
+        for step in range(2):
+            grad = torch.randn(4, 4, generator=torch.Generator().manual_seed(10 + step))
+            w.grad = grad * (scales if saved_by_columns else scales[:, None])
+            writer.step()
+        saved_v = writer.state[w]["vmean"].reshape(-1).clone()
+        assert saved_v.unique().numel() == 4
+        reader_w, reader = optimizer(not saved_by_columns, 1)
+        reader.load_state_dict(roundtrip(writer.state_dict()))
+        reader._prepare()  # builds the buffers from the loaded state, as the next step does
+        torch.testing.assert_close(reader.state[reader_w]["vmean"].reshape(-1), saved_v.mean().expand(4), rtol=1e-6, atol=0)
