@@ -87,6 +87,33 @@ def test_non_finite_norm_skips_the_update(backend):
         assert torch.equal(x, y)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the interpreter's g * g
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_overflowing_float32_skips_the_update_under_amp(backend):
+    """Finite gradients whose norm overflows float32 (so GradScaler finds no inf) skip the update
+    as a non-finite gradient does: the skip flag is AMP's found_inf or the norm's."""
+    named = _named(3)
+    opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=1.0)
+
+    def amp_step(grads):
+        opt.zero_grad()
+        scaler.scale(sum((p * grads[n]).sum() for n, p in named)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    amp_step(_grads(0))
+    group = opt._flat[0]
+    before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
+    grads = _grads(1)
+    grads["mlp.weight"][2, 3] = 1e20  # its square overflows float32
+    amp_step(grads)
+    assert scaler.get_scale() == 1.0  # GradScaler saw no inf: the skip is the norm's
+    assert torch.isinf(opt.last_grad_norm)
+    for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
+        assert torch.equal(x, y)
+
+
 def test_max_grad_norm_is_validated():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="max_grad_norm"):

@@ -209,7 +209,7 @@ def test_float_checkpoint_into_int8_quantizes_and_back_dequantizes():
         assert "m_codes" not in back.state[r]
 
 
-@pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs"])
+@pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs", "codes not int8"])
 def test_bad_codes_in_checkpoint_are_refused(damage):
     named = _named()
     opt = AdamMini(named, state_dtype=torch.int8, **KW)
@@ -218,11 +218,13 @@ def test_bad_codes_in_checkpoint_are_refused(damage):
     state = saved["state"][0]
     if damage == "one scale short":
         state["m_scales"] = state["m_scales"][:-1]
+    elif damage == "codes not int8":  # the same values widened: still not codes of this format
+        state["m_codes"] = state["m_codes"].to(torch.int16)
     else:  # the blocks are then taken from the number of vmean values, as for official's layouts
         del state["block_runs"], state["columns"]
         state["m_scales"] = torch.cat([state["m_scales"], state["m_scales"][:1]])
     fresh = AdamMini(clone_named(named), state_dtype=torch.int8, **KW)
-    with pytest.raises(ValueError, match="m_scales"):
+    with pytest.raises(ValueError, match="m_codes" if damage == "codes not int8" else "m_scales"):
         fresh.load_state_dict(saved)
 
 

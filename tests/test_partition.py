@@ -418,3 +418,33 @@ def test_no_decay_names_are_not_decayed_numerically():
             assert torch.equal(p.detach(), before[n]), n
         else:
             torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5), rtol=1e-6, atol=0, msg=n)
+
+
+# -- block layouts given directly (what for_model and layout_overrides hand the optimizer) ---------
+
+def test_layout_that_does_not_fit_its_parameter_is_refused():
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    with pytest.raises(ValueError, match="cover 12 elements, the parameter has 16"):
+        BlockLayout("w", "mlp", (4, 4), (Section("mlp", 4, 3),))
+    with pytest.raises(ValueError, match="column blocks need a 2-D parameter"):
+        BlockLayout("w", "mlp", (2, 2, 4), (Section("mlp", 4, 4),), columns=True)
+    with pytest.raises(ValueError, match="column blocks need a 2-D parameter"):
+        BlockLayout("w", "mlp", (16,), (Section("mlp", 4, 4),), columns=True)
+
+
+def test_summary_of_a_sectioned_layout_has_no_single_block_size():
+    """A fused weight of head blocks and row blocks: ``block_numel`` is None (the blocks differ),
+    ``sections`` lists each; one section of equal blocks gives its size."""
+    from adam_mini_kernels.partition import BlockLayout, Section
+
+    named = [("attn.qkv.weight", nn.Parameter(torch.randn(12, 4))), ("mlp.weight", nn.Parameter(torch.randn(3, 4)))]
+    opt = AdamMini(named, dim=4, n_heads=2, verbose=False)
+    opt.layout_overrides["attn.qkv.weight"] = BlockLayout(
+        "attn.qkv.weight", "qkv", (12, 4), (Section("wqk", 8, 4), Section("wv", 4, 4))
+    )
+    rows = {row["name"]: row for row in opt.partition_summary()}
+    assert rows["attn.qkv.weight"]["block_numel"] is None
+    assert rows["attn.qkv.weight"]["sections"] == [("wqk", 8, 4), ("wv", 4, 4)]
+    assert rows["attn.qkv.weight"]["num_blocks"] == 8
+    assert rows["mlp.weight"]["block_numel"] == 4 and rows["mlp.weight"]["sections"] == [("mlp", 4, 3)]
