@@ -835,8 +835,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._flat = None
-        self._memo.lrs = None  # re-read and re-uploaded into the rebuilt buffers
+        self._flat = None  # rebuilt at the next step, which uploads the hyperparameters into it
         self.__dict__.setdefault("_model", None)  # not pickled; load_state_dict keeps it
         self._step_fn = dispatch.load_backend(self.backend)
 

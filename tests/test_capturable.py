@@ -76,6 +76,15 @@ def test_tensor_lr_is_validated():
     for bad, match in ((dict(betas=(2.0, 0.999)), "beta1"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-5.0), "weight_decay")):
         with pytest.raises(ValueError, match=match):
             AdamMini(_named(), lr=device_lr, **dict(KW, **bad))
+    # ...but at the first step it must be on the parameters' device (or the CPU, read there).
+    named = _named()
+    opt = AdamMini(named, lr=device_lr, **KW)
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for _, p in named]
+    with pytest.raises(ValueError, match=r"lr is a tensor on meta; it must be on the parameters' device \(cpu\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["one lr tensor", "a tensor per group"])
