@@ -268,6 +268,21 @@ def test_parameter_reshaped_in_its_storage_is_rejected_and_changes_nothing(resha
     _assert_unchanged(before, _snapshot(named, opt))
 
 
+def test_gradient_data_of_another_shape_is_rejected_and_changes_nothing():
+    """``p.grad.data = t`` with ``t`` of another shape (torch allows it; ``p.grad = t`` it
+    refuses): the gradient no longer fits its parameter, the step refuses and changes nothing."""
+    named = _named(4)
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    for seed in range(2):
+        _good_step(named, opt, seed)
+    name, w = named[2]  # layer.mlp.weight, (12, 8)
+    w.grad.data = torch.ones(8, 12)
+    before = _snapshot(named, opt)
+    with pytest.raises(RuntimeError, match=r"gradient of 'layer.mlp.weight' has shape \[8, 12\], the parameter has \[12, 8\]"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(named, opt))
+
+
 def test_sparse_gradient_at_first_step_is_rejected():
     torch.manual_seed(5)
     model = _SparseModel()

@@ -242,6 +242,12 @@ def _perturb(mode, model, opt, grads, step):
         opt.zero_grad(set_to_none=False)
         model._apply(lambda t: t.clone())
         _backward(model, grads)
+    elif mode == "detached_zeroed":  # grads that stopped aliasing, zeroed in place, accumulated into
+        for n, p in named:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        opt.zero_grad(set_to_none=False)
+        _backward(model, grads)
     elif mode == "mixed":  # some of each, changing with the step
         opt.zero_grad(set_to_none=False)
         for i, (n, p) in enumerate(named):
@@ -271,7 +277,7 @@ def test_gradients_in_the_flat_buffer_save_and_load_with_weights_only(tmp_path):
         assert torch.equal(loaded[n], g), n
 
 
-@pytest.mark.parametrize("mode", ["set_to_none", "assign_grad", "replace_data", "module_apply", "mixed"])
+@pytest.mark.parametrize("mode", ["set_to_none", "assign_grad", "replace_data", "module_apply", "detached_zeroed", "mixed"])
 def test_broken_aliasing_still_steps_correctly(mode):
     spec = _spec(len(KINDS) + 3)
     control_model, model = _module(spec, seed=3), _module(spec, seed=3)
@@ -431,3 +437,18 @@ def test_zero_size_parameters():
         if p.numel() == 0:
             assert opt.state[p]["m"].numel() == 0
             assert int(opt.state[p]["step"]) == 4, name
+
+
+def test_a_group_built_over_parameters_with_gradients_adopts_them():
+    """``FlatGroup`` (what the optimizer and bench/microbench.py build) copies the gradients the
+    parameters already have into its buffer and points ``p.grad`` there; None stays None."""
+    from adam_mini_kernels.buffers import FlatGroup
+    from adam_mini_kernels.partition import layout_for
+
+    p, q = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))
+    grad = torch.randn(3, 4)
+    p.grad = grad.clone()
+    group = FlatGroup([p, q], [layout_for("mlp.weight", (3, 4), "mlp", None), layout_for("ln.weight", (5,), "whole", None)])
+    assert torch.equal(group.grad_view(0), grad)
+    assert p.grad.data_ptr() == group.grad_view(0).data_ptr() and torch.equal(p.grad, grad)
+    assert q.grad is None and not group.grad_view(1).any()
