@@ -75,6 +75,16 @@ def test_which_parameters_are_quantized():
     assert sorted(g.quantized for g in groups) == [False, True]  # each group all-int8 or all-float
 
 
+def test_size_threshold_of_quantization():
+    """A parameter of exactly INT8_MIN_NUMEL elements is quantized, one element fewer is not."""
+    named = [("at.mlp.weight", torch.nn.Parameter(torch.randn(INT8_MIN_NUMEL // 64, 64))),
+             ("below.mlp.weight", torch.nn.Parameter(torch.randn(INT8_MIN_NUMEL - 1)))]
+    opt = AdamMini(named, state_dtype=torch.int8, **KW)
+    run_stream([[p for _, p in named]], [opt], steps=1, none_every=0)
+    assert "m_codes" in opt.state[named[0][1]] and "m" not in opt.state[named[0][1]]
+    assert "m_codes" not in opt.state[named[1][1]] and opt.state[named[1][1]]["m"].dtype == torch.float32
+
+
 def test_matches_float_state_with_round_trip():
     """Bitwise: parameters, v, and m (codes and scales) against float m quantized after each step,
     with some parameters idle (grad None) on some steps."""
