@@ -974,3 +974,27 @@ def test_launchers_check_their_inputs(backend):
     for seed in (-1, 2**31):  # rounding.SEED_BOUND, the fake implementation's bound too
         with pytest.raises(RuntimeError, match=r"step_coefficients: round_seed must be in \[0, 2\^31\)"):
             ops.step_coefficients(x["steps"], x["hparams"], coef, None, None, None, seed, False)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0 / 0, not selected
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda-emulated"])
+def test_never_stepped_idle_parameters_stay_still_with_eps_zero(backend, request):
+    """eps = 0 and parameters that never had a gradient (v = 0): h = 0 and their step size over h
+    is 0 / 0; idle parameters must still not move (step size 0 is selected, not divided), on every
+    backend's kernels: rows, a large block, Adam tiles."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(11)
+    shapes = (("mlp.weight", (4, 8)), ("ln.weight", (8,)), ("mlp.bias", (4,)), ("wte.weight", (3, 8)),
+              ("big.weight", (2 * launch_tables.ROW_MAX + 8,)))
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes]
+    if backend == "cuda-emulated":
+        opt = emulated_optimizer(named, request.getfixturevalue("emulator"), eps=0.0, verbose=False)
+    else:
+        opt = AdamMini(named, eps=0.0, verbose=False, backend=backend)
+    before = [p.detach().clone() for _, p in named]
+    named[0][1].grad = torch.randn(4, 8, generator=gen)
+    opt.step()
+    assert not torch.equal(named[0][1].detach(), before[0])
+    for (n, p), b in zip(named[1:], before[1:]):
+        assert torch.equal(p.detach(), b), n
