@@ -452,4 +452,3 @@ def test_a_group_built_over_parameters_with_gradients_adopts_them():
     assert torch.equal(group.grad_view(0), grad)
     assert p.grad.data_ptr() == group.grad_view(0).data_ptr() and torch.equal(p.grad, grad)
     assert q.grad is None and not group.grad_view(1).any()
-

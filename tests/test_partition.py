@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from adam_mini_kernels import AdamMini
+from adam_mini_kernels.partition import BlockLayout, Section
 from models import OFFICIAL_SAFE, build, train
 
 # The SPEC's table, in its order of precedence, written out for the tests.
@@ -423,8 +424,6 @@ def test_no_decay_names_are_not_decayed_numerically():
 # -- block layouts given directly (what for_model and layout_overrides hand the optimizer) ---------
 
 def test_layout_that_does_not_fit_its_parameter_is_refused():
-    from adam_mini_kernels.partition import BlockLayout, Section
-
     with pytest.raises(ValueError, match="cover 12 elements, the parameter has 16"):
         BlockLayout("w", "mlp", (4, 4), (Section("mlp", 4, 3),))
     with pytest.raises(ValueError, match="column blocks need a 2-D parameter"):
@@ -436,8 +435,6 @@ def test_layout_that_does_not_fit_its_parameter_is_refused():
 def test_summary_of_a_sectioned_layout_has_no_single_block_size():
     """A fused weight of head blocks and row blocks: ``block_numel`` is None (the blocks differ),
     ``sections`` lists each; one section of equal blocks gives its size."""
-    from adam_mini_kernels.partition import BlockLayout, Section
-
     named = [("attn.qkv.weight", nn.Parameter(torch.randn(12, 4))), ("mlp.weight", nn.Parameter(torch.randn(3, 4)))]
     opt = AdamMini(named, dim=4, n_heads=2, verbose=False)
     opt.layout_overrides["attn.qkv.weight"] = BlockLayout(

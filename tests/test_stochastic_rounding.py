@@ -277,10 +277,10 @@ def test_mixed_dtypes_round_only_bfloat16():
 def test_is_validated():
     with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
         AdamMini(_named(), stochastic_rounding=1, **KW)
-    for dtype in (torch.float16, torch.float32, "bfloat16 and float16"):
-        named = _named(dtype=torch.bfloat16 if isinstance(dtype, str) else dtype)
-        if isinstance(dtype, str):  # float16 beside bfloat16: refused too (no bfloat16-only pass)
-            named[0] = (named[0][0], torch.nn.Parameter(named[0][1].detach().half()))
+    # The first parameter's dtype, the others': float16 beside bfloat16 is refused too.
+    for first, rest in ((torch.float16, torch.float16), (torch.float32, torch.float32), (torch.float16, torch.bfloat16)):
+        named = _named(dtype=rest)
+        named[0] = (named[0][0], torch.nn.Parameter(named[0][1].detach().to(first)))
         opt = AdamMini(named, stochastic_rounding=True, **KW)
         for _, p in named:
             p.grad = torch.ones_like(p)
