@@ -917,6 +917,62 @@ def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_pat
         assert max_rel_err(expected, saved["norm"]) <= 1e-6
 
 
+
+class _WholeRows(nn.Module):
+    """Under FSDP2 (Shard(0), 2 ranks) no block is split: mlp's rows (6, split 3/3) and output's
+    (4, split 2/2) are per-row blocks, the biases Adam elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(8, 6)
+        self.output = nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):
+        return self.output(torch.tanh(self.mlp(x))).square().mean()
+
+
+def _whole_rows_model() -> _WholeRows:
+    torch.manual_seed(0)
+    return _WholeRows()
+
+
+def _whole_rows_worker(rank, port, out, backend_arg):
+    _init(rank, port)
+    try:
+        model = _whole_rows_model()
+        fully_shard(model)
+        opt = _optimizer(model.named_parameters(), backend_arg, max_grad_norm=0.05)
+        counts, norms = [], []
+        for step in range(3):
+            _train(model, opt, rank, range(step, step + 1), counts)
+            norms.append(opt.last_grad_norm.clone())
+        slots = [g.sharded.num_slots for g in opt._flat if g.sharded is not None]
+        torch.save({"params": _gathered(model), "counts": counts, "norms": norms, "slots": slots}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda-emulated"])
+def test_clipping_on_shards_with_no_split_block(tmp_path, backend_arg):
+    """No block of the group is split across the ranks, so it has no partial sums to all-reduce;
+    the shards' squared norms still need one: the group's all-reduce runs for them alone (once
+    per step) and the steps equal clip_grad_norm_ then step() in one process."""
+    _spawn(_whole_rows_worker, str(tmp_path), backend_arg)
+    model = _whole_rows_model()
+    opt = AdamMini(model.named_parameters(), **KW)
+    norms = []
+    for step in range(3):
+        opt.zero_grad()
+        (sum(model(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+        opt.step()
+    assert all(n > 0.05 for n in norms), norms  # every step clipped
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for saved in _rank_results(tmp_path, expected):
+        assert saved["slots"] == [0] and saved["counts"] == [1] * 3, saved
+        for want, got in zip(norms, saved["norms"]):
+            assert max_rel_err(want, got) <= 1e-6
+
 # What the checkpoint test trains: the tiny model with the name rules (with FSDP2's storage
 # shared: loading writes into the flat buffer), or GPT-2 with for_model's sectioned and
 # column-stored layouts. (model, optimizer, training loop)
@@ -1104,6 +1160,45 @@ def test_compiled_steps_with_int8_m_on_shards_equal_eager(tmp_path):
         for (n, key), err in saved["state"].items():
             assert err is True if key == "m_codes" else err <= 1e-6, (rank, n, key, err)
 
+
+
+def _compiled_zero_grad_worker(rank, port, out):
+    """Gradients accumulated into by "backward" (in place, as autograd does into an existing
+    gradient) after ``zero_grad(set_to_none=False)``: eager steps, and compiled steps, which leave
+    a gradient assigned before them outside the flat buffer (it must be zeroed all the same)."""
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(4)
+        full = {"norm.weight": torch.randn(6), "mlp.weight": torch.randn(4, 8)}
+        runs = []
+        for compiled in (False, True):
+            params = {n: nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for n, t in full.items()}
+            opt = AdamMini(list(params.items()), backend="torch", **KW)
+            runs.append((params, opt, torch.compile(opt.step, fullgraph=True) if compiled else opt.step))
+        for params, opt, step_fn in runs:
+            for k in range(4):
+                opt.zero_grad(set_to_none=k == 1)  # step 1's gradients are new tensors
+                for n, t in full.items():
+                    g = distribute_tensor(torch.randn(t.shape, generator=torch.Generator().manual_seed(10 * k + len(n))), mesh, [Shard(0)])
+                    if params[n].grad is None:
+                        params[n].grad = g
+                    else:
+                        params[n].grad.add_(g)
+                (opt.step if k == 0 else step_fn)()
+        (eager, *_), (compiled, *_) = runs
+        torch.save({n: max_rel_err(eager[n].full_tensor(), compiled[n].full_tensor()) for n in full}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_zero_grad_keeping_tensors_zeroes_gradients_a_compiled_step_left_outside_the_buffer(tmp_path):
+    """``zero_grad(set_to_none=False)`` zeroes the DTensor gradients a compiled step did not
+    re-point into the flat buffer: accumulating into them after it equals eager steps."""
+    _spawn(_compiled_zero_grad_worker, str(tmp_path))
+    for rank in range(WORLD):
+        for n, err in torch.load(tmp_path / f"rank{rank}.pt").items():
+            assert err <= 1e-6, (rank, n, err)
 
 def _refused_compile_worker(rank, port, out):
     _init(rank, port)
