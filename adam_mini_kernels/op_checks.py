@@ -59,17 +59,19 @@ def check_rounding(op: str, p, stochastic_rounding: bool) -> None:
     )
 
 
-def check_table(op: str, name: str, table, cols: int) -> None:
+def check_table(op: str, name: str, table, cols: int, like) -> None:
+    """A launch table: int64 (n, ``cols``), on the device of ``like`` (p, or g for the sums)."""
     torch._check(
         table.dim() == 2 and table.shape[1] == cols and table.dtype == torch.int64,
         lambda: f"adam_mini_kernels::{op}: {name} must be an int64 (n, {cols}) launch table",
     )
+    torch._check(table.device == like.device, lambda: f"adam_mini_kernels::{op}: {name} is on {table.device}, expected {like.device}")
 
 
 def check_rows(op: str, p, g, m, m_scales, v, coef, rows, width, stochastic_rounding) -> None:
     check_state(op, p, g, m, m_scales, v, coef)
     check_rounding(op, p, stochastic_rounding)
-    check_table(op, "rows", rows, launch_tables.ROW_COLS)
+    check_table(op, "rows", rows, launch_tables.ROW_COLS, p)
     torch._check(
         1 <= width <= launch_tables.ROW_MAX,
         lambda: f"adam_mini_kernels::{op}: width must be in [1, {launch_tables.ROW_MAX}], got {width}",
@@ -85,8 +87,8 @@ def check_sums(op: str, name: str, sums, table, what: str) -> None:
 
 
 def check_large_blocks_sumsq(op: str, g, tiles, blocks, partial, block_sums) -> None:
-    check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
-    check_table(op, "blocks", blocks, launch_tables.LB_COLS)
+    check_table(op, "tiles", tiles, launch_tables.TILE_COLS, g)
+    check_table(op, "blocks", blocks, launch_tables.LB_COLS, g)
     check_sums(op, "partial", partial, tiles, "tile")
     check_sums(op, "block_sums", block_sums, blocks, "block")
     torch._check(g.dim() == 1, lambda: f"adam_mini_kernels::{op}: g must be 1-D, got {g.dim()}-D")
@@ -95,15 +97,15 @@ def check_large_blocks_sumsq(op: str, g, tiles, blocks, partial, block_sums) -> 
 def check_large_blocks_update(op: str, p, g, m, m_scales, v, coef, tiles, blocks, block_sums, stochastic_rounding) -> None:
     check_state(op, p, g, m, m_scales, v, coef)
     check_rounding(op, p, stochastic_rounding)
-    check_table(op, "tiles", tiles, launch_tables.TILE_COLS)
-    check_table(op, "blocks", blocks, launch_tables.LB_COLS)
+    check_table(op, "tiles", tiles, launch_tables.TILE_COLS, p)
+    check_table(op, "blocks", blocks, launch_tables.LB_COLS, p)
     check_sums(op, "block_sums", block_sums, blocks, "block")
 
 
 def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
     check_state(op, p, g, m, None, v, coef)
     check_rounding(op, p, stochastic_rounding)
-    check_table(op, "tiles", tiles, launch_tables.ROW_COLS)
+    check_table(op, "tiles", tiles, launch_tables.ROW_COLS, p)
 
 
 def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding) -> None:
@@ -126,4 +128,7 @@ def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_i
             t is None or (t.numel() == 1 and t.dtype == torch.float32),
             lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
         )
+    for name, t in (("hparams", hparams), ("coef", coef), ("active", active), ("inv_scale", inv_scale), ("found_inf", found_inf)):
+        if t is not None:
+            torch._check(t.device == steps.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, steps on {steps.device}")
     torch._check(0 <= round_seed < SEED_BOUND, lambda: f"adam_mini_kernels::{op}: round_seed must be in [0, 2^31)")

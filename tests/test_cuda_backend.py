@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -936,44 +937,130 @@ def test_cuda_graph_capture(backend):
         assert torch.equal(eager[key], captured[key]), key
 
 
+# Bad inputs of the operators, each with what its error says (the launchers' wording and the
+# fake implementations' alike): (id, operator, arguments from the inputs x, message, whether the
+# fake implementation can tell; it sees no data, and no strides: contiguity is the launchers').
+BAD_INPUTS = [
+    ("g_dtype", "rows_step", lambda x, w, r: (x["p"], x["g"].half(), x["m"], x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: g has dtype", True),
+    ("g_numel", "rows_step", lambda x, w, r: (x["p"], x["g"][:-1], x["m"], x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: g has (shape|\d+ elements)", True),
+    ("p_2d", "rows_step", lambda x, w, r: (x["p"][None], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: p must be 1-D", True),
+    ("m_strided", "rows_step",
+     lambda x, w, r: (x["p"], x["g"], torch.stack([x["m"], x["m"]], 1)[:, 0], x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: m must be contiguous", False),
+    ("v_dtype", "rows_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"].double(), x["coef"], r, w, False),
+     r"rows_step: v must be (1-D )?float32", True),
+    ("v_device", "rows_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"].cpu(), x["coef"], r, w, False),
+     r"rows_step: v is on cpu", True),
+    ("coef_cols", "rows_step",
+     lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"][:, :4].contiguous(), r, w, False),
+     r"rows_step: coef must be a float32", True),
+    ("scales_dtype", "rows_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"].double(), x["v"], x["coef"], r, w, False),
+     r"rows_step: m_scales must be (a 1-D )?float32", True),
+    ("int8_m_no_scales", "rows_step",
+     lambda x, w, r: (x["p"], x["g"], x["m"].to(torch.int8), x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: int8 m needs its quantization scales", True),
+    ("rows_dtype", "rows_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], r.int(), w, False),
+     r"rows_step: rows must be an int64", True),
+    ("rows_device", "rows_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], r.cpu(), w, False),
+     r"rows_step: rows is on cpu", True),
+    ("width", "rows_step",
+     lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], r, launch_tables.ROW_MAX * 2, False),
+     r"rows_step: width must be in", True),
+    ("p_dtype", "rows_step",
+     lambda x, w, r: (x["p"].double(), x["g"].double(), x["m"].double(), x["m_scales"], x["v"], x["coef"], r, w, False),
+     r"rows_step: p must be float32, bfloat16 or float16", True),
+    ("sumsq_g_2d", "large_blocks_sumsq", lambda x, w, r: (x["g"][None], x["tiles"], x["blocks"], x["partial"], x["block_sums"]),
+     r"large_blocks_sumsq: g must be 1-D", True),
+    ("sumsq_tiles_cols", "large_blocks_sumsq",
+     lambda x, w, r: (x["g"], x["tiles"][:, :2].contiguous(), x["blocks"], x["partial"], x["block_sums"]),
+     r"large_blocks_sumsq: tiles must be an int64", True),
+    ("sumsq_partial", "large_blocks_sumsq", lambda x, w, r: (x["g"], x["tiles"], x["blocks"], x["partial"][:1], x["block_sums"]),
+     r"large_blocks_sumsq: partial must be float32 with one slot per tile", True),
+    ("sumsq_sums_device", "large_blocks_sumsq",
+     lambda x, w, r: (x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"].cpu()),
+     r"large_blocks_sumsq: block_sums is on cpu", True),
+    ("update_sums", "large_blocks_update",
+     lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"], x["block_sums"][:0], False),
+     r"large_blocks_update: block_sums must be float32 with one slot per block", True),
+    ("update_blocks_device", "large_blocks_update",
+     lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"].cpu(), x["block_sums"], False),
+     r"large_blocks_update: blocks is on cpu", True),
+    ("adam_int8_m", "adam_step", lambda x, w, r: (x["p"], x["g"], x["m"].to(torch.int8), x["v"], x["coef"], x["adam"], False),
+     r"adam_step: m has dtype", True),
+    ("adam_tiles_device", "adam_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"].cpu(), False),
+     r"adam_step: tiles is on cpu", True),
+    ("adam_rounding", "adam_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], True),
+     r"adam_step: stochastic_rounding needs bfloat16 p", True),
+    ("steps_dtype", "step_coefficients", lambda x, w, r: (x["steps"].int(), x["hparams"], x["coef"], None, None, None, 0, False),
+     r"step_coefficients: steps must be (1-D )?int64", True),
+    ("hparams_dtype", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"].float(), x["coef"], None, None, None, 0, False),
+     r"step_coefficients: hparams must be a float64", True),
+    ("hparams_device", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"].cpu(), x["coef"], None, None, None, 0, False),
+     r"step_coefficients: hparams is on cpu", True),
+    ("coef_rows", "step_coefficients", lambda x, w, r: (x["steps"], x["hparams"], x["coef"][:1], None, None, None, 0, False),
+     r"step_coefficients: coef must be a float32", True),
+    ("active_dtype", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], x["steps"], None, None, 0, False),
+     r"step_coefficients: active must be a bool tensor", True),
+    ("inv_scale_dtype", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, x["coef"][0, :1].double(), None, 0, False),
+     r"step_coefficients: inv_scale must be a one-element float32 tensor", True),
+    ("found_inf_numel", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, None, x["coef"][0, :2], 0, False),
+     r"step_coefficients: found_inf must be a one-element float32 tensor", True),
+] + [  # rounding.SEED_BOUND, the fake implementations' bound too
+    (f"seed_{seed}", "step_coefficients", lambda x, w, r, seed=seed: (x["steps"], x["hparams"], x["coef"], None, None, None, seed, False),
+     r"step_coefficients: round_seed must be in \[0, 2\^31\)", True)
+    for seed in (-1, 2**31)
+]
+
+
 @gpu
 @needs_gpu
-def test_launchers_check_their_inputs(backend):
-    ops = torch.ops.adam_mini_kernels
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_launchers_check_their_inputs(backend, case):
+    _, op, args, message, _ = case
     x = _gpu_inputs()
-    p, g, m, s, v, coef = x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"]
     width, rows = x["rows"][0]
-    with pytest.raises(RuntimeError, match=r"rows_step: g has dtype"):
-        ops.rows_step(p, g.half(), m, s, v, coef, rows, width, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: m must be contiguous"):
-        ops.rows_step(p, g, torch.stack([m, m], 1)[:, 0], s, v, coef, rows, width, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: v must be float32"):
-        ops.rows_step(p, g, m, s, v.double(), coef, rows, width, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: coef must be a float32"):
-        ops.rows_step(p, g, m, s, v, coef[:, :4].contiguous(), rows, width, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: rows must be an int64"):
-        ops.rows_step(p, g, m, s, v, coef, rows.int(), width, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: width must be in"):
-        ops.rows_step(p, g, m, s, v, coef, rows, launch_tables.ROW_MAX * 2, False)
-    with pytest.raises(RuntimeError, match=r"rows_step: p must be float32, bfloat16 or float16"):
-        ops.rows_step(p.double(), g.double(), m.double(), s, v, coef, rows, width, False)
-    with pytest.raises(RuntimeError, match=r"large_blocks_sumsq: partial must be float32 with one slot per tile"):
-        ops.large_blocks_sumsq(g, x["tiles"], x["blocks"], x["partial"][:1], x["block_sums"])
-    with pytest.raises(RuntimeError, match=r"large_blocks_update: block_sums must be float32 with one slot per block"):
-        ops.large_blocks_update(p, g, m, s, v, coef, x["tiles"], x["blocks"], x["block_sums"][:0], False)
-    with pytest.raises(RuntimeError, match=r"adam_step: m has dtype Char"):
-        ops.adam_step(p, g, m.to(torch.int8), v, coef, x["adam"], False)
-    with pytest.raises(RuntimeError, match=r"adam_step: tiles is on cpu"):
-        ops.adam_step(p, g, m, v, coef, x["adam"].cpu(), False)
-    with pytest.raises(RuntimeError, match=r"adam_step: stochastic_rounding needs bfloat16 p, got Float"):
-        ops.adam_step(p, g, m, v, coef, x["adam"], True)
-    with pytest.raises(RuntimeError, match=r"step_coefficients: hparams must be a float64"):
-        ops.step_coefficients(x["steps"], x["hparams"].float(), coef, None, None, None, 0, False)
-    with pytest.raises(RuntimeError, match=r"step_coefficients: active must be a bool tensor"):
-        ops.step_coefficients(x["steps"], x["hparams"], coef, x["steps"], None, None, 0, False)
-    for seed in (-1, 2**31):  # rounding.SEED_BOUND, the fake implementation's bound too
-        with pytest.raises(RuntimeError, match=r"step_coefficients: round_seed must be in \[0, 2\^31\)"):
-            ops.step_coefficients(x["steps"], x["hparams"], coef, None, None, None, seed, False)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.adam_mini_kernels, op)(*args(x, width, rows))
+
+
+@pytest.mark.parametrize("operators", ["cuda", "triton"])
+def test_fake_implementations_refuse_what_the_launchers_refuse(operators, request):
+    """Under FakeTensorMode (what torch.compile traces with) each operator's fake implementation
+    refuses the bad inputs it can see, with the launchers' message, for both backends' operators
+    (the CUDA extension's and the Triton backend's ``triton_*``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if operators == "cuda":
+        request.getfixturevalue("backend")  # the extension's operators (skips where it is not built)
+        prefix = ""
+    else:
+        pytest.importorskip("triton")
+        import adam_mini_kernels.triton_kernels.ops  # noqa: F401  (registers the triton_* operators)
+
+        prefix = "triton_"
+    real = _cpu_inputs()
+    checked = [c for c in BAD_INPUTS if c[4]]
+    missed = []
+    with FakeTensorMode():
+        x = {k: _fake_like(t) for k, t in real.items() if torch.is_tensor(t)}
+        width, rows = real["rows"][0]
+        for case_id, op, args, message, _ in checked:
+            try:
+                getattr(torch.ops.adam_mini_kernels, prefix + op)(*args(x, width, _fake_like(rows)))
+                missed.append((case_id, "accepted"))
+            except RuntimeError as err:
+                if not re.search(message, str(err)):
+                    missed.append((case_id, str(err)))
+    assert missed == []
+    assert len(checked) == len(BAD_INPUTS) - 1  # all but contiguity
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0 / 0, not selected
