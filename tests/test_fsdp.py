@@ -1063,6 +1063,15 @@ def _errors_and_fused_worker(rank, port, out):
         odd = nn.Parameter(DTensor.from_local(torch.randn(2, 4), mesh_2d, [strided, Shard(0)], run_check=False,
                                               shape=torch.Size((4, 4)), stride=(4, 1)))
         expect("odd strided", lambda: AdamMini([("mlp.weight", odd)], verbose=False))
+        # A _StridedShard after a Shard of its dim (split_factor right: the later Shard's mesh size).
+        mesh_3d = init_device_mesh("cpu", (1, 1, WORLD), mesh_dim_names=("a", "b", "c"))
+        late = nn.Parameter(DTensor.from_local(torch.randn(2, 4), mesh_3d, [Shard(0), _StridedShard(0, split_factor=WORLD), Shard(0)],
+                                               run_check=False, shape=torch.Size((4, 4)), stride=(4, 1)))
+        expect("late strided", lambda: AdamMini([("mlp.weight", late)], verbose=False))
+        # Local shards of 4 and 2 rows of 6 (DTensor's own split is 3 and 3).
+        uneven = nn.Parameter(DTensor.from_local(torch.randn(4 - 2 * rank, 8), mesh, [Shard(0)], run_check=False,
+                                                 shape=torch.Size((6, 8)), stride=(8, 1)))
+        expect("uneven", lambda: AdamMini([("mlp.weight", uneven)], verbose=False))
         p = nn.Parameter(distribute_tensor(torch.randn(6), mesh, [Shard(0)]))
         opt = AdamMini([("norm.weight", p)], verbose=False)
         p.grad = DTensor.from_local(torch.randn(6), mesh, [Partial()])
@@ -1105,6 +1114,8 @@ def test_unsupported_placements_raise_and_aligned_shards_use_fused_kernels(tmp_p
         errors = result["errors"]
         assert "placement Partial" in errors["partial param"]
         assert "_StridedShard only as FSDP2 places it" in errors["odd strided"]
+        assert "_StridedShard only as FSDP2 places it" in errors["late strided"]
+        assert "uneven DTensor shards are not supported" in errors["uneven"]
         assert "reduce Partial gradients first" in errors["partial grad"]
         assert result["unchanged"]
         assert result["fused"]

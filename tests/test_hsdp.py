@@ -253,6 +253,54 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
             assert max_rel_err(p.detach(), saved["int8_2d"][name]) <= 1e-6, (rank, name)
 
 
+
+def _all_reduce_members() -> Recorded:
+    """The number of ranks of each ``torch.distributed.all_reduce`` call's group, as the current
+    process group set knows it (a KeyError for a group of a destroyed set, on which a collective
+    is undefined: gloo's may still reach the same peers)."""
+    return Recorded(dist, "all_reduce", lambda tensor, *args, group=None, **kwargs: len(dist.get_process_group_ranks(group or dist.group.WORLD)))
+
+
+def _reinit_worker(rank, port, out):
+    """Two jobs in one process, the process group destroyed and made again between them (as a
+    test suite or a notebook does): each steps the HSDP-with-TP parameters, whose split blocks'
+    sums go over a process group made for the ranks of a replica. The second job must make its
+    own: the first's went with the first process group set."""
+    runs = []
+    for job in range(2):
+        if job == 0:
+            _init(rank, port)
+        else:
+            dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                                    timeout=COLLECTIVE_TIMEOUT)
+        try:
+            cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
+            torch.manual_seed(6)
+            params = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
+                      for n, shape in HSDP_TP_SHARDS.items()}
+            opt = AdamMini(list(params.items()), backend="torch", **KW)
+            sizes = []
+            for step in range(3):
+                for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
+                    params[n].grad = distribute_tensor(g, cube, params[n].placements)
+                with _all_reduce_members() as recorded:
+                    opt.step()
+                sizes.append(recorded.records)
+            runs.append({"params": {n: p.full_tensor() for n, p in params.items()}, "sizes": sizes})
+        finally:
+            _teardown()
+    torch.save(runs, f"{out}/rank{rank}.pt")
+
+
+def test_a_second_process_group_set_gets_its_own_replica_groups(tmp_path):
+    spawn(_reinit_worker, WORLD, str(tmp_path))
+    single, _ = _synthetic_run(HSDP_TP_SHARDS, 6)
+    for rank in range(WORLD):
+        for run in torch.load(tmp_path / f"rank{rank}.pt"):
+            assert run["sizes"] == [[MESH_3D[1] * MESH_3D[2]]] * 3, run["sizes"]
+            for name, p in single.items():
+                assert max_rel_err(p.detach(), run["params"][name]) <= 1e-6, (rank, name)
+
 # What the checkpoint test trains: (model, optimizer, batch).
 RUNS = {
     "name_rules": (_model, lambda model: AdamMini(model.named_parameters(), **KW), _batch),
