@@ -196,13 +196,16 @@ def _gathered(model) -> dict:
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
-def _single_process(steps: int, max_grad_norm=None) -> dict:
-    """The reference: the whole batch in one process (FSDP2 averages the ranks' gradients)."""
+def _single_process(steps: int, max_grad_norm=None, idle=False) -> dict:
+    """The reference: the whole batch in one process (FSDP2 averages the ranks' gradients);
+    ``idle``: IDLE_PARAM has no gradient at IDLE_STEP."""
     model = _model()
     opt = AdamMini(model.named_parameters(), max_grad_norm=max_grad_norm, **KW)
     for step in range(steps):
         opt.zero_grad()
         (sum(model(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
+        if idle and step == IDLE_STEP:
+            model.get_parameter(IDLE_PARAM).grad = None
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -426,10 +429,13 @@ def _synthetic_grads(plain, step: int, dtype) -> dict:
     return {n: torch.randn(p.shape, generator=gen).to(dtype) for n, p in plain.named_parameters()}
 
 
+IDLE_STEP, IDLE_PARAM = 3, "out_norm.weight"  # a step at which a sharded parameter has no gradient
+
+
 def _dtensor_worker(rank, port, out, backend_arg, dtype=torch.float32, options=None):
     """Hand-placed DTensor parameters: Shard(0), Shard(1) (every row and head split), Replicate.
-    In float32 a plain copy of the model computes the full gradients, which are then sharded;
-    otherwise the gradients are ``_synthetic_grads``."""
+    In float32 a plain copy of the model computes the full gradients, which are then sharded
+    (IDLE_PARAM's left out at IDLE_STEP); otherwise the gradients are ``_synthetic_grads``."""
     _init(rank, port)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -446,10 +452,12 @@ def _dtensor_worker(rank, port, out, backend_arg, dtype=torch.float32, options=N
                 plain.zero_grad()
                 (sum(plain(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
                 grads = {n: p.grad for n, p in plain.named_parameters()}
+                if step == IDLE_STEP:
+                    grads[IDLE_PARAM] = None
             else:
                 grads = _synthetic_grads(plain, step, dtype)
             for n, g in grads.items():
-                sharded[n].grad = distribute_tensor(g, mesh, sharded[n].placements)
+                sharded[n].grad = None if g is None else distribute_tensor(g, mesh, sharded[n].placements)
             with _count_all_reduce() as counter:
                 opt.step()
             counts.append(len(counter.records))
@@ -464,12 +472,14 @@ def _dtensor_worker(rank, port, out, backend_arg, dtype=torch.float32, options=N
         _teardown()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dtensor_placements_match_single_process(tmp_path, backend_arg):
+@pytest.mark.parametrize("backend, max_grad_norm", [("torch", None), ("torch", 0.05), ("triton", None), ("cuda-emulated", 0.05)])
+def test_dtensor_placements_match_single_process(tmp_path, backend_arg, max_grad_norm):
     """Shard(1) splits every row and head of q_proj and mlp: on the fused backends they all take
-    the split path."""
-    _spawn(_dtensor_worker, str(tmp_path), backend_arg)
-    for saved in _rank_results(tmp_path, _single_process(STEPS)):
+    the split path. A sharded parameter without a gradient for a step stays still in it; with
+    clipping, the replicated output weight's gradient counts once in the norm (the shards' are
+    summed over the ranks)."""
+    _spawn(_dtensor_worker, str(tmp_path), backend_arg, torch.float32, {"max_grad_norm": max_grad_norm})
+    for saved in _rank_results(tmp_path, _single_process(STEPS, max_grad_norm, idle=True)):
         assert saved["counts"] == [1] * STEPS
         assert (saved["fused_split"] >= 8) == (backend_arg[0] != "torch"), saved["fused_split"]
 
