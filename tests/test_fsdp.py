@@ -606,6 +606,52 @@ def _full_state(opt: AdamMini) -> dict:
     return {names[i]: {k: gathered(v) for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
 
 
+def _resharded_load_worker(rank, port, out):
+    """A state saved on Shard(0) DTensors loaded straight into (``load_state_dict``, no
+    distributed checkpoint) an optimizer of the same parameters placed Shard(1)."""
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(8)
+        full = {"q_proj.weight": torch.randn(6, 8), "mlp.weight": torch.randn(4, 8), "norm.weight": torch.randn(6), "mlp.bias": torch.randn(4)}
+        grads = [{n: torch.randn_like(t) for n, t in full.items()} for _ in range(3)]
+        runs = []
+        for placement in (Shard(0), Shard(1)):
+            params = {n: nn.Parameter(distribute_tensor(t.clone(), mesh, [placement if t.dim() == 2 else Shard(0)])) for n, t in full.items()}
+            runs.append((params, AdamMini(list(params.items()), backend="torch", **KW)))
+        (rows, by_rows), (cols, by_cols) = runs
+        for g in grads[:2]:
+            for n in full:
+                rows[n].grad = distribute_tensor(g[n], mesh, rows[n].placements)
+            by_rows.step()
+        with torch.no_grad():
+            for n in full:
+                cols[n].copy_(distribute_tensor(rows[n].full_tensor(), mesh, cols[n].placements))
+        _load(by_cols, by_rows.state_dict(), ("torch", None))
+        for params, opt in runs:
+            for n in full:
+                params[n].grad = distribute_tensor(grads[2][n], mesh, params[n].placements)
+            opt.step()
+        states = _full_state(by_rows), _full_state(by_cols)
+        torch.save({"params": {n: max_rel_err(rows[n].full_tensor(), cols[n].full_tensor()) for n in full},
+                    "state": {(n, k): max_rel_err(v.float(), states[1][n][k].float())
+                              for n, st in states[0].items() for k, v in st.items() if torch.is_tensor(v)},
+                    "steps": [(st["step"], states[1][n]["step"]) for n, st in states[0].items()]},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_state_of_other_placements_loads_resharded(tmp_path):
+    """A saved DTensor state placed otherwise than the optimizer's parameters is cut to their
+    shards by its global positions: the next step and the state equal the source optimizer's."""
+    _spawn(_resharded_load_worker, str(tmp_path))
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(saved["state"]) == 8 and saved["steps"] == [(3, 3)] * 4, saved  # m and v (vmean) of each, steps
+        for key, err in {**saved["params"], **saved["state"]}.items():
+            assert err <= 1e-6, (rank, key, err)
+
 def _int8_worker(rank, port, out, backend_arg):
     """int8 m on DTensor parameters beside one process stepping the same values with the same
     (parameter-independent) gradients; resumes from the sharded and the single-process state
