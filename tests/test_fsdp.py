@@ -652,6 +652,66 @@ def test_state_of_other_placements_loads_resharded(tmp_path):
         for key, err in {**saved["params"], **saved["state"]}.items():
             assert err <= 1e-6, (rank, key, err)
 
+def _relayouts(case: str):
+    """(shape, state_dtype, the saving optimizer's layout, the loading one's; None: the name rules')
+    of the re-layout cases: int8 m saved for rows of 640 (chunks of 256, 256 and 128 per row)
+    loaded as one block (chunks of 256 across rows), and an Adam v (one per element) loaded as one
+    block split across the ranks (its vmean the mean over every rank's elements)."""
+    from adam_mini_kernels.partition import ADAM, BlockLayout
+
+    name = "mlp.weight"
+    if case == "int8_chunks":
+        return (8, 640), torch.int8, None, BlockLayout.uniform(name, "whole", (8, 640), 8 * 640, 1)
+    return (6, 8), None, BlockLayout.uniform(name, ADAM, (6, 8), 1, 48), BlockLayout.uniform(name, "whole", (6, 8), 48, 1)
+
+
+def _relayout_worker(rank, port, out, case):
+    """A state saved under one layout of a Shard(0) parameter loaded under another, beside the
+    same in one process: the state is converted (int8 codes of other chunks to float m and
+    quantized anew; v regrouped into the new blocks' means), as one process converts it."""
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        shape, state_dtype, source, target = _relayouts(case)
+        torch.manual_seed(9)
+        start = torch.randn(shape)
+        grads = [torch.randn(shape) for _ in range(3)]
+        results = []
+        for sharded in (False, True):
+            place = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if sharded else (lambda t: t)
+            params = [nn.Parameter(place(start.clone())) for _ in range(2)]
+            saving, loading = (AdamMini([("mlp.weight", p)], backend="torch", state_dtype=state_dtype, **KW) for p in params)
+            for opt, layout in ((saving, source), (loading, target)):
+                if layout is not None:
+                    opt.layout_overrides["mlp.weight"] = layout
+            for g in grads[:2]:
+                params[0].grad = place(g.clone())
+                saving.step()
+            with torch.no_grad():
+                params[1].copy_(params[0])
+            _load(loading, saving.state_dict(), ("torch", None))
+            params[1].grad = place(grads[2].clone())
+            loading.step()
+            state = _full_state(loading)["mlp.weight"] if sharded else dict(loading.state_dict()["state"][0])
+            full = params[1].full_tensor() if sharded else params[1].detach()
+            results.append({"param": full.clone(), **{k: v.reshape(-1).clone() for k, v in state.items() if torch.is_tensor(v)}})
+        one, shards = results
+        torch.save({k: (one[k].shape == shards[k].shape and torch.equal(one[k], shards[k])) if k == "m_codes"
+                    else max_rel_err(one[k].float(), shards[k].float()) for k in one}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("case", ["int8_chunks", "adam_to_whole"])
+def test_state_of_another_layout_loads_on_shards_as_in_one_process(tmp_path, case):
+    _spawn(_relayout_worker, str(tmp_path), case)
+    keys = {"int8_chunks": {"param", "m_codes", "m_scales", "vmean"}, "adam_to_whole": {"param", "m", "vmean"}}[case]
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(saved) == keys, saved
+        for key, err in saved.items():
+            assert err is True if key == "m_codes" else err <= 1e-6, (rank, key, err)
+
 def _int8_worker(rank, port, out, backend_arg):
     """int8 m on DTensor parameters beside one process stepping the same values with the same
     (parameter-independent) gradients; resumes from the sharded and the single-process state
