@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from adam_mini_kernels import AdamMini
-from adam_mini_kernels.model_layouts import config_dims, model_layouts
+from adam_mini_kernels.model_layouts import AttentionDims, config_dims, model_layouts
 from adam_mini_kernels.reference import adam_mini_step
 from grad_stream import assert_backends_close, clone_named, max_rel_err, run_stream
 from test_cuda_backend import _emulated_step, emulator  # noqa: F401  (emulator: the fixture)
@@ -95,6 +95,9 @@ ARCHS = {
                                tie_word_embeddings=False), _expected_decoder(2, HD, tied=False)),
     "mistral": (lambda: _decoder("MistralConfig", transformers.MistralForCausalLM, num_key_value_heads=1,
                                  tie_word_embeddings=False, sliding_window=None), _expected_decoder(1, HD, tied=False)),
+    # qkv_proj = [Q | K | V] with 2 kv heads of 4 query heads: the K and V sections are half Q's.
+    "phi3": (lambda: _decoder("Phi3Config", transformers.Phi3ForCausalLM, num_key_value_heads=2,
+                              tie_word_embeddings=False), _expected_decoder(2, HD, tied=False)),
     "qwen2": (lambda: _decoder("Qwen2Config", transformers.Qwen2ForCausalLM, num_key_value_heads=2,
                                tie_word_embeddings=True), _expected_decoder(2, HD, tied=True, qkv_bias=True)),
     # head_dim 16 != hidden / heads = 8: official's head blocks would be half as big.
@@ -503,6 +506,15 @@ def test_checkpoint_moves_between_name_rules_and_for_model():
     assert back.state[w]["vmean"].shape == (4 * H,)
 
 
+def test_dims_of_a_composite_config_are_its_text_model_s():
+    """A multimodal config (vision + text, e.g. LLaVA's) holds the language model's dimensions in
+    its text config: ``get_text_config()`` is read, not the outer config."""
+    text = transformers.LlamaConfig(hidden_size=H, num_attention_heads=NH, num_key_value_heads=2, head_dim=16)
+    model = nn.Module()
+    model.config = transformers.LlavaConfig(text_config=text)
+    assert config_dims(model) == AttentionDims(H, NH, 2, 16)
+
+
 # -- precedence and bad input ----------------------------------------------------------------------
 
 class _NoConfig(nn.Module):
@@ -532,6 +544,14 @@ def test_bad_input_is_a_clear_error():
         AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, head_dim=3)
     with pytest.raises(ValueError, match="fused query/key/value weight.*expected 144"):
         AdamMini.for_model(_gpt2(), n_heads=NH, head_dim=12)
+    with pytest.raises(ValueError, match="hidden size 10 is not divisible by n_heads=4; pass head_dim"):
+        AdamMini.for_model(_NoConfig(), dim=10, n_heads=4)
+    fused = nn.Module()
+    fused.c_attn = nn.Linear(16, 48)
+    with pytest.raises(ValueError, match="fused query/key/value weight but the head size is unknown"):
+        AdamMini.for_model(fused, head_dim=4)  # no config: the number of heads unknown
+    with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.attention.query_key_value.weight' has 96 outputs; expected 3 \* n_heads \* head_dim = 48"):
+        AdamMini.for_model(_neox(), n_heads=NH, head_dim=HD // 2)
     opt = AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, **KW)
     opt.layout_overrides["extra_mlp"] = opt.layout_overrides["q_proj.weight"]
     with pytest.raises(ValueError, match=r"layout_overrides\['extra_mlp'\] is for shape \[16, 16\]"):
