@@ -137,6 +137,23 @@ def _synthetic_grads(shapes: dict, step: int) -> dict:
     return {n: torch.randn(shape, generator=gen) for n, shape in shapes.items()}
 
 
+def _hsdp_tp_steps(cube, make_optimizer, recorder):
+    """The HSDP-with-TP parameters placed on ``cube`` (seed 6) and 3 steps of their synthetic
+    gradients: (the parameters, per step what ``recorder`` recorded of its all-reduces)."""
+    torch.manual_seed(6)
+    params = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
+              for n, shape in HSDP_TP_SHARDS.items()}
+    opt = make_optimizer(list(params.items()))
+    sizes = []
+    for step in range(3):
+        for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
+            params[n].grad = distribute_tensor(g, cube, params[n].placements)
+        with recorder() as recorded:
+            opt.step()
+        sizes.append(recorded.records)
+    return params, sizes
+
+
 def _placed_worker(rank, port, out, backend_arg):
     """DTensors on the 2x2 mesh (full gradients from a plain copy of the model, then placed) and
     an int8 parameter on a 1-D mesh of 4 whose last rank's shard is empty."""
@@ -180,17 +197,7 @@ def _placed_worker(rank, port, out, backend_arg):
             opt_int8_2d.step()
 
         cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
-        torch.manual_seed(6)
-        hsdp_tp = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
-                   for n, shape in HSDP_TP_SHARDS.items()}
-        opt_3d = _optimizer(list(hsdp_tp.items()), backend_arg)
-        sizes_3d = []
-        for step in range(3):
-            for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
-                hsdp_tp[n].grad = distribute_tensor(g, cube, hsdp_tp[n].placements)
-            with _all_reduce_sizes() as recorded:
-                opt_3d.step()
-            sizes_3d.append(recorded.records)
+        hsdp_tp, sizes_3d = _hsdp_tp_steps(cube, lambda named: _optimizer(named, backend_arg), _all_reduce_sizes)
 
         result = {
             "params": {n: p.full_tensor() for n, p in sharded.items()}, "sizes": sizes,
@@ -275,17 +282,7 @@ def _reinit_worker(rank, port, out):
                                     timeout=COLLECTIVE_TIMEOUT)
         try:
             cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
-            torch.manual_seed(6)
-            params = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
-                      for n, shape in HSDP_TP_SHARDS.items()}
-            opt = AdamMini(list(params.items()), backend="torch", **KW)
-            sizes = []
-            for step in range(3):
-                for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
-                    params[n].grad = distribute_tensor(g, cube, params[n].placements)
-                with _all_reduce_members() as recorded:
-                    opt.step()
-                sizes.append(recorded.records)
+            params, sizes = _hsdp_tp_steps(cube, lambda named: AdamMini(named, backend="torch", **KW), _all_reduce_members)
             runs.append({"params": {n: p.full_tensor() for n, p in params.items()}, "sizes": sizes})
         finally:
             _teardown()
