@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 import adam_mini_kernels
 from adam_mini_kernels import AdamMini, BackendUnavailableError, available_backends
+from adam_mini_kernels.dispatch import BACKENDS
 
 ENV = "ADAM_MINI_BACKEND"
 LOGGER = "adam_mini_kernels"
@@ -69,9 +71,21 @@ def test_available_backends_under_the_triton_interpreter(monkeypatch):
     first: triton before torch."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     names = available_backends([torch.device("cpu")])
-    assert names[-1] == "torch"
-    assert "cuda" not in names
-    assert set(names) <= {"triton", "torch"}
+    # Every backend that can run is listed, also one auto does not pick yet (AUTO_ORDER).
+    assert names == (["triton", "torch"] if importlib.util.find_spec("triton") else ["torch"])
+
+
+@pytest.mark.parametrize("interpreter", [False, True])
+def test_fused_backends_refuse_parameters_on_cpu_beside_cuda(interpreter, monkeypatch):
+    """Some parameters on a CUDA device and some on the CPU: neither fused backend runs, also
+    not Triton's interpreter (it is for all-CPU parameters)."""
+    if interpreter:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mixed = [torch.device("cuda", 0), torch.device("cpu")]
+    for name in ("cuda", "triton"):
+        assert "some parameters are not on a CUDA device" in BACKENDS[name].why_not(mixed), name
 
 
 def test_auto_on_cpu_resolves_to_torch_and_steps():
@@ -98,6 +112,7 @@ def test_gpu_backend_on_cpu_params_says_why(name, monkeypatch):
     message = str(err.value)
     assert name in message
     assert "CUDA" in message  # the reason: these backends need CUDA tensors
+    assert ("TRITON_INTERPRET=1" in message) == (name == "triton")  # the way to run Triton on the CPU
     assert isinstance(err.value, RuntimeError)
 
 

@@ -63,6 +63,15 @@ def test_mix32_tensor_int_and_numpy_agree():
     assert got.min() >= 0 and got.max() < 2**32
 
 
+def test_each_flat_group_has_its_own_seed():
+    """Flat groups number their elements from 0 each: the same seed for two of them would round
+    their elements alike (correlated), so each group's seed is its own, and in [0, SEED_BOUND)."""
+    for seed in (0, 1, 2**31 - 1):
+        seeds = [rounding.group_seed(seed, k) for k in range(256)]
+        assert len(set(seeds)) == len(seeds), seed
+        assert all(0 <= s < rounding.SEED_BOUND for s in seeds)
+
+
 def test_keys_survive_the_float32_table_bitwise():
     keys = torch.randint(0, 2**32, (10000,), dtype=torch.int64)
     column = rounding.keys_as_float(keys)
