@@ -101,6 +101,10 @@ def test_non_finite_values_round_to_nearest():
     x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
     y = rounding.stochastic_round_to_bf16(x, torch.full((4,), 0xFFFF))
     assert y[0] == float("inf") and y[1] == -float("inf") and torch.isnan(y[2]) and y[3] == 1.0
+    # NaNs whose payload is in the low 16 bits only: adding bits and truncating would make them inf.
+    low_payload = torch.tensor([0x7F800001, 0xFF800001 - 2**32], dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(low_payload).all()
+    assert torch.isnan(rounding.stochastic_round_to_bf16(low_payload, torch.zeros(2, dtype=torch.int64))).all()
 
 
 def test_unbiased_for_one_value():
