@@ -1005,33 +1005,43 @@ def _int8_train(model, opt, rank: int, steps: range) -> None:
     _train(model, opt, rank, steps, batch=_int8_batch)
 
 
-def _clip_count_worker(rank, port, out):
+def _clip_count_worker(rank, port, out, order):
     _init(rank, port)
     try:
         model = _int8_model()
         fully_shard(model)
-        opt = AdamMini(model.named_parameters(), state_dtype=torch.int8, max_grad_norm=0.05, **{**KW, **INT8_DIMS})
+        named = list(model.named_parameters())[:: -1 if order == "reversed" else 1]
+        opt = AdamMini(named, state_dtype=torch.int8, max_grad_norm=0.05, **{**KW, **INT8_DIMS})
         counts = []
         _train(model, opt, rank, range(1), counts, batch=_int8_batch)
         groups = sum(g.sharded is not None for g in opt._flat)
-        torch.save({"counts": counts, "norm": opt.last_grad_norm, "groups": groups}, f"{out}/rank{rank}.pt")
+        torch.save({"counts": counts, "norm": opt.last_grad_norm, "groups": groups, "params": _gathered(model),
+                    "first_has_split_blocks": opt._flat[0].sharded.num_slots > 0}, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_path):
+@pytest.mark.parametrize("order", ["model", "reversed"])
+def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_path, order):
     """int8 and float groups on one mesh: one all-reduce per step, the split blocks' sums of the
     int8 group (the float group has none) with the shards' squared norms of both groups riding
-    in it, not one per group; the norm is one process's."""
-    _spawn(_clip_count_worker, str(tmp_path))
+    in it, not one per group; the norm is one process's, and so is the step. In reversed order
+    the float group comes first: the int8 group must still carry the norm, and step first (the
+    others' clip factor comes out of its all-reduce)."""
+    _spawn(_clip_count_worker, str(tmp_path), order)
     model = _int8_model()
+    named = list(model.named_parameters())[:: -1 if order == "reversed" else 1]
+    opt = AdamMini(named, state_dtype=torch.int8, max_grad_norm=0.05, **{**KW, **INT8_DIMS})
     (sum(model(half) for half in _int8_batch(0).chunk(WORLD)) / WORLD).backward()
-    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    opt.step()
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["groups"] == 2 and saved["counts"] == [1], saved
+        assert saved["first_has_split_blocks"] == (order == "model")
         assert max_rel_err(expected, saved["norm"]) <= 1e-6
-
+        for name, p in model.named_parameters():
+            assert max_rel_err(p.detach(), saved["params"][name]) <= 1e-6, (rank, name)
 
 
 class _WholeRows(nn.Module):
