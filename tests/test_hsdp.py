@@ -137,21 +137,21 @@ def _synthetic_grads(shapes: dict, step: int) -> dict:
     return {n: torch.randn(shape, generator=gen) for n, shape in shapes.items()}
 
 
-def _hsdp_tp_steps(cube, make_optimizer, recorder):
-    """The HSDP-with-TP parameters placed on ``cube`` (seed 6) and 3 steps of their synthetic
-    gradients: (the parameters, per step what ``recorder`` recorded of its all-reduces)."""
-    torch.manual_seed(6)
-    params = {n: nn.Parameter(distribute_tensor(torch.randn(shape), cube, HSDP_TP_PLACEMENTS[n]))
-              for n, shape in HSDP_TP_SHARDS.items()}
+def _placed_steps(mesh, shapes: dict, placements: dict, seed: int, make_optimizer, recorder):
+    """DTensor parameters of ``shapes`` placed on ``mesh`` as ``placements`` says (values of
+    ``seed``, as ``_synthetic_run``'s) and 3 steps of their synthetic gradients: (the parameters,
+    per step what ``recorder`` recorded of its all-reduces, the optimizer)."""
+    torch.manual_seed(seed)
+    params = {n: nn.Parameter(distribute_tensor(torch.randn(shape), mesh, placements[n])) for n, shape in shapes.items()}
     opt = make_optimizer(list(params.items()))
     sizes = []
     for step in range(3):
-        for n, g in _synthetic_grads(HSDP_TP_SHARDS, step).items():
-            params[n].grad = distribute_tensor(g, cube, params[n].placements)
+        for n, g in _synthetic_grads(shapes, step).items():
+            params[n].grad = distribute_tensor(g, mesh, params[n].placements)
         with recorder() as recorded:
             opt.step()
         sizes.append(recorded.records)
-    return params, sizes
+    return params, sizes, opt
 
 
 def _placed_worker(rank, port, out, backend_arg):
@@ -197,7 +197,8 @@ def _placed_worker(rank, port, out, backend_arg):
             opt_int8_2d.step()
 
         cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
-        hsdp_tp, sizes_3d = _hsdp_tp_steps(cube, lambda named: _optimizer(named, backend_arg), _all_reduce_sizes)
+        hsdp_tp, sizes_3d, _ = _placed_steps(cube, HSDP_TP_SHARDS, HSDP_TP_PLACEMENTS, 6, lambda named: _optimizer(named, backend_arg),
+                                          _all_reduce_sizes)
 
         result = {
             "params": {n: p.full_tensor() for n, p in sharded.items()}, "sizes": sizes,
@@ -282,7 +283,8 @@ def _reinit_worker(rank, port, out):
                                     timeout=COLLECTIVE_TIMEOUT)
         try:
             cube = init_device_mesh("cpu", MESH_3D, mesh_dim_names=("replicate", "shard", "tp"))
-            params, sizes = _hsdp_tp_steps(cube, lambda named: AdamMini(named, backend="torch", **KW), _all_reduce_members)
+            params, sizes, _ = _placed_steps(cube, HSDP_TP_SHARDS, HSDP_TP_PLACEMENTS, 6, lambda named: AdamMini(named, backend="torch", **KW),
+                                          _all_reduce_members)
             runs.append({"params": {n: p.full_tensor() for n, p in params.items()}, "sizes": sizes})
         finally:
             _teardown()
@@ -297,6 +299,36 @@ def test_a_second_process_group_set_gets_its_own_replica_groups(tmp_path):
             assert run["sizes"] == [[MESH_3D[1] * MESH_3D[2]]] * 3, run["sizes"]
             for name, p in single.items():
                 assert max_rel_err(p.detach(), run["params"][name]) <= 1e-6, (rank, name)
+
+
+# Clipping with a group of replicated DTensors first: (Replicate, Replicate) output weight, then
+# HSDP shards of whole rows (no block split across ranks).
+CLIP_SHAPES = {"output.weight": (3, 8), "mlp.weight": (4, 8), "mlp.bias": (4,)}
+CLIP_PLACEMENTS = {"output.weight": (Replicate(), Replicate()), "mlp.weight": (Replicate(), Shard(0)), "mlp.bias": (Replicate(), Shard(0))}
+
+
+def _replicated_first_worker(rank, port, out):
+    _init(rank, port)
+    try:
+        params, sizes, opt = _placed_steps(_hsdp_mesh(), CLIP_SHAPES, CLIP_PLACEMENTS, 9,
+                                           lambda named: AdamMini(named, backend="torch", max_grad_norm=0.05, **KW), _all_reduce_sizes)
+        torch.save({"params": {n: p.full_tensor() for n, p in params.items()}, "sizes": sizes,
+                    "first": [layout.name for layout in opt._flat[0].layouts]}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_clipping_norm_is_summed_over_the_shard_dim_with_a_replicated_group_first(tmp_path):
+    """The shards' squared norms go over the ranks of their shard dim (2), not over those of the
+    replicated group's process group, though that group steps first and has no split block
+    either: one all-reduce per step, and the run equals one process."""
+    spawn(_replicated_first_worker, WORLD, str(tmp_path))
+    single, _ = _synthetic_run(CLIP_SHAPES, 9, max_grad_norm=0.05)
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["first"] == ["output.weight"] and saved["sizes"] == [[MESH[1]]] * 3, saved
+        for name, p in single.items():
+            assert max_rel_err(p.detach(), saved["params"][name]) <= 1e-6, (rank, name)
 
 # What the checkpoint test trains: (model, optimizer, batch).
 RUNS = {
