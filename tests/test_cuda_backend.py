@@ -598,11 +598,12 @@ def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
     _assert_padding_zero(opts[1]._flat[0])
 
 
-@pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "rounding"])
+@pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "scale_only", "skip_only", "rounding"])
 def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
     rounded once to float32) and advances the same step counters, at large step counts, with
-    per-parameter hyperparameters, idle parameters, AMP (unscale and skip) and rounding keys."""
+    per-parameter hyperparameters, idle parameters, AMP (unscale and skip; either tensor also
+    without the other) and rounding keys."""
     named, dims = _odd_named()
     group = _cpu_group(named, dims)
     gen = torch.Generator().manual_seed(17)
@@ -611,8 +612,9 @@ def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
     group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
     active = (torch.rand(n, generator=gen) > 0.3) if case == "idle" else None
-    inv_scale = torch.tensor(1 / 1024.0) if case.startswith("amp") else None
-    found_inf = torch.tensor(1.0 if case == "amp_skip" else 0.0) if case.startswith("amp") else None
+    inv_scale = torch.tensor(1 / 1024.0) if case in ("amp", "amp_skip", "scale_only") else None
+    found_inf = {"amp": 0.0, "amp_skip": 1.0, "skip_only": 1.0}.get(case)
+    found_inf = None if found_inf is None else torch.tensor(found_inf)
     group.round_seed = 123456789 if case == "rounding" else None
     start = group.steps.clone()
 
@@ -621,7 +623,7 @@ def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     group.steps.copy_(start)
     expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
     assert torch.equal(fused_steps, group.steps)
-    assert torch.equal(fused_steps, start) == (case == "amp_skip")
+    assert torch.equal(fused_steps, start) == (case in ("amp_skip", "skip_only"))
     key = coefficients.C_ROUND_KEY
     torch.testing.assert_close(fused[:, :key], expected[:, :key], rtol=2**-22, atol=0)
     assert torch.equal(fused[:, key].contiguous().view(torch.int32), expected[:, key].contiguous().view(torch.int32))

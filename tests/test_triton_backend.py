@@ -173,11 +173,12 @@ def test_bitwise_deterministic(dtype):
         assert torch.equal(fa.v, fb.v) and torch.equal(fa.m, fb.m) and torch.equal(fa.steps, fb.steps)
 
 
-@pytest.mark.parametrize("with_idle", [False, True])
-def test_coefficient_kernel_matches_torch_ops(with_idle):
+@pytest.mark.parametrize("case", ["plain", "idle", "amp", "scale_only", "skip_only"])
+def test_coefficient_kernel_matches_torch_ops(case):
     """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
     rounded once to float32) and advances the same step counters, also at large step counts and
-    with per-parameter hyperparameters and idle parameters."""
+    with per-parameter hyperparameters, idle parameters, and the AMP tensors together or one
+    without the other (a gradient multiplier alone; a skip flag alone, which skips)."""
     from adam_mini_kernels import coefficients
     from adam_mini_kernels.triton_kernels.launch import step_coefficients
 
@@ -191,17 +192,21 @@ def test_coefficient_kernel_matches_torch_ops(with_idle):
     u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
     group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
     group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
-    active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if with_idle else None
+    active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if case == "idle" else None
+    inv_scale = torch.tensor(1 / 1024.0, device=DEVICE) if case in ("amp", "scale_only") else None
+    found_inf = {"amp": 0.0, "skip_only": 1.0}.get(case)
+    found_inf = None if found_inf is None else torch.tensor(found_inf, device=DEVICE)
     start = group.steps.clone()
 
     group.round_seed = 987654321  # the stochastic rounding keys too
 
     fused = torch.empty(n, coefficients.NUM_COEFFICIENTS, device=DEVICE)
-    step_coefficients(group.steps, group.hparams, fused, active, None, None, group.round_seed, True)
+    step_coefficients(group.steps, group.hparams, fused, active, inv_scale, found_inf, group.round_seed, True)
     fused_steps = group.steps.clone()
     group.steps.copy_(start)
-    expected = coefficients.next_step_coefficients(group, active)
+    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
     assert torch.equal(fused_steps, group.steps)
+    assert torch.equal(fused_steps, start) == (case == "skip_only")
     key = coefficients.C_ROUND_KEY
     torch.testing.assert_close(fused[:, :key], expected[:, :key], rtol=2**-22, atol=0)
     assert torch.equal(fused[:, key].view(torch.int32), expected[:, key].contiguous().view(torch.int32))
