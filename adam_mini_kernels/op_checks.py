@@ -15,6 +15,12 @@ from . import coefficients, launch_tables
 from .rounding import SEED_BOUND
 
 
+def check_on_device(op: str, name: str, t, like, like_name: str = "p") -> None:
+    """``t`` (skipped when None) on the device of ``like`` (named ``like_name``), as the launchers' check_on_device."""
+    if t is not None:
+        torch._check(t.device == like.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, {like_name} on {like.device}")
+
+
 def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
     torch._check(p.dim() == 1, lambda: f"adam_mini_kernels::{op}: p must be 1-D, got {p.dim()}-D")
     torch._check(
@@ -35,8 +41,7 @@ def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
         lambda: f"adam_mini_kernels::{op}: coef must be a float32 (P, {coefficients.NUM_COEFFICIENTS}) table",
     )
     for name, t in (("g", g), ("m", m), ("m_scales", m_scales), ("v", v), ("coef", coef)):
-        if t is not None:
-            torch._check(t.device == p.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, p on {p.device}")
+        check_on_device(op, name, t, p)
 
 
 def check_scales(op: str, m, m_scales) -> None:
@@ -59,13 +64,13 @@ def check_rounding(op: str, p, stochastic_rounding: bool) -> None:
     )
 
 
-def check_table(op: str, name: str, table, cols: int, like) -> None:
+def check_table(op: str, name: str, table, cols: int, like, like_name: str = "p") -> None:
     """A launch table: int64 (n, ``cols``), on the device of ``like`` (p, or g for the sums)."""
     torch._check(
         table.dim() == 2 and table.shape[1] == cols and table.dtype == torch.int64,
         lambda: f"adam_mini_kernels::{op}: {name} must be an int64 (n, {cols}) launch table",
     )
-    torch._check(table.device == like.device, lambda: f"adam_mini_kernels::{op}: {name} is on {table.device}, expected {like.device}")
+    check_on_device(op, name, table, like, like_name)
 
 
 def check_rows(op: str, p, g, m, m_scales, v, coef, rows, width, stochastic_rounding) -> None:
@@ -83,12 +88,12 @@ def check_sums(op: str, name: str, sums, table, what: str) -> None:
         sums.dtype == torch.float32 and sums.dim() == 1 and sums.shape[0] >= table.shape[0],
         lambda: f"adam_mini_kernels::{op}: {name} must be float32 with one slot per {what}",
     )
-    torch._check(sums.device == table.device, lambda: f"adam_mini_kernels::{op}: {name} is on {sums.device}, {what}s on {table.device}")
+    check_on_device(op, name, sums, table, f"{what}s")
 
 
 def check_large_blocks_sumsq(op: str, g, tiles, blocks, partial, block_sums) -> None:
-    check_table(op, "tiles", tiles, launch_tables.TILE_COLS, g)
-    check_table(op, "blocks", blocks, launch_tables.LB_COLS, g)
+    check_table(op, "tiles", tiles, launch_tables.TILE_COLS, g, "g")
+    check_table(op, "blocks", blocks, launch_tables.LB_COLS, g, "g")
     check_sums(op, "partial", partial, tiles, "tile")
     check_sums(op, "block_sums", block_sums, blocks, "block")
     torch._check(g.dim() == 1, lambda: f"adam_mini_kernels::{op}: g must be 1-D, got {g.dim()}-D")
@@ -129,6 +134,5 @@ def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_i
             lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
         )
     for name, t in (("hparams", hparams), ("coef", coef), ("active", active), ("inv_scale", inv_scale), ("found_inf", found_inf)):
-        if t is not None:
-            torch._check(t.device == steps.device, lambda: f"adam_mini_kernels::{op}: {name} is on {t.device}, steps on {steps.device}")
+        check_on_device(op, name, t, steps, "steps")
     torch._check(0 <= round_seed < SEED_BOUND, lambda: f"adam_mini_kernels::{op}: round_seed must be in [0, 2^31)")
