@@ -652,6 +652,7 @@ def test_state_of_other_placements_loads_resharded(tmp_path):
         for key, err in {**saved["params"], **saved["state"]}.items():
             assert err <= 1e-6, (rank, key, err)
 
+
 def _relayouts(case: str):
     """(shape, state_dtype, the saving optimizer's layout, the loading one's; None: the name rules')
     of the re-layout cases: int8 m saved for rows of 640 (chunks of 256, 256 and 128 per row)
@@ -711,6 +712,7 @@ def test_state_of_another_layout_loads_on_shards_as_in_one_process(tmp_path, cas
         assert set(saved) == keys, saved
         for key, err in saved.items():
             assert err is True if key == "m_codes" else err <= 1e-6, (rank, key, err)
+
 
 def _int8_worker(rank, port, out, backend_arg):
     """int8 m on DTensor parameters beside one process stepping the same values with the same
@@ -1099,6 +1101,7 @@ def test_clipping_on_shards_with_no_split_block(tmp_path, backend_arg):
         for want, got in zip(norms, saved["norms"]):
             assert max_rel_err(want, got) <= 1e-6
 
+
 # What the checkpoint test trains: the tiny model with the name rules (with FSDP2's storage
 # shared: loading writes into the flat buffer), or GPT-2 with for_model's sectioned and
 # column-stored layouts. (model, optimizer, training loop)
@@ -1298,7 +1301,6 @@ def test_compiled_steps_with_int8_m_on_shards_equal_eager(tmp_path):
             assert err is True if key == "m_codes" else err <= 1e-6, (rank, n, key, err)
 
 
-
 def _compiled_zero_grad_worker(rank, port, out):
     """Gradients accumulated into by "backward" (in place, as autograd does into an existing
     gradient) after ``zero_grad(set_to_none=False)``: eager steps, and compiled steps, which leave
@@ -1336,6 +1338,7 @@ def test_zero_grad_keeping_tensors_zeroes_gradients_a_compiled_step_left_outside
     for rank in range(WORLD):
         for n, err in torch.load(tmp_path / f"rank{rank}.pt").items():
             assert err <= 1e-6, (rank, n, err)
+
 
 def _refused_compile_worker(rank, port, out):
     _init(rank, port)

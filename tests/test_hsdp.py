@@ -261,7 +261,6 @@ def test_dtensors_on_a_2d_mesh_match_single_process(tmp_path, backend_arg):
             assert max_rel_err(p.detach(), saved["int8_2d"][name]) <= 1e-6, (rank, name)
 
 
-
 def _all_reduce_members() -> Recorded:
     """The number of ranks of each ``torch.distributed.all_reduce`` call's group, as the current
     process group set knows it (a KeyError for a group of a destroyed set, on which a collective
@@ -329,6 +328,7 @@ def test_clipping_norm_is_summed_over_the_shard_dim_with_a_replicated_group_firs
         assert saved["first"] == ["output.weight"] and saved["sizes"] == [[MESH[1]]] * 3, saved
         for name, p in single.items():
             assert max_rel_err(p.detach(), saved["params"][name]) <= 1e-6, (rank, name)
+
 
 # What the checkpoint test trains: (model, optimizer, batch).
 RUNS = {
