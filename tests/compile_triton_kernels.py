@@ -6,7 +6,9 @@ as the compiler does, so a kernel can pass every interpreter test and still fail
 GPU. ``triton.compile`` with an explicit ``GPUTarget`` needs no device, only Triton's bundled
 ``ptxas``. Pointer arguments are compiled as the JIT specializes the optimizer's buffers (16-byte
 aligned), and the streaming kernels must then have 128-bit accesses in their aligned branch
-beside the scalar fallback ([Note: aligned spans] in kernels.py). Each kernel is compiled with
+beside the scalar fallback ([Note: aligned spans] in kernels.py). An int argument is compiled
+also as each value the JIT specializes (1 as a constexpr, multiples of 16), unless the kernel
+marks it do_not_specialize: the interpreter never sees those variants. Each kernel is compiled with
 the launcher's options, and the update kernels must then hold fused multiply-adds whatever
 Triton's default ([Note: FMA contraction] in launch.py; the test runs this with that default
 turned off). Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
@@ -73,6 +75,25 @@ STREAMING = ("rows_step BLOCK=1024", "rows_step BLOCK=8192", "tile_step", "tile_
 UPDATES = ("rows_step", "tile_step", "adam_step")
 
 
+def value_specializations(kernel, args):
+    """(label, constexprs, attrs) of the variants the JIT compiles for the values of the kernel's
+    int arguments, beside the plain one: an argument equal to 1 becomes a constexpr and one that
+    is a multiple of 16 gets that divisibility, unless the kernel marks it do_not_specialize."""
+    yield "", {}, {}
+    for param in kernel.params:
+        if param.is_constexpr or param.do_not_specialize or not args[param.name].startswith("i"):
+            continue
+        yield f" [{param.name} = 1]", {param.name: 1}, {}
+        yield f" [{param.name} % 16 = 0]", {}, {(param.num,): [["tt.divisibility", 16]]}
+
+
+def variants():
+    """configurations() with the value specializations of each one's int arguments."""
+    for name, kernel, args, constexprs, num_warps in configurations():
+        for label, values, attrs in value_specializations(kernel, args):
+            yield name + label, kernel, args, {**constexprs, **values}, attrs, num_warps
+
+
 def compile_all(archs):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -83,13 +104,13 @@ def compile_all(archs):
     count = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, kernel, args, constexprs, num_warps in configurations():
+        for name, kernel, args, constexprs, value_attrs, num_warps in variants():
             # The kernel's own arguments, in order: pointers/scalars typed, the rest constexpr;
             # pointers 16-byte aligned, as the JIT specializes the optimizer's buffers.
             signature = {arg: "constexpr" if arg in constexprs else args[arg] for arg in kernel.arg_names}
             aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
                        if arg not in constexprs and args[arg].startswith("*")}
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs={**aligned, **value_attrs})
             try:
                 compiled = triton.compile(source, target=target, options={"num_warps": num_warps, **LAUNCH_OPTIONS})
             except Exception as err:  # report which configuration, then fail

@@ -358,7 +358,10 @@ def _pow_int(base, t):
     return result
 
 
-@triton.jit
+# The JIT specializes an int argument by its value (1 becomes a constexpr, a multiple of 16 another
+# variant): a seed of 1 would then fail to compile (``round_seed.to``) and the parameter count
+# would recompile the kernel. Neither is worth a variant: both stay plain int32 arguments.
+@triton.jit(do_not_specialize=["num_params", "round_seed"])
 def step_coefficients_kernel(
     steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, num_params, round_seed,
     HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
