@@ -11,7 +11,7 @@ also as each value the JIT specializes (1 as a constexpr, multiples of 16), unle
 marks it do_not_specialize: the interpreter never sees those variants. Each kernel is compiled with
 the launcher's options, and the update kernels must then hold fused multiply-adds whatever
 Triton's default ([Note: FMA contraction] in launch.py; the test runs this with that default
-turned off). Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
+turned off), and no kernel an approximate square root or division. Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
 
     python tests/compile_triton_kernels.py 90 80
 """
@@ -73,6 +73,9 @@ def configurations():
 STREAMING = ("rows_step BLOCK=1024", "rows_step BLOCK=8192", "tile_step", "tile_sumsq", "adam_step")
 # Kernels that update p and m (decay * p - scale * m and the like): contracted into FMAs.
 UPDATES = ("rows_step", "tile_step", "adam_step")
+# What Triton's tl.sqrt and float32 `/` lower to: no kernel may hold them ([Note: IEEE sqrt and
+# division] in kernels.py; the interpreter computes both exactly).
+APPROXIMATE = ("sqrt.approx", "div.full", "div.approx", "rcp.approx", "rsqrt.approx")
 
 
 def value_specializations(kernel, args):
@@ -122,6 +125,8 @@ def compile_all(archs):
                     assert access in compiled.asm["ptx"], f"sm_{arch}: {name}: no 128-bit access ({access}) in the aligned branch"
             if name.startswith(UPDATES):
                 assert "fma.rn.f32" in compiled.asm["ptx"], f"sm_{arch}: {name}: no fused multiply-add in the update"
+            approximate = [op for op in APPROXIMATE if op in compiled.asm["ptx"]]
+            assert not approximate, f"sm_{arch}: {name}: approximate {approximate} in the PTX ([Note: IEEE sqrt and division])"
             count += 1
     return count
 

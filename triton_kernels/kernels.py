@@ -11,7 +11,13 @@
 * ``step_coefficients_kernel``: advances the step counters and writes the coefficient table, the
   same table as ``coefficients.step_coefficients`` in one launch.
 
-All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
+All math is float32 whatever the storage dtype; offsets are int64. [Note: IEEE sqrt and
+division] On a GPU, Triton's ``tl.sqrt`` is the approximate ``sqrt.approx.ftz.f32`` (which also
+flushes denormals to zero) and float32 ``/`` the approximate ``div.full.f32`` (2 ulp); the
+interpreter computes both exactly, so CI cannot tell. The kernels use ``tl.sqrt_rn`` and
+``tl.math.div_rn`` (correctly rounded, as the CUDA backend's and the PyTorch backend's): they run
+once per block, or per element only in Adam tiles, so exactness costs nothing measurable
+(tests/compile_triton_kernels.py checks that no approximate one is in the PTX). Each parameter's scalar
 coefficients come from the table of ``coefficients.step_coefficients``. With ``ROUNDING`` the
 bfloat16 stores of p and m round stochastically (``adam_mini_kernels/rounding.py``: the same
 hash, so the same bits, as the other backends).
@@ -127,7 +133,7 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
     block's raw sum of g^2; stores and returns the new v."""
     scale = tl.load(coef + _C_GRAD_SCALE)
     sumsq = tl.where(scale == 0, 0.0, sumsq) * (scale * scale)
-    mean = sumsq / tl.maximum(numel, 1).to(tl.float32)
+    mean = tl.math.div_rn(sumsq, tl.maximum(numel, 1).to(tl.float32))
     v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
     tl.store(v_ptr + v_index, v)
     return v
@@ -174,10 +180,10 @@ def _update_elements(
     """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)
     over a span of ``numel`` elements (``lanes`` < SPAN from the span's first element, at
     ``offs``). ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
-    h = tl.sqrt(v) / tl.load(coef + _C_BC2_SQRT) + tl.load(coef + _C_EPS)
+    h = tl.math.div_rn(tl.sqrt_rn(v), tl.load(coef + _C_BC2_SQRT)) + tl.load(coef + _C_EPS)
     step_size = tl.load(coef + _C_STEP_SIZE)
     # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
-    scale = tl.where(step_size == 0, 0.0, step_size / h)
+    scale = tl.where(step_size == 0, 0.0, tl.math.div_rn(step_size, h))
     m = _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start)
     m_weight = tl.load(coef + _C_M_WEIGHT)
     m = m + m_weight * (g - m)
