@@ -356,8 +356,8 @@ def _model_named(model_name):
 
 # -- CI: the kernels, emulated on the CPU ----------------------------------------------------------
 # tests/gpu/host_emulator.cpp compiles csrc/kernels.cuh with the host compiler and runs each CUDA
-# block with one std::thread per CUDA thread (see [Note: host emulation] there): the kernels'
-# own indexing, masking, vector and scalar paths and reductions, checked without a GPU.
+# block with one fiber per CUDA thread (see [Note: host emulation] there): the kernels' own
+# indexing, masking, vector and scalar paths and reductions, checked without a GPU.
 
 EMULATOR = Path(__file__).resolve().parent / "gpu" / "host_emulator.cpp"
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
