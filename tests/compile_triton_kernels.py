@@ -36,18 +36,19 @@ STORAGE = {  # (parameter/gradient dtype, m dtype) pairs the optimizer creates
 
 def configurations():
     """(name, kernel, signature, constexprs, num_warps) for everything ``launch.py`` launches."""
-    from adam_mini_kernels.launch_tables import ADAM_TILE, ROW_MAX, TILE
+    from adam_mini_kernels.launch_tables import ADAM_TILE, MIN_ROW_BLOCK, ROW_MAX, TILE
     from adam_mini_kernels.quantization import QBLOCK
     from adam_mini_kernels.triton_kernels import kernels as K
     from adam_mini_kernels.triton_kernels.launch import CHUNK, COEF_BLOCK, _warps
 
+    widths = [1 << k for k in range(MIN_ROW_BLOCK.bit_length() - 1, ROW_MAX.bit_length())]
     tables = {"scales_ptr": "*fp32", "v_ptr": "*fp32", "coef_ptr": "*fp32", "rows_ptr": "*i64", "tiles_ptr": "*i64",
               "blocks_ptr": "*i64"}
     for label, (dtype, state) in STORAGE.items():
         buffers = {"p_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "m_ptr": f"*{state}", **tables}
         for rounding in (False, True) if dtype == "bf16" else (False,):
             tag = f"{label}{', stochastic rounding' if rounding else ''}"
-            for block in (16, 1024, ROW_MAX):
+            for block in widths:  # every row class the launch tables make
                 yield (f"rows_step BLOCK={block} ({tag})", K.rows_step_kernel, buffers,
                        {"BLOCK": block, "QCHUNK": min(block, QBLOCK), "ROUNDING": rounding}, _warps(block))
             yield (f"tile_step ({tag})", K.tile_step_kernel, buffers, {"TILE": TILE, "ROUNDING": rounding}, 8)
@@ -70,7 +71,7 @@ def configurations():
 
 # Kernels that stream p, g and m (programs of at least 1024 elements: one 16-byte unit per thread
 # and more): their aligned branch must use vector accesses.
-STREAMING = ("rows_step BLOCK=1024", "rows_step BLOCK=8192", "tile_step", "tile_sumsq", "adam_step")
+STREAMING = tuple(f"rows_step BLOCK={b} " for b in (1024, 2048, 4096, 8192)) + ("tile_step", "tile_sumsq", "adam_step")
 # Kernels that update p and m (decay * p - scale * m and the like): contracted into FMAs.
 UPDATES = ("rows_step", "tile_step", "adam_step")
 # What Triton's tl.sqrt and float32 `/` lower to: no kernel may hold them ([Note: IEEE sqrt and
