@@ -2,7 +2,8 @@
 ``grad_scale`` and ``found_inf`` on the optimizer, the step unscales inside the kernels, and a
 step with an inf/NaN gradient changes nothing (params, m, v, step counters), with no host sync.
 
-Run on every backend that runs here (torch; Triton under the interpreter on a CPU)."""
+Run on every backend that runs here (torch; Triton under the interpreter on a CPU; Triton and
+CUDA on a GPU)."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from adam_mini_kernels import AdamMini, available_backends
 from grad_stream import clone_named
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("torch", "triton") if b in available_backends([DEVICE])]
+BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]  # cuda: on a GPU
 SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,)}
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
 

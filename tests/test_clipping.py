@@ -1,5 +1,6 @@
 """max_grad_norm: fused global gradient clipping, equal to clip_grad_norm_ followed by step(), on
-every backend that runs here; composes with AMP; a non-finite norm skips the update."""
+every backend that runs here (torch; Triton under the interpreter on a CPU; Triton and CUDA on
+a GPU); composes with AMP; a non-finite norm skips the update."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from adam_mini_kernels import AdamMini, available_backends
 from grad_stream import clone_named, max_rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("torch", "triton") if b in available_backends([DEVICE])]
+BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]  # cuda: on a GPU
 SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,), "empty.weight": (0, 4)}
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
 
@@ -140,7 +141,7 @@ def test_norm_of_a_step_without_gradients_is_zero(backend):
     assert opt.last_grad_norm > 0
     opt.zero_grad()
     opt.step()
-    assert opt.last_grad_norm.item() == 0.0 and opt.last_grad_norm.device == DEVICE
+    assert opt.last_grad_norm.item() == 0.0 and opt.last_grad_norm.device == named[0][1].device  # cuda:0, not DEVICE's cuda
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

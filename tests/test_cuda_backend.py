@@ -1066,23 +1066,29 @@ def test_fake_implementations_refuse_what_the_launchers_refuse(operators, reques
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0 / 0, not selected
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda-emulated"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda-emulated", pytest.param("cuda", marks=[gpu, needs_gpu])])
 def test_never_stepped_idle_parameters_stay_still_with_eps_zero(backend, request):
     """eps = 0 and parameters that never had a gradient (v = 0): h = 0 and their step size over h
     is 0 / 0; idle parameters must still not move (step size 0 is selected, not divided), on every
-    backend's kernels: rows, a large block, Adam tiles."""
+    backend's kernels: rows, a large block, Adam tiles. Triton on CUDA tensors where there is a
+    GPU (CPU tensors need its interpreter, which is off there)."""
+    device = torch.device("cpu")
     if backend == "triton":
         pytest.importorskip("triton")
+    if backend == "cuda":
+        _import_backend()
+    if backend in ("cuda", "triton") and HAS_GPU:
+        device = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(11)
     shapes = (("mlp.weight", (4, 8)), ("ln.weight", (8,)), ("mlp.bias", (4,)), ("wte.weight", (3, 8)),
               ("big.weight", (2 * launch_tables.ROW_MAX + 8,)))
-    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen))) for n, s in shapes]
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(device))) for n, s in shapes]
     if backend == "cuda-emulated":
         opt = emulated_optimizer(named, request.getfixturevalue("emulator"), eps=0.0, verbose=False)
     else:
         opt = AdamMini(named, eps=0.0, verbose=False, backend=backend)
     before = [p.detach().clone() for _, p in named]
-    named[0][1].grad = torch.randn(4, 8, generator=gen)
+    named[0][1].grad = torch.randn(4, 8, generator=gen).to(device)
     opt.step()
     assert not torch.equal(named[0][1].detach(), before[0])
     for (n, p), b in zip(named[1:], before[1:]):

@@ -1375,7 +1375,7 @@ def test_compiled_step_over_shared_shards_is_refused_where_dynamo_fails(tmp_path
 
 def _cuda_worker(rank, port, out, backend, share, compiled):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
     try:
         torch.cuda.set_device(0)
         model = _model().cuda()

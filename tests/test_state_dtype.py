@@ -1,6 +1,6 @@
 """state_dtype=torch.float32: float32 first moment for bf16/fp16 parameters, on every backend
 (torch; Triton, under the interpreter on a CPU; the CUDA kernels, emulated on the CPU in
-test_cuda_backend.py), and kept float32 through save and load."""
+test_cuda_backend.py and compiled on a GPU), and kept float32 through save and load."""
 
 import io
 
@@ -12,7 +12,7 @@ from adam_mini_kernels.reference import adam_mini_step
 from grad_stream import clone_named, max_rel_err, run_stream
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("torch", "triton") if b in available_backends([DEVICE])]
+BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]  # cuda: on a GPU
 SHAPES = {"wte.weight": (12, 16), "layers.0.wq.weight": (16, 16), "mlp.weight": (20, 16), "ln.weight": (16,), "mlp.bias": (20,)}
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=16, n_heads=2)
 

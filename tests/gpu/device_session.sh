@@ -125,9 +125,12 @@ checks() {
 
   # Tests on the GPU beside the sanitizers (correctness only: nothing is timed here).
   local tests_s=$(( $(left) - 80 )); [ "$tests_s" -gt 240 ] && tests_s=240; [ "$tests_s" -lt 30 ] && tests_s=30
-  local per_test=""  # pytest-timeout's per-test limit where it is installed (an unknown flag would end pytest at once)
+  # pytest-timeout's per-test limit and xdist's workers where they are installed (both are on the
+  # image; an unknown flag would end pytest at once).
+  local per_test="" workers=""
   $PY -c "import pytest_timeout" 2> /dev/null && per_test="--timeout 200" || note "pytest-timeout missing: no per-test limit"
-  limit "$tests_s" $PY -m pytest -q -ra -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" $per_test -k "not 2_pow_31" \
+  $PY -c "import xdist" 2> /dev/null && workers="-n ${PYTEST_WORKERS:-8}" || note "pytest-xdist missing: the tests run in one process"
+  limit "$tests_s" $PY -m pytest -q -ra -p no:cacheprovider $workers $per_test -k "not 2_pow_31" \
     --junitxml="$LOGS/pytest.xml" ${TESTS:-tests} > "$LOGS/pytest.log" 2>&1 &
   local pytest_pid=$! tool a b rc_a rc_b rc
   sanitizer_probe; local probe=$?
