@@ -278,6 +278,30 @@ def test_idle_parameters_stay_bitwise_still(backend):
         assert torch.equal(opt._flat[0].m_view(i), m_before[opt._flat[0].offsets[i] :][: params[i].numel()])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the interpreter's inf * 0
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_results_stay_non_finite(backend):
+    """An inf or NaN gradient with no GradScaler to skip the step makes inf/NaN parameters and m
+    (a whole row or block through its v, one element of an Adam block): the stochastic stores
+    keep them non-finite, where the torch backend's do. Adding 16 random bits to a NaN's float32
+    pattern can carry out of it: the GPU's canonical NaN 0x7FFFFFFF would be stored as -0.0. (The
+    CPU's NaNs have zero low bits, which do not carry: only a GPU run can catch that one.)"""
+    runs = []
+    for name in ("torch", backend):
+        named = _named(seed=5)
+        opt = AdamMini(named, backend=name, stochastic_rounding=True, **KW)
+        for i, (_, p) in enumerate(named):
+            g = torch.randn_like(p)
+            g.view(-1)[(7 * i) % p.numel()] = float("nan") if i % 2 else float("inf")
+            p.grad = g
+        opt.step()
+        runs.append([p.detach() for _, p in named] + [opt._flat[0].m])
+    for i, (ref, got) in enumerate(zip(*runs)):
+        assert not torch.isfinite(ref).all(), i
+        assert torch.equal(torch.isfinite(got), torch.isfinite(ref)), i
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), i
+
+
 def test_mixed_dtypes_round_only_bfloat16():
     named = _named(seed=4)
     named[0] = (named[0][0], torch.nn.Parameter(named[0][1].detach().float()))
