@@ -280,12 +280,21 @@ def _sectioned_named():
     start off the vector boundary. The name rules never give such spans (parameters start aligned,
     their blocks are equal); the fast paths must leave them to the scalar ones: on a GPU a vector
     access there faults, in the emulator it fails an assert ([Note: alignment check of the
-    emulator] in csrc/kernels.cuh), and Triton's aligned body would read a shifted span."""
+    emulator] in csrc/kernels.cuh), and Triton's aligned body would read a shifted span. A second
+    such parameter has two large blocks of an odd length: the first one's last tile starts on a
+    vector boundary but ends inside a vector, just before the next block (a vector access there
+    would step the next block's first elements too)."""
     named, dims = _odd_named()
-    sections = (Section("mlp", 5, 3), Section("mlp", 8, 5), Section("mlp", 2 * launch_tables.TILE + 8, 1))
-    numel = sum(s.block_numel * s.num_blocks for s in sections)
-    param = torch.nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(6)))
-    return named + [("fused.weight", param)], dims, {"fused.weight": BlockLayout("fused.weight", "mlp", (numel,), sections)}
+    gen = torch.Generator().manual_seed(6)
+    layouts = {}
+    for name, sections in (
+        ("fused.weight", (Section("mlp", 5, 3), Section("mlp", 8, 5), Section("mlp", 2 * launch_tables.TILE + 8, 1))),
+        ("odd_blocks.weight", (Section("mlp", 2 * launch_tables.TILE + 3, 2),)),
+    ):
+        numel = sum(s.block_numel * s.num_blocks for s in sections)
+        named.append((name, torch.nn.Parameter(torch.randn(numel, generator=gen))))
+        layouts[name] = BlockLayout(name, "mlp", (numel,), sections)
+    return named, dims, layouts
 
 
 def unaligned_starts(opt, vec):
@@ -583,18 +592,20 @@ def test_emulated_kernels_amp_unscale_and_skip(emulator):
 def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
     """The kernels' stochastic rounding gives the torch backend's bits (gradients of +-1 and
     beta1 = 1/2: exact sums and m updates, so the same float32 results), on both load/store
-    paths, and not round-to-nearest's."""
+    paths, and not round-to-nearest's. Twelve steps: m gains a significant bit per step, so a
+    bfloat16 m (8 bits) is rounded from the ninth on, with its own stream of random bits."""
     named, dims = _odd_named()
     kwargs = dict(state_dtype=state_dtype, betas=(0.5, 0.999))  # beta1 = 1/2: exact m updates
     sets, opts = _emulated_runs(named, dims, torch.bfloat16, emulator, ["fast", "scalar"], stochastic_rounding=True, **kwargs)
     nearest_sets, nearest_opts = _emulated_runs(named, dims, torch.bfloat16, emulator, [], **kwargs)
-    run_stream(sets + nearest_sets, opts + nearest_opts, steps=3, seed=51, none_every=4, signs=True)
+    run_stream(sets + nearest_sets, opts + nearest_opts, steps=12, seed=51, none_every=4, signs=True)
     for params in sets[1:]:
         for a, b in zip(sets[0], params):
             assert torch.equal(a, b)
     for opt in opts[1:]:
         assert torch.equal(opts[0]._flat[0].m, opt._flat[0].m)
     assert any(not torch.equal(a, b) for a, b in zip(sets[0], nearest_sets[0]))
+    assert (state_dtype is None) != torch.equal(opts[0]._flat[0].m, nearest_opts[0]._flat[0].m)  # m rounded too
     _assert_padding_zero(opts[1]._flat[0])
 
 

@@ -158,14 +158,16 @@ def test_triton_random_bits_beyond_2_pow_32():
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_backends_round_bitwise_alike(backend, state_dtype):
     """Same float32 results (exact sums) in, the same stochastically rounded bits out, as the
-    torch backend; and different bits than round-to-nearest (so the comparison can fail)."""
-    ref, ref_opt = _run("torch", stochastic_rounding=True, state_dtype=state_dtype)
-    got, got_opt = _run(backend, stochastic_rounding=True, state_dtype=state_dtype)
-    nearest, _ = _run("torch", state_dtype=state_dtype)
+    torch backend; and different bits than round-to-nearest (so the comparison can fail). Twelve
+    steps: m gains a significant bit per step, so a bfloat16 m is rounded from the ninth on."""
+    ref, ref_opt = _run("torch", steps=12, stochastic_rounding=True, state_dtype=state_dtype)
+    got, got_opt = _run(backend, steps=12, stochastic_rounding=True, state_dtype=state_dtype)
+    nearest, nearest_opt = _run("torch", steps=12, state_dtype=state_dtype)
     for a, b in zip(ref, got):
         _assert_same_rounding(a, b)
     _assert_same_rounding(ref_opt._flat[0].m, got_opt._flat[0].m)
     assert any(not torch.equal(a, c) for a, c in zip(ref, nearest))
+    assert (state_dtype is None) != torch.equal(ref_opt._flat[0].m, nearest_opt._flat[0].m)  # m rounded too
 
 
 def _assert_same_rounding(a, b):
