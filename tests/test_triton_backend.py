@@ -67,6 +67,18 @@ def test_bf16_stores_round_to_nearest_even(state_dtype):
         assert sum(int((a != b).sum()) for a, b in m) <= 1e-3 * total
 
 
+def test_bf16_stores_round_ties_to_even():
+    """Gradients of +-1 with beta1 = 1/2: every m update is exact and m gains a significant bit
+    per step, so from the ninth step on, a bfloat16 m is rounded from float32 values exactly
+    halfway between two bfloat16 ones. The kernels' stores must round those ties to even,
+    bitwise as torch's conversion (random values almost never hit a tie), on every path."""
+    named, dims = _odd_named()
+    sets, opts = backend_runs(named, dims, torch.bfloat16, ("torch", "triton"), DEVICE, betas=(0.5, 0.999), **KW)
+    run_stream(sets, opts, steps=12, seed=2, none_every=0, signs=True)
+    for a, b in zip(opts[0]._flat, opts[1]._flat):
+        assert torch.equal(a.m, b.m)
+
+
 @pytest.mark.parametrize("model_name", models.OFFICIAL_SAFE)
 def test_matches_official_and_torch_backend(model_name):
     """SPEC section 6: float32 parity with official 1.1.1, max relative error <= 1e-5 after 10
