@@ -609,6 +609,22 @@ def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
     _assert_padding_zero(opts[1]._flat[0])
 
 
+def coefficient_inputs(group, gen):
+    """Per-parameter hyperparameters and step counters for the coefficient kernel tests: random
+    (lr, weight decay, beta1 in [0.8, 0.99], beta2 in [0.9, 0.9999], eps) and steps below 200 000,
+    and two parameters with beta2 near 1 (where beta2^t still matters at large t) at steps past 16
+    and 32 bits (3 * 2^16 + 5 and 2^33 + 7: a power taken from the counter's low bits, or from an
+    int32 of it, is far off there)."""
+    n = len(group.params)
+    u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
+    hparams = u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64)
+    hparams[:2, 3] = torch.tensor([0.99999, 0.9999999], dtype=torch.float64)
+    group.set_hparams(hparams)
+    steps = torch.randint(0, 200_000, (n,), generator=gen)
+    steps[:2] = torch.tensor([3 * 2**16 + 5, 2**33 + 7])
+    group.steps.copy_(steps)
+
+
 @pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "scale_only", "skip_only", "rounding"])
 def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
@@ -619,9 +635,7 @@ def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     group = _cpu_group(named, dims)
     gen = torch.Generator().manual_seed(17)
     n = len(group.params)
-    u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
-    group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
-    group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
+    coefficient_inputs(group, gen)
     active = (torch.rand(n, generator=gen) > 0.3) if case == "idle" else None
     inv_scale = torch.tensor(1 / 1024.0) if case in ("amp", "amp_skip", "scale_only") else None
     found_inf = {"amp": 0.0, "amp_skip": 1.0, "skip_only": 1.0}.get(case)

@@ -14,7 +14,7 @@ import models
 from adam_mini_kernels import AdamMini
 from grad_stream import backend_runs, clone_named, max_rel_err, run_stream
 from precision import assert_runs_close
-from test_cuda_backend import _odd_named, _sectioned_named, unaligned_starts  # the CUDA tests' sets: every path of the kernels
+from test_cuda_backend import _odd_named, _sectioned_named, coefficient_inputs, unaligned_starts  # the CUDA tests' sets: every path of the kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KW = dict(lr=1e-2, weight_decay=0.1, verbose=False)
@@ -201,9 +201,7 @@ def test_coefficient_kernel_matches_torch_ops(case):
     group = opt._flat[0]
     gen = torch.Generator().manual_seed(13)
     n = len(group.params)
-    u = torch.rand(n, 5, generator=gen, dtype=torch.float64)
-    group.set_hparams(u * torch.tensor([1.0, 0.2, 0.19, 0.0999, 1e-8], dtype=torch.float64) + torch.tensor([1e-4, 0.0, 0.8, 0.9, 0.0], dtype=torch.float64))
-    group.steps.copy_(torch.randint(0, 200_000, (n,), generator=gen))
+    coefficient_inputs(group, gen)
     active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if case == "idle" else None
     inv_scale = torch.tensor(1 / 1024.0, device=DEVICE) if case in ("amp", "scale_only") else None
     found_inf = {"amp": 0.0, "skip_only": 1.0}.get(case)
