@@ -174,9 +174,10 @@ def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
     """The issues' criteria for every AdamMini run, and the noise floor (see [Note: noise
     floor]) for the perturbed official run."""
     out = {}
-    official, adamw, fp32 = results.get("official"), results.get("AdamW"), results.get(FP32_RUN)
-    for run, r in results.items():
-        if "train_loss" not in r or not (run.startswith("AdamMini") or run == PERTURBED):
+    trained = {run: r for run, r in results.items() if "train_loss" in r}  # not_run rows compare with nothing
+    official, adamw, fp32 = trained.get("official"), trained.get("AdamW"), trained.get(FP32_RUN)
+    for run, r in trained.items():
+        if not (run.startswith("AdamMini") or run == PERTURBED):
             continue
         row: Dict[str, object] = {}
         if official is not None and (backend_of(run) or run == PERTURBED):
@@ -187,7 +188,7 @@ def criteria(results: Dict[str, dict]) -> Dict[str, dict]:
         if adamw is not None and r["steps"] == adamw["steps"] and run != PERTURBED:
             final = final_rel(r, adamw)
             row.update(final_val_rel_vs_adamw=final, final_within_1pct=abs(final) < FINAL_RTOL)
-        if run == INT8_RUN and fp32 is not None and "train_loss" in fp32 and r["steps"] == fp32["steps"]:
+        if run == INT8_RUN and fp32 is not None and r["steps"] == fp32["steps"]:
             final = final_rel(r, fp32)
             row.update(final_val_rel_vs_fp32_state=final, int8_final_within_1pct=abs(final) < FINAL_RTOL)
         out[run] = row
@@ -258,7 +259,8 @@ def plot(report: dict, path: Path) -> None:
                 ms=3, lw=2, ls="--", label=f"{run} val")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=f"Tiny GPT convergence, {report['device']['name']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:  # none before the first finished run
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -267,12 +269,15 @@ def plot(report: dict, path: Path) -> None:
 def _resumed(paths: List[Path], dev: dict, cfg: RunConfig, seed: int) -> Tuple[Dict[str, dict], dict]:
     """(the finished runs, what was resumed) of the first results file of ``paths`` from this
     device, which must come from the same configuration and seed (else SystemExit: those are the
-    caller's choice). Files of another device are passed over with a warning, and with none of
-    this device every run starts fresh: which GPU a lease gets is not the caller's choice (an H200
-    instead of an H100), and refusing would waste the lease, while curves of two devices must
-    not be mixed in one file."""
+    caller's choice). Files of another device, and missing ones, are passed over with a warning,
+    and with none of this device every run starts fresh: which GPU a lease gets is not the
+    caller's choice (an H200 instead of an H100), and refusing would waste the lease, while
+    curves of two devices must not be mixed in one file."""
     passed_over = []
     for path in paths:
+        if not path.exists():  # e.g. the file of the GPU kind no lease has drawn yet
+            passed_over.append(f"{path} (no such file)")
+            continue
         old = json.loads(path.read_text())
         if old["device"]["name"] != dev["name"]:
             passed_over.append(f"{path} ({old['device']['name']})")
@@ -314,8 +319,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--seed", type=int, default=SEED, help=f"initial weights and batches (default {SEED}, the demo's)")
     ap.add_argument("--tag", help="suffix of the output file names")
     ap.add_argument("--time-budget-s", type=float,
-                    help="start no run after this many seconds (the others are reported as not run); the files are "
-                         "rewritten after every run, so a stopped run leaves the finished ones")
+                    help="start no run that would end after this many seconds at the pace of the longest run so far "
+                         "(the others are reported as not run); the files are rewritten after every run, so a "
+                         "stopped run leaves the finished ones")
     ap.add_argument("--resume", type=Path, nargs="+",
                     help="results JSONs of this script; the first of this device (it must have the same preset, steps "
                          "and seed) has its finished runs kept and only the others run (a run split over several GPU "
@@ -358,16 +364,19 @@ def main(argv: Optional[List[str]] = None) -> Path:
     results: Dict[str, dict] = {}
     kept, resumed = _resumed(args.resume, dev, cfg, args.seed) if args.resume else ({}, None)
     start = time.perf_counter()
+    failed = []
     for run in runs:
         backend = backend_of(run)
         elapsed = time.perf_counter() - start
+        longest = max((r["seconds"] for r in results.values() if "seconds" in r), default=0.0)
         if run in kept:
             results[run] = kept[run]
         elif backend is not None and backend not in available:  # said whatever the time left
             why = dispatch.BACKENDS[backend].why_not([device]) if backend in dispatch.BACKENDS else "no such backend"
             results[run] = {"not_run": f"backend {backend!r} cannot run on {device.type} here: {why} (available: {available})"}
-        elif args.time_budget_s is not None and elapsed > args.time_budget_s:
-            results[run] = {"not_run": f"the time budget ({args.time_budget_s:.0f} s) was spent before this run"}
+        elif args.time_budget_s is not None and elapsed + longest > args.time_budget_s:
+            results[run] = {"not_run": f"the time budget ({args.time_budget_s:.0f} s) would be spent before this run "
+                                       f"ends ({elapsed:.0f} s gone, runs so far took up to {longest:.0f} s)"}
         else:
             interpreted = backend == "triton" and device.type == "cpu"
             stop = args.interpreter_steps if interpreted else None
@@ -375,16 +384,30 @@ def main(argv: Optional[List[str]] = None) -> Path:
                 results[run] = train(run, cfg, data[:split], val_set, args.device, args.seed, stop)
             except ImportError as err:  # official missing
                 results[run] = {"not_run": str(err)}
+            except Exception as err:  # a row, as bench_step.py's: the other runs still run
+                failed.append(run)
+                results[run] = {"not_run": f"failed: {type(err).__name__}: {err}"[:500], "failed": True}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             if interpreted and "steps" in results[run]:
                 results[run]["note"] = f"Triton interpreter (CPU): the first {results[run]['steps']} steps only"
         print(f"{run}: {results[run].get('not_run') or '%.1f s' % results[run]['seconds']}", flush=True)
         report = _report(dev, date, args.seed, cfg, results, complete=run == runs[-1], resumed=resumed)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-        stem.with_suffix(".md").write_text(markdown(report))
+        _write(stem.with_suffix(".json"), json.dumps(report, indent=1))
+        _write(stem.with_suffix(".md"), markdown(report))
         plot(report, stem.with_suffix(".png"))
     print(markdown(report))
     print(f"results: {stem}.json / .md / .png")
+    if failed:
+        raise SystemExit(f"convergence: {len(failed)} run(s) failed: {', '.join(failed)} (their rows say why)")
     return stem
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` whole: a stop mid-write (SIGINT at a lease's limit) leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,50 @@ def test_resume_passes_over_files_of_another_device(tmp_path):
     assert both.returncode == 0 and "WARNING" not in both.stderr, both.stderr[-3000:]
     [path] = (tmp_path / "both").glob("convergence_*.json")
     assert json.loads(path.read_text())["resumed"]["from"] == str(here)
+    # A file not written yet (the other GPU kind's, no lease drew it): passed over too.
+    missing = _conv(tmp_path / "missing", "--backends", "torch", "--time-budget-s", "0", "--resume",
+                    str(tmp_path / "convergence_not-yet.json"), str(here))
+    assert missing.returncode == 0 and "WARNING" not in missing.stderr, missing.stderr[-3000:]
+    [path] = (tmp_path / "missing").glob("convergence_*.json")
+    resumed = json.loads(path.read_text())["resumed"]
+    assert resumed["from"] == str(here) and "no such file" in resumed["passed_over"][0]
+
+
+def test_a_failing_run_is_a_row_and_the_others_still_run(tmp_path, monkeypatch):
+    """An exception in a run (a backend's error, an out-of-memory) is that run's row, saying why;
+    the runs after it still run, every file is written, and the script exits non-zero at the end
+    (a lease must not lose the other runs to one failure). Here the two reference runs fail: the
+    criteria of the others are computed without them."""
+    pytest.importorskip("adam_mini")
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("convergence_under_test", ROOT / "bench" / "convergence.py")
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
+    real_train = convergence.train
+
+    def train(run, *args, **kwargs):
+        if run in ("official", "AdamW"):
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real_train(run, *args, **kwargs)
+
+    monkeypatch.setattr(convergence, "train", train)
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    try:
+        with pytest.raises(SystemExit, match="2 run.s. failed: official, AdamW"):
+            convergence.main(["--preset", "smoke", "--steps", "2", "--backends", "torch", "--device", "cpu",
+                              "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    [path] = tmp_path.glob("convergence_*.json")
+    report = json.loads(path.read_text())
+    runs = report["results"]
+    for name in ("official", "AdamW"):
+        assert runs[name]["failed"] and "RuntimeError: CUDA out of memory" in runs[name]["not_run"], name
+    assert all(len(r["train_loss"]) == 2 for name, r in runs.items() if name not in ("official", "AdamW")), sorted(runs)
+    assert "curve_rel_diff_vs_official" not in report["criteria"]["AdamMini[torch]"]
+    assert report["complete"] and "AdamW | not run: failed: RuntimeError" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").exists()

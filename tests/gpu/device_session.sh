@@ -181,7 +181,7 @@ convergence() {
   limit "$conv_s" $PY bench/convergence.py ${CONV_ARGS:---preset gpu} --out "$OUT" --time-budget-s $((conv_s - 150)) \
     > "$LOGS/convergence.log" 2>&1; rc=$?
   grep -m3 "WARNING" "$LOGS/convergence.log" >> "$OUT/summary.txt"  # e.g. --resume files of another GPU: started fresh
-  note "convergence rc=$rc: $(grep -E '^[^|].*: ([0-9.]+ s|not run|the time budget|backend )' "$LOGS/convergence.log" | tr '\n' ';')"
+  note "convergence rc=$rc: $(grep -E '^[^|].*: ([0-9.]+ s|not run|the time budget|backend |failed: )' "$LOGS/convergence.log" | tr '\n' ';')"
   [ $rc -eq 0 ] || fail "convergence (rc $rc; 124 = out of time: the JSON holds the runs that finished)"
   pack
 }
