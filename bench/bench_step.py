@@ -494,15 +494,18 @@ HOST_CALLS = 10
 
 
 def host_ms(step: Callable[[], object], device: torch.device) -> Optional[float]:
-    """GPU rows: the median host time of one ``step()`` call, without a sync (what the Python
-    front-end and the launches cost the CPU). A step whose host time reaches its GPU time is
-    host-bound: its timed median is then the host's, not the kernels'. None on the CPU, where the
+    """GPU rows: the median host time of one ``step()`` call, each started on an idle GPU and
+    not waited for (what the Python front-end and the launches cost the CPU). A step whose host
+    time reaches its GPU time is host-bound: its timed median is then the host's, not the
+    kernels'. Calls back to back would fill CUDA's launch queue (about a thousand launches) and
+    then time the GPU; a step of more launches than that (official adam-mini: a dozen per tensor)
+    still waits within the call, so its host time is an upper bound. None on the CPU, where the
     two are the same time."""
     if device.type != "cuda":
         return None
-    sync(device)
     times = []
     for _ in range(HOST_CALLS):
+        sync(device)
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
@@ -555,7 +558,7 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         ctx.lost_context = f"before {spec.id} on {pset.key}, freeing memory raised {_error_text(err)[:200]}"
         row.update(status="skipped", reason=f"not run: the CUDA context was lost ({ctx.lost_context})")
         return row
-    named = opt = step = target = None
+    named = opt = step = target = params = None
     try:
         named = make_params(pset, device)
         sync(device)
@@ -600,8 +603,11 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
             torch.cuda.reset_peak_memory_stats(device)
             step()
             sync(device)
-            row["extra_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
-            row["extra_peak_fraction_of_params"] = row["extra_peak_bytes"] / param_bytes
+            if spec.graph:  # a replay allocates nothing: the capture's private pool is in the resident bytes
+                row["extra_peak_bytes"] = row["extra_peak_fraction_of_params"] = None
+            else:
+                row["extra_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+                row["extra_peak_fraction_of_params"] = row["extra_peak_bytes"] / param_bytes
         else:
             row["resident_optimizer_bytes"] = None
             row["extra_peak_bytes"] = None
@@ -635,7 +641,7 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         row["reason"] = _error_text(err)
         row["traceback"] = traceback.format_exc(limit=12)[-4000:]
     finally:
-        step = target = opt = named = None  # the compiled closure holds the optimizer too
+        step = target = opt = named = params = None  # the closures hold the optimizer and parameters too
         # After a sticky CUDA error (an illegal address, say) the clean-up raises too: that must
         # not end the run (the rows after it are then reported as skipped, and the JSON, table and
         # plot are still written). The row keeps what it measured before (every timing ends in a
@@ -807,6 +813,7 @@ def main(argv=None) -> int:
     # SIGINT (the device script's `timeout -s INT` at its deadline): stop, report the rows not run as
     # skipped, and still write the table and the plot (the JSON is rewritten after every row anyway).
     interrupted = None
+    running = None  # the (set, optimizer) row being timed: where a SIGINT's time went
     try:
         for pset, in_sweep in tasks:
             same_as = pset.extra.get("same_as")
@@ -824,6 +831,7 @@ def main(argv=None) -> int:
                                family=spec.family, status="skipped",
                                reason=f"not run: the time budget (--time-budget-s {args.time_budget_s:g}) was used up")
                 else:
+                    running = (pset.key, spec.id)
                     try:
                         row = run_row(spec, pset, records[pset.key], ctx, in_sweep)
                     except Exception as err:  # noqa: BLE001 - the harness itself failed: a row, and the files still written
@@ -834,6 +842,7 @@ def main(argv=None) -> int:
                         if device.type == "cuda" and ctx.lost_context is None:
                             ctx.lost_context = f"the harness raised on {spec.id}, {pset.key}: {_error_text(err)[:200]}"
                 rows.append(row)
+                running = None
                 save(result(complete=False))  # a run killed half-way still leaves its rows
                 bar.update(1)
                 msg = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {str(row['reason'])[:120]}"
@@ -842,7 +851,7 @@ def main(argv=None) -> int:
         interrupted = f"not run: interrupted (SIGINT) after {time.perf_counter() - started:.0f} s"
         done = {(r["set"], r["optimizer"]) for r in rows}
         rows.extend(dict(set=p.key, optimizer=o.id, label=o.label, backend=o.backend, compiled=o.compiled, family=o.family,
-                         status="skipped", reason=interrupted)
+                         status="skipped", reason=interrupted + (" while this row ran" if (p.key, o.id) == running else ""))
                     for p, _ in tasks for o in specs if (p.key, o.id) not in done)
         print(f"bench_step: {interrupted}; writing what was measured", file=sys.stderr, flush=True)
     bar.close()

@@ -278,3 +278,4 @@ def test_sigint_reports_the_rest_as_skipped_and_writes_the_files(tmp_path):
         ("gpt2-124m-fp32", "adamw-fused", "ok"), ("gpt2-124m-fp32", "ours-torch", "skipped"),
         ("llama-1.1b-bf16", "adamw-fused", "skipped"), ("llama-1.1b-bf16", "ours-torch", "skipped")]
     assert all("interrupted (SIGINT)" in r["reason"] for r in res["rows"][1:])
+    assert [r["reason"].endswith("while this row ran") for r in res["rows"][1:]] == [True, False, False]  # its time went there
