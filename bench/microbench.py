@@ -39,12 +39,13 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Dict, List, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 
-from arguments import positive_float, positive_int  # noqa: E402
+from arguments import nonnegative_float, positive_float, positive_int  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,8 +133,13 @@ def run_gpu(args) -> int:
     line_vals = [f"{b}-{SHORT[d]}" for b, d in lines]
     by_val = dict(zip(line_vals, lines))
 
+    started, skipped = time.perf_counter(), []
+
     def measure(path: str, size: int, provider: str):
         backend, dtype_name = by_val[provider]
+        if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+            skipped.append((path, size, provider))  # NaN: each benchmark still writes its csv and png
+            return math.nan, math.nan, math.nan
         try:
             group, keep = make_group(path, size, args.numel, DTYPES[dtype_name], device)
             fn = steps[backend]
@@ -172,6 +178,9 @@ def run_gpu(args) -> int:
           f"{args.numel:,} elements per point, dtypes {', '.join(args.dtypes)}; GB/s of the minimum bytes")
     report = triton.testing.perf_report(benches)(measure)
     report.run(print_data=True, save_path=str(out))
+    if skipped:
+        print(f"microbench: {len(skipped)} points not run (NaN): the time budget (--time-budget-s "
+              f"{args.time_budget_s:g}) was used up, from {skipped[0][0]} size {skipped[0][1]} {skipped[0][2]} on")
     print(f"wrote {out}/ (csv and png per benchmark)")
     return 0
 
@@ -216,6 +225,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-ms", type=positive_float, default=50.0)
     ap.add_argument("--rep-ms", type=positive_float, default=300.0)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="results go to OUT/microbench_<device>_<date>/")
+    ap.add_argument("--time-budget-s", type=nonnegative_float, default=None,
+                    help="start no point after this many seconds: the rest are NaN, and every benchmark still writes "
+                         "its csv and png (a SIGINT would lose the one in progress)")
     ap.add_argument("--dry-run", action="store_true", help="CPU: run every path once at tiny sizes under TRITON_INTERPRET=1 and check it against the torch backend; no timing")
     args = ap.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]

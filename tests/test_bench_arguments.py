@@ -26,6 +26,7 @@ import arguments  # noqa: E402
     ("bench/bench_step.py", ["--smoke", "--warmup-steps=-1"]),
     ("bench/bench_step.py", ["--smoke", "--copy-bytes=0"]),
     ("bench/microbench.py", ["--dry-run", "--numel=0"]),
+    ("bench/microbench.py", ["--dry-run", "--time-budget-s=-5"]),
     ("-m demo.train", ["--steps=0"]),
 ])
 def test_scripts_refuse_unusable_numbers(script, argv):
