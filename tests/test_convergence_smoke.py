@@ -139,6 +139,7 @@ def test_a_failing_run_is_a_row_and_the_others_still_run(tmp_path, monkeypatch):
 
     import torch
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts bench/ and the root first: undone after
     spec = importlib.util.spec_from_file_location("convergence_under_test", ROOT / "bench" / "convergence.py")
     convergence = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convergence)
