@@ -55,13 +55,6 @@ HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS = range(5)
 NUM_HPARAMS = 5
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to ``device`` with no host-device sync (pinned, non-blocking)."""
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
-
-
 def check_dense_grad(name: str, grad: torch.Tensor) -> None:
     """Raise for a sparse gradient (AdamMini steps dense tensors only)."""
     if grad.layout != torch.strided:
@@ -348,20 +341,28 @@ class FlatGroup:
 
     def set_hparams(self, table: torch.Tensor) -> None:
         """Upload the per-parameter hyperparameter table (a float64 CPU tensor, columns HP_LR to
-        HP_EPS); no host-device sync. The optimizer calls it only when the values changed. The
-        host copy of an upload captured in a CUDA graph is kept alive: each replay copies it again."""
+        HP_EPS); no host-device sync. The optimizer calls it only when the values changed."""
         if torch.compiler.is_compiling():  # values are constants of the graph, guarded on
             self.hparams.copy_(table)
             return
-        host = table
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-            if torch.cuda.is_current_stream_capturing():
-                self._captured_uploads.append(host)
         if self.hparams is None:
-            self.hparams = host.to(self.device, non_blocking=True)
+            self.hparams = self.upload(table)
         else:  # in place: a captured graph keeps reading this table
-            self.hparams.copy_(host, non_blocking=True)
+            self.hparams.copy_(self._pinned(table), non_blocking=True)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A device copy of a small host tensor, with no host-device sync."""
+        return self._pinned(host).to(self.device, non_blocking=True)
+
+    def _pinned(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` in pinned memory on a CUDA group (what a non-blocking copy needs), kept alive
+        when the copy is captured in a CUDA graph: each replay copies from it again."""
+        if self.device.type != "cuda":
+            return host
+        host = host.pin_memory()
+        if torch.cuda.is_current_stream_capturing():
+            self._captured_uploads.append(host)
+        return host
 
     def active_flags(self, active: List[bool], keep: bool) -> torch.Tensor:
         """``active`` as a bool tensor on the device, without a sync. ``keep``: cache one tensor
@@ -371,7 +372,7 @@ class FlatGroup:
         if flags is None:
             if torch.compiler.is_compiling():
                 return torch.tensor(active, device=self.device)
-            flags = to_device(torch.tensor(active), self.device)
+            flags = self.upload(torch.tensor(active))
             if keep:
                 self._active_flags[key] = flags
         return flags

@@ -597,9 +597,15 @@ class AdamMini(torch.optim.Optimizer):
         table = torch.cat([torch.tensor(lrs, dtype=torch.float64).reshape(-1, 1), memo.rest_table], dim=1)
         for group, select, index in zip(self._flat, self._row_select, self._row_index):
             group.set_hparams(table.index_select(0, select))
-            # The rows whose lr ``_device_lrs`` writes on the device, and their param groups.
+            # The rows whose lr ``_device_lrs`` writes on the device, and their param groups (kept
+            # while they stay the same: a float lr changed by a scheduler leaves them).
             rows = [i for i, k in enumerate(index) if memo.lrs[k] is None] if memo.device_lr else []
-            group.cache["device_lr_rows"] = (torch.tensor(rows, device=group.device), [index[i] for i in rows]) if rows else None
+            ks = [index[i] for i in rows]
+            plan = group.cache.get("device_lr_rows")
+            if not rows:
+                group.cache["device_lr_rows"] = None
+            elif plan is None or plan[1:] != (ks, rows):
+                group.cache["device_lr_rows"] = (group.upload(torch.tensor(rows)), ks, rows)
 
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,
@@ -611,7 +617,7 @@ class AdamMini(torch.optim.Optimizer):
             plan = flat.cache.get("device_lr_rows")
             if plan is None:  # every lr of this group is a float, uploaded with the table
                 continue
-            rows, ks = plan
+            rows, ks, _ = plan
             lrs = [self.param_groups[k]["lr"] for k in ks]
             if all(lr is lrs[0] for lr in lrs):
                 values = lrs[0].reshape(1).to(torch.float64).expand(len(ks))

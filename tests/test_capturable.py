@@ -45,14 +45,20 @@ def test_tensor_lr_with_a_scheduler_matches_float_lr():
 
 
 def test_tensor_lr_per_group_and_mixed_with_floats():
-    """Tensor lrs in some param groups, floats in others, changed between steps."""
+    """Tensor lrs in some param groups, floats in others, changed between steps. The rows the
+    tensor lrs are written into are built once (a re-upload for the floats keeps them: building
+    them from a list on a GPU would sync every step)."""
     named = _named(seed=1)
     a_params, b_params = clone_named(named), clone_named(named)
     a, b = AdamMini(a_params, lr=1e-2, **KW), AdamMini(b_params, lr=1e-2, **KW)
     for i, group in enumerate(b.param_groups):
         if i % 2:
             group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+    plans = None
     for step in range(3):
+        if step == 2:
+            plans = [flat.cache["device_lr_rows"] for flat in b._flat]
+            assert any(plan is not None for plan in plans)
         for i, (ga, gb) in enumerate(zip(a.param_groups, b.param_groups)):
             lr = 1e-2 * (i + 1) / (step + 1)
             ga["lr"] = lr
@@ -63,6 +69,7 @@ def test_tensor_lr_per_group_and_mixed_with_floats():
             else:
                 gb["lr"] = lr
         run_stream([[p for _, p in a_params], [p for _, p in b_params]], [a, b], steps=1, seed=10 + step)
+    assert all(flat.cache["device_lr_rows"] is plan for flat, plan in zip(b._flat, plans))
     for (n, x), (_, y) in zip(a_params, b_params):
         assert torch.equal(x, y), n
 
@@ -260,6 +267,38 @@ def test_capturable_step_makes_no_host_sync(backend):
             for p, g in zip(params, _grads(params, step)):
                 p.grad.copy_(g)
             opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_scheduled_float_lrs_beside_a_device_lr_make_no_host_sync(backend):
+    """A device-tensor lr in one param group and float lrs that a scheduler changes every step in
+    the others: each step re-uploads the hyperparameter table and must still not sync (the rows
+    the device lr is written into are kept, not built again from a list)."""
+    named = _named(torch.device("cuda"))
+    opt = AdamMini(named, lr=1e-2, capturable=True, backend=backend, **KW)
+    assert len(opt.param_groups) > 1
+    opt.param_groups[1]["lr"] = torch.tensor(1e-2, device="cuda")
+    params = [p for _, p in named]
+
+    def step(k):
+        for i, group in enumerate(opt.param_groups):
+            if i != 1:
+                group["lr"] = 1e-2 / (k + 1)
+        for p, g in zip(params, _grads(params, k)):
+            p.grad = g if p.grad is None else p.grad.copy_(g)
+        opt.step()
+
+    for k in range(2):
+        step(k)  # builds (the first step may sync: allocations, uploads)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(2, 4):
+            step(k)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
