@@ -600,12 +600,11 @@ class AdamMini(torch.optim.Optimizer):
             # The rows whose lr ``_device_lrs`` writes on the device, and their param groups (kept
             # while they stay the same: a float lr changed by a scheduler leaves them).
             rows = [i for i, k in enumerate(index) if memo.lrs[k] is None] if memo.device_lr else []
-            ks = [index[i] for i in rows]
             plan = group.cache.get("device_lr_rows")
             if not rows:
                 group.cache["device_lr_rows"] = None
-            elif plan is None or plan[1:] != (ks, rows):
-                group.cache["device_lr_rows"] = (group.upload(torch.tensor(rows)), ks, rows)
+            elif plan is None or plan[2] != rows:  # ``index`` is the group's own, fixed with its buffers
+                group.cache["device_lr_rows"] = (group.upload(torch.tensor(rows)), [index[i] for i in rows], rows)
 
     def _device_lrs(self) -> None:
         """Write the lr of parameters whose lr is a device tensor into the hyperparameter tables,

@@ -8,10 +8,12 @@ GPU. ``triton.compile`` with an explicit ``GPUTarget`` needs no device, only Tri
 aligned), and the streaming kernels must then have 128-bit accesses in their aligned branch
 beside the scalar fallback ([Note: aligned spans] in kernels.py). An int argument is compiled
 also as each value the JIT specializes (1 as a constexpr, multiples of 16), unless the kernel
-marks it do_not_specialize: the interpreter never sees those variants. Each kernel is compiled with
-the launcher's options, and the update kernels must then hold fused multiply-adds whatever
+marks it do_not_specialize: the interpreter never sees those variants. Each kernel is compiled
+with the launcher's options, and the update kernels must then hold fused multiply-adds whatever
 Triton's default ([Note: FMA contraction] in launch.py; the test runs this with that default
-turned off), and no kernel an approximate square root or division. Run by tests/test_triton_compile.py in a process without TRITON_INTERPRET:
+turned off), and no kernel an approximate square root or division ([Note: IEEE sqrt and
+division] in kernels.py). Run by tests/test_triton_compile.py in a process without
+TRITON_INTERPRET:
 
     python tests/compile_triton_kernels.py 90 80
 """

@@ -249,6 +249,25 @@ def test_captured_step_replays_equal_eager_steps(backend, variant):
     assert torch.equal(eager._flat[0].steps, graphed._flat[0].steps)
 
 
+def _steps_without_host_sync(step):
+    """``step(k)`` for k = 0, 1 (they build: allocations and uploads may sync), then k = 2, 3
+    under ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync raises."""
+    for k in range(2):
+        step(k)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(2, 4):
+            step(k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _set_grads(params, k):
+    for p, g in zip(params, _grads(params, k)):
+        p.grad = g if p.grad is None else p.grad.copy_(g)
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -256,19 +275,12 @@ def test_capturable_step_makes_no_host_sync(backend):
     named = _named(torch.device("cuda"))
     opt = AdamMini(named, lr=torch.tensor(1e-2, device="cuda"), capturable=True, max_grad_norm=1.0, backend=backend, **KW)
     params = [p for _, p in named]
-    for step in range(2):
-        for p, g in zip(params, _grads(params, step)):
-            p.grad = g
-        opt.step()  # builds (the first step may sync: allocations, uploads)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for step in range(2, 4):
-            for p, g in zip(params, _grads(params, step)):
-                p.grad.copy_(g)
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    def step(k):
+        _set_grads(params, k)
+        opt.step()
+
+    _steps_without_host_sync(step)
 
 
 @gpu
@@ -288,19 +300,10 @@ def test_scheduled_float_lrs_beside_a_device_lr_make_no_host_sync(backend):
         for i, group in enumerate(opt.param_groups):
             if i != 1:
                 group["lr"] = 1e-2 / (k + 1)
-        for p, g in zip(params, _grads(params, k)):
-            p.grad = g if p.grad is None else p.grad.copy_(g)
+        _set_grads(params, k)
         opt.step()
 
-    for k in range(2):
-        step(k)  # builds (the first step may sync: allocations, uploads)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for k in range(2, 4):
-            step(k)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _steps_without_host_sync(step)
 
 
 @gpu

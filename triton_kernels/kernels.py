@@ -11,13 +11,7 @@
 * ``step_coefficients_kernel``: advances the step counters and writes the coefficient table, the
   same table as ``coefficients.step_coefficients`` in one launch.
 
-All math is float32 whatever the storage dtype; offsets are int64. [Note: IEEE sqrt and
-division] On a GPU, Triton's ``tl.sqrt`` is the approximate ``sqrt.approx.ftz.f32`` (which also
-flushes denormals to zero) and float32 ``/`` the approximate ``div.full.f32`` (2 ulp); the
-interpreter computes both exactly, so CI cannot tell. The kernels use ``tl.sqrt_rn`` and
-``tl.math.div_rn`` (correctly rounded, as the CUDA backend's and the PyTorch backend's): they run
-once per block, or per element only in Adam tiles, so exactness costs nothing measurable
-(tests/compile_triton_kernels.py checks that no approximate one is in the PTX). Each parameter's scalar
+All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
 coefficients come from the table of ``coefficients.step_coefficients``. With ``ROUNDING`` the
 bfloat16 stores of p and m round stochastically (``adam_mini_kernels/rounding.py``: the same
 hash, so the same bits, as the other backends).
@@ -27,6 +21,13 @@ storage is a compiled variant of the same kernel) is dequantized on load and req
 store in the same pass: a program's span (a row, a tile) starts at a quantization chunk
 boundary, so it holds whole chunks, takes each chunk's new absmax on chip and writes the chunk's
 scale and codes (``_load_m``, ``_store_m``; the format of ``adam_mini_kernels/quantization.py``).
+
+[Note: IEEE sqrt and division] On a GPU, Triton's ``tl.sqrt`` is the approximate
+``sqrt.approx.ftz.f32`` (which also flushes denormals to zero) and float32 ``/`` the approximate
+``div.full.f32`` (2 ulp); the interpreter computes both exactly, so no CPU run can tell. The
+kernels use ``tl.sqrt_rn`` and ``tl.math.div_rn`` (correctly rounded, as the CUDA and PyTorch
+backends are): they run once per block, or per element only in Adam tiles, so exactness costs
+nothing measurable (tests/compile_triton_kernels.py checks that no approximate one is in the PTX).
 """
 
 import triton
