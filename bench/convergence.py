@@ -146,11 +146,6 @@ def train(run: str, cfg: RunConfig, train_data, val_set, device: str, seed: int,
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def max_rel_diff(ours: List[float], reference: List[float]) -> float:
-    """max over the common steps of |ours - reference| / |reference|."""
-    return max((abs(a - b) / abs(b) for a, b in zip(ours, reference)), default=float("nan"))
-
-
 def final_rel(run: dict, reference: dict) -> float:
     """(run - reference) / reference of the final validation loss."""
     return (run["evals"][-1]["val"] - reference["evals"][-1]["val"]) / reference["evals"][-1]["val"]
