@@ -30,6 +30,13 @@ parameter's shape) and ``m_scales`` (float32, flat, chunk after chunk of the blo
 order) in place of ``m``. Loading a float ``m`` into an int8 optimizer quantizes it (lossy);
 loading codes into a float optimizer dequantizes them (exact in float32).
 
+[Note: non-finite int8 m]
+An inf or NaN in ``m`` (an inf or NaN gradient in a step that neither AMP nor clipping skips)
+makes its chunk's scale inf or NaN (the absmax propagates a NaN, in the kernels too: [Note:
+NaN-propagating absmax] in csrc/kernels.cuh), and every code of the chunk 0 (``m * 127 / scale``
+is 0 or NaN there, and a NaN code is defined as 0): the whole chunk decodes to NaN, never to a
+finite value, as the float m stays non-finite.
+
 [Note: idle int8 m]
 A parameter without an update this step (no gradient, or a step AMP skips) must keep its state
 bit for bit. Its float ``m`` does (the lerp weight is 0), but requantizing its unchanged int8
@@ -81,7 +88,7 @@ def quantize(
     else:
         r, _ = _chunks(random, qblock)
         codes = (y + r).floor()  # unbiased: rounds up with probability frac(y)
-    codes = codes.clamp(-CODE_MAX, CODE_MAX).to(torch.int8)
+    codes = codes.clamp(-CODE_MAX, CODE_MAX).nan_to_num_(nan=0.0).to(torch.int8)
     return codes.flatten(1)[:, :length].reshape(x.shape), scales
 
 

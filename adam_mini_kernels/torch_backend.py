@@ -164,13 +164,13 @@ def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
 
 def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: torch.Tensor) -> None:
     """Store float32 ``m`` of an int8 group as codes and scales: absmax per chunk, linear codes
-    rounded to nearest (padding is 0 and stays code 0); the chunks of idle parameters (``idle``,
-    per parameter) keep theirs, see [Note: idle int8 m] in quantization.py. ``m`` is
-    overwritten (by the codes)."""
+    rounded to nearest (padding is 0 and stays code 0; a non-finite chunk's codes are 0); the
+    chunks of idle parameters (``idle``, per parameter) keep theirs. See [Note: non-finite int8 m]
+    and [Note: idle int8 m] in quantization.py. ``m`` is overwritten (by the codes)."""
     n = group.numel
     scales = _segment_reduce(m.abs(), "max", seg.chunk_offsets)
     idle_chunk = idle.index_select(0, seg.chunk_param)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=n)
-    codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX)
+    codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX).nan_to_num_(nan=0.0)
     group.m_scales.copy_(torch.where(idle_chunk, group.m_scales, scales))
     group.m.copy_(torch.where(torch.repeat_interleave(idle_chunk, seg.chunk_lengths, output_size=n), group.m, codes))

@@ -208,10 +208,24 @@ __device__ __forceinline__ void store_fragment(T* __restrict__ base, const Fragm
   }
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// [Note: NaN-propagating absmax]
+// A NaN m (a NaN gradient in a step that neither AMP nor clipping skips) must make its chunk's
+// scale NaN, as torch.amax does in the PyTorch backend, so that the chunk decodes to NaN as a
+// float m stays NaN. fmaxf drops a NaN: the scale came out finite and the NaN element's code
+// -127, a finite m made up from nothing. So the magnitudes are compared as the unsigned integers
+// of their bit patterns, sign bit cleared: for non-negative floats these order as the floats do,
+// and every NaN lies above +inf. An integer max is exact and order-free like a float max, at the
+// same cost. The codes of a NaN or inf scale's chunk (m * 127 / scale is NaN or 0) are 0
+// (quantize_fragment), as in quantization.quantize: they decode to NaN.
+__device__ __forceinline__ uint32_t magnitude_bits(float x) {
+  return float_bits(x) & 0x7FFFFFFFu;
+}
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, x, offset);
+    x = other > x ? other : x;
   }
   return x;
 }
@@ -250,15 +264,16 @@ __device__ __forceinline__ void quantize_fragment(Fragment& m, float* __restrict
   constexpr int kSlots = kElemsPerThread / kVec;
   constexpr int kWarpsPerChunk = kQBlock / (32 * kVec);
   static_assert(kQBlock % (32 * kVec) == 0, "a warp's units in one slot must lie in one chunk");
-  __shared__ float warp_absmax[kSlots * (kRowMaxThreads / 32)];  // [slot][warp]
+  __shared__ uint32_t warp_absmax[kSlots * (kRowMaxThreads / 32)];  // [slot][warp], magnitude_bits
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
 #pragma unroll
   for (int i = 0; i < kSlots; ++i) {
-    float absmax = 0.f;  // lanes past the span hold m = 0
+    uint32_t absmax = 0u;  // lanes past the span hold m = 0
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      absmax = fmaxf(absmax, fabsf(m[i * kVec + j]));
+      const uint32_t bits = magnitude_bits(m[i * kVec + j]);
+      absmax = bits > absmax ? bits : absmax;
     }
     absmax = warp_max(absmax);
     if (threadIdx.x % 32 == 0) {
@@ -270,18 +285,22 @@ __device__ __forceinline__ void quantize_fragment(Fragment& m, float* __restrict
   for (int i = 0; i < kSlots; ++i) {
     const int first = (i * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * kVec;
     const int chunk = first / kQBlock;
-    float scale = warp_absmax[chunk * kWarpsPerChunk];
+    uint32_t absmax = warp_absmax[chunk * kWarpsPerChunk];
 #pragma unroll
     for (int k = 1; k < kWarpsPerChunk; ++k) {
-      scale = fmaxf(scale, warp_absmax[chunk * kWarpsPerChunk + k]);
+      const uint32_t bits = warp_absmax[chunk * kWarpsPerChunk + k];
+      absmax = bits > absmax ? bits : absmax;
     }
+    float scale;
+    memcpy(&scale, &absmax, sizeof(scale));
     if (first < numel && first % kQBlock == 0) {
       scales[chunk] = scale;
     }
     const float divisor = scale == 0.f ? 1.f : scale;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      m[i * kVec + j] = fminf(fmaxf(rintf(m[i * kVec + j] * kCodeMax / divisor), -kCodeMax), kCodeMax);
+      const float code = rintf(m[i * kVec + j] * kCodeMax / divisor);
+      m[i * kVec + j] = code == code ? fminf(fmaxf(code, -kCodeMax), kCodeMax) : 0.f;  // NaN: 0
     }
   }
 }

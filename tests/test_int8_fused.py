@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")  # CPU builds of torch come without it (required in CI: conftest.py)
 
 from adam_mini_kernels import AdamMini
-from adam_mini_kernels.quantization import quantize_runs
+from adam_mini_kernels.quantization import QBLOCK, dequantize_runs, quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
 from precision import FP32_TOL, ULP
 from test_cuda_backend import emulated_optimizer, emulator  # noqa: F401  (emulator: the fixture)
@@ -131,6 +131,70 @@ def test_requantizes_its_own_update_exactly(make_optimizer, backend):
             codes, scales = quantize_runs(float_opt.state[q]["m"].reshape(-1), runs[name])
             assert torch.equal(opt.state[p]["m_scales"], scales), name
             assert torch.equal(opt.state[p]["m_codes"].reshape(-1), codes), name
+
+
+def _chunk_ids(runs):
+    """Every element's quantization chunk (an int per chunk of the parameter), in storage order."""
+    ids, first = [], 0
+    for block_numel, num_blocks in runs:
+        chunks = -(-block_numel // QBLOCK)
+        within = torch.arange(block_numel) // QBLOCK
+        ids.append((first + torch.arange(num_blocks)[:, None] * chunks + within).reshape(-1))
+        first += num_blocks * chunks
+    return torch.cat(ids)
+
+
+# (parameter, index, value): a row's full and short chunk, a head, and a whole-tensor large block.
+NON_FINITE = [
+    ("embed.weight", (2, 10), float("nan")),
+    ("embed.weight", (5, 280), float("inf")),
+    ("layers.0.q_proj.weight", (20, 7), float("nan")),
+    ("wide.weight", (1, 4000), float("nan")),
+    ("wide.weight", (2, 2000), -float("inf")),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_non_finite_m_makes_its_chunk_non_finite(make_optimizer, backend):
+    """[Note: non-finite int8 m]: NaN and inf gradient elements in a step that is taken (no AMP,
+    no clipping): the chunk holding each gets a NaN or inf scale and codes 0, so that all of it
+    decodes to NaN, on every backend; the other chunks as the torch backend's. (A float max
+    drops NaNs, on a GPU and in Triton's interpreter alike: the fused kernels wrote a finite
+    scale and the NaN element's code -127, a finite m.)"""
+    named, ref_named = _named(), _named()
+    opt = make_optimizer(backend, named, state_dtype=torch.int8)
+    ref = make_optimizer("torch", ref_named, state_dtype=torch.int8)
+    run_stream([[p for _, p in named], [p for _, p in ref_named]], [opt, ref], steps=1, seed=4, none_every=0)
+    gen = torch.Generator().manual_seed(5)
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in named}
+    for name, index, value in NON_FINITE:
+        grads[name][index] = value
+    for params, o in ((named, opt), (ref_named, ref)):
+        for name, p in params:
+            p.grad = grads[name].to(DEVICE)
+        o.step()
+    runs = _runs(opt)
+    for (name, p), (_, q) in zip(named, ref_named):
+        assert torch.equal(p.isnan(), q.isnan()), name
+        finite = p.isfinite() & q.isfinite()
+        assert max_rel_err(p[finite], q[finite]) <= FP32_TOL, name
+        if name not in QUANTIZED:
+            continue
+        s, r = opt.state[p], ref.state[q]
+        ids = _chunk_ids(runs[name]).to(DEVICE)
+        hit = [ids[torch.tensor(i).dot(torch.tensor(p.stride()))] for n, i, _ in NON_FINITE if n == name]
+        bad = torch.isin(ids, torch.stack(hit)) if hit else torch.zeros_like(ids, dtype=torch.bool)
+        m = dequantize_runs(s["m_codes"].reshape(-1), s["m_scales"], runs[name])
+        assert torch.equal(m.isnan(), bad), name  # each bad chunk decodes to NaN, the others finite
+        assert torch.equal(s["m_codes"].reshape(-1)[bad], torch.zeros_like(s["m_codes"].reshape(-1)[bad])), name
+        for (n, index, value), chunk in zip([e for e in NON_FINITE if e[0] == name], hit):
+            scale = s["m_scales"][chunk]
+            assert scale.isnan() if value != value else scale == float("inf"), (name, index, scale)
+        good = ~torch.isin(torch.arange(len(s["m_scales"]), device=DEVICE), torch.stack(hit)) if hit else slice(None)
+        assert max_rel_err(s["m_scales"][good], r["m_scales"][good]) <= 1e-6, name
+        largest, _ = _code_diffs(s["m_codes"].reshape(-1)[~bad], r["m_codes"].reshape(-1)[~bad])
+        assert largest <= 1, name
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -60,6 +60,22 @@ def test_stochastic_codes_are_unbiased_in_the_code_domain(code_map):
     assert abs(got.mean().item() - target) < 4 * 0.5 / (mask.sum().item() ** 0.5)
 
 
+@pytest.mark.parametrize("code_map", ["linear", "sqrt"])
+def test_non_finite_values_make_their_chunk_decode_to_nan(code_map):
+    """[Note: non-finite int8 m]: a chunk holding a NaN gets a NaN scale, one holding an inf an inf
+    scale; both get codes 0 and decode to NaN throughout; the other chunks are untouched."""
+    x = torch.randn(2, 3 * QBLOCK, generator=torch.Generator().manual_seed(3))
+    x[0, 5], x[1, 2 * QBLOCK + 7] = float("nan"), -float("inf")
+    codes, scales = quantize(x, code_map)
+    assert scales[0, 0].isnan() and scales[1, 2] == float("inf")
+    bad = torch.zeros_like(scales, dtype=torch.bool)
+    bad[0, 0] = bad[1, 2] = True
+    assert scales[~bad].isfinite().all()
+    y = dequantize(codes, scales, code_map).view(2, 3, QBLOCK)
+    assert torch.equal(codes.view(2, 3, QBLOCK)[bad], torch.zeros(2, QBLOCK, dtype=torch.int8))
+    assert y[bad].isnan().all() and y[~bad].isfinite().all()
+
+
 def test_bad_code_map():
     with pytest.raises(ValueError, match="code_map"):
         quantize(torch.zeros(1, 4), "log")

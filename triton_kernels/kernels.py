@@ -161,13 +161,16 @@ def _store_m(
     min(SPAN, QBLOCK): the span's chunks seen as the rows of a (SPAN / QCHUNK, QCHUNK) tile."""
     if m_ptr.dtype.element_ty == tl.int8:
         chunked = tl.reshape(m, (SPAN // QCHUNK, QCHUNK))
-        absmax = tl.max(tl.abs(chunked), axis=1)  # lanes past the span hold m = 0
+        # A NaN m makes its chunk's scale NaN: the magnitudes' bit patterns compared as integers
+        # ([Note: NaN-propagating absmax] in csrc/kernels.cuh; tl.max of floats drops NaNs).
+        magnitudes = tl.abs(chunked).to(tl.uint32, bitcast=True)  # lanes past the span hold m = 0
+        absmax = tl.max(magnitudes, axis=1).to(tl.float32, bitcast=True)
         chunk = tl.arange(0, SPAN // QCHUNK)
         tl.store(scales_ptr + scale_start + chunk, absmax, mask=tl.where(changed, chunk * QCHUNK < numel, False))
         divisor = tl.where(absmax == 0, 1.0, absmax)
         y = tl.math.div_rn(chunked * _CODE_MAX, divisor[:, None])
         codes = (y + _RINT_MAGIC) - _RINT_MAGIC
-        codes = tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX)
+        codes = tl.where(codes == codes, tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX), 0.0)  # NaN: 0
         tl.store(m_ptr + offs, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=tl.where(changed, mask, False))
     else:
         _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <type_traits>
@@ -85,7 +86,7 @@ struct Barrier {
 
 struct Warp {
   Barrier barrier{32};
-  float values[32];
+  uint32_t values[32];  // each lane's 32 bits in a shuffle
 };
 
 thread_local Barrier* block_barrier = nullptr;
@@ -142,12 +143,15 @@ inline void __syncthreads() {
   emulation::block_barrier->arrive_and_wait();
 }
 
-inline float __shfl_xor_sync(unsigned /*mask: always the full warp here*/, float x, int offset) {
+template <typename T>  // float or uint32_t: 32 bits moved as they are (a NaN keeps its payload)
+inline T __shfl_xor_sync(unsigned /*mask: always the full warp here*/, T x, int offset) {
+  static_assert(sizeof(T) == sizeof(uint32_t), "a lane exchanges 32 bits");
   emulation::Warp& warp = *emulation::warps[threadIdx.x / 32];
   const unsigned lane = threadIdx.x % 32;
-  warp.values[lane] = x;
+  std::memcpy(&warp.values[lane], &x, sizeof(x));
   warp.barrier.arrive_and_wait();
-  const float other = warp.values[lane ^ static_cast<unsigned>(offset)];
+  T other;
+  std::memcpy(&other, &warp.values[lane ^ static_cast<unsigned>(offset)], sizeof(other));
   warp.barrier.arrive_and_wait();
   return other;
 }
