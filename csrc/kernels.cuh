@@ -221,11 +221,14 @@ __device__ __forceinline__ uint32_t magnitude_bits(float x) {
   return float_bits(x) & 0x7FFFFFFFu;
 }
 
+__device__ __forceinline__ uint32_t max_bits(uint32_t a, uint32_t b) {
+  return a > b ? a : b;
+}
+
 __device__ __forceinline__ uint32_t warp_max(uint32_t x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint32_t other = __shfl_xor_sync(0xffffffffu, x, offset);
-    x = other > x ? other : x;
+    x = max_bits(x, __shfl_xor_sync(0xffffffffu, x, offset));
   }
   return x;
 }
@@ -272,8 +275,7 @@ __device__ __forceinline__ void quantize_fragment(Fragment& m, float* __restrict
     uint32_t absmax = 0u;  // lanes past the span hold m = 0
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const uint32_t bits = magnitude_bits(m[i * kVec + j]);
-      absmax = bits > absmax ? bits : absmax;
+      absmax = max_bits(absmax, magnitude_bits(m[i * kVec + j]));
     }
     absmax = warp_max(absmax);
     if (threadIdx.x % 32 == 0) {
@@ -288,8 +290,7 @@ __device__ __forceinline__ void quantize_fragment(Fragment& m, float* __restrict
     uint32_t absmax = warp_absmax[chunk * kWarpsPerChunk];
 #pragma unroll
     for (int k = 1; k < kWarpsPerChunk; ++k) {
-      const uint32_t bits = warp_absmax[chunk * kWarpsPerChunk + k];
-      absmax = bits > absmax ? bits : absmax;
+      absmax = max_bits(absmax, warp_absmax[chunk * kWarpsPerChunk + k]);
     }
     float scale;
     memcpy(&scale, &absmax, sizeof(scale));

@@ -18,7 +18,8 @@ import torch
 pytest.importorskip("triton")  # CPU builds of torch come without it (required in CI: conftest.py)
 
 from adam_mini_kernels import AdamMini
-from adam_mini_kernels.quantization import QBLOCK, dequantize_runs, quantize_runs
+from adam_mini_kernels.buffers import chunk_lengths
+from adam_mini_kernels.quantization import dequantize_runs, quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
 from precision import FP32_TOL, ULP
 from test_cuda_backend import emulated_optimizer, emulator  # noqa: F401  (emulator: the fixture)
@@ -136,13 +137,8 @@ def test_requantizes_its_own_update_exactly(make_optimizer, backend):
 
 def _chunk_ids(runs):
     """Every element's quantization chunk (an int per chunk of the parameter), in storage order."""
-    ids, first = [], 0
-    for block_numel, num_blocks in runs:
-        chunks = -(-block_numel // QBLOCK)
-        within = torch.arange(block_numel) // QBLOCK
-        ids.append((first + torch.arange(num_blocks)[:, None] * chunks + within).reshape(-1))
-        first += num_blocks * chunks
-    return torch.cat(ids)
+    lengths = chunk_lengths(torch.tensor([n for n, count in runs for _ in range(count)]))
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
 
 
 # (parameter, index, value): a row's full and short chunk, a head, and a whole-tensor large block.
