@@ -2,6 +2,8 @@
 with no graph break and gives the eager result (to float32 rounding: inductor fuses the ops),
 with every parameter active and with idle parameters."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -226,3 +228,40 @@ def test_compiled_model_follows_the_parameters_the_step_re_points():
     for a, b in zip(eager_params, params):
         assert max_rel_err(a, b) <= 1e-5
     assert graphs == 1
+
+
+# -- the device Triton launches on ([Note: launch device] in triton_kernels/launch.py) -------------
+
+def test_on_device_enters_a_cuda_device_only_when_it_is_not_current(monkeypatch):
+    launch = pytest.importorskip("adam_mini_kernels.triton_kernels.launch")
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    for device in ("cuda:1", "cuda:0", "cpu"):
+        with launch.on_device(torch.device(device)):
+            pass
+    assert entered == [torch.device("cuda:1")]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_triton_launches_enter_their_tensors_device_eager_and_compiled(monkeypatch):
+    """The eager step enters the group's device once; a step compiled with a backend that adds
+    no device guard of its own (``aot_eager``, unlike Inductor) enters it in every operator."""
+    launch = pytest.importorskip("adam_mini_kernels.triton_kernels.launch")
+    torch._dynamo.reset()
+    devices = []
+    on_device = launch.on_device
+    monkeypatch.setattr(launch, "on_device", lambda device: devices.append(device) or on_device(device))
+    (em, eo), (cm, co) = _pair("triton")
+    _train(em, eo, eo.step, 1, False)
+    _train(em, eo, eo.step, 1, False)
+    assert devices == [torch.device("cpu")] * 2
+    _train(cm, co, co.step, 1, False)
+    compiled = torch.compile(lambda: co.step(), backend="aot_eager", fullgraph=True)
+    devices.clear()
+    _train(cm, co, compiled, 1, False)
+    t = co._flat[0].cache["launch_tables"]  # one operator call per kind of work (launch_tables.fused_step)
+    calls = 1 + len(t.row_classes) + 2 * (t.tiles is not None) + (t.adam is not None)
+    assert devices == [torch.device("cpu")] * calls
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n

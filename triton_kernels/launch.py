@@ -10,6 +10,7 @@ dispatcher costs about 10 us of Python per call, which a launch-bound step canno
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -32,6 +33,19 @@ COEF_BLOCK = 1024  # parameters per program of the coefficient kernel
 # PyTorch backend by summation order and contraction only. Triton's own debugging switch
 # TRITON_FORCE_DISABLE_FP_FUSION still turns it off. The interpreter ignores launch options.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` the current CUDA device when it is not (else a no-op).
+
+    [Note: launch device] Triton launches on the current device's current stream, not on the
+    tensors' device (the CUDA extension guards each launch itself): parameters on cuda:1 stepped
+    while cuda:0 is current would run unordered with their backward, on the wrong device. The
+    eager step enters it once per group, each operator once per call (``ops.py``): a compiled
+    graph is guarded by Inductor, but not under other compile backends (e.g. ``aot_eager``)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _warps(block: int) -> int:
@@ -115,13 +129,8 @@ def triton_step(
     parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
     from . import ops  # registers the operators on first use
 
-    if torch.compiler.is_compiling():  # the compiled graph runs under its device's guard
+    if torch.compiler.is_compiling():  # each operator enters the device itself, when it runs
         fused_step(group, ops.OPERATORS, active, inv_scale, found_inf)
-    elif group.device.type == "cuda" and group.device.index != torch.cuda.current_device():
-        # Triton launches on the current device's current stream, not on the tensors' device
-        # (the CUDA extension guards each launch itself): parameters on cuda:1 stepped while
-        # cuda:0 is current would run unordered with their backward, on the wrong device.
-        with torch.cuda.device(group.device):
-            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)
     else:
-        fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)
+        with on_device(group.device):
+            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)

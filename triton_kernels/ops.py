@@ -5,6 +5,7 @@ Same schemas as the CUDA extension's operators, coefficient kernel included."""
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -21,8 +22,25 @@ LAUNCHERS = SimpleNamespace(
 )
 
 
+def _on_first_tensors_device(launcher):
+    """``launcher`` run with its first tensor's device current ([Note: launch device])."""
+
+    @functools.wraps(launcher)
+    def run(*args):
+        with launch.on_device(args[0].device):
+            return launcher(*args)
+
+    return run
+
+
 def _operator(name: str, mutates: tuple, fake):
-    op = torch.library.custom_op(f"adam_mini_kernels::triton_{name}", getattr(LAUNCHERS, name), mutates_args=mutates)
+    launcher = getattr(LAUNCHERS, name)
+    op = torch.library.custom_op(
+        f"adam_mini_kernels::triton_{name}",
+        _on_first_tensors_device(launcher),
+        mutates_args=mutates,
+        schema=torch.library.infer_schema(launcher, mutates_args=mutates),
+    )
     op.register_fake(lambda *args: fake(f"triton_{name}", *args))
     return op
 
