@@ -68,6 +68,12 @@ def _chunks(x: torch.Tensor, qblock: int) -> Tuple[torch.Tensor, int]:
     return padded.view(rows, chunks, qblock), length
 
 
+def to_codes(y: torch.Tensor) -> torch.Tensor:
+    """Rounded code values ``y`` clamped to [-127, 127] in place, a NaN made 0 ([Note:
+    non-finite int8 m]); still float (the caller casts or stores them)."""
+    return y.clamp_(-CODE_MAX, CODE_MAX).nan_to_num_(nan=0.0)
+
+
 def quantize(
     x: torch.Tensor, code_map: str = "linear", qblock: int = QBLOCK, random: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +94,7 @@ def quantize(
     else:
         r, _ = _chunks(random, qblock)
         codes = (y + r).floor()  # unbiased: rounds up with probability frac(y)
-    codes = codes.clamp(-CODE_MAX, CODE_MAX).nan_to_num_(nan=0.0).to(torch.int8)
+    codes = to_codes(codes).to(torch.int8)
     return codes.flatten(1)[:, :length].reshape(x.shape), scales
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .buffers import FlatGroup
-from .quantization import CODE_MAX
+from .quantization import CODE_MAX, to_codes
 from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_round_to_bf16
 from .coefficients import (
     C_BC2_SQRT,
@@ -171,6 +171,6 @@ def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: t
     scales = _segment_reduce(m.abs(), "max", seg.chunk_offsets)
     idle_chunk = idle.index_select(0, seg.chunk_param)
     divisor = torch.repeat_interleave(torch.where(scales == 0, 1.0, scales), seg.chunk_lengths, output_size=n)
-    codes = m.mul_(CODE_MAX).div_(divisor).round_().clamp_(-CODE_MAX, CODE_MAX).nan_to_num_(nan=0.0)
+    codes = to_codes(m.mul_(CODE_MAX).div_(divisor).round_())
     group.m_scales.copy_(torch.where(idle_chunk, group.m_scales, scales))
     group.m.copy_(torch.where(torch.repeat_interleave(idle_chunk, seg.chunk_lengths, output_size=n), group.m, codes))

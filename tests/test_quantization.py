@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adam_mini_kernels.quantization import CODE_MAX, QBLOCK, dequantize, quantize
+from adam_mini_kernels.quantization import CODE_MAX, QBLOCK, dequantize, quantize, to_codes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,6 +74,13 @@ def test_non_finite_values_make_their_chunk_decode_to_nan(code_map):
     y = dequantize(codes, scales, code_map).view(2, 3, QBLOCK)
     assert torch.equal(codes.view(2, 3, QBLOCK)[bad], torch.zeros(2, QBLOCK, dtype=torch.int8))
     assert y[bad].isnan().all() and y[~bad].isfinite().all()
+
+
+def test_codes_are_clamped_and_nan_codes_are_zero():
+    """The rule both the reference and the torch backend's requantizer apply: a NaN code is 0 as a
+    float, before any cast to int8 (whose value for a NaN is undefined: 0 on some CPUs only)."""
+    y = torch.tensor([float("nan"), 200.0, -float("inf"), 3.0, -127.0])
+    assert torch.equal(to_codes(y), torch.tensor([0.0, 127.0, -127.0, 3.0, -127.0]))
 
 
 def test_bad_code_map():
