@@ -17,8 +17,9 @@ gap after a parameter ("padding") belongs to no block and stays zero in every bu
 The per-parameter table (``table``) and the size of every block (``block_sizes``) are what
 backends consume, built once; backends derive their launch metadata from them once and keep it
 in ``cache``. A parameter with column blocks (see [Note: block layouts] in partition.py) is
-stored transposed: ``p.data`` and ``p.grad`` are then transposed (non-contiguous) views of their
-spans, so every block is still a contiguous span of the flat buffers.
+stored with its last two dims swapped: ``p.data`` and ``p.grad`` are then transposed
+(non-contiguous) views of their spans, so every block is still a contiguous span of the flat
+buffers.
 
 A group built with ``state_dtype=torch.int8`` stores ``m`` as 8-bit codes with one float32 scale
 per quantization chunk (``m_scales``; see [Note: int8 first moment] in quantization.py): the
@@ -36,7 +37,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .partition import BlockLayout
+from .partition import BlockLayout, swap_columns
 from .quantization import QBLOCK
 
 # The attribute marking the gradient views of the flat buffers (see [Note: gradient view marks]).
@@ -186,8 +187,7 @@ class FlatGroup:
         """A flat span of parameter ``i`` (in storage order) as a view of the parameter's shape:
         transposed for a parameter stored by columns."""
         layout = self.layouts[i]
-        view = span.view(layout.storage_shape)
-        return view.t() if layout.columns else view
+        return swap_columns(span.view(layout.storage_shape), layout.columns)
 
     def param_view(self, i: int) -> torch.Tensor:
         return self.shaped(i, self._span(self.param_buffer, i))

@@ -18,9 +18,9 @@ blocks     ``m`` (param shape), ``step``, ``vmean`` (blocks,), ``block_runs``, `
 The ``blocks`` kind is ours: layouts of ``AdamMini.for_model`` that official cannot represent
 (several sections, or column blocks; see [Note: block layouts] in partition.py). ``vmean`` has
 one value per block in storage order, ``block_runs`` lists ``(block_numel, num_blocks)`` per
-section and ``columns`` says whether the storage order is that of the transposed parameter, so
-that the saved second moments can be mapped onto any other partition of the parameter
-(``regroup_v``). ``m`` is always in the parameter's own shape.
+section and ``columns`` says whether the storage order is that of the parameter with its last two
+dims swapped, so that the saved second moments can be mapped onto any other partition of the
+parameter (``regroup_v``). ``m`` is always in the parameter's own shape.
 
 A parameter whose ``m`` is stored as int8 codes (``state_dtype=torch.int8``) has ``m_codes``
 (int8, the parameter's shape) and ``m_scales`` (float32, flat: the chunks of its blocks in
@@ -34,7 +34,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 
 from .buffers import FlatGroup, chunk_lengths
-from .partition import BlockLayout, run_block_sizes
+from .partition import BlockLayout, run_block_sizes, storage_shape, swap_columns
 from .quantization import QBLOCK, dequantize_runs, quantize_runs
 
 
@@ -107,7 +107,7 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     k = v.numel()
     if "block_runs" in state:
         runs, columns = saved_blocks(state, layout.numel)
-        if sum(n * c for n, c in runs) != layout.numel or sum(c for _, c in runs) != k or (columns and len(layout.shape) != 2):
+        if sum(n * c for n, c in runs) != layout.numel or sum(c for _, c in runs) != k or (columns and len(layout.shape) < 2):
             raise ValueError(
                 f"state of parameter '{layout.name}': {k} second-moment values over blocks "
                 f"{list(runs)} (columns={columns}) do not fit its shape {list(layout.shape)}"
@@ -128,7 +128,7 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
 
 def _storage_to_shape(values: torch.Tensor, shape: Sequence[int], columns: bool) -> torch.Tensor:
     """Per-element values in storage order -> the parameter's shape."""
-    return values.view(shape[::-1]).t() if columns else values.view(shape)
+    return swap_columns(values.view(storage_shape(shape, columns)), columns)
 
 
 def regroup_v(v: torch.Tensor, saved: Tuple[Tuple[Tuple[int, int], ...], bool], layout: BlockLayout) -> torch.Tensor:
@@ -143,7 +143,7 @@ def regroup_v(v: torch.Tensor, saved: Tuple[Tuple[Tuple[int, int], ...], bool], 
         return v.new_zeros(layout.num_blocks)
     old_sizes = run_block_sizes(runs).to(v.device)
     per_element = _storage_to_shape(v.repeat_interleave(old_sizes), layout.shape, columns)
-    stored = per_element.t() if layout.columns else per_element
+    stored = swap_columns(per_element, layout.columns)
     new_sizes = layout.block_sizes().to(v.device)
     block_of_element = torch.repeat_interleave(torch.arange(layout.num_blocks, device=v.device), new_sizes)
     sums = v.new_zeros(layout.num_blocks).index_add_(0, block_of_element, stored.reshape(-1))
@@ -171,8 +171,8 @@ def absorb_state(group: FlatGroup, states: Dict[int, Dict[str, Any]]) -> None:
 
 
 def _storage_flat(t: torch.Tensor, columns: bool) -> torch.Tensor:
-    """A tensor of the parameter's shape, flat in the storage order (transposed for columns)."""
-    return (t.t() if columns else t).reshape(-1)
+    """A tensor of the parameter's shape, flat in the storage order (see ``swap_columns``)."""
+    return swap_columns(t, columns).reshape(-1)
 
 
 def saved_codes_as_float(state: Dict[str, Any], layout: BlockLayout) -> torch.Tensor:

@@ -71,6 +71,18 @@ class Section:
     num_blocks: int
 
 
+def storage_shape(shape: Sequence[int], columns: bool) -> Tuple[int, ...]:
+    """``shape`` as stored in the flat buffers: the last two dims swapped for column blocks."""
+    shape = tuple(shape)
+    return shape[:-2] + (shape[-1], shape[-2]) if columns else shape
+
+
+def swap_columns(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """A view of ``t`` with its last two dims swapped for column blocks (else ``t``): takes a
+    parameter-shaped tensor to its storage shape, and back."""
+    return t.transpose(-2, -1) if columns else t
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """How one parameter is cut into blocks, one ``v`` value each.
@@ -80,8 +92,9 @@ class BlockLayout:
     ``num_blocks`` chunks of ``block_numel`` elements. The name rules always give one section
     (equal chunks of the row-major tensor, as official 1.1.1). ``AdamMini.for_model`` may give
     several (a fused QKV weight: query and key heads, then value neurons) and may set ``columns``:
-    the 2-D parameter is stored transposed in the flat buffers (its storage order is that of
-    ``param.t()``), so that blocks of columns (HF ``Conv1D`` weights are (in, out): an output
+    the parameter is stored with its last two dims swapped in the flat buffers (its storage order
+    is that of ``param.transpose(-2, -1)``, ``param.t()`` for a matrix), so that blocks of columns
+    (HF ``Conv1D`` weights are (in, out), fused MoE experts stored (experts, in, out): an output
     neuron is a column) are contiguous spans like any other block. Every consumer (flat buffers,
     backends, launch tables, checkpoints) sees only spans of the storage order."""
 
@@ -95,8 +108,10 @@ class BlockLayout:
         covered = sum(s.block_numel * s.num_blocks for s in self.sections)
         if covered != self.numel:
             raise ValueError(f"layout of '{self.name}': sections cover {covered} elements, the parameter has {self.numel}")
-        if self.columns and len(self.shape) != 2:
-            raise ValueError(f"layout of '{self.name}': column blocks need a 2-D parameter, got shape {list(self.shape)}")
+        if self.columns and len(self.shape) < 2:
+            raise ValueError(
+                f"layout of '{self.name}': column blocks need a parameter of 2 or more dims, got shape {list(self.shape)}"
+            )
 
     @classmethod
     def uniform(cls, name: str, rule: str, shape: Sequence[int], block_numel: int, num_blocks: int) -> "BlockLayout":
@@ -120,7 +135,7 @@ class BlockLayout:
     @property
     def storage_shape(self) -> Tuple[int, ...]:
         """The shape of the parameter as laid out in the flat buffers."""
-        return self.shape[::-1] if self.columns else self.shape
+        return storage_shape(self.shape, self.columns)
 
     @property
     def runs(self) -> Tuple[Tuple[int, int], ...]:

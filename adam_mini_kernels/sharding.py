@@ -78,7 +78,7 @@ import torch
 
 from .buffers import new_mark
 from .checkpoint import regroup_v, saved_blocks, saved_codes_as_float, second_moment, state_views
-from .partition import ADAM, BlockLayout, Section
+from .partition import ADAM, BlockLayout, Section, storage_shape, swap_columns
 from .quantization import QBLOCK
 
 try:
@@ -248,10 +248,11 @@ def _pieces(layout: BlockLayout, info: ShardInfo, rank: int) -> Tuple[np.ndarray
     local storage order. Zero-length pieces are left out."""
     shape = layout.storage_shape
     empty = np.zeros(0, dtype=np.int64)
-    # (first, length) per storage dim (the parameter's dims reversed for columns).
+    # (first, length) per storage dim (the parameter's last two dims swapped for columns).
     spans = [(0, n) for n in shape]
+    swapped = {len(shape) - 2: len(shape) - 1, len(shape) - 1: len(shape) - 2} if layout.columns else {}
     for dim, span in info.ranges(rank).items():
-        spans[len(shape) - 1 - dim if layout.columns else dim] = span
+        spans[swapped.get(dim, dim)] = span
     if layout.numel == 0 or any(length == 0 for _, length in spans):
         return empty, empty, empty
     cut = [j for j, (first, length) in enumerate(spans) if (first, length) != (0, shape[j])]
@@ -391,9 +392,10 @@ class SplitReducer:
 
 def as_dtensor(local: torch.Tensor, info: ShardInfo, columns: bool = False) -> Any:
     """A DTensor over ``local`` (no copy), placed as the parameter ``info`` describes; its global
-    strides are row-major, or those of the transposed storage for a ``columns`` view."""
+    strides are row-major, or those of the storage with the last two dims swapped for a
+    ``columns`` view."""
     shape = torch.Size(info.global_shape)
-    stride = torch.empty(shape[::-1], device="meta").t().stride() if columns else torch.empty(shape, device="meta").stride()
+    stride = swap_columns(torch.empty(storage_shape(shape, columns), device="meta"), columns).stride()
     return DTensor.from_local(local, info.mesh, info.placements, run_check=False, shape=shape, stride=stride)
 
 

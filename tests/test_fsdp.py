@@ -512,6 +512,9 @@ def test_bf16_params_with_float32_state_on_shards(tmp_path, backend_arg):
             assert max_rel_err(p, saved["params"][name]) <= 2**-7, (rank, name)
 
 
+PLACEMENTS, PLACEMENT_IDS = [Shard(0), Shard(1), Shard(2), Replicate()], ["shard0", "shard1", "shard2", "replicate"]
+
+
 def _int8_layouts():
     from adam_mini_kernels.partition import BlockLayout, Section
 
@@ -521,6 +524,8 @@ def _int8_layouts():
         BlockLayout.uniform("norm.weight", "whole", (1024,), 1024, 1),
         BlockLayout.uniform("embed.weight", "embd", (3, 300), 300, 3),  # a short last chunk per row
         BlockLayout("attn.c_attn.weight", "qkv", (512, 6), (Section("wqk", 1024, 2), Section("wv", 512, 2)), columns=True),
+        # fused MoE experts (experts=2, in=512, out=3) by columns: blocks of two chunks
+        BlockLayout("mlp.experts.down_proj", "neuron", (2, 512, 3), (Section("neuron", 512, 6),), columns=True),
     ]
 
 
@@ -534,7 +539,7 @@ def _one_dim_info(placement, world: int, rank: int, shape, local_shape):
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=["shard0", "shard1", "replicate"])
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, placement):
     """Each local quantization chunk (QBLOCK elements of a local segment) is one whole global
     chunk, as labelling every element with its global chunk shows; where a shard cuts a global
@@ -553,13 +558,12 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
                             for b, c in enumerate(per_block)])
         assert len(chunk_lengths(sizes)) == num_chunks(layout)
         global_size = torch.bincount(labels, minlength=num_chunks(layout))
-        labels = labels.view(layout.storage_shape)
-        labels = labels.t() if layout.columns else labels
+        labels = _swapped(labels.view(layout.storage_shape), layout.columns)
         for rank in range(world):
             local = labels if dim is None else _chunk(labels, world, dim, rank)
             info = _one_dim_info(placement, world, rank, layout.shape, local.shape)
             lb = local_blocks(layout, info)
-            flat = (local.t() if layout.columns else local).reshape(-1)
+            flat = _swapped(local, layout.columns).reshape(-1)
             local_chunks = flat.split(chunk_lengths(lb.layout.block_sizes()).tolist()) if flat.numel() else []
             whole = [c.numel() > 0 and bool((c == c[0]).all()) and c.numel() == global_size[c[0]] for c in local_chunks]
             got = lb.global_chunks()
@@ -1427,6 +1431,12 @@ def _chunk(t: torch.Tensor, world: int, dim: int, rank: int) -> torch.Tensor:
     return chunks[rank] if rank < len(chunks) else t.narrow(dim, 0, 0)
 
 
+def _swapped(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """The parameter's shape from its storage order and back: the last two dims swapped for a
+    layout by columns."""
+    return t.transpose(-2, -1) if columns else t
+
+
 def _segments_by_element(layout, placement, world: int, rank: int):
     """The local segments of ``rank``'s shard, the slow way: label every element of the global
     parameter with its block (in storage order, then viewed in the parameter's shape), cut the
@@ -1434,11 +1444,10 @@ def _segments_by_element(layout, placement, world: int, rank: int):
     import numpy as np
 
     labels = torch.arange(layout.num_blocks).repeat_interleave(layout.block_sizes())
-    labels = labels.view(layout.storage_shape)
-    labels = labels.t() if layout.columns else labels
+    labels = _swapped(labels.view(layout.storage_shape), layout.columns)
     if isinstance(placement, Shard):
         labels = _chunk(labels, world, placement.dim, rank)
-    local = (labels.t() if layout.columns else labels).reshape(-1).numpy()
+    local = _swapped(labels, layout.columns).reshape(-1).numpy()
     if local.size == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     new = np.r_[True, local[1:] != local[:-1]]
@@ -1460,11 +1469,14 @@ def _layouts_for_sharding():
         # a Conv1D weight (in=4, out=6) stored by columns: Q/K heads of 2 columns, V columns
         BlockLayout("attn.c_attn.weight", "qkv", (4, 6), (Section("wqk", 8, 2), Section("wv", 4, 2)), columns=True),
         BlockLayout("mlp.c_fc.weight", "neuron", (5, 3), (Section("neuron", 5, 3),), columns=True),
+        # fused MoE experts: (experts=3, out=4, in=5) by rows; (experts=3, in=4, out=5) by columns
+        BlockLayout.uniform("mlp.experts.gate_up_proj", "neuron", (3, 4, 5), 5, 12),
+        BlockLayout("mlp.experts.down_proj", "neuron", (3, 4, 5), (Section("neuron", 4, 15),), columns=True),
     ]
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("placement", [Shard(0), Shard(1), Replicate()], ids=["shard0", "shard1", "replicate"])
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=PLACEMENT_IDS)
 def test_local_segments_of_any_layout_match_an_element_by_element_count(world, placement):
     """Sectioned (fused QKV) and column-stored (Conv1D) layouts too: the segments, their global
     block sizes and the split flags agree with labelling every element by its block."""

@@ -426,10 +426,10 @@ def test_no_decay_names_are_not_decayed_numerically():
 def test_layout_that_does_not_fit_its_parameter_is_refused():
     with pytest.raises(ValueError, match="cover 12 elements, the parameter has 16"):
         BlockLayout("w", "mlp", (4, 4), (Section("mlp", 4, 3),))
-    with pytest.raises(ValueError, match="column blocks need a 2-D parameter"):
-        BlockLayout("w", "mlp", (2, 2, 4), (Section("mlp", 4, 4),), columns=True)
-    with pytest.raises(ValueError, match="column blocks need a 2-D parameter"):
+    with pytest.raises(ValueError, match="column blocks need a parameter of 2 or more dims"):
         BlockLayout("w", "mlp", (16,), (Section("mlp", 4, 4),), columns=True)
+    # 3-D: the last two dims swapped in storage (fused MoE experts stored (experts, in, out))
+    assert BlockLayout("w", "mlp", (2, 3, 4), (Section("mlp", 3, 8),), columns=True).storage_shape == (2, 4, 3)
 
 
 def test_summary_of_a_sectioned_layout_has_no_single_block_size():
