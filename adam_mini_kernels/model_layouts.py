@@ -4,11 +4,13 @@ The name rules (``partition.py``, official 1.1.1's) see only parameter names, so
 name does not say: HF ``Conv1D`` weights are stored (in, out), so GPT-2's output neurons are
 columns; fused query/key/value weights (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``,
 ``nn.MultiheadAttention.in_proj_weight``) hold heads and neurons side by side; Qwen3 and Gemma
-heads are ``config.head_dim`` wide, not hidden / heads. Here the layout of each parameter comes
-from its module's type, its attribute name inside its parent and the model's dimensions, after
-the paper's principle: one block per head for queries and keys, one per output neuron for values,
-attention outputs and MLPs, one per token for embeddings and an untied output layer, one per
-element (Adam) for biases, one for each norm.
+heads are ``config.head_dim`` wide, not hidden / heads; fused MoE experts (transformers 5) hold
+one matrix per expert in a 3-D weight, so dim-0 slices are whole experts. Here the layout of
+each parameter comes from its module's type, its attribute name inside its parent and the
+model's dimensions, after the paper's principle: one block per head for queries and keys, one
+per output neuron for values, attention outputs and MLPs (also of each expert in a MoE layer, and
+of its router), one per token for embeddings and an untied output layer, one per element (Adam)
+for biases, one for each norm.
 
 Parameters of modules not recognised here (custom ``nn.Parameter``s, unknown layer types) get no
 layout from this module; the optimizer partitions them by name as usual.
@@ -157,12 +159,45 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, norms) or "norm" in type(module).__name__.lower()
 
 
+def _experts_transposed(module: nn.Module) -> Optional[bool]:
+    """For transformers' fused MoE experts (one 3-D weight per projection, a matrix per expert),
+    how they declare their storage: False for (experts, out, in), read as ``F.linear`` reads a
+    weight (Mixtral, Qwen-MoE, DeepSeek), True for (experts, in, out) (GPT-OSS). None for other
+    modules."""
+    flag = getattr(module, "is_transposed", None)
+    return flag if isinstance(flag, bool) and any(p.dim() == 3 for p in module.parameters(recurse=False)) else None
+
+
+def _is_router(module: nn.Module) -> bool:
+    """A MoE router (transformers' ``...TopKRouter`` modules: an (experts, hidden) weight read as
+    ``F.linear`` reads one, possibly a bias)."""
+    return type(module).__name__.lower().endswith("router")
+
+
+def _expert_layout(name: str, p: torch.Tensor, transposed: bool) -> BlockLayout:
+    """One block per output neuron of each expert: rows of (experts * out, in), or for
+    (experts, in, out) storage the columns of each expert's matrix (stored swapped)."""
+    experts, a, b = p.shape
+    if transposed:
+        return BlockLayout(name, NEURON, tuple(p.shape), (Section(NEURON, a, experts * b),), columns=True)
+    return BlockLayout.uniform(name, NEURON, p.shape, b, experts * a)
+
+
 def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor, dims: AttentionDims,
             is_output: bool, cross: bool) -> Optional[BlockLayout]:
     """The layout of parameter ``pname`` of ``module`` (whose attribute name is ``attr``), or
     None when the module type is not one this file knows."""
     shape = tuple(p.shape)
     conv1d = _conv1d_type()
+    experts = _experts_transposed(module)
+    if experts is not None or _is_router(module):
+        if "bias" in pname:
+            return BlockLayout.uniform(name, ADAM, shape, 1, p.numel())
+        if experts is not None:
+            return _expert_layout(name, p, experts) if p.dim() == 3 else None
+        if p.dim() == 2 and shape[1] == dims.hidden:  # one block per expert's logit
+            return BlockLayout.uniform(name, NEURON, shape, shape[1], shape[0])
+        return None
     known = isinstance(module, (nn.Linear, nn.Embedding, nn.MultiheadAttention)) or _is_norm(module)
     known = known or (conv1d is not None and isinstance(module, conv1d))
     if not known:

@@ -74,6 +74,33 @@ def _bert():
     return transformers.BertModel(cfg)
 
 
+E = 4  # experts of the MoE models
+
+
+def _mixtral():
+    return _decoder("MixtralConfig", transformers.MixtralForCausalLM, num_key_value_heads=2, num_local_experts=E,
+                    num_experts_per_tok=2, tie_word_embeddings=False)
+
+
+def _gpt_oss():
+    """Experts stored (experts, in, out) with biases, a router with a bias, attention sinks."""
+    return _decoder("GptOssConfig", transformers.GptOssForCausalLM, num_key_value_heads=2, head_dim=H // NH,
+                    num_local_experts=E, num_experts_per_tok=2, tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def _expected_moe(nkv, hd, biases=False, sinks=False):
+    """MoE decoders: the Llama-family blocks with the MLP replaced by a router (one block per
+    expert) and E experts (one block per output neuron of each: 2I gate/up, H down)."""
+    expected = _expected_decoder(nkv, hd, tied=False, qkv_bias=biases)
+    expected["neuron"] = (L * (H + E + E * 2 * I + E * H), None)
+    if biases:  # o_proj, the router and the experts' biases too
+        expected["adam"] = (expected["adam"][0] + L * (H + E + E * 2 * I + E * H), 1)
+    if sinks:  # one sink logit per head: no module rule, the name rules' one block
+        expected["whole"] = (expected["whole"][0] + L, None)
+    return expected
+
+
 class _Encoder(nn.Module):
     """A plain ``nn.TransformerEncoder`` (``nn.MultiheadAttention``'s fused in_proj_weight) with
     an embedding; no transformers config."""
@@ -125,13 +152,18 @@ ARCHS = {
         "embd": (V + 16 + 2, H), "output": (0, H), "whole": (1 + 2 * L, None),
         "adam": (H + L * (3 * H + H + H + I + H + H) + H, 1),
     }),
+    # fused experts (transformers 5): (experts, out, in) rows; GPT-OSS's (experts, in, out) columns
+    "mixtral": (_mixtral, _expected_moe(2, HD)),
+    "gpt_oss": (_gpt_oss, _expected_moe(2, HD, biases=True, sinks=True)),
     "transformer_encoder": (_Encoder, {  # in_proj_weight = [Q; K; V]
         "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
         "embd": (V, H), "output": (0, H), "whole": (2 * L, None),
         "adam": (L * (3 * H + H + I + H + 2 * H), 1),
     }),
 }
-COLUMN_PARAMS = {"gpt2": 4 * L, "gpt2_cross_attention": 7 * L}  # Conv1D weights stored transposed; none elsewhere
+# Conv1D weights and GPT-OSS's experts stored transposed; none elsewhere
+COLUMN_PARAMS = {"gpt2": 4 * L, "gpt2_cross_attention": 7 * L, "gpt_oss": 2 * L}
+NAME_RULE_PARAMS = {"gpt_oss": ".self_attn.sinks"}  # parameters of no module rule (name suffix)
 
 
 def _build(arch, seed=0):
@@ -174,7 +206,8 @@ def test_blocks_per_rule_follow_the_config(arch):
     summary = opt.partition_summary()
     assert sum(row["columns"] for row in summary) == COLUMN_PARAMS.get(arch, 0)
     # Every parameter is covered by the model's modules (the name sets decide nothing here).
-    assert {row["name"] for row in summary} <= set(opt.layout_overrides)
+    by_names = {row["name"] for row in summary} - set(opt.layout_overrides)
+    assert all(name.endswith(NAME_RULE_PARAMS.get(arch, "\0")) for name in by_names), by_names
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = _loss(model, _tokens(1))
@@ -183,6 +216,49 @@ def test_blocks_per_rule_follow_the_config(arch):
     assert torch.isfinite(loss)
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
     assert torch.isfinite(_loss(model, _tokens(2)))  # the forward still works on re-pointed storage
+
+
+# Other MoE decoders with transformers 5's fused experts ((experts, out, in), F.linear's layout):
+# config class stem -> extra config (every layer a MoE layer).
+MOE_DECODERS = {
+    "Qwen2Moe": dict(num_experts=E, moe_intermediate_size=24, shared_expert_intermediate_size=40),
+    "Qwen3Moe": dict(num_experts=E, moe_intermediate_size=24),
+    "DeepseekV3": dict(n_routed_experts=E, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=0,
+                       n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
+                       qk_nope_head_dim=4, v_head_dim=8),
+    "Olmoe": dict(num_experts=E),
+    "GraniteMoe": dict(num_local_experts=E),
+}
+
+
+@pytest.mark.parametrize("stem", list(MOE_DECODERS))
+def test_moe_experts_and_routers_follow_the_config(stem):
+    """Every layer's experts: ``gate_up_proj`` one block of ``hidden`` elements per output neuron
+    of each expert (E * 2 * the experts' intermediate size), ``down_proj`` E * hidden blocks of the
+    intermediate size; the router one block per expert. Sizes from the config, not the weights."""
+    config = getattr(transformers, f"{stem}Config")
+    model = _decoder(f"{stem}Config", getattr(transformers, f"{stem}ForCausalLM"), num_key_value_heads=2,
+                     num_experts_per_tok=2, tie_word_embeddings=False, **MOE_DECODERS[stem])
+    assert isinstance(model.config, config)
+    experts_i = getattr(model.config, "moe_intermediate_size", None) or I
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    rows = opt.partition_summary()
+    assert {r["name"] for r in rows} <= set(opt.layout_overrides)
+    expected = {"gate_up_proj": [("neuron", H, E * 2 * experts_i)], "down_proj": [("neuron", experts_i, E * H)],
+                "router": [("neuron", H, E)]}
+    seen = {k: 0 for k in expected}
+    for r in rows:
+        kind = r["name"].rsplit(".", 1)[-1]
+        if r["name"].endswith((".mlp.gate.weight", ".router.weight")):
+            kind = "router"
+        if kind in expected:
+            assert [tuple(s) for s in r["sections"]] == expected[kind] and not r["columns"], r
+            seen[kind] += 1
+    assert seen == {k: L for k in expected}, seen
+    loss = _loss(model, _tokens(1))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(_loss(model, _tokens(2)))
 
 
 def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads():
@@ -197,8 +273,8 @@ def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads(
 
 
 class _Reference:
-    """``reference.adam_mini_step`` per parameter on its storage order (the transpose for column
-    layouts), with the layout the optimizer reports."""
+    """``reference.adam_mini_step`` per parameter on its storage order (the last two dims swapped
+    for column layouts), with the layout the optimizer reports."""
 
     def __init__(self, model, opt):
         self.rows = {r["name"]: r for r in opt.partition_summary()}
@@ -211,7 +287,7 @@ class _Reference:
     def step(self, grads):
         for n, g in grads.items():
             row, group = self.rows[n], self.groups[n]
-            stored = (lambda x: x.t()) if row["columns"] else (lambda x: x)
+            stored = (lambda x: x.transpose(-2, -1)) if row["columns"] else (lambda x: x)
             sizes = [size for _, size, count in row["sections"] for _ in range(count)]
             self.t[n] += 1
             adam_mini_step(stored(self.p[n]), stored(g), stored(self.m[n]), self.v[n], step=self.t[n], lr=group["lr"],
@@ -228,7 +304,7 @@ class _Reference:
             torch.testing.assert_close(v.reshape(-1), self.v[n], rtol=1e-5, atol=1e-9, msg=f"v {n}")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "mixtral", "gpt_oss"])
 def test_sectioned_and_transposed_params_step_as_the_reference(arch):
     model = _build(arch)
     opt = AdamMini.for_model(model, backend="torch", **KW)
@@ -339,13 +415,14 @@ def _qkv_probe(arch):
 
 def _element_blocks(row):
     """(block index of every element, in the parameter's own shape; rule of every block) from a
-    partition_summary row: sections in storage order, which is the transpose for column layouts."""
+    partition_summary row: sections in storage order, the last two dims swapped for column layouts."""
     rules = [rule for rule, _, count in row["sections"] for _ in range(count)]
     sizes = torch.tensor([size for _, size, count in row["sections"] for _ in range(count)])
     shape = tuple(row["shape"])
     ids = torch.repeat_interleave(torch.arange(len(rules)), sizes)
-    ids = ids.reshape(shape[::-1]).t() if row["columns"] else ids.reshape(shape)
-    return ids, rules
+    if row["columns"]:
+        return ids.reshape(shape[:-2] + shape[:-3:-1]).transpose(-2, -1), rules
+    return ids.reshape(shape), rules
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "transformer_encoder"])
@@ -387,6 +464,57 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch):
     assert head_hits == [2] * NH and channel_hits == [1] * H, (head_hits, channel_hits)
 
 
+# -- fused MoE experts: a block is one output neuron of one expert ---------------------------------
+
+def _run_experts(experts, x):
+    """The experts module itself with token t routed to expert t % E alone (weight 1)."""
+    route = (torch.arange(x.shape[0]) % E)[:, None]
+    return experts(x, route, torch.ones(x.shape[0], 1))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_expert_blocks_are_one_output_neuron_of_one_expert(arch):
+    """Block by block, change only the elements the partition puts in that block of layer 0's
+    experts and run the experts module: a ``down_proj`` block must change exactly one output
+    channel, for the tokens of exactly one expert, each (expert, channel) by exactly one block; a
+    ``gate_up_proj`` block tokens of one expert only (the activation may hide a change for some),
+    each expert by 2I blocks. Whole experts
+    as blocks (the name rules' dim-0 slices) or GPT-OSS's (experts, in, out) read as rows fail."""
+    model = _build(arch)
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    rows = {r["name"]: r for r in opt.partition_summary()}
+    experts = model.model.layers[0].mlp.experts
+    x = torch.randn(3 * E, H, generator=torch.Generator().manual_seed(6))
+    expert_of = torch.arange(3 * E) % E
+    with torch.no_grad():
+        out0 = _run_experts(experts, x)
+    gen = torch.Generator().manual_seed(7)
+    for attr, outputs in (("down_proj", H), ("gate_up_proj", 2 * I)):
+        weight = getattr(experts, attr)
+        ids, rules = _element_blocks(rows[f"model.layers.0.mlp.experts.{attr}"])
+        assert ids.shape == weight.shape and set(rules) == {"neuron"}
+        hits = torch.zeros(E, H, dtype=torch.int64)
+        per_expert = [0] * E
+        for block in range(len(rules)):
+            where = ids == block
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight[where] += torch.randn(int(where.sum()), generator=gen)
+                changed = (_run_experts(experts, x) - out0).abs() > 1e-5
+                weight.copy_(saved)
+            hit = expert_of[changed.any(dim=1)].unique().tolist()
+            assert len(hit) == 1, (attr, block, hit)
+            per_expert[hit[0]] += 1
+            if attr == "down_proj":  # linear in the weight: every token of that expert moves
+                assert changed.any(dim=1).tolist() == (expert_of == hit[0]).tolist(), (block, hit)
+                channels = changed.any(dim=0).nonzero().flatten().tolist()
+                assert len(channels) == 1, (block, channels)
+                hits[hit[0], channels[0]] += 1
+        assert per_expert == [outputs] * E, (attr, per_expert)
+        if attr == "down_proj":
+            assert (hits == 1).all(), hits
+
+
 # -- fused backends on for_model layouts -----------------------------------------------------------
 
 def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
@@ -403,7 +531,7 @@ def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
     return sets, opts
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "gpt_oss"])
 def test_triton_backend_matches_torch_backend(arch):
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -413,7 +541,7 @@ def test_triton_backend_matches_torch_backend(arch):
     assert_backends_close(sets, opts, 2e-6)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "gpt_oss"])
 def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
     sets, opts = _for_model_runs(arch, ("torch", "torch"))
     opts[1]._step_fn = _emulated_step(emulator)
@@ -423,7 +551,7 @@ def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "gpt_oss"])
 def test_cuda_backend_matches_torch_backend(arch):
     sets, opts = _for_model_runs(arch, ("torch", "cuda"), device=torch.device("cuda"))
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
@@ -480,30 +608,39 @@ def test_checkpoint_round_trip_with_sectioned_and_transposed_params():
         assert torch.equal(p, q), n
 
 
-def test_checkpoint_moves_between_name_rules_and_for_model():
-    """A for_model checkpoint loads into a name-rule optimizer (and back): each element keeps its
-    old block's v, each new block takes the mean over its elements."""
-    model = _build("gpt2")
+@pytest.mark.parametrize("arch, name, slices", [
+    ("gpt2", "transformer.h.0.mlp.c_fc.weight", H),  # (in, out): for_model v per column
+    ("gpt_oss", "model.layers.0.mlp.experts.down_proj", E),  # (experts, in, out): per column of each
+])
+def test_checkpoint_moves_between_name_rules_and_for_model(arch, name, slices):
+    """A for_model checkpoint of column blocks loads into a name-rule optimizer (one block per
+    dim-0 slice, as official) and back: each element keeps its old block's v, each new block
+    takes the mean over its elements."""
+    model = _build(arch)
     opt = AdamMini.for_model(model, backend="torch", **KW)
     _train(model, opt, 2, 0)
-    w = model.transformer.h[0].mlp.c_fc.weight  # (in, out): for_model v per column
+    w = model.get_parameter(name)
+    row = {r["name"]: r for r in opt.partition_summary()}[name]
+    assert row["columns"]
     column_v = opt.state[w]["vmean"].clone()
     saved = _roundtrip(opt.state_dict())
 
     by_name = AdamMini(model.named_parameters(), backend="torch", dim=H, n_heads=NH, **KW)
     by_name.load_state_dict(saved)
     _train(model, by_name, 1, 2)  # builds the buffers from the loaded state
-    rows_v = by_name.state[w]["vmean"].reshape(-1)  # official: one v per row of (in, out)
-    assert rows_v.shape == (H,)
+    slices_v = by_name.state[w]["vmean"].reshape(-1)
+    assert slices_v.shape == (slices,)
     beta2 = 0.999
     g = w.grad.float()
-    expected = beta2 * column_v.mean() + (1 - beta2) * (g * g).mean(dim=1)
-    torch.testing.assert_close(rows_v, expected, rtol=1e-5, atol=0)
+    ids, _ = _element_blocks(row)
+    loaded = column_v[ids].reshape(slices, -1).mean(dim=1)  # each slice: the mean of its elements' old v
+    expected = beta2 * loaded + (1 - beta2) * (g * g).reshape(slices, -1).mean(dim=1)
+    torch.testing.assert_close(slices_v, expected, rtol=1e-5, atol=0)
 
     back = AdamMini.for_model(model, backend="torch", **KW)
     back.load_state_dict(_roundtrip(by_name.state_dict()))
     _train(model, back, 1, 3)
-    assert back.state[w]["vmean"].shape == (4 * H,)
+    assert back.state[w]["vmean"].shape == (row["num_blocks"],)
 
 
 def test_dims_of_a_composite_config_are_its_text_model_s():

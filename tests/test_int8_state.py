@@ -48,12 +48,13 @@ def _float_m(state, runs):
 
 def _round_trip_m(opt, named, quantized=QUANTIZED):
     """Replace m of the would-be quantized parameters of a float32-state optimizer by
-    dequantize(quantize(m)), chunks taken along the storage order (transposed for columns)."""
+    dequantize(quantize(m)), chunks taken along the storage order (the last two dims swapped for
+    columns)."""
     runs = _runs(opt)
     for name, p in named:
         if name in quantized:
             (blocks, columns), m = runs[name], opt.state[p]["m"]
-            stored = m.t() if columns else m
+            stored = m.transpose(-2, -1) if columns else m
             codes, scales = quantize_runs(stored.reshape(-1), blocks)
             stored.copy_(dequantize_runs(codes, scales, blocks).view(stored.shape))
 
@@ -109,13 +110,30 @@ def test_matches_float_state_with_round_trip():
         assert int(s["step"]) == int(r["step"]), name
 
 
-def test_for_model_column_and_section_layouts():
-    """GPT-2 through for_model: Conv1D weights stored by columns, c_attn in sections (heads, then
-    neurons); same bitwise check as above, and a bitwise resume."""
-    transformers = pytest.importorskip("transformers")
+def _gpt2(transformers):
     cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=16,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    models = [transformers.GPT2LMHeadModel(cfg) for _ in range(3)]
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _gpt_oss(transformers):
+    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=16, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return transformers.GptOssForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("build, columns_quantized", [
+    (_gpt2, {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"}),
+    (_gpt_oss, {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}),
+], ids=["gpt2", "gpt_oss"])
+def test_for_model_column_and_section_layouts(build, columns_quantized):
+    """GPT-2 through for_model: Conv1D weights stored by columns, c_attn in sections (heads, then
+    neurons); GPT-OSS: 3-D expert weights (experts, in, out) stored by columns. Same bitwise
+    check as above, and a bitwise resume."""
+    transformers = pytest.importorskip("transformers")
+    models = [build(transformers) for _ in range(3)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
     kw = dict(lr=1e-2, weight_decay=0.1, verbose=False, backend="torch")
@@ -123,7 +141,7 @@ def test_for_model_column_and_section_layouts():
     params = [[p for p in model.parameters()] for model in models]
     run_stream(params[:2], [opt, ref], steps=1, none_every=0)
     quantized = {n for n, p in models[0].named_parameters() if "m_codes" in opt.state[p]}
-    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"} <= quantized
+    assert columns_quantized <= quantized
     assert any(s["columns"] for s in opt.partition_summary() if s["name"] in quantized)
     ref_named = list(models[1].named_parameters())
     _round_trip_m(ref, ref_named, quantized)
