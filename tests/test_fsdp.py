@@ -914,19 +914,25 @@ def _for_model_optimizer(model, backend_arg) -> AdamMini:
     return opt
 
 
+def _lm_steps(model, opt, rank: int) -> list:
+    """STEPS steps of the LM loss on this rank's part of each batch; the all-reduces of each step."""
+    counts = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
+        with _count_all_reduce() as counter:
+            opt.step()
+        counts.append(len(counter.records))
+    return counts
+
+
 def _for_model_worker(rank, port, out, backend_arg):
     _init(rank, port)
     try:
         model = _gpt2()
         fully_shard(model)
         opt = _for_model_optimizer(model, backend_arg)
-        counts = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
-            with _count_all_reduce() as counter:
-                opt.step()
-            counts.append(len(counter.records))
+        counts = _lm_steps(model, opt, rank)
         members = [lb for group in opt._flat if group.sharded is not None for _, _, lb in group.sharded.members]
         split_columns = sum(lb.layout.columns and bool(lb.split.all()) for lb in members)
         torch.save({"params": _gathered(model), "counts": counts, "split_columns": split_columns,
@@ -996,13 +1002,7 @@ def _gpt_oss_worker(rank, port, out):
             model = _gpt_oss()
             fully_shard(model, shard_placement_fn=_experts_dim(dim))
             opt = AdamMini.for_model(model, backend="torch", lr=1e-2, weight_decay=0.1, verbose=False)
-            counts = []
-            for step in range(STEPS):
-                opt.zero_grad()
-                _gpt2_loss(model, _gpt2_tokens(step).chunk(WORLD)[rank]).backward()
-                with _count_all_reduce() as counter:
-                    opt.step()
-                counts.append(len(counter.records))
+            counts = _lm_steps(model, opt, rank)
             strides = {n: tuple(p.grad.stride()) for n, p in model.named_parameters() if p.dim() == 3}
             runs[dim] = {"params": _gathered(model), "counts": counts, "grad_strides": strides}
         torch.save(runs, f"{out}/rank{rank}.pt")
