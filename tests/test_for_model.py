@@ -236,10 +236,8 @@ def test_moe_experts_and_routers_follow_the_config(stem):
     """Every layer's experts: ``gate_up_proj`` one block of ``hidden`` elements per output neuron
     of each expert (E * 2 * the experts' intermediate size), ``down_proj`` E * hidden blocks of the
     intermediate size; the router one block per expert. Sizes from the config, not the weights."""
-    config = getattr(transformers, f"{stem}Config")
     model = _decoder(f"{stem}Config", getattr(transformers, f"{stem}ForCausalLM"), num_key_value_heads=2,
                      num_experts_per_tok=2, tie_word_embeddings=False, **MOE_DECODERS[stem])
-    assert isinstance(model.config, config)
     experts_i = getattr(model.config, "moe_intermediate_size", None) or I
     opt = AdamMini.for_model(model, backend="torch", **KW)
     rows = opt.partition_summary()
