@@ -133,6 +133,8 @@ def test_for_model_column_and_section_layouts(build, columns_quantized):
     neurons); GPT-OSS: 3-D expert weights (experts, in, out) stored by columns. Same bitwise
     check as above, and a bitwise resume."""
     transformers = pytest.importorskip("transformers")
+    if build is _gpt_oss and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("fused MoE experts (is_transposed) need transformers >= 5")
     models = [build(transformers) for _ in range(3)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
