@@ -35,6 +35,9 @@ VALUE_NAMES = frozenset({"v_proj", "value", "wv", "v"})
 FUSED_BLOCKED_NAMES = frozenset({"c_attn", "qkv_proj", "wqkv", "qkv"})
 # Fused projections whose outputs are interleaved per head, (heads, 3, head_dim) (GPT-NeoX, BLOOM).
 FUSED_PER_HEAD_NAMES = frozenset({"query_key_value"})
+# transformers' fused MoE expert modules that store (experts, in, out) without saying so (no
+# ``is_transposed``: Llama 4's, and GPT-OSS's before transformers 5).
+TRANSPOSED_EXPERTS = frozenset({"Llama4TextExperts", "GptOssExperts"})
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,15 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _experts_transposed(module: nn.Module) -> Optional[bool]:
     """For transformers' fused MoE experts (one 3-D weight per projection, a matrix per expert),
-    how they declare their storage: False for (experts, out, in), read as ``F.linear`` reads a
-    weight (Mixtral, Qwen-MoE, DeepSeek), True for (experts, in, out) (GPT-OSS). None for other
-    modules."""
+    how they store it, as they declare it (``is_transposed``) or as ``TRANSPOSED_EXPERTS`` knows:
+    False for (experts, out, in), read as ``F.linear`` reads a weight (Mixtral, Qwen-MoE,
+    DeepSeek), True for (experts, in, out) (GPT-OSS, Llama 4). None for other modules."""
+    if not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        return None
     flag = getattr(module, "is_transposed", None)
-    return flag if isinstance(flag, bool) and any(p.dim() == 3 for p in module.parameters(recurse=False)) else None
+    if isinstance(flag, bool):
+        return flag
+    return True if any(c.__name__ in TRANSPOSED_EXPERTS for c in type(module).__mro__) else None
 
 
 def _is_router(module: nn.Module) -> bool:

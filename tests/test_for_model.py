@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import pytest
@@ -98,11 +99,18 @@ def _gpt_oss():
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def _expected_moe(nkv, hd, biases=False, sinks=False):
+def _llama4():
+    """Experts stored (experts, in, out) without an is_transposed flag, a shared expert."""
+    return _decoder("Llama4TextConfig", transformers.Llama4ForCausalLM, num_key_value_heads=2, head_dim=H // NH,
+                    num_local_experts=E, num_experts_per_tok=1, intermediate_size_mlp=40, tie_word_embeddings=False)
+
+
+def _expected_moe(nkv, hd, biases=False, sinks=False, shared_expert=False):
     """MoE decoders: the Llama-family blocks with the MLP replaced by a router (one block per
-    expert) and E experts (one block per output neuron of each: 2I gate/up, H down)."""
+    expert) and E experts (one block per output neuron of each: 2I gate/up, H down), and a
+    shared expert's 2I + H neurons."""
     expected = _expected_decoder(nkv, hd, tied=False, qkv_bias=biases)
-    expected["neuron"] = (L * (H + E + E * 2 * I + E * H), None)
+    expected["neuron"] = (L * (H + E + E * 2 * I + E * H + (2 * I + H if shared_expert else 0)), None)
     if biases:  # o_proj, the router and the experts' biases too
         expected["adam"] = (expected["adam"][0] + L * (H + E + E * 2 * I + E * H), 1)
     if sinks:  # one sink logit per head: no module rule, the name rules' one block
@@ -164,14 +172,15 @@ ARCHS = {
     # fused experts (transformers 5): (experts, out, in) rows; GPT-OSS's (experts, in, out) columns
     "mixtral": (_mixtral, _expected_moe(2, HD)),
     "gpt_oss": (_gpt_oss, _expected_moe(2, HD, biases=True, sinks=True)),
+    "llama4": (_llama4, _expected_moe(2, HD, shared_expert=True)),
     "transformer_encoder": (_Encoder, {  # in_proj_weight = [Q; K; V]
         "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
         "embd": (V, H), "output": (0, H), "whole": (2 * L, None),
         "adam": (L * (3 * H + H + I + H + 2 * H), 1),
     }),
 }
-# Conv1D weights and GPT-OSS's experts stored transposed; none elsewhere
-COLUMN_PARAMS = {"gpt2": 4 * L, "gpt2_cross_attention": 7 * L, "gpt_oss": 2 * L}
+# Conv1D weights and GPT-OSS's and Llama 4's experts stored transposed; none elsewhere
+COLUMN_PARAMS = {"gpt2": 4 * L, "gpt2_cross_attention": 7 * L, "gpt_oss": 2 * L, "llama4": 2 * L}
 NAME_RULE_PARAMS = {"gpt_oss": ".self_attn.sinks"}  # parameters of no module rule (name suffix)
 
 
@@ -314,7 +323,7 @@ class _Reference:
             torch.testing.assert_close(v.reshape(-1), self.v[n], rtol=1e-5, atol=1e-9, msg=f"v {n}")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "mixtral", "gpt_oss", "llama4"])
 def test_sectioned_and_transposed_params_step_as_the_reference(arch):
     model = _build(arch)
     opt = AdamMini.for_model(model, backend="torch", **KW)
@@ -476,32 +485,38 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch):
 
 # -- fused MoE experts: a block is one output neuron of one expert ---------------------------------
 
-def _run_experts(experts, x):
-    """The experts module itself with token t routed to expert t % E alone (weight 1)."""
-    route = (torch.arange(x.shape[0]) % E)[:, None]
-    return experts(x, route, torch.ones(x.shape[0], 1))
+def _experts_probe(model, tokens):
+    """(name of layer 0's experts module, the module, run, expert of each token): ``run(x)``
+    calls the module itself on ``tokens`` hidden states, each token routed to one expert alone
+    (weight 1): token t to expert t % E, or in E contiguous groups where the module takes tokens
+    sorted by expert (Llama 4's)."""
+    name = next(n for n, _ in model.named_modules() if n.startswith("model.layers.0.") and n.endswith(".experts"))
+    experts = model.get_submodule(name)
+    if len(inspect.signature(experts.forward).parameters) == 1:
+        return name, experts, experts, torch.arange(tokens) // (tokens // E)
+    expert_of = torch.arange(tokens) % E
+    return name, experts, lambda x: experts(x, expert_of[:, None], torch.ones(tokens, 1)), expert_of
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "llama4"])
 def test_expert_blocks_are_one_output_neuron_of_one_expert(arch):
     """Block by block, change only the elements the partition puts in that block of layer 0's
     experts and run the experts module: a ``down_proj`` block must change exactly one output
     channel, for the tokens of exactly one expert, each (expert, channel) by exactly one block; a
     ``gate_up_proj`` block tokens of one expert only (the activation may hide a change for some),
-    each expert by 2I blocks. Whole experts
-    as blocks (the name rules' dim-0 slices) or GPT-OSS's (experts, in, out) read as rows fail."""
+    each expert by 2I blocks. Whole experts as blocks (the name rules' dim-0 slices) or
+    (experts, in, out) weights (GPT-OSS, Llama 4) read as rows fail."""
     model = _build(arch)
     opt = AdamMini.for_model(model, backend="torch", **KW)
     rows = {r["name"]: r for r in opt.partition_summary()}
-    experts = model.model.layers[0].mlp.experts
+    name, experts, run, expert_of = _experts_probe(model, 3 * E)
     x = torch.randn(3 * E, H, generator=torch.Generator().manual_seed(6))
-    expert_of = torch.arange(3 * E) % E
     with torch.no_grad():
-        out0 = _run_experts(experts, x)
+        out0 = run(x)
     gen = torch.Generator().manual_seed(7)
     for attr, outputs in (("down_proj", H), ("gate_up_proj", 2 * I)):
         weight = getattr(experts, attr)
-        ids, rules = _element_blocks(rows[f"model.layers.0.mlp.experts.{attr}"])
+        ids, rules = _element_blocks(rows[f"{name}.{attr}"])
         assert ids.shape == weight.shape and set(rules) == {"neuron"}
         hits = torch.zeros(E, H, dtype=torch.int64)
         per_expert = [0] * E
@@ -510,7 +525,7 @@ def test_expert_blocks_are_one_output_neuron_of_one_expert(arch):
             saved = weight.detach().clone()
             with torch.no_grad():
                 weight[where] += torch.randn(int(where.sum()), generator=gen)
-                changed = (_run_experts(experts, x) - out0).abs() > 1e-5
+                changed = (run(x) - out0).abs() > 1e-5
                 weight.copy_(saved)
             hit = expert_of[changed.any(dim=1)].unique().tolist()
             assert len(hit) == 1, (attr, block, hit)
