@@ -974,76 +974,90 @@ def test_for_model_layouts_under_fsdp2_match_single_process(tmp_path, backend_ar
         assert (saved["fused_split"] > 0) == (backend_arg[0] != "torch")
 
 
-def _gpt_oss():
-    """A tiny HF GPT-OSS: fused experts stored (experts, in, out), whose for_model blocks are the
-    columns of each expert's matrix."""
+def _moe(arch: str):
+    """A tiny HF MoE decoder with fused experts: GPT-OSS's stored (experts, in, out), whose
+    for_model blocks are the columns of each expert's matrix, or Mixtral's (experts, out, in),
+    whose blocks are rows."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
-                                    num_experts_per_tok=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                    pad_token_id=None, tie_word_embeddings=False,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
+    if arch == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common))
+    cfg = transformers.GptOssConfig(**common, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return transformers.GptOssForCausalLM(cfg)
 
 
+# Shard dims of the 3-D expert weights per model: GPT-OSS's (experts, in, out) along each (whole
+# experts on a rank, every column block split, whole columns), Mixtral's whole experts.
+MOE_EXPERT_DIMS = {"gpt_oss": (0, 1, 2), "mixtral": (0,)}
+
+
 def _experts_dim(dim: int):
-    """FSDP2's ``shard_placement_fn`` placing the 3-D expert weights ``Shard(dim)`` (dim 0: whole
-    experts on a rank, 1: every column block split, 2: whole columns), the others Shard(0)."""
+    """FSDP2's ``shard_placement_fn`` placing the 3-D expert weights ``Shard(dim)``, the others
+    Shard(0)."""
     return lambda p: Shard(dim if p.dim() == 3 else 0)
 
 
-def _gpt_oss_worker(rank, port, out):
+def _moe_worker(rank, port, out, arch):
     _init(rank, port)
     try:
         runs = {}
-        for dim in (0, 1, 2):
-            model = _gpt_oss()
+        for dim in MOE_EXPERT_DIMS[arch]:
+            model = _moe(arch)
             fully_shard(model, shard_placement_fn=_experts_dim(dim))
             opt = AdamMini.for_model(model, backend="torch", lr=1e-2, weight_decay=0.1, verbose=False)
             counts = _lm_steps(model, opt, rank)
             strides = {n: tuple(p.grad.stride()) for n, p in model.named_parameters() if p.dim() == 3}
-            runs[dim] = {"params": _gathered(model), "counts": counts, "grad_strides": strides}
+            shared = {g.layouts[i].name for g in opt._flat if g.sharded is not None for i in g.sharded.shared}
+            runs[dim] = {"params": _gathered(model), "counts": counts, "grad_strides": strides, "shared": shared}
         torch.save(runs, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-def test_for_model_experts_by_columns_under_fsdp2_match_single_process(tmp_path):
-    """AdamMini.for_model on an FSDP2 GPT-OSS, its expert weights (experts, in, out) sharded
-    along each dim: whole experts, column blocks split across the ranks, whole columns. 10 steps
-    equal one process to 1e-6, with one all-reduce per step."""
+@pytest.mark.parametrize("arch", list(MOE_EXPERT_DIMS))
+def test_for_model_experts_under_fsdp2_match_single_process(tmp_path, arch):
+    """AdamMini.for_model on an FSDP2 MoE decoder, its expert weights sharded along each dim
+    MOE_EXPERT_DIMS lists: 10 steps equal one process to 1e-6, with one all-reduce per step. The
+    gradients are DTensors over the flat buffer with the strides of its storage; Mixtral's
+    row-major expert shards are FSDP2's storage (not copied each step), GPT-OSS's columns not."""
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("fused MoE experts (is_transposed) need transformers >= 5")
-    _spawn(_gpt_oss_worker, str(tmp_path))
-    model = _gpt_oss()
+    _spawn(_moe_worker, str(tmp_path), arch)
+    model = _moe(arch)
     opt = AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False)
-    assert sum(layout.columns for layout in opt.layout_overrides.values()) == 2  # gate_up_proj, down_proj
+    experts = {n for n, p in model.named_parameters() if p.dim() == 3}
+    columns = arch == "gpt_oss"
+    assert len(experts) == 2 and all(opt.layout_overrides[n].columns == columns for n in experts)
     for step in range(STEPS):
         opt.zero_grad()
         (sum(_gpt2_loss(model, half) for half in _gpt2_tokens(step).chunk(WORLD)) / WORLD).backward()
         opt.step()
-    initial = dict(_gpt_oss().named_parameters())
+    initial = dict(_moe(arch).named_parameters())
     # The key bias has no true gradient (see the GPT-2 test above): left out of the comparison.
     # The ranks average their gradients in another order than one process sums them, so every
-    # parameter carries noise of ~1e-7 of its largest value (measured); the attention sinks, two
-    # values per layer, show it undiluted (~2e-6, measured).
+    # parameter carries noise of ~1e-7 of its largest value (measured); GPT-OSS's attention
+    # sinks, two values per layer, show it undiluted (~2e-6, measured).
     compared = [(n, p) for n, p in model.named_parameters() if not n.endswith("k_proj.bias")]
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert sorted(saved) == list(MOE_EXPERT_DIMS[arch])
         for dim, run in saved.items():
             errors = {n: max_rel_err(p.detach(), run["params"][n]) for n, p in compared}
             sinks = {n: errors.pop(n) for n in list(errors) if n.endswith("sinks")}
             assert max(errors.values()) <= 1e-6, (rank, dim, errors)
-            assert max(sinks.values()) <= 5e-6, (rank, dim, sinks)
+            assert max(sinks.values(), default=0.0) <= 5e-6, (rank, dim, sinks)
             assert all(not torch.equal(p, initial[n]) for n, p in compared)
             assert run["counts"] == [1] * STEPS, (dim, run["counts"])
-            # p.grad is a DTensor over the flat buffer, whose storage is (experts, out, in)
+            assert experts & run["shared"] == (set() if columns else experts), run["shared"]
+            # storage (experts, out, in): Mixtral's row-major, GPT-OSS's its weights transposed
             for n, stride in run["grad_strides"].items():
-                _, d_in, d_out = model.get_parameter(n).shape
-                assert stride == (d_in * d_out, 1, d_in), (n, stride)
+                _, a, b = model.get_parameter(n).shape
+                assert stride == ((a * b, 1, a) if columns else (a * b, b, 1)), (n, stride)
 
 
 SAVE_AT = 4
