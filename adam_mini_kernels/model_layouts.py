@@ -229,17 +229,29 @@ def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor
     return BlockLayout(name, rule, shape, sections, columns=True)
 
 
-def model_layouts(model: nn.Module, dims: AttentionDims) -> Dict[str, BlockLayout]:
+def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> Dict[str, BlockLayout]:
     """Layouts of the parameters of ``model`` that belong to modules of known types, keyed by
     their (lowercased) names in ``model.named_parameters()``. A tied weight takes the layout of
-    the first module that holds it."""
+    the first module that holds it.
+
+    Each module's dimensions are ``given``'s fields where set, the others those of the config of
+    the nearest module at or above it that has one (``config_dims``): the sub-models of a
+    multimodal model (a vision tower, a language model) each have their own heads."""
     names = {id(p): n.lower() for n, p in model.named_parameters()}
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     modules = dict(model.named_modules())
+    owner = {"": model}  # module name -> the nearest module at or above it with a config
+    dims_of: Dict[int, AttentionDims] = {}  # id(owner) -> its dimensions
     layouts: Dict[str, BlockLayout] = {}
-    for module_name, module in modules.items():
+    for module_name, module in modules.items():  # parents before children
         parent_name, _, attr = module_name.rpartition(".")
+        if module_name:
+            owner[module_name] = module if getattr(module, "config", None) is not None else owner[parent_name]
+        source = owner[module_name]
+        if id(source) not in dims_of:
+            dims_of[id(source)] = config_dims(source, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim)
+        dims = dims_of[id(source)]
         # GPT-2 cross-attention marks itself; its c_attn holds [K | V] (Q is q_attn).
         cross = bool(getattr(modules.get(parent_name), "is_cross_attention", False))
         for pname, p in module.named_parameters(recurse=False):

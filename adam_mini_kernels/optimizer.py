@@ -20,7 +20,7 @@ import torch
 from . import dispatch
 from .buffers import HP_LR, NUM_HPARAMS, FlatGroup, GradCheck, check_dense_grad
 from .checkpoint import absorb_state, check_state, state_views
-from .model_layouts import config_dims, model_layouts
+from .model_layouts import AttentionDims, config_dims, model_layouts
 from .quantization import QBLOCK, int8_first_moment
 from .partition import (
     DEFAULT_NAMES,
@@ -346,8 +346,9 @@ class AdamMini(torch.optim.Optimizer):
         expert, embeddings and an untied output layer one per token, biases Adam, norms one block.
 
         ``dim``, ``n_heads``, ``n_kv_heads`` and ``head_dim`` default to the model's config
-        (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``); give
-        them for models without one. Other keywords go to the constructor, and so does the model
+        (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), for
+        each module that of the (sub-)model it belongs to (a multimodal model's vision tower has
+        its own heads); give them for models without one (given, they hold for every module). Other keywords go to the constructor, and so does the model
         (``model=``: under FSDP2 the flat buffer becomes FSDP2's storage of the shards). The
         layouts land in ``opt.layout_overrides``; parameters of modules of other types follow
         the name sets.
@@ -355,7 +356,7 @@ class AdamMini(torch.optim.Optimizer):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"AdamMini.for_model takes a torch.nn.Module, got {type(model).__name__}")
         dims = config_dims(model, dim, n_heads, n_kv_heads, head_dim)
-        layouts = model_layouts(model, dims)
+        layouts = model_layouts(model, AttentionDims(dim, n_heads, n_kv_heads, head_dim))
         given = dict(dim=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads)
         if dims.head_dim is not None and dims.hidden is not None and dims.head_dim * dims.n_heads != dims.hidden:
             given["head_dim"] = dims.head_dim

@@ -545,7 +545,7 @@ def test_expert_blocks_are_one_output_neuron_of_one_expert(arch):
 def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
     """Clones of ``arch``'s parameters, one AdamMini per backend with for_model's layouts."""
     model = _build(arch)
-    layouts = model_layouts(model, config_dims(model))
+    layouts = model_layouts(model)
     sets, opts = [], []
     for backend in backends:
         params = clone_named(list(model.named_parameters()), device=device, dtype=dtype)
@@ -675,6 +675,33 @@ def test_dims_of_a_composite_config_are_its_text_model_s():
     model = nn.Module()
     model.config = transformers.LlavaConfig(text_config=text)
     assert config_dims(model) == AttentionDims(H, NH, 2, 16)
+
+
+def _llava():
+    """A multimodal model: a CLIP vision tower (8 heads of 4) beside a Llama (NH heads of HD)."""
+    text = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=1,
+                                    num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=32)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=8, image_size=16, patch_size=8)
+    return transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=V - 1)
+    )
+
+
+def test_each_sub_model_s_heads_come_from_its_own_config():
+    """LLaVA: the vision tower's query/key weights get one block per vision head (32 / 8 = 4
+    rows), the language model's one per text head (HD rows), each from its own sub-model's
+    config; reading the text config for every module would give the vision tower HD-row heads.
+    Arguments given to for_model hold for every module."""
+    model = _llava()
+    rows = {r["name"]: r for r in AdamMini.for_model(model, verbose=False).partition_summary()}
+    heads = {n: (r["shape"][0] // r["num_blocks"], r["sections"][0][0]) for n, r in rows.items()
+             if n.endswith(("q_proj.weight", "k_proj.weight"))}
+    assert len(heads) == 4
+    for name, (rows_per_head, rule) in heads.items():
+        assert rule == "wqk" and rows_per_head == (4 if "vision_tower" in name else HD), (name, rows_per_head)
+    given = {r["name"]: r for r in AdamMini.for_model(model, head_dim=2, verbose=False).partition_summary()}
+    assert all(given[n]["shape"][0] // given[n]["num_blocks"] == 2 for n in heads)
 
 
 # -- precedence and bad input ----------------------------------------------------------------------
