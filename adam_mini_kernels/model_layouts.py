@@ -229,29 +229,39 @@ def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor
     return BlockLayout(name, rule, shape, sections, columns=True)
 
 
+def _own_dims(module: nn.Module, given: AttentionDims, cache: Dict[int, Optional[AttentionDims]]) -> Optional[AttentionDims]:
+    """The dimensions of ``module``'s own config (``given``'s fields where set), or None when it
+    has no config or its config names neither a hidden size nor heads. Cached per config."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    if id(config) not in cache:
+        own = config_dims(module)
+        named = own.hidden is not None or own.n_heads is not None
+        cache[id(config)] = config_dims(module, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim) if named else None
+    return cache[id(config)]
+
+
 def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> Dict[str, BlockLayout]:
     """Layouts of the parameters of ``model`` that belong to modules of known types, keyed by
     their (lowercased) names in ``model.named_parameters()``. A tied weight takes the layout of
     the first module that holds it.
 
     Each module's dimensions are ``given``'s fields where set, the others those of the config of
-    the nearest module at or above it that has one (``config_dims``): the sub-models of a
-    multimodal model (a vision tower, a language model) each have their own heads."""
+    the nearest module at or above it whose config names any (``config_dims``): the sub-models of
+    a multimodal model (a vision tower, a language model) each have their own heads."""
     names = {id(p): n.lower() for n, p in model.named_parameters()}
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     modules = dict(model.named_modules())
-    owner = {"": model}  # module name -> the nearest module at or above it with a config
-    dims_of: Dict[int, AttentionDims] = {}  # id(owner) -> its dimensions
+    by_config: Dict[int, Optional[AttentionDims]] = {}  # id(config) -> its dimensions, None if it names none
+    dims_at = {"": config_dims(model, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim)}
     layouts: Dict[str, BlockLayout] = {}
     for module_name, module in modules.items():  # parents before children
         parent_name, _, attr = module_name.rpartition(".")
         if module_name:
-            owner[module_name] = module if getattr(module, "config", None) is not None else owner[parent_name]
-        source = owner[module_name]
-        if id(source) not in dims_of:
-            dims_of[id(source)] = config_dims(source, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim)
-        dims = dims_of[id(source)]
+            dims_at[module_name] = _own_dims(module, given, by_config) or dims_at[parent_name]
+        dims = dims_at[module_name]
         # GPT-2 cross-attention marks itself; its c_attn holds [K | V] (Q is q_attn).
         cross = bool(getattr(modules.get(parent_name), "is_cross_attention", False))
         for pname, p in module.named_parameters(recurse=False):

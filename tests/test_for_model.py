@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import types
 
 import pytest
 import torch
@@ -692,7 +693,8 @@ def test_each_sub_model_s_heads_come_from_its_own_config():
     """LLaVA: the vision tower's query/key weights get one block per vision head (32 / 8 = 4
     rows), the language model's one per text head (HD rows), each from its own sub-model's
     config; reading the text config for every module would give the vision tower HD-row heads.
-    Arguments given to for_model hold for every module."""
+    Arguments given to for_model hold for every module; a module whose ``config`` names no
+    dimensions (not a transformers config) takes its parent's."""
     model = _llava()
     rows = {r["name"]: r for r in AdamMini.for_model(model, verbose=False).partition_summary()}
     heads = {n: (r["shape"][0] // r["num_blocks"], r["sections"][0][0]) for n, r in rows.items()
@@ -702,6 +704,9 @@ def test_each_sub_model_s_heads_come_from_its_own_config():
         assert rule == "wqk" and rows_per_head == (4 if "vision_tower" in name else HD), (name, rows_per_head)
     given = {r["name"]: r for r in AdamMini.for_model(model, head_dim=2, verbose=False).partition_summary()}
     assert all(given[n]["shape"][0] // given[n]["num_blocks"] == 2 for n in heads)
+    model.model.vision_tower.encoder.layers[0].self_attn.config = types.SimpleNamespace(dropout=0.0)
+    inherited = {r["name"]: r for r in AdamMini.for_model(model, verbose=False).partition_summary()}
+    assert all(inherited[n] == rows[n] for n in heads)
 
 
 # -- precedence and bad input ----------------------------------------------------------------------
