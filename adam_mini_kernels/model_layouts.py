@@ -53,7 +53,8 @@ class AttentionDims:
 def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_dim=None) -> AttentionDims:
     """The attention geometry of ``model``: the arguments where given, else its ``transformers``
     config (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), else
-    unknown. ``head_dim`` defaults to hidden / heads and ``n_kv_heads`` to ``n_heads``."""
+    unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is each query/key
+    weight's own, its outputs over its heads (``_head_size``)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -69,10 +70,6 @@ def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_
     n_heads = n_heads if n_heads is not None else from_config("num_attention_heads")
     n_kv_heads = n_kv_heads if n_kv_heads is not None else from_config("num_key_value_heads") or n_heads
     head_dim = head_dim if head_dim is not None else from_config("head_dim")
-    if head_dim is None and dim is not None and n_heads:
-        if dim % n_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by n_heads={n_heads}; pass head_dim")
-        head_dim = dim // n_heads
     return AttentionDims(dim, n_heads, n_kv_heads, head_dim)
 
 
@@ -88,16 +85,32 @@ def _merged(sections: Sequence[Section]) -> Tuple[Section, ...]:
 
 
 def _need_heads(name: str, dims: AttentionDims, what: str) -> None:
-    if dims.head_dim is None or dims.n_heads is None:
+    if dims.n_heads is None:
         raise ValueError(
-            f"AdamMini.for_model: '{name}' is a {what} but the head size is unknown (the model has no "
-            "transformers config with hidden_size and num_attention_heads); pass dim= and n_heads= (and "
-            "head_dim=, n_kv_heads= where they differ from dim/n_heads and n_heads)"
+            f"AdamMini.for_model: '{name}' is a {what} but its number of heads is unknown (the model has no "
+            "transformers config with num_attention_heads); pass n_heads= (and n_kv_heads=, head_dim= where "
+            "they differ from n_heads and the weight's outputs / heads)"
         )
 
 
-def _heads(name: str, out_features: int, in_features: int, head_dim: int) -> Tuple[Section, ...]:
-    """Query or key outputs: one block per head of ``head_dim`` neurons."""
+def _head_size(name: str, what: str, out_features: int, heads: int, dims: AttentionDims) -> int:
+    """The head size of a query/key weight holding ``heads`` head-sized groups of output neurons:
+    the model's ``head_dim`` where it names one, else the weight's own outputs / ``heads`` (so a
+    sub-model, or a model whose heads are not hidden / n_heads wide, needs no head_dim)."""
+    if dims.head_dim is not None:
+        return dims.head_dim
+    if out_features % heads:
+        raise ValueError(
+            f"AdamMini.for_model: {what} '{name}' has {out_features} output neurons, not a multiple of its "
+            f"{heads} heads (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}); pass the model's dimensions"
+        )
+    return out_features // heads
+
+
+def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims, key: bool) -> Tuple[Section, ...]:
+    """Query or key outputs (``key``: n_kv_heads heads, else n_heads): one block per head."""
+    _need_heads(name, dims, "query/key weight")
+    head_dim = _head_size(name, "query/key weight", out_features, dims.n_kv_heads if key else dims.n_heads, dims)
     if out_features % head_dim:
         raise ValueError(
             f"AdamMini.for_model: query/key weight '{name}' has {out_features} output neurons, not a "
@@ -109,27 +122,32 @@ def _heads(name: str, out_features: int, in_features: int, head_dim: int) -> Tup
 def _fused_blocked(name: str, out_features: int, in_features: int, dims: AttentionDims,
                    cross: bool) -> Tuple[Section, ...]:
     """Outputs [Q | K | V] ([K | V] in a cross-attention): heads for Q and K, neurons for V."""
-    _need_heads(name, dims, "fused query/key/value weight")
-    q_out, kv_out = (0 if cross else dims.n_heads * dims.head_dim), dims.n_kv_heads * dims.head_dim
+    what = "fused query/key/value weight"
+    _need_heads(name, dims, what)
+    q_heads = 0 if cross else dims.n_heads
+    head_dim = _head_size(name, what, out_features, q_heads + 2 * dims.n_kv_heads, dims)
+    q_out, kv_out = q_heads * head_dim, dims.n_kv_heads * head_dim
     if out_features != q_out + 2 * kv_out:
         raise ValueError(
-            f"AdamMini.for_model: fused query/key/value weight '{name}' has {out_features} outputs; "
+            f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
             f"expected {q_out + 2 * kv_out} (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}, "
-            f"head_dim={dims.head_dim}); pass the model's dimensions"
+            f"head_dim={head_dim}); pass the model's dimensions"
         )
-    qk_heads = (q_out + kv_out) // dims.head_dim
-    return _merged([Section(WQK, dims.head_dim * in_features, qk_heads), Section("wv", in_features, kv_out)])
+    qk_heads = (q_out + kv_out) // head_dim
+    return _merged([Section(WQK, head_dim * in_features, qk_heads), Section("wv", in_features, kv_out)])
 
 
 def _fused_per_head(name: str, out_features: int, in_features: int, dims: AttentionDims) -> Tuple[Section, ...]:
     """Outputs interleaved per head, (heads, 3, head_dim): per head a Q and a K block, then V neurons."""
-    _need_heads(name, dims, "fused query/key/value weight")
-    if out_features != 3 * dims.n_heads * dims.head_dim:
+    what = "fused query/key/value weight"
+    _need_heads(name, dims, what)
+    head_dim = _head_size(name, what, out_features, 3 * dims.n_heads, dims)
+    if out_features != 3 * dims.n_heads * head_dim:
         raise ValueError(
-            f"AdamMini.for_model: fused query/key/value weight '{name}' has {out_features} outputs; "
-            f"expected 3 * n_heads * head_dim = {3 * dims.n_heads * dims.head_dim}"
+            f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
+            f"expected 3 * n_heads * head_dim = {3 * dims.n_heads * head_dim}"
         )
-    head = [Section(WQK, dims.head_dim * in_features, 2), Section("wv", in_features, dims.head_dim)]
+    head = [Section(WQK, head_dim * in_features, 2), Section("wv", in_features, head_dim)]
     return tuple(head * dims.n_heads)
 
 
@@ -140,8 +158,7 @@ def _projection(name: str, attr: str, out_features: int, in_features: int, dims:
     if is_output:
         return "output", (Section("output", in_features, out_features),)
     if attr in QUERY_NAMES or attr in KEY_NAMES:
-        _need_heads(name, dims, "query/key weight")
-        return WQK, _heads(name, out_features, in_features, dims.head_dim)
+        return WQK, _heads(name, out_features, in_features, dims, attr in KEY_NAMES)
     if attr in VALUE_NAMES:
         return "wv", (Section("wv", in_features, out_features),)
     if attr in FUSED_BLOCKED_NAMES:
