@@ -53,8 +53,8 @@ class AttentionDims:
 def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_dim=None) -> AttentionDims:
     """The attention geometry of ``model``: the arguments where given, else its ``transformers``
     config (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), else
-    unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is each query/key
-    weight's own, its outputs over its heads (``_head_size``)."""
+    unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key
+    weight (``_head_size``)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -89,28 +89,32 @@ def _need_heads(name: str, dims: AttentionDims, what: str) -> None:
         raise ValueError(
             f"AdamMini.for_model: '{name}' is a {what} but its number of heads is unknown (the model has no "
             "transformers config with num_attention_heads); pass n_heads= (and n_kv_heads=, head_dim= where "
-            "they differ from n_heads and the weight's outputs / heads)"
+            "they differ from n_heads and hidden / n_heads)"
         )
 
 
-def _head_size(name: str, what: str, out_features: int, heads: int, dims: AttentionDims) -> int:
-    """The head size of a query/key weight holding ``heads`` head-sized groups of output neurons:
-    the model's ``head_dim`` where it names one, else the weight's own outputs / ``heads`` (so a
-    sub-model, or a model whose heads are not hidden / n_heads wide, needs no head_dim)."""
+def _head_size(name: str, what: str, in_features: int, dims: AttentionDims, fits) -> int:
+    """The head size of a query/key weight: the model's ``head_dim`` where it names one, else the
+    first of hidden / n_heads (the config's width) and in_features / n_heads (the weight's own
+    input width: a sub-model whose config's hidden size is not its width, Qwen2-VL's vision
+    tower) that is whole and that the weight's outputs fit (``fits(head_size)``)."""
     if dims.head_dim is not None:
         return dims.head_dim
-    if out_features % heads:
-        raise ValueError(
-            f"AdamMini.for_model: {what} '{name}' has {out_features} output neurons, not a multiple of its "
-            f"{heads} heads (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}); pass the model's dimensions"
-        )
-    return out_features // heads
+    for width in (dims.hidden, in_features):
+        if width is not None and width % dims.n_heads == 0 and fits(width // dims.n_heads):
+            return width // dims.n_heads
+    raise ValueError(
+        f"AdamMini.for_model: the outputs of {what} '{name}' fit no head size of hidden / n_heads or "
+        f"in_features / n_heads (hidden={dims.hidden}, in_features={in_features}, n_heads={dims.n_heads}, "
+        f"n_kv_heads={dims.n_kv_heads}); pass the model's head_dim (and n_kv_heads)"
+    )
 
 
-def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims, key: bool) -> Tuple[Section, ...]:
-    """Query or key outputs (``key``: n_kv_heads heads, else n_heads): one block per head."""
-    _need_heads(name, dims, "query/key weight")
-    head_dim = _head_size(name, "query/key weight", out_features, dims.n_kv_heads if key else dims.n_heads, dims)
+def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims) -> Tuple[Section, ...]:
+    """Query or key outputs: one block per head."""
+    what = "query/key weight"
+    _need_heads(name, dims, what)
+    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features % size == 0)
     if out_features % head_dim:
         raise ValueError(
             f"AdamMini.for_model: query/key weight '{name}' has {out_features} output neurons, not a "
@@ -124,9 +128,9 @@ def _fused_blocked(name: str, out_features: int, in_features: int, dims: Attenti
     """Outputs [Q | K | V] ([K | V] in a cross-attention): heads for Q and K, neurons for V."""
     what = "fused query/key/value weight"
     _need_heads(name, dims, what)
-    q_heads = 0 if cross else dims.n_heads
-    head_dim = _head_size(name, what, out_features, q_heads + 2 * dims.n_kv_heads, dims)
-    q_out, kv_out = q_heads * head_dim, dims.n_kv_heads * head_dim
+    heads = (0 if cross else dims.n_heads) + 2 * dims.n_kv_heads
+    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == heads * size)
+    q_out, kv_out = (0 if cross else dims.n_heads) * head_dim, dims.n_kv_heads * head_dim
     if out_features != q_out + 2 * kv_out:
         raise ValueError(
             f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
@@ -141,7 +145,7 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
     """Outputs interleaved per head, (heads, 3, head_dim): per head a Q and a K block, then V neurons."""
     what = "fused query/key/value weight"
     _need_heads(name, dims, what)
-    head_dim = _head_size(name, what, out_features, 3 * dims.n_heads, dims)
+    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == 3 * dims.n_heads * size)
     if out_features != 3 * dims.n_heads * head_dim:
         raise ValueError(
             f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
@@ -158,7 +162,7 @@ def _projection(name: str, attr: str, out_features: int, in_features: int, dims:
     if is_output:
         return "output", (Section("output", in_features, out_features),)
     if attr in QUERY_NAMES or attr in KEY_NAMES:
-        return WQK, _heads(name, out_features, in_features, dims, attr in KEY_NAMES)
+        return WQK, _heads(name, out_features, in_features, dims)
     if attr in VALUE_NAMES:
         return "wv", (Section("wv", in_features, out_features),)
     if attr in FUSED_BLOCKED_NAMES:

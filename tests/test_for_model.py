@@ -709,11 +709,12 @@ def test_each_sub_model_s_heads_come_from_its_own_config():
     assert all(inherited[n] == rows[n] for n in heads)
 
 
-def test_head_size_is_each_weight_s_own_where_the_config_names_none():
-    """Without a head_dim in the config, a query/key weight's head size is its outputs over its
-    heads. Qwen2-VL's vision tower, whose config's hidden_size (32) is its merger's output, not
-    its width (embed_dim 16), and names no head_dim: the fused qkv is [Q | K | V] with 2 + 2
-    heads of 8 rows, then 16 value neurons (an error when the head size was hidden / heads)."""
+def test_head_size_is_the_weight_s_own_where_the_config_s_width_does_not_fit():
+    """Without a head_dim in the config, the head size is hidden / n_heads, or where the weight's
+    outputs do not fit that, its own input width / n_heads. Qwen2-VL's vision tower, whose
+    config's hidden_size (32) is its merger's output, not its width (embed_dim 16), and names no
+    head_dim: the fused qkv is [Q | K | V] with 2 + 2 heads of 8 rows, then 16 value neurons (an
+    error with hidden / n_heads alone)."""
     text = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=NH,
                 num_key_value_heads=2)
     vision = dict(depth=1, embed_dim=16, hidden_size=H, num_heads=2, mlp_ratio=2, in_channels=3, patch_size=2,
@@ -753,14 +754,16 @@ def test_bad_input_is_a_clear_error():
         AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, head_dim=3)
     with pytest.raises(ValueError, match="fused query/key/value weight.*expected 144"):
         AdamMini.for_model(_gpt2(), n_heads=NH, head_dim=12)
-    with pytest.raises(ValueError, match="'q_proj.weight' has 16 output neurons, not a multiple of its 3 heads"):
+    with pytest.raises(ValueError, match="query/key weight 'q_proj.weight' fit no head size.*in_features=16, n_heads=3"):
         AdamMini.for_model(_NoConfig(), n_heads=3)
     fused = nn.Module()
     fused.c_attn = nn.Linear(16, 48)
     with pytest.raises(ValueError, match="fused query/key/value weight but its number of heads is unknown"):
         AdamMini.for_model(fused, head_dim=4)  # no config: the number of heads unknown
-    with pytest.raises(ValueError, match="'c_attn.weight' has 48 output neurons, not a multiple of its 15 heads"):
+    with pytest.raises(ValueError, match="fused query/key/value weight 'c_attn.weight' fit no head size.*n_heads=5"):
         AdamMini.for_model(fused, n_heads=5)
+    with pytest.raises(ValueError, match="'c_attn.weight' fit no head size.*n_heads=4, n_kv_heads=2"):
+        AdamMini.for_model(fused, n_heads=4, n_kv_heads=2)  # 48 outputs: 4 + 2 * 2 heads of 4 would be 32
     with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.attention.query_key_value.weight' has 96 outputs; expected 3 \* n_heads \* head_dim = 48"):
         AdamMini.for_model(_neox(), n_heads=NH, head_dim=HD // 2)
     opt = AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, **KW)
