@@ -360,7 +360,7 @@ class AdamMini(torch.optim.Optimizer):
         dims = config_dims(model, dim, n_heads, n_kv_heads, head_dim)
         layouts = model_layouts(model, AttentionDims(dim, n_heads, n_kv_heads, head_dim))
         given = dict(dim=dims.hidden, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads)
-        if dims.head_dim is not None and dims.hidden is not None and dims.head_dim * dims.n_heads != dims.hidden:
+        if None not in (dims.head_dim, dims.hidden, dims.n_heads) and dims.head_dim * dims.n_heads != dims.hidden:
             given["head_dim"] = dims.head_dim
         opt = cls(model.named_parameters(), **{k: v for k, v in given.items() if v is not None}, model=model, **kwargs)
         opt.layout_overrides.update(layouts)

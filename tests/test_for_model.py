@@ -734,6 +734,14 @@ class _NoConfig(nn.Module):
         self.extra_mlp = nn.Parameter(torch.randn(3, 5))
 
 
+def test_dimensions_without_heads_are_fine_where_no_weight_needs_heads():
+    """dim and head_dim given without n_heads, to a model with no query/key weight: the
+    optimizer is built (the constructor's name rules get dim alone), no TypeError."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = AdamMini.for_model(model, dim=4, head_dim=2, **KW)
+    assert [r["rule"] for r in opt.partition_summary()] == ["neuron", "adam"]
+
+
 def test_name_sets_apply_to_parameters_for_model_does_not_cover():
     model = _NoConfig()
     opt = AdamMini.for_model(model, dim=16, n_heads=4, **KW)
