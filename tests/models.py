@@ -14,6 +14,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VOCAB = 64
+# GPT-OSS's default rope (YaRN, scaled for long contexts) warns on tiny configs: plain rope.
+GPT_OSS_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def skip_without_fused_experts():
+    """transformers 4 keeps experts as lists of nn.Linear (for_model's Linear rule) or, for
+    GPT-OSS, as 3-D weights that do not say how they are stored: for_model's expert rule reads
+    the ``is_transposed`` of transformers 5's fused experts."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("fused MoE experts need transformers >= 5")
 
 
 def _tokens(batch: int, seq: int):

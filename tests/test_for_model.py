@@ -26,6 +26,7 @@ from adam_mini_kernels import AdamMini
 from adam_mini_kernels.model_layouts import AttentionDims, config_dims, model_layouts
 from adam_mini_kernels.reference import adam_mini_step
 from grad_stream import assert_backends_close, clone_named, max_rel_err, run_stream
+from models import GPT_OSS_ROPE, skip_without_fused_experts
 from test_cuda_backend import _emulated_step, emulator  # noqa: F401  (emulator: the fixture)
 
 transformers = pytest.importorskip("transformers")  # required in CI (conftest.py)
@@ -80,14 +81,6 @@ E = 4  # experts of the MoE models
 MOE_ARCHS = {"mixtral", "gpt_oss"}
 
 
-def _skip_without_fused_experts():
-    """transformers 4 keeps experts as lists of nn.Linear (for_model's Linear rule) or, for
-    GPT-OSS, as 3-D weights that do not say how they are stored: for_model's expert rule reads
-    the ``is_transposed`` of transformers 5's fused experts."""
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("fused MoE experts need transformers >= 5")
-
-
 def _mixtral():
     return _decoder("MixtralConfig", transformers.MixtralForCausalLM, num_key_value_heads=2, num_local_experts=E,
                     num_experts_per_tok=2, tie_word_embeddings=False)
@@ -97,7 +90,7 @@ def _gpt_oss():
     """Experts stored (experts, in, out) with biases, a router with a bias, attention sinks."""
     return _decoder("GptOssConfig", transformers.GptOssForCausalLM, num_key_value_heads=2, head_dim=H // NH,
                     num_local_experts=E, num_experts_per_tok=2, tie_word_embeddings=False,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                    rope_parameters=GPT_OSS_ROPE)
 
 
 def _llama4():
@@ -187,7 +180,7 @@ NAME_RULE_PARAMS = {"gpt_oss": ".self_attn.sinks"}  # parameters of no module ru
 
 def _build(arch, seed=0):
     if arch in MOE_ARCHS:
-        _skip_without_fused_experts()
+        skip_without_fused_experts()
     torch.manual_seed(seed)
     return ARCHS[arch][0]()
 
@@ -257,7 +250,7 @@ def test_moe_experts_and_routers_follow_the_config(stem):
     """Every layer's experts: ``gate_up_proj`` one block of ``hidden`` elements per output neuron
     of each expert (E * 2 * the experts' intermediate size), ``down_proj`` E * hidden blocks of the
     intermediate size; the router one block per expert. Sizes from the config, not the weights."""
-    _skip_without_fused_experts()
+    skip_without_fused_experts()
     model = _decoder(f"{stem}Config", getattr(transformers, f"{stem}ForCausalLM"), num_key_value_heads=2,
                      num_experts_per_tok=2, tie_word_embeddings=False, **MOE_DECODERS[stem])
     experts_i = getattr(model.config, "moe_intermediate_size", None) or I

@@ -16,6 +16,7 @@ import torch.nn as nn
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.optimizer import TRACES_SHARED_SHARDS
 from grad_stream import max_rel_err
+from models import GPT_OSS_ROPE, skip_without_fused_experts
 from spawned import COLLECTIVE_TIMEOUT, spawn
 from test_cuda_backend import _emulated_step, emulated_optimizer, emulator, load_emulator  # noqa: F401  (emulator: the fixture)
 
@@ -986,7 +987,7 @@ def _moe(arch: str):
                   bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
     if arch == "mixtral":
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common))
-    cfg = transformers.GptOssConfig(**common, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = transformers.GptOssConfig(**common, head_dim=8, rope_parameters=GPT_OSS_ROPE)
     return transformers.GptOssForCausalLM(cfg)
 
 
@@ -1024,9 +1025,7 @@ def test_for_model_experts_under_fsdp2_match_single_process(tmp_path, arch):
     MOE_EXPERT_DIMS lists: 10 steps equal one process to 1e-6, with one all-reduce per step. The
     gradients are DTensors over the flat buffer with the strides of its storage; Mixtral's
     row-major expert shards are FSDP2's storage (not copied each step), GPT-OSS's columns not."""
-    transformers = pytest.importorskip("transformers")
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("fused MoE experts (is_transposed) need transformers >= 5")
+    skip_without_fused_experts()
     _spawn(_moe_worker, str(tmp_path), arch)
     model = _moe(arch)
     opt = AdamMini.for_model(model, lr=1e-2, weight_decay=0.1, verbose=False)

@@ -15,6 +15,7 @@ import torch
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels.quantization import INT8_MIN_NUMEL, dequantize_runs, quantize_runs
 from grad_stream import clone_named, max_rel_err, run_stream
+from models import GPT_OSS_ROPE, skip_without_fused_experts
 
 # Rows of 300 (a full chunk and a short one), heads of 4096 (16 chunks), a whole-tensor block of
 # 6000 elements, column-free; small parameters and biases keep a float m.
@@ -120,7 +121,7 @@ def _gpt_oss(transformers):
     cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                                     num_experts_per_tok=2, max_position_embeddings=16, tie_word_embeddings=False,
-                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                                    rope_parameters=GPT_OSS_ROPE)
     return transformers.GptOssForCausalLM(cfg)
 
 
@@ -133,8 +134,8 @@ def test_for_model_column_and_section_layouts(build, columns_quantized):
     neurons); GPT-OSS: 3-D expert weights (experts, in, out) stored by columns. Same bitwise
     check as above, and a bitwise resume."""
     transformers = pytest.importorskip("transformers")
-    if build is _gpt_oss and int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("fused MoE experts (is_transposed) need transformers >= 5")
+    if build is _gpt_oss:
+        skip_without_fused_experts()
     models = [build(transformers) for _ in range(3)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
