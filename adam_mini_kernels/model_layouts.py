@@ -3,14 +3,15 @@
 The name rules (``partition.py``, official 1.1.1's) see only parameter names, so they miss what a
 name does not say: HF ``Conv1D`` weights are stored (in, out), so GPT-2's output neurons are
 columns; fused query/key/value weights (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``,
-``nn.MultiheadAttention.in_proj_weight``) hold heads and neurons side by side; Qwen3 and Gemma
-heads are ``config.head_dim`` wide, not hidden / heads; fused MoE experts (transformers 5) hold
-one matrix per expert in a 3-D weight, so dim-0 slices are whole experts. Here the layout of
-each parameter comes from its module's type, its attribute name inside its parent and the
-model's dimensions, after the paper's principle: one block per head for queries and keys, one
-per output neuron for values, attention outputs and MLPs (also of each expert in a MoE layer, and
-of its router), one per token for embeddings and an untied output layer, one per element (Adam)
-for biases, one for each norm.
+``nn.MultiheadAttention.in_proj_weight``, and in an order of their own CodeGen's, GPTBigCode's,
+Falcon's) hold heads and neurons side by side; Qwen3 and Gemma heads are ``config.head_dim``
+wide, not hidden / heads; DeepSeek's latent attention holds heads in low-rank projections; fused
+MoE experts (transformers 5) hold one matrix per expert in a 3-D weight, so dim-0 slices are
+whole experts. Here the layout of each parameter comes from its module's type, its attribute
+name inside its parent, the parent attention's class and the model's dimensions, after the
+paper's principle: one block per head for queries and keys, one per output neuron for values,
+attention outputs and MLPs (also of each expert in a MoE layer, and of its router), one per token
+for embeddings and an untied output layer, one per element (Adam) for biases, one for each norm.
 
 Parameters of modules not recognised here (custom ``nn.Parameter``s, unknown layer types) get no
 layout from this module; the optimizer partitions them by name as usual.
@@ -31,7 +32,8 @@ from .partition import ADAM, NEURON, QKV, WHOLE, WQK, BlockLayout, Section
 QUERY_NAMES = frozenset({"q_proj", "query", "wq", "q", "q_attn"})
 KEY_NAMES = frozenset({"k_proj", "key", "wk", "k"})
 VALUE_NAMES = frozenset({"v_proj", "value", "wv", "v"})
-# Fused projections whose outputs are [Q | K | V] (rows of a Linear, columns of a Conv1D).
+# Fused projections whose outputs are [Q | K | V] (rows of a Linear, columns of a Conv1D), unless
+# their attention module's class says otherwise (``ATTENTION_ORDERS``).
 FUSED_BLOCKED_NAMES = frozenset({"c_attn", "qkv_proj", "wqkv", "qkv"})
 # Fused projections whose outputs are interleaved per head, (heads, 3, head_dim) (GPT-NeoX, BLOOM).
 FUSED_PER_HEAD_NAMES = frozenset({"query_key_value"})
@@ -52,8 +54,8 @@ class AttentionDims:
 
 def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_dim=None) -> AttentionDims:
     """The attention geometry of ``model``: the arguments where given, else its ``transformers``
-    config (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), else
-    unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key
+    config (``hidden_size``, ``num_attention_heads`` (or ``num_heads``: vision configs of
+    transformers 4), ``num_key_value_heads``, ``head_dim``), else unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key
     weight (``_head_size``)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -67,7 +69,7 @@ def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_
         return None
 
     dim = dim if dim is not None else from_config("hidden_size")
-    n_heads = n_heads if n_heads is not None else from_config("num_attention_heads")
+    n_heads = n_heads if n_heads is not None else from_config("num_attention_heads", "num_heads")
     n_kv_heads = n_kv_heads if n_kv_heads is not None else from_config("num_key_value_heads") or n_heads
     head_dim = head_dim if head_dim is not None else from_config("head_dim")
     return AttentionDims(dim, n_heads, n_kv_heads, head_dim)
@@ -123,26 +125,49 @@ def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims) 
     return (Section(WQK, head_dim * in_features, out_features // head_dim),)
 
 
-def _fused_blocked(name: str, out_features: int, in_features: int, dims: AttentionDims,
-                   cross: bool) -> Tuple[Section, ...]:
-    """Outputs [Q | K | V] ([K | V] in a cross-attention): heads for Q and K, neurons for V."""
+# A run of a fused projection's outputs: (kind, heads, head size). Kinds "q" and "k" are one block
+# per head; "v" and "latent" (multi-head latent attention's compressed keys and values) one block
+# per output neuron.
+Run = Tuple[str, int, int]
+
+
+def _blocked(n_q: int, n_kv: int, head_dim: int) -> List[Run]:
+    return [("q", n_q, head_dim), ("k", n_kv, head_dim), ("v", n_kv, head_dim)]
+
+
+def _per_head(n_heads: int, head_dim: int) -> List[Run]:
+    return [("q", 1, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * n_heads
+
+
+def _run_sections(runs: Sequence[Run], in_features: int) -> Tuple[Section, ...]:
+    sections = []
+    for kind, heads, size in runs:
+        if not heads:
+            continue
+        if kind in ("q", "k"):
+            sections.append(Section(WQK, size * in_features, heads))
+        else:
+            sections.append(Section("wv" if kind == "v" else NEURON, in_features, heads * size))
+    return _merged(sections)
+
+
+def _fused_blocked(name: str, out_features: int, in_features: int, dims: AttentionDims, cross: bool) -> List[Run]:
+    """Outputs [Q | K | V] ([K | V] in a cross-attention)."""
     what = "fused query/key/value weight"
     _need_heads(name, dims, what)
-    heads = (0 if cross else dims.n_heads) + 2 * dims.n_kv_heads
-    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == heads * size)
-    q_out, kv_out = (0 if cross else dims.n_heads) * head_dim, dims.n_kv_heads * head_dim
-    if out_features != q_out + 2 * kv_out:
+    n_q = 0 if cross else dims.n_heads
+    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == (n_q + 2 * dims.n_kv_heads) * size)
+    if out_features != (n_q + 2 * dims.n_kv_heads) * head_dim:
         raise ValueError(
             f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
-            f"expected {q_out + 2 * kv_out} (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}, "
+            f"expected {(n_q + 2 * dims.n_kv_heads) * head_dim} (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}, "
             f"head_dim={head_dim}); pass the model's dimensions"
         )
-    qk_heads = (q_out + kv_out) // head_dim
-    return _merged([Section(WQK, head_dim * in_features, qk_heads), Section("wv", in_features, kv_out)])
+    return _blocked(n_q, dims.n_kv_heads, head_dim)
 
 
-def _fused_per_head(name: str, out_features: int, in_features: int, dims: AttentionDims) -> Tuple[Section, ...]:
-    """Outputs interleaved per head, (heads, 3, head_dim): per head a Q and a K block, then V neurons."""
+def _fused_per_head(name: str, out_features: int, in_features: int, dims: AttentionDims) -> List[Run]:
+    """Outputs interleaved per head, (heads, 3, head_dim)."""
     what = "fused query/key/value weight"
     _need_heads(name, dims, what)
     head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == 3 * dims.n_heads * size)
@@ -151,24 +176,123 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
             f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
             f"expected 3 * n_heads * head_dim = {3 * dims.n_heads * head_dim}"
         )
-    head = [Section(WQK, head_dim * in_features, 2), Section("wv", in_features, head_dim)]
-    return tuple(head * dims.n_heads)
+    return _per_head(dims.n_heads, head_dim)
+
+
+# [Note: attention layouts by class]
+# How a fused projection orders its outputs is decided by its attention module's forward, which a
+# name does not tell: ``c_attn`` is [Q | K | V] in GPT-2 but (heads, 3, head_dim) in GPTBigCode
+# without multi-query; CodeGen's ``qkv_proj`` is four model-parallel groups of [Q | V | K];
+# Falcon's ``query_key_value`` is one of three orders, by its config; MiniMax's lightning
+# attention interleaves ``qkv_proj`` per head. For the attention classes in ``ATTENTION_ORDERS``
+# (matched along the class's MRO, so subclasses count) the order of that projection is built
+# from the module's own attributes, the numbers its forward reads. Multi-head latent attention
+# (DeepSeek-V2/V3 and the models built on it, told apart by the attributes its forward reads:
+# ``MLA_ATTRS``) has no fused Q/K/V weight but heads inside its low-rank projections: the query
+# (``q_proj``, or ``q_b_proj`` after the low-rank ``q_a_proj``) is (heads, qk_nope + qk_rope);
+# ``kv_b_proj`` is (heads, qk_nope + v): per head a key block and v_head_dim value neurons;
+# ``kv_a_proj_with_mqa`` is [kv_lora_rank latent neurons | one rope key head shared by all heads].
+# Other fused weights follow ``FUSED_BLOCKED_NAMES`` / ``FUSED_PER_HEAD_NAMES``.
+
+def _attrs(attention: nn.Module, *names: str) -> list:
+    """The attributes ``names`` of ``attention``; a clear error where one is missing."""
+    missing = [n for n in names if getattr(attention, n, None) is None]
+    if missing:
+        raise ValueError(
+            f"AdamMini.for_model: {type(attention).__name__} has no {missing}, which its fused projection's "
+            "layout is read from (see [Note: attention layouts by class]); this transformers version is not supported"
+        )
+    return [getattr(attention, n) for n in names]
+
+
+def _codegen_order(attention: nn.Module) -> List[Run]:
+    heads, head_dim = _attrs(attention, "num_attention_heads", "head_dim")
+    mp = int(getattr(attention, "mp_num", 4))  # a constant of CodeGen's forward before transformers 5
+    return [("q", heads // mp, head_dim), ("v", heads // mp, head_dim), ("k", heads // mp, head_dim)] * mp
+
+
+def _gpt_bigcode_order(attention: nn.Module) -> Optional[List[Run]]:
+    if getattr(attention, "is_cross_attention", False):  # [K | V]: the name rule's cross-attention order
+        return None
+    heads, head_dim, multi_query = _attrs(attention, "num_heads", "head_dim", "multi_query")
+    return _blocked(heads, 1, head_dim) if multi_query else _per_head(heads, head_dim)
+
+
+def _falcon_order(attention: nn.Module) -> List[Run]:
+    heads, kv_heads, head_dim, grouped, multi_query = _attrs(
+        attention, "num_heads", "num_kv_heads", "head_dim", "new_decoder_architecture", "multi_query")
+    if grouped:  # per kv head: its query heads, its key, its value
+        return [("q", heads // kv_heads, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * kv_heads
+    if multi_query:
+        return _blocked(heads, 1, head_dim)
+    return _per_head(heads, head_dim)
+
+
+def _lightning_order(attention: nn.Module) -> List[Run]:
+    heads, head_dim = _attrs(attention, "num_attention_heads", "head_dim")
+    return _per_head(heads, head_dim)
+
+
+# attention class name -> (attribute name of its fused projection, its output order)
+ATTENTION_ORDERS = {
+    "CodeGenAttention": ("qkv_proj", _codegen_order),
+    "GPTBigCodeAttention": ("c_attn", _gpt_bigcode_order),
+    "FalconAttention": ("query_key_value", _falcon_order),
+    "MiniMaxLightningAttention": ("qkv_proj", _lightning_order),
+}
+MLA_ATTRS = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+
+
+def _mla_order(attention: nn.Module, attr: str) -> Optional[List[Run]]:
+    heads, nope, rope, v, rank = [int(getattr(attention, a)) for a in MLA_ATTRS]
+    if attr in ("q_proj", "q_b_proj"):
+        return [("q", heads, nope + rope)]
+    if attr == "kv_b_proj":
+        return [("k", 1, nope), ("v", 1, v)] * heads
+    if attr == "kv_a_proj_with_mqa":
+        return [("latent", rank, 1), ("k", 1, rope)]
+    return None
+
+
+def _attention_order(attention: Optional[nn.Module], attr: str) -> Optional[List[Run]]:
+    """The output runs of projection ``attr`` of ``attention`` where the attention's class fixes
+    them (see [Note: attention layouts by class]), else None."""
+    if attention is None:
+        return None
+    for cls in type(attention).__mro__:
+        fused, order = ATTENTION_ORDERS.get(cls.__name__, (None, None))
+        if fused == attr:
+            return order(attention)
+    if all(isinstance(getattr(attention, a, None), int) for a in MLA_ATTRS):
+        return _mla_order(attention, attr)
+    return None
 
 
 def _projection(name: str, attr: str, out_features: int, in_features: int, dims: AttentionDims, is_output: bool,
-                cross: bool = False):
-    """(rule, sections) of a linear map with ``out_features`` outputs, by its attribute name;
-    ``cross``: it sits in a cross-attention (a fused weight holds K and V only)."""
+                cross: bool = False, attention: Optional[nn.Module] = None):
+    """(rule, sections) of a linear map with ``out_features`` outputs, by its attention module's
+    class (``attention``: the module holding it) or else its attribute name; ``cross``: it sits
+    in a cross-attention (a fused weight holds K and V only)."""
     if is_output:
         return "output", (Section("output", in_features, out_features),)
+    runs = _attention_order(attention, attr)
+    if runs is not None:
+        expected = sum(heads * size for _, heads, size in runs)
+        if out_features != expected:
+            raise ValueError(
+                f"AdamMini.for_model: '{name}' has {out_features} outputs, but its {type(attention).__name__}'s "
+                f"attributes make {expected}: {runs}"
+            )
+        sections = _run_sections(runs, in_features)
+        return (WQK if {s.rule for s in sections} == {WQK} else QKV), sections
     if attr in QUERY_NAMES or attr in KEY_NAMES:
         return WQK, _heads(name, out_features, in_features, dims)
     if attr in VALUE_NAMES:
         return "wv", (Section("wv", in_features, out_features),)
     if attr in FUSED_BLOCKED_NAMES:
-        return QKV, _fused_blocked(name, out_features, in_features, dims, cross)
+        return QKV, _run_sections(_fused_blocked(name, out_features, in_features, dims, cross), in_features)
     if attr in FUSED_PER_HEAD_NAMES:
-        return QKV, _fused_per_head(name, out_features, in_features, dims)
+        return QKV, _run_sections(_fused_per_head(name, out_features, in_features, dims), in_features)
     return NEURON, (Section(NEURON, in_features, out_features),)
 
 
@@ -212,9 +336,9 @@ def _expert_layout(name: str, p: torch.Tensor, transposed: bool) -> BlockLayout:
 
 
 def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor, dims: AttentionDims,
-            is_output: bool, cross: bool) -> Optional[BlockLayout]:
-    """The layout of parameter ``pname`` of ``module`` (whose attribute name is ``attr``), or
-    None when the module type is not one this file knows."""
+            is_output: bool, cross: bool, parent: Optional[nn.Module]) -> Optional[BlockLayout]:
+    """The layout of parameter ``pname`` of ``module`` (whose attribute name in ``parent`` is
+    ``attr``), or None when the module type is not one this file knows."""
     shape = tuple(p.shape)
     conv1d = _conv1d_type()
     experts = _experts_transposed(module)
@@ -243,10 +367,10 @@ def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor
         rule, sections = _projection(name, attr, shape[0], shape[1], mha, False)
         return BlockLayout(name, rule, shape, sections)
     if isinstance(module, nn.Linear):  # weight (out, in): an output neuron is a row
-        rule, sections = _projection(name, attr, shape[0], shape[1], dims, is_output, cross)
+        rule, sections = _projection(name, attr, shape[0], shape[1], dims, is_output, cross, parent)
         return BlockLayout(name, rule, shape, sections)
     # Conv1D, weight (in, out): an output neuron is a column; stored transposed (see partition.py).
-    rule, sections = _projection(name, attr, shape[1], shape[0], dims, is_output, cross)
+    rule, sections = _projection(name, attr, shape[1], shape[0], dims, is_output, cross, parent)
     return BlockLayout(name, rule, shape, sections, columns=True)
 
 
@@ -284,12 +408,13 @@ def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> D
             dims_at[module_name] = _own_dims(module, given, by_config) or dims_at[parent_name]
         dims = dims_at[module_name]
         # GPT-2 cross-attention marks itself; its c_attn holds [K | V] (Q is q_attn).
-        cross = bool(getattr(modules.get(parent_name), "is_cross_attention", False))
+        parent = modules.get(parent_name) if module_name else None
+        cross = bool(getattr(parent, "is_cross_attention", False))
         for pname, p in module.named_parameters(recurse=False):
             name = names.get(id(p))
             if name is None or name in layouts:
                 continue
-            layout = _layout(module, attr.lower(), pname, name, p, dims, module is output, cross)
+            layout = _layout(module, attr.lower(), pname, name, p, dims, module is output, cross, parent)
             if layout is not None:
                 layouts[name] = layout
     return layouts

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import io
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -75,6 +76,54 @@ def _bert():
                                   num_attention_heads=NH, max_position_embeddings=16, type_vocab_size=2,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return transformers.BertModel(cfg)
+
+
+def _codegen():
+    """qkv_proj: four model-parallel groups of [Q | V | K] (one head each here)."""
+    cfg = transformers.CodeGenConfig(vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=16, n_inner=I,
+                                     rotary_dim=4, bos_token_id=0, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    return transformers.CodeGenForCausalLM(cfg)
+
+
+def _gpt_bigcode(multi_query):
+    """c_attn (a Linear): [Q | K | V] with one kv head under multi-query, else (heads, 3, head_dim)."""
+    cfg = transformers.GPTBigCodeConfig(vocab_size=V, n_embd=H, n_layer=L, n_head=NH, n_positions=16, n_inner=I,
+                                        multi_query=multi_query, bos_token_id=0, eos_token_id=1, resid_pdrop=0.0,
+                                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPTBigCodeForCausalLM(cfg)
+
+
+def _falcon(**order):
+    """query_key_value: [Q | K | V] with one kv head (multi_query, the default), (heads, 3, head_dim)
+    (multi_query=False) or per kv head its queries, key and value (new_decoder_architecture)."""
+    cfg = transformers.FalconConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
+                                    bos_token_id=0, eos_token_id=1, hidden_dropout=0.0, attention_dropout=0.0,
+                                    **order)
+    return transformers.FalconForCausalLM(cfg)
+
+
+# Multi-head latent attention (DeepSeek-V2/V3): heads of qk_nope + qk_rope = 10 query dims (not
+# hidden / heads = 8, nor the config's head_dim = qk_rope), 8 value dims; a dense MLP in every layer.
+MLA = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=8)
+QA = 16  # q_lora_rank
+
+
+def _deepseek(q_lora_rank):
+    return _decoder("DeepseekV3Config", transformers.DeepseekV3ForCausalLM, num_key_value_heads=NH, q_lora_rank=q_lora_rank,
+                    first_k_dense_replace=L, n_routed_experts=E, moe_intermediate_size=24, n_group=1, topk_group=1,
+                    tie_word_embeddings=False, **MLA)
+
+
+def _expected_mla(q_lora):
+    """Q heads of q_b_proj (or q_proj: blocks of 8 * hidden), per head kv_b_proj's key block and
+    value neurons, kv_a_proj_with_mqa's rope key (one head shared by all) and latent neurons."""
+    nope, rope, dv, rank = MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"], MLA["kv_lora_rank"]
+    return {
+        "wqk": (L * (NH + 1 + NH), None), "wv": (L * NH * dv, rank),
+        "neuron": (L * ((QA if q_lora else 0) + rank + H + 2 * I + H), None),
+        "embd": (V, H), "output": (V, H), "whole": (L * (2 + (2 if q_lora else 1)) + 1, None), "adam": (0, 1),
+    }
 
 
 E = 4  # experts of the MoE models
@@ -163,6 +212,34 @@ ARCHS = {
         "embd": (V + 16 + 2, H), "output": (0, H), "whole": (1 + 2 * L, None),
         "adam": (H + L * (3 * H + H + H + I + H + H) + H, 1),
     }),
+    "codegen": (_codegen, {  # qkv_proj = 4 x [Q | V | K]; fc_in, fc_out and lm_head with biases
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
+        "embd": (V, H), "output": (V, H), "whole": (L + 1, None), "adam": (L * (H + I + H) + H + V, 1),
+    }),
+    "gpt_bigcode": (lambda: _gpt_bigcode(True), {  # c_attn = [Q | K | V], one kv head; tied lm_head
+        "wqk": (L * (NH + 1), HD * H), "wv": (L * HD, H), "neuron": (L * (H + I + H), None),
+        "embd": (V + 16, H), "output": (0, H), "whole": (2 * L + 1, None),
+        "adam": (L * (H + 2 * HD + H + 2 * H + I + H) + H, 1),
+    }),
+    "gpt_bigcode_mha": (lambda: _gpt_bigcode(False), {  # c_attn rows interleaved per head
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + I + H), None),
+        "embd": (V + 16, H), "output": (0, H), "whole": (2 * L + 1, None),
+        "adam": (L * (3 * H + H + 2 * H + I + H) + H, 1),
+    }),
+    "falcon": (_falcon, {  # one kv head; parallel attention and MLP after one layer norm; tied
+        "wqk": (L * (NH + 1), HD * H), "wv": (L * HD, H), "neuron": (L * (H + 4 * H + H), None),
+        "embd": (V, H), "output": (0, H), "whole": (L + 1, None), "adam": (L * H + H, 1),
+    }),
+    "falcon_mha": (lambda: _falcon(multi_query=False), {
+        "wqk": (L * 2 * NH, HD * H), "wv": (L * H, H), "neuron": (L * (H + 4 * H + H), None),
+        "embd": (V, H), "output": (0, H), "whole": (L + 1, None), "adam": (L * H + H, 1),
+    }),
+    "falcon_grouped": (lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2), {  # two layer norms
+        "wqk": (L * (NH + 2), HD * H), "wv": (L * 2 * HD, H), "neuron": (L * (H + 4 * H + H), None),
+        "embd": (V, H), "output": (0, H), "whole": (2 * L + 1, None), "adam": (2 * L * H + H, 1),
+    }),
+    "deepseek_mla": (lambda: _deepseek(QA), _expected_mla(q_lora=True)),
+    "deepseek_mla_no_q_lora": (lambda: _deepseek(None), _expected_mla(q_lora=False)),
     # fused experts (transformers 5): (experts, out, in) rows; GPT-OSS's (experts, in, out) columns
     "mixtral": (_mixtral, _expected_moe(2, HD)),
     "gpt_oss": (_gpt_oss, _expected_moe(2, HD, biases=True, sinks=True)),
@@ -274,6 +351,26 @@ def test_moe_experts_and_routers_follow_the_config(stem):
     assert torch.isfinite(_loss(model, _tokens(2)))
 
 
+def test_lightning_attention_qkv_is_interleaved_per_head():
+    """MiniMax's lightning (linear) attention reads its ``qkv_proj`` as (heads, 3 * head_dim) and
+    splits each head's outputs into q, k, v; its full-attention layers have separate q/k/v_proj.
+    With as many kv heads as heads, the [Q | K | V] reading of the name ``qkv_proj`` fits the
+    weight too: the attention's class decides, not the name."""
+    if not hasattr(transformers, "MiniMaxForCausalLM"):
+        pytest.skip("this transformers has no MiniMax")
+    model = _decoder("MiniMaxConfig", transformers.MiniMaxForCausalLM, num_key_value_heads=NH, num_local_experts=E,
+                     num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"], block_size=4,
+                     tie_word_embeddings=False)
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    rows = {r["name"]: r for r in opt.partition_summary()}
+    assert [tuple(s) for s in rows["model.layers.0.self_attn.qkv_proj.weight"]["sections"]] == [
+        ("wqk", HD * H, 2), ("wv", H, HD)] * NH
+    assert [tuple(s) for s in rows["model.layers.1.self_attn.k_proj.weight"]["sections"]] == [("wqk", HD * H, NH)]
+    _loss(model, _tokens(1)).backward()
+    opt.step()
+    assert torch.isfinite(_loss(model, _tokens(2)))
+
+
 def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads():
     """The reason for head_dim: with official's dim*dim/n_heads, Qwen3's q_proj (n_heads * 16 rows)
     would get twice as many head blocks as it has heads."""
@@ -317,7 +414,8 @@ class _Reference:
             torch.testing.assert_close(v.reshape(-1), self.v[n], rtol=1e-5, atol=1e-9, msg=f"v {n}")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "mixtral", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "deepseek_mla", "mixtral", "gpt_oss",
+                                  "llama4"])
 def test_sectioned_and_transposed_params_step_as_the_reference(arch):
     model = _build(arch)
     opt = AdamMini.for_model(model, backend="torch", **KW)
@@ -388,10 +486,10 @@ def _eager(model):
     return model.eval()
 
 
-def _qkv_probe(arch):
-    """(model, name of layer 0's fused QKV weight, probe): ``probe()`` runs the forward and returns
-    layer 0's attention probabilities (batch, heads, query, key) and the per-head context that
-    enters its output projection (batch, query, hidden)."""
+def _qkv_probe(arch, attr):
+    """(model, name of layer 0's attention weight ``attr``, probe): ``probe()`` runs the forward
+    and returns layer 0's attention probabilities (batch, heads, query, key) and the per-head
+    context that enters its output projection (batch, query, heads * value head size)."""
     tokens = _tokens(3)
     model = _build(arch)
     if arch == "transformer_encoder":  # nn.MultiheadAttention, called as the encoder layer calls it
@@ -405,14 +503,10 @@ def _qkv_probe(arch):
             out, probs = attn(x, x, x, need_weights=True, average_attn_weights=False)
             return probs, out
 
-        return model.eval(), "encoder.layers.0.self_attn.in_proj_weight", probe
+        return model.eval(), f"encoder.layers.0.self_attn.{attr}", probe
     _eager(model)
-    if arch == "gpt_neox":
-        attention, name = model.gpt_neox.layers[0].attention, "gpt_neox.layers.0.attention.query_key_value.weight"
-        out_proj = attention.dense
-    else:
-        attention, name = model.transformer.h[0].attn, "transformer.h.0.attn.c_attn.weight"
-        out_proj = attention.c_proj
+    attention_name, out_proj = QKV_PROBES[arch][:2]
+    out_proj = model.get_submodule(f"{attention_name}.{out_proj}")
 
     def probe():
         seen = []
@@ -423,7 +517,42 @@ def _qkv_probe(arch):
             hook.remove()
         return probs, seen[0]
 
-    return model, name, probe
+    return model, f"{attention_name}.{attr}.weight", probe
+
+
+def _reads(n_kv, head_v=HD, q=True, k=True, v=True):
+    """What the blocks of an attention weight must change in the forward, as two Counters: for
+    its query/key blocks, the sets of heads whose attention pattern changes (one query head, or a
+    key head's group of NH // n_kv query heads, once each); for its value blocks, the sets of
+    context channels that change (one value channel, as each query head of its group reads it)."""
+    group = NH // n_kv
+    groups = [range(g * group, (g + 1) * group) for g in range(n_kv)]
+    heads = Counter(frozenset({h}) for h in range(NH)) if q else Counter()
+    if k:
+        heads.update(frozenset(g) for g in groups)
+    channels = Counter(frozenset(h * head_v + d for h in g) for g in groups for d in range(head_v)) if v else Counter()
+    return heads, channels
+
+
+DV = MLA["v_head_dim"]
+# arch -> (layer 0's attention module, its output projection, {weight: what its blocks change})
+QKV_PROBES = {
+    "transformer_encoder": (None, None, {"in_proj_weight": _reads(NH)}),
+    "gpt2": ("transformer.h.0.attn", "c_proj", {"c_attn": _reads(NH)}),
+    "gpt_neox": ("gpt_neox.layers.0.attention", "dense", {"query_key_value": _reads(NH)}),
+    "codegen": ("transformer.h.0.attn", "out_proj", {"qkv_proj": _reads(NH)}),
+    "gpt_bigcode": ("transformer.h.0.attn", "c_proj", {"c_attn": _reads(1)}),
+    "gpt_bigcode_mha": ("transformer.h.0.attn", "c_proj", {"c_attn": _reads(NH)}),
+    "falcon": ("transformer.h.0.self_attention", "dense", {"query_key_value": _reads(1)}),
+    "falcon_mha": ("transformer.h.0.self_attention", "dense", {"query_key_value": _reads(NH)}),
+    "falcon_grouped": ("transformer.h.0.self_attention", "dense", {"query_key_value": _reads(2)}),
+    "deepseek_mla": ("model.layers.0.self_attn", "o_proj", {
+        "q_b_proj": _reads(NH, DV, k=False, v=False),
+        "kv_b_proj": _reads(NH, DV, q=False),  # per head: its key block, its value neurons
+        "kv_a_proj_with_mqa": _reads(1, DV, q=False, v=False),  # the rope key all heads share; latent neurons
+    }),
+    "deepseek_mla_no_q_lora": ("model.layers.0.self_attn", "o_proj", {"q_proj": _reads(NH, DV, k=False, v=False)}),
+}
 
 
 def _element_blocks(row):
@@ -438,26 +567,30 @@ def _element_blocks(row):
     return ids.reshape(shape), rules
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "transformer_encoder"])
-def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch):
+@pytest.mark.parametrize("arch, attr", [(a, w) for a, (_, _, weights) in QKV_PROBES.items() for w in weights])
+def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch, attr):
     """Block by block, change only the elements the partition puts in that block and watch the
-    model's own forward: a query/key block must change the attention pattern of exactly one head
-    (and only that head's context), each head by exactly two blocks (its Q and its K); a value
-    block must change no attention pattern and exactly one channel of the context, each channel
-    by exactly one. A layout that puts a block on the wrong rows or columns (GPT-NeoX's per-head
-    interleaving read as [Q | K | V], GPT-2's Conv1D columns read as rows) fails."""
-    model, name, probe = _qkv_probe(arch)
+    model's own forward: a query/key block must change the attention pattern of exactly one query
+    head or of one key head's group of query heads (and only their context), each as often as
+    ``QKV_PROBES`` says; a value block must change no attention pattern and exactly one value
+    channel of the context. A layout that puts a block on the wrong rows or columns (GPT-NeoX's
+    per-head interleaving or CodeGen's [Q | V | K] groups read as [Q | K | V], GPT-2's Conv1D
+    columns read as rows, a DeepSeek query head cut at the config's head_dim) fails."""
+    model, name, probe = _qkv_probe(arch, attr)
     opt = AdamMini.for_model(model, backend="torch", **KW)
     row = {r["name"]: r for r in opt.partition_summary()}[name]
     weight = dict(model.named_parameters())[name]
     ids, rules = _element_blocks(row)
-    assert ids.shape == weight.shape and sorted(set(rules)) == ["wqk", "wv"]
+    assert ids.shape == weight.shape
     with torch.no_grad():
         probs0, context0 = probe()
-    assert probs0.shape == (2, NH, 8, 8) and context0.shape == (2, 8, H)
+    head_v = context0.shape[-1] // NH
+    assert probs0.shape == (2, NH, 8, 8) and context0.shape == (2, 8, NH * head_v)
     gen = torch.Generator().manual_seed(5)
-    head_hits, channel_hits = [0] * NH, [0] * H
+    seen_heads, seen_channels = Counter(), Counter()
     for block, rule in enumerate(rules):
+        if rule == "neuron":  # MLA's latent neurons: keys and values of every head at once
+            continue
         where = ids == block
         saved = weight.detach().clone()
         with torch.no_grad():
@@ -465,16 +598,15 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch):
             probs, context = probe()
             weight.copy_(saved)
         heads = [h for h in range(NH) if (probs[:, h] - probs0[:, h]).abs().max() > 1e-5]
-        channels = [c for c in range(H) if (context[..., c] - context0[..., c]).abs().max() > 1e-5]
+        channels = [c for c in range(NH * head_v) if (context[..., c] - context0[..., c]).abs().max() > 1e-5]
+        assert rule in ("wqk", "wv"), rule
         if rule == "wqk":
-            assert len(heads) == 1, (block, rule, heads)
-            head = heads[0]
-            assert channels and all(c // HD == head for c in channels), (block, head, channels)
-            head_hits[head] += 1
+            assert heads and channels and all(c // head_v in heads for c in channels), (block, heads, channels)
+            seen_heads[frozenset(heads)] += 1
         else:
-            assert heads == [] and len(channels) == 1, (block, rule, heads, channels)
-            channel_hits[channels[0]] += 1
-    assert head_hits == [2] * NH and channel_hits == [1] * H, (head_hits, channel_hits)
+            assert heads == [] and channels, (block, heads, channels)
+            seen_channels[frozenset(channels)] += 1
+    assert (seen_heads, seen_channels) == QKV_PROBES[arch][2][attr]
 
 
 # -- fused MoE experts: a block is one output neuron of one expert ---------------------------------
@@ -550,7 +682,7 @@ def _for_model_runs(arch, backends, dtype=torch.float32, device=None):
     return sets, opts
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "deepseek_mla", "gpt_oss"])
 def test_triton_backend_matches_torch_backend(arch):
     pytest.importorskip("triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -560,7 +692,7 @@ def test_triton_backend_matches_torch_backend(arch):
     assert_backends_close(sets, opts, 2e-6)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "deepseek_mla", "gpt_oss"])
 def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
     sets, opts = _for_model_runs(arch, ("torch", "torch"))
     opts[1]._step_fn = _emulated_step(emulator)
@@ -570,7 +702,7 @@ def test_emulated_cuda_kernels_match_torch_backend(emulator, arch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "transformer_encoder", "deepseek_mla", "gpt_oss"])
 def test_cuda_backend_matches_torch_backend(arch):
     sets, opts = _for_model_runs(arch, ("torch", "cuda"), device=torch.device("cuda"))
     run_stream(sets, opts, steps=3, seed=9, none_every=4)
@@ -697,7 +829,9 @@ def test_each_sub_model_s_heads_come_from_its_own_config():
         assert rule == "wqk" and rows_per_head == (4 if "vision_tower" in name else HD), (name, rows_per_head)
     given = {r["name"]: r for r in AdamMini.for_model(model, head_dim=2, verbose=False).partition_summary()}
     assert all(given[n]["shape"][0] // given[n]["num_blocks"] == 2 for n in heads)
-    model.model.vision_tower.encoder.layers[0].self_attn.config = types.SimpleNamespace(dropout=0.0)
+    # (the tower's encoder is vision_tower.encoder in transformers 5, vision_tower.vision_model.encoder in 4)
+    attention = next(m for n, m in model.named_modules() if "vision_tower" in n and n.endswith("layers.0.self_attn"))
+    attention.config = types.SimpleNamespace(dropout=0.0)
     inherited = {r["name"]: r for r in AdamMini.for_model(model, verbose=False).partition_summary()}
     assert all(inherited[n] == rows[n] for n in heads)
 
@@ -767,6 +901,14 @@ def test_bad_input_is_a_clear_error():
         AdamMini.for_model(fused, n_heads=4, n_kv_heads=2)  # 48 outputs: 4 + 2 * 2 heads of 4 would be 32
     with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.attention.query_key_value.weight' has 96 outputs; expected 3 \* n_heads \* head_dim = 48"):
         AdamMini.for_model(_neox(), n_heads=NH, head_dim=HD // 2)
+    falcon = _falcon(new_decoder_architecture=True, num_kv_heads=2)
+    falcon.transformer.h[0].self_attention.num_kv_heads = 1  # attributes that no longer fit the weight
+    with pytest.raises(ValueError, match="'transformer.h.0.self_attention.query_key_value.weight' has 64 outputs, "
+                                         "but its FalconAttention's attributes make 48"):
+        AdamMini.for_model(falcon)
+    del falcon.transformer.h[0].self_attention.head_dim  # a transformers version this does not know
+    with pytest.raises(ValueError, match=r"FalconAttention has no \['head_dim'\]"):
+        AdamMini.for_model(falcon)
     opt = AdamMini.for_model(_NoConfig(), dim=16, n_heads=4, **KW)
     opt.layout_overrides["extra_mlp"] = opt.layout_overrides["q_proj.weight"]
     with pytest.raises(ValueError, match=r"layout_overrides\['extra_mlp'\] is for shape \[16, 16\]"):
