@@ -52,18 +52,33 @@ class AttentionDims:
     head_dim: Optional[int] = None
 
 
-def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_dim=None) -> AttentionDims:
-    """The attention geometry of ``model``: the arguments where given, else its ``transformers``
-    config (``hidden_size``, ``num_attention_heads`` (or ``num_heads``: vision configs of
-    transformers 4), ``num_key_value_heads``, ``head_dim``), else unknown. ``n_kv_heads`` defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key
-    weight (``_head_size``)."""
-    config = getattr(model, "config", None)
+def _config_of(module: nn.Module) -> Tuple[Optional[object], Tuple[int, Optional[int]]]:
+    """``module``'s transformers config to read dimensions from, and a key naming it: a composite
+    config's text config; of a heterogeneous config (transformers 5's ``per_layer_config``:
+    Gemma 4's full-attention layers have heads of their own size), the view of the module's own
+    layer where it has a ``layer_idx``."""
+    config = getattr(module, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    layer = getattr(module, "layer_idx", None)
+    if getattr(config, "is_heterogeneous", False) is True and isinstance(layer, int):
+        return config.per_layer_config[layer], (id(config), layer)
+    return config, (id(config), None)
+
+
+def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_dim=None) -> AttentionDims:
+    """The attention geometry of ``model``: the arguments where given, else its ``transformers``
+    config's (``_config_of``: ``hidden_size``, ``num_attention_heads`` (or ``num_heads``: vision
+    configs of transformers 4), ``num_key_value_heads``, ``head_dim``), else unknown: also an
+    attribute that a heterogeneous config sets per layer, read outside a layer. ``n_kv_heads``
+    defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key weight
+    (``_head_size``)."""
+    config, _ = _config_of(model)
+    per_layer = getattr(config, "per_layer_attributes", None) if getattr(config, "is_heterogeneous", False) is True else None
 
     def from_config(*keys):
         for key in keys:
-            value = getattr(config, key, None) if config is not None else None
+            value = getattr(config, key, None) if config is not None and key not in (per_layer or ()) else None
             if value is not None:
                 return int(value)
         return None
@@ -374,17 +389,19 @@ def _layout(module: nn.Module, attr: str, pname: str, name: str, p: torch.Tensor
     return BlockLayout(name, rule, shape, sections, columns=True)
 
 
-def _own_dims(module: nn.Module, given: AttentionDims, cache: Dict[int, Optional[AttentionDims]]) -> Optional[AttentionDims]:
+def _own_dims(module: nn.Module, given: AttentionDims,
+              cache: Dict[Tuple[int, Optional[int]], Optional[AttentionDims]]) -> Optional[AttentionDims]:
     """The dimensions of ``module``'s own config (``given``'s fields where set), or None when it
-    has no config or its config names neither a hidden size nor heads. Cached per config."""
-    config = getattr(module, "config", None)
+    has no config or its config names neither a hidden size nor heads. Cached per config (and
+    layer, see ``_config_of``)."""
+    config, key = _config_of(module)
     if config is None:
         return None
-    if id(config) not in cache:
+    if key not in cache:
         own = config_dims(module)
         named = own.hidden is not None or own.n_heads is not None
-        cache[id(config)] = config_dims(module, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim) if named else None
-    return cache[id(config)]
+        cache[key] = config_dims(module, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim) if named else None
+    return cache[key]
 
 
 def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> Dict[str, BlockLayout]:
@@ -399,7 +416,7 @@ def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> D
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     modules = dict(model.named_modules())
-    by_config: Dict[int, Optional[AttentionDims]] = {}  # id(config) -> its dimensions, None if it names none
+    by_config: Dict[Tuple[int, Optional[int]], Optional[AttentionDims]] = {}  # see _own_dims
     dims_at = {"": config_dims(model, given.hidden, given.n_heads, given.n_kv_heads, given.head_dim)}
     layouts: Dict[str, BlockLayout] = {}
     for module_name, module in modules.items():  # parents before children

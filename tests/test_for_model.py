@@ -371,6 +371,32 @@ def test_lightning_attention_qkv_is_interleaved_per_head():
     assert torch.isfinite(_loss(model, _tokens(2)))
 
 
+def test_heads_of_a_heterogeneous_config_are_each_layer_s_own():
+    """transformers 5's heterogeneous configs (``per_layer_config``) set some dimensions per layer,
+    and reading such an attribute from the global config raises: Gemma 4's full-attention layers
+    have heads of ``global_head_dim`` (512 by default), its sliding-window layers of ``head_dim``
+    (16 here). Each attention's query and key heads come from its own layer's config."""
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    config = transformers.Gemma4TextConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
+        num_key_value_heads=2, head_dim=16, vocab_size_per_layer_input=V, hidden_size_per_layer_input=8,
+        layer_types=["sliding_attention", "full_attention"])
+    layers = [(c.head_dim, c.num_key_value_heads) for c in config.per_layer_config]
+    assert layers[0][0] != layers[1][0]  # what the test is about
+    model = transformers.Gemma4ForCausalLM(config)
+    assert config_dims(model).head_dim is None  # per layer: not a global value
+    opt = AdamMini.for_model(model, backend="torch", **KW)
+    rows = {r["name"]: r for r in opt.partition_summary()}
+    for i, (head_dim, kv_heads) in enumerate(layers):
+        attention = f"model.layers.{i}.self_attn"
+        assert rows[f"{attention}.q_proj.weight"]["sections"] == [("wqk", head_dim * H, NH)]
+        assert rows[f"{attention}.k_proj.weight"]["sections"] == [("wqk", head_dim * H, kv_heads)]
+    _loss(model, _tokens(1)).backward()
+    opt.step()
+    assert torch.isfinite(_loss(model, _tokens(2)))
+
+
 def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads():
     """The reason for head_dim: with official's dim*dim/n_heads, Qwen3's q_proj (n_heads * 16 rows)
     would get twice as many head blocks as it has heads."""
