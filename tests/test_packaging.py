@@ -103,6 +103,12 @@ def test_setup_skips_cuda_build_with_one_line_notice():
     assert "not building" in notice[0].lower() or "skip" in notice[0].lower()
 
 
+def _torch_has_cuda() -> bool:
+    import torch
+
+    return torch.version.cuda is not None  # a CUDA build, GPU or not
+
+
 @pytest.mark.skipif(not SETUP_PY.exists(), reason="not a source checkout (no setup.py next to the package)")
 def test_setup_installs_triton_kernels_under_the_package_namespace():
     """setup.py's package list, read without building anything."""
@@ -126,6 +132,8 @@ def test_setup_installs_triton_kernels_under_the_package_namespace():
     assert all(p == "adam_mini_kernels" or p.startswith("adam_mini_kernels.") for p in packages), packages
 
 
+@pytest.mark.skipif(not _torch_has_cuda(),
+                    reason="a CPU-only torch: torch.utils.cpp_extension finds no CUDA_HOME at all (setup.py skips the build)")
 def test_setup_finds_nvcc_on_path_when_cuda_home_has_none(tmp_path):
     """No nvcc under CUDA_HOME, one on PATH (a symlink into a toolkit, as distributions install
     it): setup.py builds the extension with that toolkit as CUDA_HOME, the rule by which
@@ -142,7 +150,6 @@ def test_setup_finds_nvcc_on_path_when_cuda_home_has_none(tmp_path):
     (on_path / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
     code = (
         "import json, os, runpy, sys, setuptools, torch\n"
-        "torch.version.cuda = torch.version.cuda or '13.0'  # a CPU-only torch: pretend\n"
         "captured = {}\n"
         "setuptools.setup = lambda **kw: captured.update(kw)\n"
         "sys.argv = ['setup.py', '--name']\n"
