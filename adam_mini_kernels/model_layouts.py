@@ -20,7 +20,7 @@ layout from this module; the optimizer partitions them by name as usual.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from .partition import ADAM, NEURON, QKV, WHOLE, WQK, BlockLayout, Section
 
 # Attribute names of projections inside an attention module (lowercased, matched exactly).
-QUERY_NAMES = frozenset({"q_proj", "query", "wq", "q", "q_attn"})
+QUERY_NAMES = frozenset({"q_proj", "query", "wq", "q", "q_attn", "wq_b"})  # wq_b: DeepSeek-V3.2's indexer
 KEY_NAMES = frozenset({"k_proj", "key", "wk", "k"})
 VALUE_NAMES = frozenset({"v_proj", "value", "wv", "v"})
 # Fused projections whose outputs are [Q | K | V] (rows of a Linear, columns of a Conv1D), unless
@@ -50,6 +50,27 @@ class AttentionDims:
     n_heads: Optional[int] = None
     n_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
+    # The head size the attention module holding a weight declares (``HEAD_SIZE_ATTRS``), where
+    # no head_dim was given to for_model: what its forward reads (see ``_head_size``).
+    attention_head_dim: Optional[int] = None
+
+
+# Attributes in which attention modules keep their head size (HF: Llama-style and GPT-2
+# ``head_dim``, BERT ``attention_head_size``, GPT-NeoX ``head_size``, T5 ``key_value_proj_dim``).
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+
+
+def _positive_int(value) -> Optional[int]:
+    """``value`` where it is a positive int (a config's 0, list or float means: not this)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _declared_head_size(attention: Optional[nn.Module]) -> Optional[int]:
+    for attr in HEAD_SIZE_ATTRS:
+        size = _positive_int(getattr(attention, attr, None))
+        if size is not None:
+            return size
+    return None
 
 
 def _config_of(module: nn.Module) -> Tuple[Optional[object], Tuple[int, Optional[int]]]:
@@ -79,7 +100,7 @@ def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_
     def from_config(*keys):
         for key in keys:
             value = getattr(config, key, None) if config is not None and key not in (per_layer or ()) else None
-            if value is not None:
+            if _positive_int(value) is not None:
                 return int(value)
         return None
 
@@ -111,10 +132,14 @@ def _need_heads(name: str, dims: AttentionDims, what: str) -> None:
 
 
 def _head_size(name: str, what: str, in_features: int, dims: AttentionDims, fits) -> int:
-    """The head size of a query/key weight: the model's ``head_dim`` where it names one, else the
-    first of hidden / n_heads (the config's width) and in_features / n_heads (the weight's own
-    input width: a sub-model whose config's hidden size is not its width, Qwen2-VL's vision
-    tower) that is whole and that the weight's outputs fit (``fits(head_size)``)."""
+    """The head size of a query/key weight: the one its attention module declares where the
+    weight's outputs fit it (``fits(head_size)``: its forward's number, e.g. T5's ``d_kv``, which
+    its config may call otherwise), else the model's ``head_dim`` where given or in the config,
+    else the first of hidden / n_heads (the config's width) and in_features / n_heads (the
+    weight's own input width: a sub-model whose config's hidden size is not its width, Qwen2-VL's
+    vision tower) that is whole and that the outputs fit."""
+    if dims.attention_head_dim is not None and fits(dims.attention_head_dim):
+        return dims.attention_head_dim
     if dims.head_dim is not None:
         return dims.head_dim
     for width in (dims.hidden, in_features):
@@ -128,9 +153,12 @@ def _head_size(name: str, what: str, in_features: int, dims: AttentionDims, fits
 
 
 def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims) -> Tuple[Section, ...]:
-    """Query or key outputs: one block per head."""
+    """Query or key outputs: one block per head (the number of heads is not needed where the
+    attention module declares a head size that the outputs fit)."""
     what = "query/key weight"
-    _need_heads(name, dims, what)
+    declared = dims.attention_head_dim
+    if dims.n_heads is not None or declared is None or out_features % declared:
+        _need_heads(name, dims, what)
     head_dim = _head_size(name, what, in_features, dims, lambda size: out_features % size == 0)
     if out_features % head_dim:
         raise ValueError(
@@ -411,7 +439,9 @@ def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> D
 
     Each module's dimensions are ``given``'s fields where set, the others those of the config of
     the nearest module at or above it whose config names any (``config_dims``): the sub-models of
-    a multimodal model (a vision tower, a language model) each have their own heads."""
+    a multimodal model (a vision tower, a language model) each have their own heads. Unless
+    ``given`` has a head_dim, a weight's head size may also come from its attention module
+    (``AttentionDims.attention_head_dim``)."""
     names = {id(p): n.lower() for n, p in model.named_parameters()}
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
@@ -427,6 +457,8 @@ def model_layouts(model: nn.Module, given: AttentionDims = AttentionDims()) -> D
         # GPT-2 cross-attention marks itself; its c_attn holds [K | V] (Q is q_attn).
         parent = modules.get(parent_name) if module_name else None
         cross = bool(getattr(parent, "is_cross_attention", False))
+        if given.head_dim is None:
+            dims = replace(dims, attention_head_dim=_declared_head_size(parent))
         for pname, p in module.named_parameters(recurse=False):
             name = names.get(id(p))
             if name is None or name in layouts:

@@ -352,9 +352,11 @@ class AdamMini(torch.optim.Optimizer):
         (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), for
         each module that of the (sub-)model it belongs to (a multimodal model's vision tower has
         its own heads; of a heterogeneous config, Gemma 4's, the attention's own layer's); give
-        them for models without one (given, they hold for every module). Without a ``head_dim``
-        the head size is hidden / n_heads, or a weight's own input width / n_heads where its
-        outputs do not fit that. Other keywords go to the constructor, and so does the model
+        them for models without one (given, they hold for every module). Unless ``head_dim`` is
+        given, the head size an attention module declares (``head_dim``, ``attention_head_size``,
+        ...: what its forward reads) comes first where its weights fit it; without any, it is
+        hidden / n_heads, or a weight's own input width / n_heads where its outputs do not fit
+        that. Other keywords go to the constructor, and so does the model
         (``model=``: under FSDP2 the flat buffer becomes FSDP2's storage of the shards). The
         layouts land in ``opt.layout_overrides``; parameters of modules of other types follow
         the name sets.

@@ -397,6 +397,45 @@ def test_heads_of_a_heterogeneous_config_are_each_layer_s_own():
     assert torch.isfinite(_loss(model, _tokens(2)))
 
 
+def test_head_size_the_attention_declares_wins_over_the_config_s():
+    """Where a config names no head size, or the wrong one, the attention module's own attribute
+    (what its forward reads) decides: SwitchTransformers' T5 attention has heads of ``d_kv`` = 16
+    rows, not d_model / heads = 8 (its config maps no head_dim); DeepSeek-V3.2's indexer has
+    ``index_n_heads`` query heads of ``index_head_dim`` in ``wq_b`` and one key head in ``wk``,
+    not the config's head_dim (its qk_rope_head_dim)."""
+    t5 = transformers.SwitchTransformersModel(transformers.SwitchTransformersConfig(
+        vocab_size=V, d_model=H, d_kv=16, d_ff=I, num_layers=L, num_decoder_layers=L, num_heads=NH, num_experts=2,
+        encoder_sparse_step=2, decoder_sparse_step=2))
+    rows = AdamMini.for_model(t5, backend="torch", **KW).partition_summary()
+    qk = [r for r in rows if r["name"].endswith((".q.weight", ".k.weight"))]
+    assert len(qk) == 2 * 3 * L  # encoder self-, decoder self- and cross-attention, q and k
+    assert all(r["sections"] == [("wqk", 16 * H, NH)] for r in qk), qk
+    if not hasattr(transformers, "DeepseekV32ForCausalLM"):
+        return
+    ds = _decoder("DeepseekV32Config", transformers.DeepseekV32ForCausalLM, num_key_value_heads=NH, q_lora_rank=QA,
+                  first_k_dense_replace=L, n_routed_experts=E, moe_intermediate_size=24, n_group=1, topk_group=1,
+                  index_n_heads=2, index_head_dim=12, index_topk=4, tie_word_embeddings=False, **MLA)
+    rows = {r["name"]: r for r in AdamMini.for_model(ds, backend="torch", **KW).partition_summary()}
+    for i in range(L):
+        indexer = f"model.layers.{i}.self_attn.indexer"
+        assert rows[f"{indexer}.wq_b.weight"]["sections"] == [("wqk", 12 * QA, 2)]
+        assert rows[f"{indexer}.wk.weight"]["sections"] == [("wqk", 12 * H, 1)]
+
+
+def test_a_declared_head_size_needs_no_head_count():
+    """A query/key weight under an attention module that declares its head size needs no number
+    of heads; a config whose head count is a list (a hierarchical vision model's, per stage) or
+    whose head_dim is 0 is read as naming none (before: a TypeError, a ZeroDivisionError)."""
+    model = nn.Module()
+    model.config = types.SimpleNamespace(hidden_size=16, num_attention_heads=[2, 4], head_dim=0)
+    model.attn = nn.Module()
+    model.attn.head_dim = 4
+    model.attn.q_proj = nn.Linear(16, 16)
+    assert config_dims(model) == AttentionDims(16, None, None, None)
+    rows = AdamMini.for_model(model, backend="torch", **KW).partition_summary()
+    assert rows[0]["name"] == "attn.q_proj.weight" and rows[0]["sections"] == [("wqk", 4 * 16, 4)]
+
+
 def test_official_head_blocks_are_wrong_where_head_dim_is_not_hidden_over_heads():
     """The reason for head_dim: with official's dim*dim/n_heads, Qwen3's q_proj (n_heads * 16 rows)
     would get twice as many head blocks as it has heads."""
