@@ -232,8 +232,9 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
 # from the module's own attributes, the numbers its forward reads. Multi-head latent attention
 # (DeepSeek-V2/V3 and the models built on it, told apart by the attributes its forward reads:
 # ``MLA_ATTRS``) has no fused Q/K/V weight but heads inside its low-rank projections: the query
-# (``q_proj``, or ``q_b_proj`` after the low-rank ``q_a_proj``) is (heads, qk_nope + qk_rope);
-# ``kv_b_proj`` is (heads, qk_nope + v): per head a key block and v_head_dim value neurons;
+# (``q_proj``, or ``q_b_proj`` after the low-rank ``q_a_proj``) is (heads, qk_head_dim), its
+# ``qk_head_dim`` qk_nope + qk_rope; ``kv_b_proj`` is (heads, qk_nope + v): per head a key block
+# and v_head_dim value neurons;
 # ``kv_a_proj_with_mqa`` is [kv_lora_rank latent neurons | one rope key head shared by all heads].
 # Other fused weights follow ``FUSED_BLOCKED_NAMES`` / ``FUSED_PER_HEAD_NAMES``.
 
@@ -288,8 +289,8 @@ MLA_ATTRS = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", 
 
 def _mla_order(attention: nn.Module, attr: str) -> Optional[List[Run]]:
     heads, nope, rope, v, rank = [int(getattr(attention, a)) for a in MLA_ATTRS]
-    if attr in ("q_proj", "q_b_proj"):
-        return [("q", heads, nope + rope)]
+    if attr in ("q_proj", "q_b_proj"):  # LongCat-Flash's qk_head_dim is a config value of its own
+        return [("q", heads, _positive_int(getattr(attention, "qk_head_dim", None)) or nope + rope)]
     if attr == "kv_b_proj":
         return [("k", 1, nope), ("v", 1, v)] * heads
     if attr == "kv_a_proj_with_mqa":
