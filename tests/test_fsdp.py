@@ -1557,6 +1557,10 @@ def _layouts_for_sharding():
         BlockLayout.uniform("conv.weight", "mlp", (3, 2, 5), 10, 3),  # dim-0 slices of a 3-D tensor
         # a fused QKV weight (Q and K heads, then V rows)
         BlockLayout("attn.qkv.weight", "qkv", (10, 4), (Section("wqk", 12, 2), Section("wv", 4, 4))),
+        # latent attention: kv_b_proj (heads=2, key 3 rows + value 2 rows each, in=4) and
+        # kv_a_proj_with_mqa (4 latent rows, then a rope key head of 2 rows, in=5)
+        BlockLayout("attn.kv_b_proj.weight", "qkv", (10, 4), (Section("wqk", 12, 1), Section("wv", 4, 2)) * 2),
+        BlockLayout("attn.kv_a_proj_with_mqa.weight", "qkv", (6, 5), (Section("neuron", 5, 4), Section("wqk", 10, 1))),
         # a Conv1D weight (in=4, out=6) stored by columns: Q/K heads of 2 columns, V columns
         BlockLayout("attn.c_attn.weight", "qkv", (4, 6), (Section("wqk", 8, 2), Section("wv", 4, 2)), columns=True),
         BlockLayout("mlp.c_fc.weight", "neuron", (5, 3), (Section("neuron", 5, 3),), columns=True),
