@@ -95,7 +95,8 @@ def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_
     defaults to ``n_heads``; an unknown ``head_dim`` is found per query/key weight
     (``_head_size``)."""
     config, _ = _config_of(model)
-    per_layer = getattr(config, "per_layer_attributes", None) if getattr(config, "is_heterogeneous", False) is True else None
+    heterogeneous = getattr(config, "is_heterogeneous", False) is True
+    per_layer = getattr(config, "per_layer_attributes", None) if heterogeneous else None
 
     def from_config(*keys):
         for key in keys:
@@ -199,11 +200,12 @@ def _fused_blocked(name: str, out_features: int, in_features: int, dims: Attenti
     what = "fused query/key/value weight"
     _need_heads(name, dims, what)
     n_q = 0 if cross else dims.n_heads
-    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == (n_q + 2 * dims.n_kv_heads) * size)
-    if out_features != (n_q + 2 * dims.n_kv_heads) * head_dim:
+    heads = n_q + 2 * dims.n_kv_heads
+    head_dim = _head_size(name, what, in_features, dims, lambda size: out_features == heads * size)
+    if out_features != heads * head_dim:
         raise ValueError(
             f"AdamMini.for_model: {what} '{name}' has {out_features} outputs; "
-            f"expected {(n_q + 2 * dims.n_kv_heads) * head_dim} (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}, "
+            f"expected {heads * head_dim} (n_heads={dims.n_heads}, n_kv_heads={dims.n_kv_heads}, "
             f"head_dim={head_dim}); pass the model's dimensions"
         )
     return _blocked(n_q, dims.n_kv_heads, head_dim)

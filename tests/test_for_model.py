@@ -110,14 +110,14 @@ QA = 16  # q_lora_rank
 
 
 def _deepseek(q_lora_rank):
-    return _decoder("DeepseekV3Config", transformers.DeepseekV3ForCausalLM, num_key_value_heads=NH, q_lora_rank=q_lora_rank,
-                    first_k_dense_replace=L, n_routed_experts=E, moe_intermediate_size=24, n_group=1, topk_group=1,
-                    tie_word_embeddings=False, **MLA)
+    return _decoder("DeepseekV3Config", transformers.DeepseekV3ForCausalLM, num_key_value_heads=NH,
+                    q_lora_rank=q_lora_rank, first_k_dense_replace=L, n_routed_experts=E, moe_intermediate_size=24,
+                    n_group=1, topk_group=1, tie_word_embeddings=False, **MLA)
 
 
 def _expected_mla(q_lora):
-    """Q heads of q_b_proj (or q_proj: blocks of 8 * hidden), per head kv_b_proj's key block and
-    value neurons, kv_a_proj_with_mqa's rope key (one head shared by all) and latent neurons."""
+    """Q heads of q_b_proj (or q_proj, of qk_nope + qk_rope rows), per head kv_b_proj's key block
+    and value neurons, kv_a_proj_with_mqa's rope key (one head shared by all) and latent neurons."""
     nope, rope, dv, rank = MLA["qk_nope_head_dim"], MLA["qk_rope_head_dim"], MLA["v_head_dim"], MLA["kv_lora_rank"]
     return {
         "wqk": (L * (NH + 1 + NH), None), "wv": (L * NH * dv, rank),
