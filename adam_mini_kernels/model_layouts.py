@@ -66,6 +66,7 @@ def _positive_int(value) -> Optional[int]:
 
 
 def _declared_head_size(attention: Optional[nn.Module]) -> Optional[int]:
+    """The head size ``attention`` keeps in one of ``HEAD_SIZE_ATTRS``, or None."""
     for attr in HEAD_SIZE_ATTRS:
         size = _positive_int(getattr(attention, attr, None))
         if size is not None:
@@ -83,7 +84,9 @@ def _config_of(module: nn.Module) -> Tuple[Optional[object], Tuple[int, Optional
         config = config.get_text_config()
     layer = getattr(module, "layer_idx", None)
     if getattr(config, "is_heterogeneous", False) is True and isinstance(layer, int):
-        return config.per_layer_config[layer], (id(config), layer)
+        layers = config.per_layer_config
+        if 0 <= layer < len(layers):  # (a module past the config's layers reads the global config)
+            return layers[layer], (id(config), layer)
     return config, (id(config), None)
 
 
@@ -100,9 +103,9 @@ def config_dims(model: nn.Module, dim=None, n_heads=None, n_kv_heads=None, head_
 
     def from_config(*keys):
         for key in keys:
-            value = getattr(config, key, None) if config is not None and key not in (per_layer or ()) else None
-            if _positive_int(value) is not None:
-                return int(value)
+            found = _positive_int(getattr(config, key, None)) if key not in (per_layer or ()) else None
+            if found is not None:
+                return found
         return None
 
     dim = dim if dim is not None else from_config("hidden_size")

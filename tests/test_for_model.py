@@ -392,6 +392,12 @@ def test_heads_of_a_heterogeneous_config_are_each_layer_s_own():
         attention = f"model.layers.{i}.self_attn"
         assert rows[f"{attention}.q_proj.weight"]["sections"] == [("wqk", head_dim * H, NH)]
         assert rows[f"{attention}.k_proj.weight"]["sections"] == [("wqk", head_dim * H, kv_heads)]
+    # A module past the config's layers (a multi-token-prediction layer's) reads the global config:
+    # no IndexError; the attention's own head_dim still sizes its heads.
+    model.model.layers[1].self_attn.layer_idx = L
+    again = {r["name"]: r for r in AdamMini.for_model(model, backend="torch", **KW).partition_summary()}
+    model.model.layers[1].self_attn.layer_idx = 1
+    assert again == rows
     _loss(model, _tokens(1)).backward()
     opt.step()
     assert torch.isfinite(_loss(model, _tokens(2)))
