@@ -186,6 +186,11 @@ def _per_head(n_heads: int, head_dim: int) -> List[Run]:
     return [("q", 1, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * n_heads
 
 
+def _grouped(n_heads: int, n_kv: int, head_dim: int) -> List[Run]:
+    """Per kv head: its group of query heads, its key, its value."""
+    return [("q", n_heads // n_kv, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * n_kv
+
+
 def _run_sections(runs: Sequence[Run], in_features: int) -> Tuple[Section, ...]:
     sections = []
     for kind, heads, size in runs:
@@ -231,8 +236,9 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
 # How a fused projection orders its outputs is decided by its attention module's forward, which a
 # name does not tell: ``c_attn`` is [Q | K | V] in GPT-2 but (heads, 3, head_dim) in GPTBigCode
 # without multi-query; CodeGen's ``qkv_proj`` is four model-parallel groups of [Q | V | K];
-# Falcon's ``query_key_value`` is one of three orders, by its config; MiniMax's lightning
-# attention interleaves ``qkv_proj`` per head. For the attention classes in ``ATTENTION_ORDERS``
+# Falcon's ``query_key_value`` is one of three orders, by its config; InternLM2's ``wqkv`` is
+# grouped per kv head like Falcon's new architecture; MiniMax's lightning attention interleaves
+# ``qkv_proj`` per head. For the attention classes in ``ATTENTION_ORDERS``
 # (matched along the class's MRO, so subclasses count) the order of that projection is built
 # from the module's own attributes, the numbers its forward reads. Multi-head latent attention
 # (DeepSeek-V2/V3 and the models built on it, told apart by the attributes its forward reads:
@@ -270,8 +276,8 @@ def _gpt_bigcode_order(attention: nn.Module) -> Optional[List[Run]]:
 def _falcon_order(attention: nn.Module) -> List[Run]:
     heads, kv_heads, head_dim, grouped, multi_query = _attrs(
         attention, "num_heads", "num_kv_heads", "head_dim", "new_decoder_architecture", "multi_query")
-    if grouped:  # per kv head: its query heads, its key, its value
-        return [("q", heads // kv_heads, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * kv_heads
+    if grouped:
+        return _grouped(heads, kv_heads, head_dim)
     if multi_query:
         return _blocked(heads, 1, head_dim)
     return _per_head(heads, head_dim)
@@ -282,12 +288,18 @@ def _lightning_order(attention: nn.Module) -> List[Run]:
     return _per_head(heads, head_dim)
 
 
+def _internlm2_order(attention: nn.Module) -> List[Run]:
+    return _grouped(*_attrs(attention, "num_heads", "num_key_value_heads", "head_dim"))
+
+
 # attention class name -> (attribute name of its fused projection, its output order)
 ATTENTION_ORDERS = {
     "CodeGenAttention": ("qkv_proj", _codegen_order),
     "GPTBigCodeAttention": ("c_attn", _gpt_bigcode_order),
     "FalconAttention": ("query_key_value", _falcon_order),
     "MiniMaxLightningAttention": ("qkv_proj", _lightning_order),
+    # remote code (trust_remote_code): InternLM2/2.5 and models built on them (InternVL)
+    "InternLM2Attention": ("wqkv", _internlm2_order),
 }
 MLA_ATTRS = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
 

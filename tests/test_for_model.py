@@ -648,6 +648,14 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch, attr):
     per-head interleaving or CodeGen's [Q | V | K] groups read as [Q | K | V], GPT-2's Conv1D
     columns read as rows, a DeepSeek query head cut at the config's head_dim) fails."""
     model, name, probe = _qkv_probe(arch, attr)
+    assert _what_blocks_move(model, name, probe) == QKV_PROBES[arch][2][attr]
+
+
+def _what_blocks_move(model, name, probe):
+    """Perturb each query/key and value block of weight ``name`` in turn; (the Counter of head
+    sets whose attention pattern a query/key block moves, the Counter of context channel sets a
+    value block moves), checking that a query/key block moves only its heads' context and a
+    value block no pattern. MLA's latent neurons (keys and values of every head) are passed over."""
     opt = AdamMini.for_model(model, backend="torch", **KW)
     row = {r["name"]: r for r in opt.partition_summary()}[name]
     weight = dict(model.named_parameters())[name]
@@ -660,7 +668,7 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch, attr):
     gen = torch.Generator().manual_seed(5)
     seen_heads, seen_channels = Counter(), Counter()
     for block, rule in enumerate(rules):
-        if rule == "neuron":  # MLA's latent neurons: keys and values of every head at once
+        if rule == "neuron":
             continue
         where = ids == block
         saved = weight.detach().clone()
@@ -677,7 +685,39 @@ def test_fused_qkv_blocks_sit_where_the_forward_reads_q_k_v(arch, attr):
         else:
             assert heads == [] and channels, (block, heads, channels)
             seen_channels[frozenset(channels)] += 1
-    assert (seen_heads, seen_channels) == QKV_PROBES[arch][2][attr]
+    return seen_heads, seen_channels
+
+
+class InternLM2Attention(nn.Module):
+    """A stand-in for InternLM2's attention (remote code, not in transformers): its attributes, and
+    the split its forward makes of ``wqkv``'s outputs, (kv heads, queries per kv head + 2,
+    head_dim): each kv head's query heads, then its key, then its value. Its [Q | K | V] reading
+    (the name rule's) fits the weight's shape too."""
+
+    def __init__(self, hidden, heads, kv_heads):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.num_key_value_groups = heads // kv_heads
+        self.wqkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        groups = self.num_key_value_groups
+        qkv = self.wqkv(x).view(b, s, self.num_key_value_heads, groups + 2, self.head_dim)
+        q = qkv[..., :groups, :].flatten(2, 3).transpose(1, 2)  # (b, heads, s, head_dim)
+        k, v = (qkv[..., i, :].transpose(1, 2).repeat_interleave(groups, 1) for i in (-2, -1))
+        probs = (q @ k.transpose(-1, -2) * self.head_dim ** -0.5).softmax(-1)
+        context = (probs @ v).transpose(1, 2).flatten(2)
+        return self.wo(context), probs, context
+
+
+def test_internlm2_wqkv_blocks_sit_where_its_forward_reads_q_k_v():
+    model = nn.Module()
+    model.config = types.SimpleNamespace(hidden_size=H, num_attention_heads=NH, num_key_value_heads=2)
+    model.attention = InternLM2Attention(H, NH, 2)
+    x = torch.randn(2, 8, H, generator=torch.Generator().manual_seed(4))
+    assert _what_blocks_move(model, "attention.wqkv.weight", lambda: model.attention(x)[1:]) == _reads(2)
 
 
 # -- fused MoE experts: a block is one output neuron of one expert ---------------------------------
