@@ -247,6 +247,7 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
 # ``qk_head_dim`` qk_nope + qk_rope; ``kv_b_proj`` is (heads, qk_nope + v): per head a key block
 # and v_head_dim value neurons;
 # ``kv_a_proj_with_mqa`` is [kv_lora_rank latent neurons | one rope key head shared by all heads].
+# ChatGLM's multi-query ``query_key_value`` is told by its attributes too (``CHATGLM_ATTRS``).
 # Other fused weights follow ``FUSED_BLOCKED_NAMES`` / ``FUSED_PER_HEAD_NAMES``.
 
 def _attrs(attention: nn.Module, *names: str) -> list:
@@ -302,6 +303,11 @@ ATTENTION_ORDERS = {
     "InternLM2Attention": ("wqkv", _internlm2_order),
 }
 MLA_ATTRS = ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+# ChatGLM2/3's attention (remote code; its class is plainly ``SelfAttention``): with
+# ``multi_query_attention`` its ``query_key_value`` is [Q | K | V] with these kv groups (without,
+# (heads, 3, head_dim): the name rule's).
+CHATGLM_ATTRS = ("num_attention_heads_per_partition", "num_multi_query_groups_per_partition",
+                 "hidden_size_per_attention_head")
 
 
 def _mla_order(attention: nn.Module, attr: str) -> Optional[List[Run]]:
@@ -326,6 +332,8 @@ def _attention_order(attention: Optional[nn.Module], attr: str) -> Optional[List
             return order(attention)
     if all(isinstance(getattr(attention, a, None), int) for a in MLA_ATTRS):
         return _mla_order(attention, attr)
+    if attr == "query_key_value" and getattr(attention, "multi_query_attention", None) is True:
+        return _blocked(*_attrs(attention, *CHATGLM_ATTRS))
     return None
 
 

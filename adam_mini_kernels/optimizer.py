@@ -341,8 +341,8 @@ class AdamMini(torch.optim.Optimizer):
         heads), values, attention outputs and MLPs one per output neuron (columns of HF
         ``Conv1D`` weights, which are stored transposed in the flat buffers), fused QKV weights
         (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, ``nn.MultiheadAttention``; CodeGen's,
-        GPTBigCode's, Falcon's, InternLM2's and MiniMax's lightning attention's in the order
-        their attention class reads them) split into those, DeepSeek's latent attention (``q_b_proj``,
+        GPTBigCode's, Falcon's, InternLM2's, ChatGLM's and MiniMax's lightning attention's in
+        the order their attention reads them) split into those, DeepSeek's latent attention (``q_b_proj``,
         ``kv_b_proj``, ``kv_a_proj_with_mqa``) by its heads, fused MoE experts (transformers' 3-D
         weights, stored (experts, out, in), or (experts, in, out) by columns) one per output
         neuron of each expert and a router one per expert, embeddings and an untied output layer

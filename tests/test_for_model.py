@@ -720,6 +720,43 @@ def test_internlm2_wqkv_blocks_sit_where_its_forward_reads_q_k_v():
     assert _what_blocks_move(model, "attention.wqkv.weight", lambda: model.attention(x)[1:]) == _reads(2)
 
 
+class SelfAttention(nn.Module):
+    """A stand-in for ChatGLM2/3's attention (remote code, class ``SelfAttention``) with
+    ``multi_query_attention``: its attributes and its forward's split of ``query_key_value``,
+    [Q (heads) | K (groups) | V (groups)] of ``hidden_size_per_attention_head`` each."""
+
+    def __init__(self, hidden, heads, groups):
+        super().__init__()
+        self.num_attention_heads_per_partition, self.num_multi_query_groups_per_partition = heads, groups
+        self.hidden_size_per_attention_head = hidden // heads
+        self.multi_query_attention = True
+        self.query_key_value = nn.Linear(hidden, (heads + 2 * groups) * self.hidden_size_per_attention_head)
+        self.dense = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        heads, groups, d = (self.num_attention_heads_per_partition, self.num_multi_query_groups_per_partition,
+                            self.hidden_size_per_attention_head)
+        q, k, v = self.query_key_value(x).split([heads * d, groups * d, groups * d], dim=-1)
+        q = q.view(b, s, heads, d).transpose(1, 2)
+        k, v = (t.view(b, s, groups, d).transpose(1, 2).repeat_interleave(heads // groups, 1) for t in (k, v))
+        probs = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
+        context = (probs @ v).transpose(1, 2).flatten(2)
+        return self.dense(context), probs, context
+
+
+def test_chatglm_multi_query_blocks_sit_where_its_forward_reads_q_k_v():
+    """ChatGLM2/3's multi-query ``query_key_value`` is [Q | K | V] with kv groups, told by its
+    attributes; before, for_model read it by the per-head name rule, which it does not fit (an
+    error)."""
+    model = nn.Module()
+    model.config = types.SimpleNamespace(hidden_size=H, num_attention_heads=NH, multi_query_group_num=2)
+    model.self_attention = SelfAttention(H, NH, 2)
+    x = torch.randn(2, 8, H, generator=torch.Generator().manual_seed(4))
+    name = "self_attention.query_key_value.weight"
+    assert _what_blocks_move(model, name, lambda: model.self_attention(x)[1:]) == _reads(2)
+
+
 # -- fused MoE experts: a block is one output neuron of one expert ---------------------------------
 
 def _experts_probe(model, tokens):
