@@ -238,17 +238,17 @@ def _fused_per_head(name: str, out_features: int, in_features: int, dims: Attent
 # without multi-query; CodeGen's ``qkv_proj`` is four model-parallel groups of [Q | V | K];
 # Falcon's ``query_key_value`` is one of three orders, by its config; InternLM2's ``wqkv`` is
 # grouped per kv head like Falcon's new architecture; MiniMax's lightning attention interleaves
-# ``qkv_proj`` per head. For the attention classes in ``ATTENTION_ORDERS``
-# (matched along the class's MRO, so subclasses count) the order of that projection is built
-# from the module's own attributes, the numbers its forward reads. Multi-head latent attention
-# (DeepSeek-V2/V3 and the models built on it, told apart by the attributes its forward reads:
+# ``qkv_proj`` per head. For the attention classes in ``ATTENTION_ORDERS`` (matched along the
+# class's MRO, so subclasses count) the order of that projection is built from the module's own
+# attributes, the numbers its forward reads. Two kinds are told by their attributes instead of a
+# class name. Multi-head latent attention (DeepSeek-V2/V3 and the models built on it:
 # ``MLA_ATTRS``) has no fused Q/K/V weight but heads inside its low-rank projections: the query
 # (``q_proj``, or ``q_b_proj`` after the low-rank ``q_a_proj``) is (heads, qk_head_dim), its
 # ``qk_head_dim`` qk_nope + qk_rope; ``kv_b_proj`` is (heads, qk_nope + v): per head a key block
-# and v_head_dim value neurons;
-# ``kv_a_proj_with_mqa`` is [kv_lora_rank latent neurons | one rope key head shared by all heads].
-# ChatGLM's multi-query ``query_key_value`` is told by its attributes too (``CHATGLM_ATTRS``).
-# Other fused weights follow ``FUSED_BLOCKED_NAMES`` / ``FUSED_PER_HEAD_NAMES``.
+# and v_head_dim value neurons; ``kv_a_proj_with_mqa`` is [kv_lora_rank latent neurons | one rope
+# key head shared by all heads]. ChatGLM's multi-query ``query_key_value`` (``CHATGLM_ATTRS``) is
+# [Q | K | V] with its kv groups. Other fused weights follow ``FUSED_BLOCKED_NAMES`` /
+# ``FUSED_PER_HEAD_NAMES``.
 
 def _attrs(attention: nn.Module, *names: str) -> list:
     """The attributes ``names`` of ``attention``; a clear error where one is missing."""
