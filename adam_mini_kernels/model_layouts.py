@@ -161,7 +161,7 @@ def _heads(name: str, out_features: int, in_features: int, dims: AttentionDims) 
     attention module declares a head size that the outputs fit)."""
     what = "query/key weight"
     declared = dims.attention_head_dim
-    if dims.n_heads is not None or declared is None or out_features % declared:
+    if declared is None or out_features % declared:
         _need_heads(name, dims, what)
     head_dim = _head_size(name, what, in_features, dims, lambda size: out_features % size == 0)
     if out_features % head_dim:
@@ -182,13 +182,14 @@ def _blocked(n_q: int, n_kv: int, head_dim: int) -> List[Run]:
     return [("q", n_q, head_dim), ("k", n_kv, head_dim), ("v", n_kv, head_dim)]
 
 
-def _per_head(n_heads: int, head_dim: int) -> List[Run]:
-    return [("q", 1, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * n_heads
-
-
 def _grouped(n_heads: int, n_kv: int, head_dim: int) -> List[Run]:
     """Per kv head: its group of query heads, its key, its value."""
     return [("q", n_heads // n_kv, head_dim), ("k", 1, head_dim), ("v", 1, head_dim)] * n_kv
+
+
+def _per_head(n_heads: int, head_dim: int) -> List[Run]:
+    """(heads, 3, head_dim): grouped with a kv head per query head."""
+    return _grouped(n_heads, n_heads, head_dim)
 
 
 def _run_sections(runs: Sequence[Run], in_features: int) -> Tuple[Section, ...]:

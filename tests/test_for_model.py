@@ -284,6 +284,13 @@ def _blocks_per_rule(opt):
     return counts, sizes
 
 
+def _step_and_forward(model, opt):
+    """One training step, then a forward on the re-pointed storage: finite."""
+    _loss(model, _tokens(1)).backward()
+    opt.step()
+    assert torch.isfinite(_loss(model, _tokens(2)))
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_blocks_per_rule_follow_the_config(arch):
     model = _build(arch)
@@ -345,10 +352,7 @@ def test_moe_experts_and_routers_follow_the_config(stem):
             assert [tuple(s) for s in r["sections"]] == expected[kind] and not r["columns"], r
             seen[kind] += 1
     assert seen == {k: L for k in expected}, seen
-    loss = _loss(model, _tokens(1))
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(_loss(model, _tokens(2)))
+    _step_and_forward(model, opt)
 
 
 def test_lightning_attention_qkv_is_interleaved_per_head():
@@ -366,9 +370,7 @@ def test_lightning_attention_qkv_is_interleaved_per_head():
     assert [tuple(s) for s in rows["model.layers.0.self_attn.qkv_proj.weight"]["sections"]] == [
         ("wqk", HD * H, 2), ("wv", H, HD)] * NH
     assert [tuple(s) for s in rows["model.layers.1.self_attn.k_proj.weight"]["sections"]] == [("wqk", HD * H, NH)]
-    _loss(model, _tokens(1)).backward()
-    opt.step()
-    assert torch.isfinite(_loss(model, _tokens(2)))
+    _step_and_forward(model, opt)
 
 
 def test_heads_of_a_heterogeneous_config_are_each_layer_s_own():
@@ -398,9 +400,7 @@ def test_heads_of_a_heterogeneous_config_are_each_layer_s_own():
     again = {r["name"]: r for r in AdamMini.for_model(model, backend="torch", **KW).partition_summary()}
     model.model.layers[1].self_attn.layer_idx = 1
     assert again == rows
-    _loss(model, _tokens(1)).backward()
-    opt.step()
-    assert torch.isfinite(_loss(model, _tokens(2)))
+    _step_and_forward(model, opt)
 
 
 def test_head_size_the_attention_declares_wins_over_the_config_s():
@@ -688,6 +688,16 @@ def _what_blocks_move(model, name, probe):
     return seen_heads, seen_channels
 
 
+def _attend(q, k, v):
+    """Attention of (batch, seq, heads, d) queries over (batch, seq, kv heads, d) keys and values
+    (each kv head read by its group of query heads): (probabilities, per-head context)."""
+    groups = q.shape[2] // k.shape[2]
+    q = q.transpose(1, 2)
+    k, v = (t.transpose(1, 2).repeat_interleave(groups, 1) for t in (k, v))
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    return probs, (probs @ v).transpose(1, 2).flatten(2)
+
+
 class InternLM2Attention(nn.Module):
     """A stand-in for InternLM2's attention (remote code, not in transformers): its attributes, and
     the split its forward makes of ``wqkv``'s outputs, (kv heads, queries per kv head + 2,
@@ -705,10 +715,8 @@ class InternLM2Attention(nn.Module):
         b, s, _ = x.shape
         groups = self.num_key_value_groups
         qkv = self.wqkv(x).view(b, s, self.num_key_value_heads, groups + 2, self.head_dim)
-        q = qkv[..., :groups, :].flatten(2, 3).transpose(1, 2)  # (b, heads, s, head_dim)
-        k, v = (qkv[..., i, :].transpose(1, 2).repeat_interleave(groups, 1) for i in (-2, -1))
-        probs = (q @ k.transpose(-1, -2) * self.head_dim ** -0.5).softmax(-1)
-        context = (probs @ v).transpose(1, 2).flatten(2)
+        q = qkv[..., :groups, :].flatten(2, 3)  # (b, s, heads, head_dim)
+        probs, context = _attend(q, qkv[..., -2, :], qkv[..., -1, :])
         return self.wo(context), probs, context
 
 
@@ -738,10 +746,7 @@ class SelfAttention(nn.Module):
         heads, groups, d = (self.num_attention_heads_per_partition, self.num_multi_query_groups_per_partition,
                             self.hidden_size_per_attention_head)
         q, k, v = self.query_key_value(x).split([heads * d, groups * d, groups * d], dim=-1)
-        q = q.view(b, s, heads, d).transpose(1, 2)
-        k, v = (t.view(b, s, groups, d).transpose(1, 2).repeat_interleave(heads // groups, 1) for t in (k, v))
-        probs = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
-        context = (probs @ v).transpose(1, 2).flatten(2)
+        probs, context = _attend(q.view(b, s, heads, d), k.view(b, s, groups, d), v.view(b, s, groups, d))
         return self.dense(context), probs, context
 
 
