@@ -12,7 +12,9 @@ marks it do_not_specialize: the interpreter never sees those variants. Each kern
 with the launcher's options, and the update kernels must then hold fused multiply-adds whatever
 Triton's default ([Note: FMA contraction] in launch.py; the test runs this with that default
 turned off), and no kernel an approximate square root or division ([Note: IEEE sqrt and
-division] in kernels.py). Run by tests/test_triton_compile.py in a process without
+division] in kernels.py). A row kernel of more than one warp must have a barrier between its
+threads' loads of the block's v and the one thread's store of the new v ([Note: one v per
+program] in kernels.py). Run by tests/test_triton_compile.py in a process without
 TRITON_INTERPRET:
 
     python tests/compile_triton_kernels.py 90 80
@@ -21,6 +23,7 @@ TRITON_INTERPRET:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -100,6 +103,17 @@ def variants():
             yield name + label, kernel, args, {**constexprs, **values}, attrs, num_warps
 
 
+def _v_store_follows_barrier(ptx):
+    """Whether a barrier separates the block's v load from its store in a rows_step kernel: the
+    store is the kernel's first scalar store made by one thread (predicated, ``[ %rd + 0 ]``),
+    the load the last one from the same address before it."""
+    lines = ptx.splitlines()
+    store = next(i for i, line in enumerate(lines) if re.search(r"@%p\d+ st\.global\.b32 \[ %rd\d+ \+ 0 \]", line))
+    address = re.search(r"\[ (%rd\d+) \+ 0 \]", lines[store]).group(1)
+    load = max(i for i in range(store) if "ld.global" in lines[i] and f"[ {address} + 0 ]" in lines[i])
+    return any("bar.sync" in line or "barrier.sync" in line for line in lines[load:store])
+
+
 def compile_all(archs):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -128,6 +142,9 @@ def compile_all(archs):
                     assert access in compiled.asm["ptx"], f"sm_{arch}: {name}: no 128-bit access ({access}) in the aligned branch"
             if name.startswith(UPDATES):
                 assert "fma.rn.f32" in compiled.asm["ptx"], f"sm_{arch}: {name}: no fused multiply-add in the update"
+            if name.startswith("rows_step") and num_warps > 1:
+                assert _v_store_follows_barrier(compiled.asm["ptx"]), \
+                    f"sm_{arch}: {name}: no barrier between the loads of v and its store ([Note: one v per program])"
             approximate = [op for op in APPROXIMATE if op in compiled.asm["ptx"]]
             assert not approximate, f"sm_{arch}: {name}: approximate {approximate} in the PTX ([Note: IEEE sqrt and division])"
             count += 1

@@ -131,11 +131,18 @@ def _scaled_grad(g, coef):
 @triton.jit
 def _new_v(v_ptr, v_index, sumsq, numel, coef):
     """v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
-    block's raw sum of g^2; stores and returns the new v."""
+    block's raw sum of g^2; stores and returns the new v.
+
+    [Note: one v per program] Every thread of the program loads the old v and computes the new
+    one; the store of a scalar is made by one thread. Without a barrier between them, a warp
+    whose load comes late reads the v another warp stored already and updates its part of the
+    block with v applied twice (a race the interpreter, one program at a time, cannot show):
+    the barrier keeps every load before the store."""
     scale = tl.load(coef + _C_GRAD_SCALE)
     sumsq = tl.where(scale == 0, 0.0, sumsq) * (scale * scale)
     mean = tl.math.div_rn(sumsq, tl.maximum(numel, 1).to(tl.float32))
     v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
+    tl.debug_barrier()
     tl.store(v_ptr + v_index, v)
     return v
 
