@@ -5,7 +5,7 @@ formulas in ../shared/SPEC.md section 2) with the block layout given explicitly:
 (row-major) parameter is cut into consecutive blocks, of equal size by default or of the sizes
 ``block_sizes`` gives, and ``v`` holds one value per block (blocks of 1 element are plain Adam).
 A parameter stored by columns (``BlockLayout.columns``) is stepped by passing its transpose.
-Math in float32.
+Math in float32 (float64 for float64 parameters); ``v`` float32.
 """
 
 from __future__ import annotations
@@ -41,27 +41,28 @@ def adam_mini_step(
     if block_sizes is None:
         block_sizes = [param.numel() // num_blocks] * num_blocks
     sizes = torch.as_tensor(block_sizes, dtype=torch.int64).cpu()
-    g = grad.detach().float().reshape(-1)
-    p = param.detach().float().reshape(-1)
-    m32 = m.float().reshape(-1)
-    v32 = v.float().reshape(num_blocks)
+    work = torch.promote_types(param.dtype, torch.float32)
+    g = grad.detach().to(work).reshape(-1)
+    p = param.detach().to(work).reshape(-1)
+    m_new = m.to(work).reshape(-1)
+    v_new = v.float().reshape(num_blocks)
 
     # Second moment: one value per block, the mean of g^2 over the block (0 for an empty block).
     block_of_element = torch.repeat_interleave(torch.arange(num_blocks), sizes).to(g.device)
-    block_sum = torch.zeros(num_blocks, device=g.device).index_add_(0, block_of_element, g * g)
-    block_mean = block_sum / sizes.clamp(min=1).to(g.device)
-    v32 = beta2 * v32 + (1 - beta2) * block_mean
+    block_sum = torch.zeros(num_blocks, dtype=work, device=g.device).index_add_(0, block_of_element, g * g)
+    block_mean = block_sum.float() / sizes.clamp(min=1).to(g.device)
+    v_new = beta2 * v_new + (1 - beta2) * block_mean
 
     # Decoupled weight decay, then the first moment per element.
     if weight_decay > 0:
         p = p * (1 - lr * weight_decay)
-    m32 = m32 + (1 - beta1) * (g - m32)
+    m_new = m_new + (1 - beta1) * (g - m_new)
 
     # Bias-corrected update; every element of a block shares the block's h.
-    h = v32.sqrt() / math.sqrt(1 - beta2**step) + eps
+    h = v_new.sqrt() / math.sqrt(1 - beta2**step) + eps
     step_size = lr / (1 - beta1**step)
-    p = p - step_size * m32 / h[block_of_element]
+    p = p - step_size * m_new / h[block_of_element]
 
     param.copy_(p.reshape(param.shape))
-    m.copy_(m32.reshape(m.shape))
-    v.copy_(v32.reshape(v.shape))
+    m.copy_(m_new.reshape(m.shape))
+    v.copy_(v_new.reshape(v.shape))

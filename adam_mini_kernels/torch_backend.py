@@ -99,9 +99,12 @@ def torch_step(
     if seg is None:
         seg = group.cache["torch"] = _segment_table(group)
     n = group.numel
+    # float32 math, float64 for float64 storage (computing it in float32 would round every
+    # parameter, those without a gradient too); v and the coefficients are float32 either way.
+    work = torch.promote_types(group.param_buffer.dtype, torch.float32)
 
-    g = group.grad_buffer.float()
-    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets)
+    g = group.grad_buffer.to(work)
+    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets).float()
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
     # After the all-reduce: a clip factor riding in it is written into inv_scale there.
@@ -118,17 +121,17 @@ def torch_step(
 
     # Spread (scale, decay, m weight, gradient multiplier) from blocks to elements in one gather.
     per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale], dim=1)
-    scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block, seg.seg_len, dim=0, output_size=n).unbind(1)
+    scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block.to(work), seg.seg_len, dim=0, output_size=n).unbind(1)
     g = torch.where(g_mul == 0, 0.0, g * g_mul)
-    m = (_dequantize_m(group, seg) if group.quantized else group.m.float()).lerp_(g, m_weight)
-    p = group.param_buffer.float().mul_(decay).addcmul_(m, scale, value=-1)
+    m = (_dequantize_m(group, seg).to(work) if group.quantized else group.m.to(work)).lerp_(g, m_weight)
+    p = group.param_buffer.to(work).mul_(decay).addcmul_(m, scale, value=-1)
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
     keys = None if group.round_seed is None else _element_keys(group, seg, block_coef[:, C_ROUND_KEY])
     if group.quantized:
         _requantize_m(group, seg, m, coef[:, C_M_WEIGHT] == 0)
-    elif group.m.dtype != torch.float32:  # float32 m was updated in place
+    elif group.m.dtype != work:  # an m of the working dtype was updated in place
         group.m.copy_(_rounded(m, keys, seg, MOMENT_STREAM))
-    if group.param_buffer.dtype != torch.float32:
+    if group.param_buffer.dtype != work:
         group.param_buffer.copy_(_rounded(p, keys, seg, 0))
 
 

@@ -27,6 +27,10 @@ Tolerances (see ``TOLERANCES``):
   elements differing at all, and the reference then restarts from the optimizer's values. A wrong
   formula or a missed step moves most elements by far more than one ulp (the step is about
   ``lr = 1e-2`` per element).
+* float64: both compute in float64, with float32 second moments; the optimizer's per-step
+  coefficients (step size, weight decay factor) are float32, the reference's Python doubles,
+  so the float32 tolerance. What float64 storage needs beyond that, parameters without a
+  gradient left bitwise as they were (not rounded through float32), is the idle check.
 * Second moments are float32 in both and depend on the gradients only, which are shared, so they
   use the float32 tolerance whatever the parameter dtype, accumulated over all steps.
 """
@@ -52,6 +56,7 @@ TOLERANCES = {
     torch.float32: (0.0, 2e-6),
     torch.bfloat16: (torch.finfo(torch.bfloat16).eps, 1e-6),
     torch.float16: (torch.finfo(torch.float16).eps, 1e-6),
+    torch.float64: (0.0, 2e-6),
 }
 V_TOLERANCE = TOLERANCES[torch.float32]
 # bf16/fp16, per step: the share of all parameter and first-moment elements of the step that may
@@ -201,13 +206,13 @@ def test_partition_of_corner_cases():
 
 @pytest.mark.parametrize(
     "dtype, set_to_none",
-    [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True), (torch.float16, True)],
-    ids=["fp32-grad_none", "fp32-grad_zeroed", "bf16-grad_none", "fp16-grad_none"],
+    [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.float64, True)],
+    ids=["fp32-grad_none", "fp32-grad_zeroed", "bf16-grad_none", "fp16-grad_none", "fp64-grad_none"],
 )
 def test_torch_backend_matches_reference(dtype, set_to_none):
     model, batch_fn, opt = _build(dtype)
     frozen_before = model.frozen_scale.detach().clone()
-    per_step = None if dtype == torch.float32 else TOLERANCES[dtype]
+    per_step = None if dtype in (torch.float32, torch.float64) else TOLERANCES[dtype]
     driver = _Lockstep(opt, set_to_none=set_to_none, per_step_tol=per_step)
 
     models.train(model, driver, batch_fn, STEPS)
@@ -260,3 +265,38 @@ def test_two_runs_are_bitwise_identical(dtype):
                 assert torch.equal(value, other), f"state {idx} {key} differs between two identical runs"
             else:
                 assert value == other
+
+
+def test_float64_parameters_are_stepped_in_float64():
+    """float64 parameters of values float32 cannot hold: a step computes in float64 (within
+    float32 ulps of the update, the coefficients being float32, without weight decay), an lr of
+    0 and a parameter without a gradient leave them bitwise as they were (a float32 computation
+    rounds them all: 6e-8 of their magnitude)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"mlp.weight": (6, 8), "norm.weight": (8,), "mlp.bias": (6,)}
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64) * (1 + 1e-12))) for n, s in shapes.items()]
+    assert any(not torch.equal(p, p.float().double()) for _, p in named)
+    still = AdamMini([(n, torch.nn.Parameter(p.detach().clone())) for n, p in named], lr=0.0, verbose=False, backend="torch")
+    opt = AdamMini(named, lr=1e-2, weight_decay=0.0, verbose=False, backend="torch")
+    reference = {n: (p.detach().clone(), torch.zeros_like(p), torch.zeros(s["num_blocks"]))
+                 for (n, p), s in zip(named, opt.partition_summary())}
+    for step in (1, 2):
+        for name, p in named:
+            p.grad = None if (step == 2 and name == "norm.weight") else torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        idle = named[1][1].detach().clone()
+        opt.step()
+        for name, p in named:
+            if p.grad is not None:
+                ref_p, ref_m, ref_v = reference[name]
+                adam_mini_step(ref_p, p.grad, ref_m, ref_v, step=step, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=0.0)
+                assert_close(p, ref_p, (0.0, 1e-8), f"{name} param")
+        if step == 2:
+            assert torch.equal(named[1][1], idle), "a float64 parameter without a gradient changed"
+    for group in still.param_groups:
+        (q,) = group["params"]
+        q.grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    before = [g["params"][0].detach().clone() for g in still.param_groups]
+    still.step()
+    for b, g in zip(before, still.param_groups):
+        assert torch.equal(g["params"][0], b), f"{g['name']}: changed by a step with lr=0"
