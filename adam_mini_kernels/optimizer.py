@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import operator
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -80,6 +81,8 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
             raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got {lr.dtype} of shape {list(lr.shape)}")
         # A device tensor's value is not checked: reading it would be a host sync.
         lr = lr.item() if lr.device.type == "cpu" else None
+    elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{where}: lr must be a number or a one-element tensor, got {lr!r}")
     if lr is not None and not 0.0 <= lr:
         raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
     if not 0.0 <= eps:
@@ -126,6 +129,34 @@ def _moved(value: Optional[torch.Tensor], device: torch.device) -> Optional[torc
 
 
 _PLAIN_LR = frozenset({float, int})
+
+
+class _StateEntry(dict):
+    """A parameter's ``opt.state[p]``: the views into the flat buffers, and whether anything
+    replaced or removed one of them since (see [Note: edited state])."""
+
+    edited = False
+
+    def _edit(method):
+        def edit(self, *args, **kwargs):
+            self.edited = True
+            return method(self, *args, **kwargs)
+        return edit
+
+    __setitem__ = _edit(dict.__setitem__)
+    __delitem__ = _edit(dict.__delitem__)
+    __ior__ = _edit(dict.__ior__)
+    update = _edit(dict.update)
+    pop = _edit(dict.pop)
+    popitem = _edit(dict.popitem)
+    clear = _edit(dict.clear)
+    del _edit
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self.edited = True
+        return dict.setdefault(self, key, default)
+
 
 
 class _StepMemo:
@@ -505,7 +536,7 @@ class AdamMini(torch.optim.Optimizer):
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
             for i, k in enumerate(members):
                 p = named[k][1]
-                self.state[p] = local_state_views(group, i) if k in local else state_views(group, i)
+                self.state[p] = _StateEntry(local_state_views(group, i) if k in local else state_views(group, i))
             flat.append(group)
             self._owners.append(params)
             # Each member's param group: a list (read on the host, also inside a traced step) and
@@ -513,6 +544,8 @@ class AdamMini(torch.optim.Optimizer):
             self._row_index.append([group_of[k] for k in members])
             self._row_select.append(torch.tensor(self._row_index[-1], dtype=torch.long))
         self._flat, self._built_key = flat, key
+        self._built_params = [p for _, p in named]
+        self._built_state, self._built_entries = self.state, [self.state[p] for p in self._built_params]
         if self.verbose:
             self._log_partition(layouts)
 
@@ -661,8 +694,9 @@ class AdamMini(torch.optim.Optimizer):
         before anything changes. Returns the groups to step, with their active flags."""
         key = self._buffer_key()
         hparams_changed = self._read_hparams()
-        checks = self._inspect() if self._flat is not None and key == self._built_key else None
-        if checks is None:  # no buffers yet, new name sets or m dtypes, or a parameter moved
+        built = self._flat is not None and key == self._built_key and self._as_built()
+        checks = self._inspect() if built else None
+        if checks is None:  # no buffers yet, new name sets, m dtypes, parameters or state, or a parameter moved
             for name, p in self._named_params():
                 if p.grad is not None:
                     check_dense_grad(name, p.grad)
@@ -682,6 +716,26 @@ class AdamMini(torch.optim.Optimizer):
                 active = None if check.active is None else group.active_flags(check.active, keep=self.capturable)
                 live.append((group, active))
         return live
+
+    # [Note: edited state]
+    # The flat buffers hold every built parameter's state; opt.state[p] holds views into them.
+    # torch's optimizers read param_groups and opt.state afresh each step, and code that resets
+    # or replaces state (opt.state.clear(), del opt.state[p], opt.state[p]["m"] = ..., a new
+    # parameter put into a param group) expects the next step to use what it left there. So each
+    # step first checks, in C-level passes over identities, that the param groups hold the
+    # parameters the buffers were built for and opt.state the entries made for them, unedited
+    # (_StateEntry flags its own edits); otherwise the buffers are rebuilt from opt.state as it
+    # is: a parameter without state starts afresh, as in torch. Changing a state tensor in place
+    # (opt.state[p]["m"].zero_()) writes the buffers themselves and needs no rebuild.
+    def _as_built(self) -> bool:
+        """Whether the param groups and ``opt.state`` are as the flat buffers were built."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        built, state = self._built_params, self.state
+        return (
+            state is self._built_state and len(params) == len(built) and all(map(operator.is_, params, built))
+            and all(map(operator.is_, map(state.get, built), self._built_entries))
+            and not any(entry.edited for entry in self._built_entries)
+        )
 
     def _inspect(self) -> Optional[List[GradCheck]]:
         """Every group's ``inspect``, after pointing sharded groups at their shards' gradients
@@ -729,10 +783,11 @@ class AdamMini(torch.optim.Optimizer):
                 f"model=, or for_model) needs torch >= 2.14 (dynamo of torch {torch.__version__} fails on them); "
                 "build the optimizer without model= to compile its step, or step eagerly"
             )
-        if self._flat is None or self._buffer_key() != self._built_key:
+        if self._flat is None or self._buffer_key() != self._built_key or not self._as_built():
             raise RuntimeError(
                 "AdamMini builds its flat buffers outside torch.compile: call opt.step() once eagerly first "
-                "(and again after changing name sets, a param group's state_dtype, adding param groups or loading a state dict)"
+                "(and again after changing name sets, a param group's state_dtype, param groups' parameters or "
+                "opt.state, adding param groups or loading a state dict)"
             )
         if self._read_hparams():
             self._upload_hparams()
@@ -840,7 +895,10 @@ class AdamMini(torch.optim.Optimizer):
                 group.sharded.zero_grad(group)
 
     # -- pickling (copy.deepcopy) ----------------------------------------------------------------
-    _UNPICKLED = ("_flat", "_owners", "_row_index", "_row_select", "_built_key", "_step_fn", "_model")
+    _UNPICKLED = (
+        "_flat", "_owners", "_row_index", "_row_select", "_built_key", "_built_params", "_built_state", "_built_entries",
+        "_step_fn", "_model",
+    )
 
     def __getstate__(self) -> Dict[str, Any]:
         """torch's state plus the name sets and settings; the flat buffers are rebuilt (from the
@@ -915,7 +973,22 @@ class AdamMini(torch.optim.Optimizer):
         # A param group's own state_dtype is this optimizer's setting where the saved group has none.
         own_dtypes = {i: g["state_dtype"] for i, g in enumerate(self.param_groups) if "state_dtype" in g}
         seed = _saved_rounding_seed(state_dict)
+        own_names = [group["name"] for group in self.param_groups]
         super().load_state_dict(state_dict)
+        # torch's loader copies the saved groups' keys, "name" too; the partition (and for_model's
+        # layouts) follow this optimizer's parameter names, which stay.
+        renamed = [
+            (group.get("name"), name) for group, name in zip(self.param_groups, own_names)
+            if str(group.get("name")).lower() != name
+        ]
+        for group, name in zip(self.param_groups, own_names):
+            group["name"] = name
+        if renamed and self.verbose:
+            logger.warning(
+                "AdamMini.load_state_dict: %d param groups were saved under other names (e.g. %r, here %r); "
+                "their state was loaded by position and they keep this optimizer's names",
+                len(renamed), *renamed[0],
+            )
         for i, dtype in own_dtypes.items():
             self.param_groups[i].setdefault("state_dtype", dtype)
         for group in self.param_groups:  # the seed lives on the optimizer, not in its groups

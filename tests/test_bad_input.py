@@ -127,6 +127,25 @@ def test_bad_hyperparameter_is_rejected_and_changes_nothing(kwargs, words):
     _assert_unchanged(before, _snapshot(named))
 
 
+@pytest.mark.parametrize("lr", [None, "1e-3", True])
+def test_lr_that_is_not_a_number_is_a_type_error(lr):
+    """An lr that is no number (None stands for a device tensor's value inside the optimizer)
+    is refused by the constructor, and set into a param group, at every step that follows: a
+    second step must not go on with the lr of the last good step."""
+    named = _named()
+    with pytest.raises(TypeError, match="lr must be a number"):
+        AdamMini(named, lr=lr, dim=DIM, n_heads=N_HEADS, verbose=False)
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    _good_step(named, opt, seed=1)
+    opt.param_groups[2]["lr"] = lr
+    _random_grads(named, seed=2)
+    before = _snapshot(named, opt)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="param group 'layer.mlp.weight': lr must be a number"):
+            opt.step()
+    _assert_unchanged(before, _snapshot(named, opt))
+
+
 @pytest.mark.parametrize("model", ["model", [nn.Linear(2, 2)]], ids=["str", "list"])
 def test_model_that_is_not_a_module_is_a_type_error(model):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module or None"):

@@ -285,3 +285,28 @@ def test_second_moments_follow_the_blocks_when_only_the_storage_order_changes():
         reader.load_state_dict(roundtrip(writer.state_dict()))
         reader._prepare()  # builds the buffers from the loaded state, as the next step does
         torch.testing.assert_close(reader.state[reader_w]["vmean"].reshape(-1), saved_v.mean().expand(4), rtol=1e-6, atol=0)
+
+
+def test_groups_keep_their_names_when_a_checkpoint_was_saved_under_others(caplog):
+    """A checkpoint whose param groups carry other names (saved from a DDP-wrapped or compiled
+    model: ``module.`` or ``_orig_mod.`` prefixes, or another naming altogether) loads by position,
+    as in torch, and the groups keep this optimizer's names: the partition follows them (torch's
+    loader would copy the saved names in, and the next step would re-partition by those)."""
+    model, batch_fn, dims = models.build("llama_gqa")
+    opt = make_opt("ours", model, dims)
+    models.train(model, opt, batch_fn, RESUME_STEPS)
+    saved = roundtrip(opt.state_dict())
+    for i, group in enumerate(saved["param_groups"]):
+        group["name"] = f"_orig_mod.p{i}"  # no name rule matches: every block would become whole
+    copy_model, _, _ = models.build("llama_gqa")
+    copy_model.load_state_dict(model.state_dict())
+    resumed = AdamMini(copy_model.named_parameters(), **HPARAMS, verbose=True, backend="torch", **dims)
+    with caplog.at_level("WARNING", logger="adam_mini_kernels"):
+        resumed.load_state_dict(saved)
+    assert "saved under other names" in caplog.text
+    assert [g["name"] for g in resumed.param_groups] == [g["name"] for g in opt.param_groups]
+    models.train(model, opt, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    models.train(copy_model, resumed, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    assert resumed.partition_summary() == opt.partition_summary()
+    for (name, a), b in zip(model.named_parameters(), copy_model.parameters()):
+        assert torch.equal(a, b), name

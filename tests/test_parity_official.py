@@ -25,6 +25,7 @@ Relative error of a tensor is ``max|ours - official| / max|official|``.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
@@ -365,3 +366,52 @@ def test_lr_scheduler_and_per_group_edits_match_official():
     assert len({g["lr"] for g in ours.param_groups}) > 1
     assert_params_match(model_off, model_ours)
     assert_state_match(official, ours)
+
+
+def _clear(opt, model):
+    opt.state.clear()
+
+
+def _new_state(opt, model):
+    opt.state = collections.defaultdict(dict)
+
+
+def _del_entry(opt, model):
+    del opt.state[model.get_parameter(EDITED)]
+
+
+def _zero_m(opt, model):
+    entry = opt.state[model.get_parameter(EDITED)]
+    entry["m"] = torch.zeros_like(entry["m"])
+
+
+def _swap_param(opt, model):
+    """A new Parameter put in the module and in its param group, the old one's state moved to it."""
+    module_name, _, attr = EDITED.rpartition(".")
+    old = model.get_parameter(EDITED)
+    new = torch.nn.Parameter(old.detach() + 0.01)
+    setattr(model.get_submodule(module_name), attr, new)
+    group = next(g for g in opt.param_groups if g["params"][0] is old)
+    group["params"] = [new]
+    opt.state[new] = opt.state.pop(old)
+
+
+EDITED = "lm.model.layers.0.self_attn.k_proj.weight"
+
+
+@pytest.mark.parametrize("edit", [_clear, _new_state, _del_entry, _zero_m, _swap_param], ids=lambda f: f.__name__[1:])
+def test_state_and_param_group_edits_between_steps_match_official(edit):
+    """torch's optimizers read ``opt.state`` and ``param_groups`` afresh each step: a reset or
+    replaced state entry, or a new parameter in a param group, takes effect at the next step
+    (the flat buffers held the old ones: [Note: edited state] in optimizer.py), and every later
+    ``state_dict()`` holds the live state."""
+    model_off, model_ours, batch_off, _, official, ours = make_pair("llama_gqa", 0.1)
+    assert EDITED in dict(model_ours.named_parameters())
+    train_lockstep(model_off, model_ours, batch_off, official, ours, steps=3)
+    edit(official, model_off)
+    edit(ours, model_ours)
+    train_lockstep(model_off, model_ours, batch_off, official, ours, steps=3, start=3)
+    assert_params_match(model_off, model_ours)
+    assert_state_match(official, ours)
+    steps = {_clear: {3}, _new_state: {3}, _del_entry: {3, 6}}.get(edit, {6})  # counted since the reset
+    assert {s["step"] for s in ours.state_dict()["state"].values()} == steps
