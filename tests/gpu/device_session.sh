@@ -40,6 +40,8 @@ OUT=${OUT:-/tmp/device_session}
 BUDGET_S=${BUDGET_S:-560}
 LOGS=${LOGS:-/tmp/device_session_logs}
 PY=${PYTHON:-python3}
+# A fresh $LOGS: a second call on a warm machine must not pack the logs of the call before.
+rm -rf "${LOGS:?}"
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=16
 export PATH="$PATH:$CUDA_HOME/bin"  # compute-sanitizer, when it is not on PATH already
