@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -30,21 +31,30 @@ FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
 echo "name, driver_version, memory.total [MiB], clocks.max.sm [MHz], clocks.max.memory [MHz]"
 echo "CPU dry run, 0, 0 MiB, 0 MHz, 0 MHz"
 """
-# The probe (`python -c ...`) succeeds; a sanitizer run of a script reports no errors, unrun (the
-# kernels need a GPU: here only the script's flow is checked).
+# A sanitizer run of a script reports no errors, unrun (the kernels need a GPU: here only the
+# script's flow is checked), saying whether PyTorch's caching allocator was off;
+# FAKE_SANITIZER=unsupported: it refuses the device as on gVisor.
 FAKE_SANITIZER = """#!/usr/bin/env bash
 case " $* " in
-  *" -c "*) echo "sanitizer probe ok 1024.0" ;;
-  *) echo "========= ERROR SUMMARY: 0 errors (dry run: $*)" ;;
+  *" --version "*) echo "NVIDIA (R) Compute Sanitizer"; echo "Version 2099.1.0 (dry run)"; exit 0 ;;
 esac
+if [ "${FAKE_SANITIZER:-}" = unsupported ]; then
+  echo "========= Error: Device not supported"
+  echo "RuntimeError: CUDA error: unknown error (error 999)"; exit 1
+fi
+[ -n "${PYTORCH_NO_CUDA_MEMORY_CACHING:-}" ] && allocator=off || allocator=on
+echo "========= ERROR SUMMARY: 0 errors (dry run, caching allocator $allocator: $2 ${@: -1})"
 """
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ] && [ "$3" = "install" ]; then echo "dry run: pip $*"; exit 0; fi
 exec {python} "$@"
 """
 TINY_TESTS = """
-def test_one():
-    assert 1 + 1 == 2
+import os
+
+
+def test_threads_per_worker():
+    assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")) == ("2", "1")
 
 
 def test_2_pow_31_selected_alone():
@@ -63,6 +73,9 @@ def _dry_run(tmp_path: Path, session: str, **env: str) -> tuple[int, str, Path]:
     tests.parent.mkdir()
     tests.write_text(TINY_TESTS)
     out = tmp_path / "out"
+    # A log of an earlier call on the same (warm) machine, which the script must not pack.
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "stale_from_the_call_before.log").write_text("stale")
     run_env = {
         **os.environ, "PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(fakes / "python"),
         "SESSION": session, "BENCH_COMMIT": "dryrun", "OUT": str(out), "LOGS": str(tmp_path / "logs"),
@@ -85,9 +98,14 @@ def _line(summary: str, prefix: str) -> str:
     return hits[0]
 
 
+SANITIZER_RUNS = [("memcheck", "cuda"), ("memcheck", "triton"), ("racecheck", "cuda"), ("racecheck", "triton"),
+                  ("synccheck", "cuda"), ("initcheck", "cuda")]
+
+
 @pytest.mark.parametrize("session, expected, cpu_failures", [
-    ("checks", ["bench rc=0: ", "pytest rc=0: 1 passed", "sanitizer memcheck: cuda rc=0",
-                "sanitizer racecheck: cuda rc=0", "pytest 2^31 rc=0: 1 passed"], []),
+    ("checks", ["bench rc=0: ", "pytest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit "]
+     + [f"sanitizer {tool} {backend} rc=0 (limit " for tool, backend in SANITIZER_RUNS]
+     + ["pytest 2^31 rc=0: 1 passed"], []),
     # The graph rows' sets at smoke size: their GPU-size names are checked below.
     ("variants", ["bench_variants rc=0: ", "bench_graphs rc=0: "], []),
     ("convergence", ["convergence rc=0: "], []),
@@ -110,10 +128,68 @@ def test_session_dry_run(tmp_path, session, expected, cpu_failures):
             assert "complete True" in line and "'ok':" in line, line
     files = sorted(p.name for p in out.iterdir())
     assert "logs.tgz" in files and len(files) <= 8, files
+    assert "stale_from_the_call_before.log" not in _packed(out), "the logs of an earlier call were packed"
     if session != "convergence":
         assert any(name.endswith(".png") for name in files) and any(name.endswith(".json") for name in files), files
     else:
         assert any(name.startswith("convergence_") and name.endswith(".json") for name in files), files
+
+
+def _packed(out: Path) -> list[str]:
+    with tarfile.open(out / "logs.tgz") as tar:
+        return [Path(name).name for name in tar.getnames()]
+
+
+def _packed_text(out: Path, name: str) -> str:
+    with tarfile.open(out / "logs.tgz") as tar:
+        return tar.extractfile(f"./{name}").read().decode()
+
+
+def _sanitizer_limits(summary: str) -> dict[tuple[str, str], int]:
+    return {(m[1], m[2]): int(m[3]) for m in re.finditer(r"\] sanitizer (\w+) (\w+) rc=\d+ \(limit (\d+)s", summary)}
+
+
+def test_checks_sanitizers_and_pytest(tmp_path):
+    """The checks session's sanitizer runs: memcheck and initcheck (only) without PyTorch's caching
+    allocator, the first error line of each log and the tool's path and version in the summary,
+    each run's limit derived from what is left of pytest's (BUDGET_S 200: under the 100 s cap);
+    pytest with two threads a worker (the tiny test checks), --durations."""
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="200", BENCH_S="60")
+    assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
+    assert "Version 2099.1.0 (dry run)" in _line(summary, "compute-sanitizer: /")
+    stage = int(re.search(r"pytest and sanitizers: limit (\d+)s", summary)[1])
+    limits = _sanitizer_limits(summary)
+    assert list(limits) == SANITIZER_RUNS, summary
+    assert all(30 <= s <= min(100, stage - 20) for s in limits.values()) and stage < 120, (stage, limits)
+    assert limits[("memcheck", "cuda")] == limits[("memcheck", "triton")] >= limits[("synccheck", "cuda")]
+    for tool, backend in SANITIZER_RUNS:
+        line = _line(summary, f"sanitizer {tool} {backend} rc=0")
+        nocache = tool in ("memcheck", "initcheck")
+        assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == nocache, line
+        assert line.endswith(f"ERROR SUMMARY: 0 errors (dry run, caching allocator {'off' if nocache else 'on'}: {tool} {backend})"), line
+    assert "slowest 30 durations" in _packed_text(out, "pytest.log")
+
+
+def test_checks_sanitizers_out_of_time(tmp_path):
+    """With too little left of pytest's limit for a sanitizer run (30 s at least), each is skipped
+    and said so, none started; the rest of the session still runs."""
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="100", BENCH_S="60")
+    assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
+    assert _sanitizer_limits(summary) == {}, summary
+    for runs in ("memcheck:cuda memcheck:triton", "racecheck:cuda racecheck:triton", "synccheck:cuda initcheck:cuda"):
+        _line(summary, f"skipped sanitizer {runs}: out of time")
+    _line(summary, "pytest rc=0: 1 passed")
+
+
+def test_checks_sanitizer_refusing_the_device(tmp_path):
+    """A sanitizer that refuses the device (gVisor) is told from the memcheck logs themselves (no
+    probe): UNSUPPORTED HERE, not a failure, and no further sanitizer run."""
+    rc, summary, out = _dry_run(tmp_path, "checks", FAKE_SANITIZER="unsupported")
+    assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
+    assert list(_sanitizer_limits(summary)) == [("memcheck", "cuda"), ("memcheck", "triton")], summary
+    assert "Device not supported" in _line(summary, "compute-sanitizer: UNSUPPORTED HERE")
+    assert {"sanitize_cuda_memcheck.log", "sanitize_triton_memcheck.log"} <= set(_packed(out))
+    _line(summary, "pytest rc=0: 1 passed")
 
 
 def test_unknown_session_is_refused(tmp_path):

@@ -5,9 +5,10 @@
 #
 #   checks (default)  build; the step benchmark (SPEC sets and sweep, with the anchors, no
 #                     torch.compile rows) alone on the GPU, with a reserved budget; then the test
-#                     suite on the GPU (pytest-xdist; tests that need a CPU interpreter or
-#                     transformers skip) beside compute-sanitizer memcheck and racecheck of both
-#                     fused backends; the >2^31-element tests alone (~20 GB each) in the time left.
+#                     suite on the GPU (pytest-xdist; tests that need a CPU interpreter skip)
+#                     beside compute-sanitizer memcheck and racecheck of both fused backends, then
+#                     synccheck and initcheck of the CUDA one if time allows; the >2^31-element
+#                     tests alone (~20 GB each) in the time left.
 #   variants          build; benchmark rows of issues 6 and 10 on the named sets with the anchors
 #                     (float32/int8 state, stochastic rounding, clipping, 8-bit AdamW); the
 #                     CUDA-graph replay rows of issue 7 (1M, 10M, 124M parameters: those sets only).
@@ -94,20 +95,46 @@ build() {
   note "build done"; pack
 }
 
-sanitizer_probe() {  # 0: compute-sanitizer runs here; 1: it refuses this machine; 2: it is broken otherwise
-  # A trivial torch allocation under memcheck, so that a sanitizer that cannot run here (gVisor:
-  # "Device not supported", then error 999 = cudaErrorUnknown at the first allocation; KINDS.md)
-  # is told apart from a sanitizer failure of our kernels.
-  limit 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c \
-    "import torch; x = torch.ones(1024, device='cuda'); torch.cuda.synchronize(); print('sanitizer probe ok', float(x.sum()))" \
-    > "$LOGS/sanitize_probe.log" 2>&1; local rc=$?
-  if [ $rc -eq 0 ] && grep -q "sanitizer probe ok" "$LOGS/sanitize_probe.log"; then return 0; fi
-  if grep -qiE "device not supported|error 999|cudaErrorUnknown|CUDA error: unknown error" "$LOGS/sanitize_probe.log"; then
-    note "compute-sanitizer: UNSUPPORTED HERE (rc $rc: $(grep -m1 -iE 'not supported|999|unknown error' "$LOGS/sanitize_probe.log" | cut -c1-200)); memcheck/racecheck not run: not a result of our kernels"
+san_refused() {  # log: whether compute-sanitizer refused the device there (gVisor: "Device not supported",
+  # then error 999 = cudaErrorUnknown at the first allocation; KINDS.md), told apart from a finding
+  # of our kernels (an "Invalid ..." or "Program hit ..." line)
+  grep -qiE "device not supported|error 999|cudaErrorUnknown|CUDA error: unknown error" "$1" \
+    && ! grep -qE "Invalid|Program hit" "$1"
+}
+san_first() {  # log: its first error line ("Invalid", "Program hit", "ERROR SUMMARY"), else its last line
+  local line; line=$(grep -m1 -E "Invalid|Program hit|ERROR SUMMARY" "$1"); [ -n "$line" ] || line=$(tail -1 "$1")
+  echo "$line" | cut -c1-200
+}
+san_env() {  # tool: memcheck and initcheck without PyTorch's caching allocator (an access out of
+  # a tensor's bounds, or a read of its unwritten bytes, inside a cached segment is invisible to them)
+  case $1 in memcheck | initcheck) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1" ;; esac
+}
+sanitize() {  # cap tool:backend...: those compute-sanitizer runs of sanitize_step.py at once, each
+  # limited by the sanitizer stage's end (san_end, seconds of the script) less the 20 s of KILL
+  # grace, at most cap; none started under 30 s. Logs packed when they end. Return 1 if the tool
+  # refused the device (no more runs then: nothing of ours can be checked here), 2 if out of time.
+  local cap=$1 s run tool backend pids="" rc refused=0 log env; shift
+  s=$(( san_end - SECONDS - 20 )); [ "$s" -gt "$cap" ] && s=$cap
+  if [ "$s" -lt 30 ]; then note "skipped sanitizer $*: out of time (${s}s left of the stage)"; return 2; fi
+  for run in "$@"; do
+    tool=${run%%:*} backend=${run#*:}
+    limit "$s" env $(san_env "$tool") compute-sanitizer --tool "$tool" --error-exitcode 1 $PY tests/gpu/sanitize_step.py "$backend" \
+      > "$LOGS/sanitize_${backend}_$tool.log" 2>&1 & pids="$pids $!"
+  done
+  for run in "$@"; do
+    tool=${run%%:*} backend=${run#*:}; log="$LOGS/sanitize_${backend}_$tool.log"
+    pids=${pids# }; wait "${pids%% *}"; rc=$?; pids=${pids#* }
+    env=$(san_env "$tool"); note "sanitizer $tool $backend rc=$rc (limit ${s}s${env:+, $env}): $(san_first "$log")"
+    if san_refused "$log"; then refused=1
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then fail "sanitizer $tool $backend (rc $rc: stopped at its limit, not a finding; see $(basename "$log"))"
+    elif [ $rc -ne 0 ]; then fail "sanitizer $tool $backend (rc $rc; $(basename "$log"))"
+    fi
+  done
+  pack
+  if [ $refused -eq 1 ]; then
+    note "compute-sanitizer: UNSUPPORTED HERE ($(grep -h -m1 -iE 'not supported|999|unknown error' "$LOGS"/sanitize_*.log | head -1 | cut -c1-200)); no more sanitizer runs: not a result of our kernels"
     return 1
   fi
-  note "compute-sanitizer probe failed (rc $rc: $(tail -1 "$LOGS/sanitize_probe.log" | cut -c1-200)): the tool, not our kernels; memcheck/racecheck not run"
-  return 2
 }
 
 checks() {
@@ -119,8 +146,10 @@ checks() {
   #     rows (~1 s each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It
   #     goes first because issue 3 needs its numbers most and it must run alone; the steps after
   #     it shrink to fit, and the time its rows do not use goes to them (left() is read after it).
-  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (a probe, then memcheck and
-  #     racecheck of both backends at once, 100 s each at most): at most 240 s, keeping 80 s.
+  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (memcheck, then racecheck, of
+  #     both backends at once, then synccheck and initcheck of cuda, 100 s each at most, each
+  #     limited by what is left of pytest's limit and skipped under 30 s): at most 240 s, keeping
+  #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests).
   #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
   # Expected: 60 + 190 + 240 + 65 = 555 s. Each limit is a SIGINT, KILL 20 s later.
   bench "${BENCH_S:-190}" "" --optimizers ours,adamw-foreach,adamw-fused,official
@@ -128,23 +157,28 @@ checks() {
   # Tests on the GPU beside the sanitizers (correctness only: nothing is timed here).
   local tests_s=$(( $(left) - 80 )); [ "$tests_s" -gt 240 ] && tests_s=240; [ "$tests_s" -lt 30 ] && tests_s=30
   # pytest-timeout's per-test limit and xdist's workers where they are installed (both are on the
-  # image; an unknown flag would end pytest at once).
+  # image; an unknown flag would end pytest at once). Two threads a worker (8 workers, 16 cores),
+  # one compile thread each; the Triton compile test is CPU-only (CI runs it).
   local per_test="" workers=""
   $PY -c "import pytest_timeout" 2> /dev/null && per_test="--timeout 200" || note "pytest-timeout missing: no per-test limit"
   $PY -c "import xdist" 2> /dev/null && workers="-n ${PYTEST_WORKERS:-8}" || note "pytest-xdist missing: the tests run in one process"
-  limit "$tests_s" $PY -m pytest -q -ra -p no:cacheprovider $workers $per_test -k "not 2_pow_31" \
+  OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 limit "$tests_s" $PY -m pytest -q -ra -p no:cacheprovider $workers $per_test \
+    --durations=30 -k "not 2_pow_31" --ignore=tests/test_triton_compile.py \
     --junitxml="$LOGS/pytest.xml" ${TESTS:-tests} > "$LOGS/pytest.log" 2>&1 &
-  local pytest_pid=$! tool a b rc_a rc_b rc
-  sanitizer_probe; local probe=$?
-  [ $probe -eq 2 ] && fail "compute-sanitizer probe (the tool is broken here; see sanitize_probe.log)"
-  if [ $probe -eq 0 ]; then
-    for tool in memcheck racecheck; do
-      limit 100 compute-sanitizer --tool $tool --error-exitcode 1 $PY tests/gpu/sanitize_step.py cuda > "$LOGS/sanitize_cuda_$tool.log" 2>&1 & a=$!
-      limit 100 compute-sanitizer --tool $tool --error-exitcode 1 $PY tests/gpu/sanitize_step.py triton > "$LOGS/sanitize_triton_$tool.log" 2>&1 & b=$!
-      wait $a; rc_a=$?; wait $b; rc_b=$?
-      note "sanitizer $tool: cuda rc=$rc_a ($(tail -1 "$LOGS/sanitize_cuda_$tool.log")), triton rc=$rc_b ($(tail -1 "$LOGS/sanitize_triton_$tool.log"))"
-      [ $rc_a -eq 0 ] || fail "sanitizer $tool cuda"
-      [ $rc_b -eq 0 ] || fail "sanitizer $tool triton"
+  local pytest_pid=$! rc
+  # The sanitizers end with pytest's limit (san_end): memcheck, then racecheck, of both backends
+  # at once (100 s each at most), then synccheck and initcheck of the CUDA backend in what is left.
+  # No probe: a sanitizer that refuses the device says so in the memcheck logs (san_refused).
+  san_end=$(( SECONDS + tests_s ))
+  note "pytest and sanitizers: limit ${tests_s}s"
+  local san; san=$(command -v compute-sanitizer)
+  if [ -z "$san" ]; then
+    fail "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run"
+  else
+    note "compute-sanitizer: $san, $(limit 20 compute-sanitizer --version 2>&1 | grep -v '^ *$' | tr '\n' ' ' | cut -c1-200)"
+    local runs
+    for runs in "memcheck:cuda memcheck:triton" "racecheck:cuda racecheck:triton" "synccheck:cuda initcheck:cuda"; do
+      sanitize 100 $runs || [ $? -eq 2 ] || break  # 1: refused (the rest are not run), 2: skipped
     done
   fi
   pack
