@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU correctness suite in one command, for any CUDA machine: build the extension, run every
 # test (the `gpu` ones included; `-m gpu` alone would skip the CPU-only checks), then
-# compute-sanitizer memcheck and racecheck on both fused backends. Logs go to $OUT (default
-# /tmp/gpu_suite). Exit status: non-zero if any part failed.
+# compute-sanitizer memcheck and racecheck on both fused backends, synccheck and initcheck on the
+# CUDA one. Logs go to $OUT (default /tmp/gpu_suite). Exit status: non-zero if any part failed.
 #
 #   OUT=$OUT bash tests/gpu/run_suite.sh            # from the repository root (TESTS=... narrows)
 #
@@ -12,9 +12,9 @@
 # (the *_S variables, seconds) so that a hang ends. Each limit is a SIGINT (pytest then prints
 # its summary), KILL 20 s later.
 #
-# On a machine without network (no adam-mini, no transformers): `wheels/` holding the official
-# adam-mini wheel (bench/README.md says how to fetch it) is installed here; tests needing
-# transformers skip there (they run in CI).
+# On a machine without network (no adam-mini): `wheels/` holding the official adam-mini wheel
+# (bench/README.md says how to fetch it) is installed here; the lent GPU machine has transformers
+# (5.17), so its tests run there too.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
@@ -52,16 +52,18 @@ tail -3 "$OUT/pytest_2pow31.log"
 
 # A trivial allocation under the sanitizer first: where it refuses the device (gVisor: "Device not
 # supported", error 999) that is said, not reported as a failure of our kernels.
-limit 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c \
+# memcheck and initcheck (and the probe) without PyTorch's caching allocator: an access out of a
+# tensor's bounds, or a read of its unwritten bytes, inside a cached segment is invisible to them.
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 limit 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY -c \
   "import torch; x = torch.ones(1024, device='cuda'); torch.cuda.synchronize(); print('sanitizer probe ok', float(x.sum()))" \
   > "$OUT/sanitize_probe.log" 2>&1
 if grep -q "sanitizer probe ok" "$OUT/sanitize_probe.log"; then
-  for backend in cuda triton; do
-    for tool in memcheck racecheck; do
-      limit "$SANITIZE_S" compute-sanitizer --tool "$tool" --error-exitcode 1 $PY tests/gpu/sanitize_step.py "$backend" \
-        > "$OUT/sanitize_${backend}_${tool}.log" 2>&1 || status=1
-      echo "$backend $tool: $(tail -1 "$OUT/sanitize_${backend}_${tool}.log")"
-    done
+  for run in memcheck:cuda racecheck:cuda synccheck:cuda initcheck:cuda memcheck:triton racecheck:triton; do
+    tool=${run%%:*} backend=${run#*:} nocache=""
+    case $tool in memcheck | initcheck) nocache="PYTORCH_NO_CUDA_MEMORY_CACHING=1" ;; esac
+    limit "$SANITIZE_S" env $nocache compute-sanitizer --tool "$tool" --error-exitcode 1 $PY tests/gpu/sanitize_step.py "$backend" \
+      > "$OUT/sanitize_${backend}_${tool}.log" 2>&1 || status=1
+    echo "$backend $tool: $(grep -m1 -E 'Invalid|Program hit|ERROR SUMMARY' "$OUT/sanitize_${backend}_${tool}.log" || tail -1 "$OUT/sanitize_${backend}_${tool}.log")"
   done
 elif grep -qiE "device not supported|error 999|cudaErrorUnknown|CUDA error: unknown error" "$OUT/sanitize_probe.log"; then
   echo "compute-sanitizer: UNSUPPORTED HERE ($(grep -m1 -iE 'not supported|999|unknown error' "$OUT/sanitize_probe.log")); sanitizers not run"

@@ -8,12 +8,15 @@ float32, bfloat16 and float16 (also with stochastic rounding, float32 state, int
 clipping), with some gradients None; then every result is checked finite.
 Run from the repository root, after building the extension:
 
-    compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
-    compute-sanitizer --tool initcheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
     compute-sanitizer --tool synccheck --error-exitcode 1 python tests/gpu/sanitize_step.py cuda
 
-(and the same with ``triton``; ``tests/gpu/run_suite.sh`` runs them all). Exit status 0 and
+(memcheck and racecheck also with ``triton``; ``tests/gpu/run_suite.sh`` runs these six,
+``tests/gpu/device_session.sh`` as many as its time allows. Without the caching allocator, for
+memcheck and initcheck: inside its cached segments they see no access out of a tensor's bounds
+and no read of unwritten bytes.) Exit status 0 and
 "sanitize_step: ok" when clean. (The extension is built with -lineinfo, so reports name lines of
 csrc/kernels.cuh.)
 """
