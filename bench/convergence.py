@@ -352,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     runs = ["official", "AdamW"] + [f"AdamMini[{b}]" for b in wanted] + [INT8_RUN, PERTURBED, "AdamMini.for_model"]
     dev = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
            "threads": torch.get_num_threads()}
-    date = dt.date.today().isoformat()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # the UTC date, as bench_step.py's files
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = (f"_seed{args.seed}" if args.seed != SEED else "") + (f"_{_slug(args.tag)}" if args.tag else "")
     stem = args.out / f"convergence_{_slug(dev['name'])}_{date}{suffix}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Host time of AdamMini's front-end: what ``opt.step()`` costs on the CPU besides its kernels.
 
-    python bench/host_overhead.py                 # writes bench/results/host_overhead_<device>_<date>.{json,md}
+    python bench/host_overhead.py                 # writes bench/results/host_overhead_<device>_<UTC date>.{json,md}
     python bench/host_overhead.py --quick --out /tmp/h   # a few hundred steps (the CI test)
 
 Every step runs the Python front-end over each parameter (gradient aliasing, hyperparameters,
@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -113,17 +114,20 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name}, lr {lr}: best block {row['best_block_us']:.0f} us, median {row['median_us']:.0f} "
               f"(p20 {row['p20_us']:.0f}, p80 {row['p80_us']:.0f})")
-    date = dt.date.today().isoformat()
+    # Named as bench_step.py names its files: the GPU's name (a CPU: "cpu", as convergence.py does)
+    # and the UTC date.
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     result = dict(
-        date=date, device=str(device), machine=platform.processor() or platform.machine(),
+        date=date, device=str(device), device_name=name, machine=platform.processor() or platform.machine(),
         python=platform.python_version(), torch=torch.__version__, git=git_info(args.commit), rows=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    stem = args.out / f"host_overhead_{device.type}_{date}{suffix}"
+    stem = args.out / f"host_overhead_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}_{date}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# AdamMini front-end host time per step ({device.type}, {date})", "",
+        f"# AdamMini front-end host time per step ({name}, {date})", "",
         f"torch {torch.__version__}, Python {result['python']}, commit {result['git']['commit']}"
         f"{' (dirty)' if result['git']['dirty'] else ''}. The backend's step is a no-op: this is the Python "
         "front-end alone (see bench/host_overhead.py).", "",
