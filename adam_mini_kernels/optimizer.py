@@ -494,7 +494,7 @@ class AdamMini(torch.optim.Optimizer):
         ]
         local = self._local_blocks(layouts)
         for k, lb in local.items():
-            if m_dtypes[k] == torch.int8 and lb.global_chunks() is None:
+            if m_dtypes[k] == torch.int8 and lb.cuts_chunks():
                 raise NotImplementedError(
                     f"parameter '{named[k][0]}': its shards cut the {QBLOCK}-element quantization chunks of its "
                     f"blocks, which state_dtype=torch.int8 keeps whole on one rank (see [Note: int8 on shards]). "

@@ -45,7 +45,9 @@ global blocks, so that every rank quantizes exactly what one process would, and 
 does not depend on the number of ranks. That holds when every piece of a block on a rank starts
 at a chunk boundary of the block and ends at one (or at the block's end):
 ``LocalBlocks.global_chunks`` maps each local chunk to its global one, or says there is none,
-and the optimizer refuses such a parameter with a clear error before anything changes (FSDP2's
+and the optimizer refuses a parameter whose shard cuts a chunk on any rank (``cuts_chunks``,
+from every rank's pieces: all ranks raise alike, none is left waiting in the split-block
+all-reduce) with a clear error before anything changes (FSDP2's
 ``Shard(0)`` of weights whose rows are multiples of 256 elements never cuts a chunk). Whether a
 parameter's m is int8 is decided on the global layout, alike on every rank. Saved, ``m_codes``
 is sharded like the parameter and ``m_scales`` replicated in the global chunk order, gathered
@@ -309,10 +311,11 @@ class LocalBlocks:
         """bool per segment: its block has pieces on other ranks."""
         return self.sizes < self.full_sizes
 
-    def global_chunks(self) -> Optional[np.ndarray]:
+    def global_chunks(self, rank: Optional[int] = None) -> Optional[np.ndarray]:
         """The global quantization chunk (see [Note: int8 on shards]) of each chunk of the local
-        layout, in order; None when the shard cuts a global chunk."""
-        ids, lo, hi = _pieces(self.global_layout, self.info, self.info.rank)
+        layout of ``rank``'s shard (default: this rank's), in order; None when that shard cuts a
+        global chunk."""
+        ids, lo, hi = _pieces(self.global_layout, self.info, self.info.rank if rank is None else rank)
         bounds = np.r_[0, np.cumsum(self.global_layout.block_sizes().numpy())]
         per_block = _chunks_per_block(self.global_layout)
         base = np.cumsum(per_block) - per_block  # each block's first global chunk
@@ -322,6 +325,11 @@ class LocalBlocks:
         counts = -(-(end - first) // QBLOCK)
         within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         return np.repeat(base[ids] + first // QBLOCK, counts) + within
+
+    def cuts_chunks(self) -> bool:
+        """Whether any rank's shard cuts a global quantization chunk: decided from every rank's
+        pieces (on the host, no collective), alike on every rank."""
+        return any(self.global_chunks(rank) is None for rank in range(self.info.world))
 
 
 def _sections(rules: np.ndarray, sizes: np.ndarray, empty_rule: str) -> Tuple[Section, ...]:

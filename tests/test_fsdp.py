@@ -69,9 +69,9 @@ def _spawn(fn, *args) -> None:
     spawn(fn, WORLD, *args)
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int = WORLD) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     torch.set_num_threads(1)
 
 
@@ -823,6 +823,42 @@ def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_a
         assert "opt.param_groups[0]['state_dtype'] = None" in r["error"]
         assert r["remedied"][0] <= 1e-6 and r["remedied"][1]  # then one process's float-m step
         assert (r["fused_split"] > 0) == (backend_arg[0] != "torch")
+
+
+def _int8_refusal_worker(rank, port, out):
+    """int8 m of a whole-tensor block of 3 x 1408 elements sharded by rows over 3 ranks: ranks 0
+    and 1 hold pieces that cut a quantization chunk (at element 1408), rank 2 a piece that does
+    not (from 2816, a chunk boundary, to the block's end)."""
+    _init(rank, port, 3)
+    try:
+        mesh = init_device_mesh("cpu", (3,))
+        torch.manual_seed(4)
+        p = nn.Parameter(distribute_tensor(torch.randn(3, 1408), mesh, [Shard(0)]))
+        opt = AdamMini([("norm.weight", p)], state_dtype=torch.int8, verbose=False)
+        p.grad = distribute_tensor(torch.randn(3, 1408), mesh, [Shard(0)])
+        before = p.full_tensor()
+        try:
+            opt.step()
+            error = None
+        except NotImplementedError as err:
+            error = str(err)
+        unchanged = torch.equal(before, p.full_tensor())
+        opt.param_groups[0]["state_dtype"] = None
+        opt.step()
+        torch.save({"error": error, "unchanged": unchanged, "m": "m" in opt.state[p]}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_int8_refusal_of_shards_cutting_chunks_is_decided_alike_on_every_rank(tmp_path):
+    """Every rank refuses the parameter, also the one whose own piece cuts no chunk (deciding
+    from its own pieces, it stepped into the split-block all-reduce the others never joined);
+    then the remedy the error names steps on every rank."""
+    spawn(_int8_refusal_worker, 3, str(tmp_path))
+    for rank in range(3):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["error"] is not None and "cut the 256-element quantization chunks" in r["error"], (rank, r["error"])
+        assert r["unchanged"] and r["m"], rank
 
 
 def _gpt2(n_embd: int = 16):
