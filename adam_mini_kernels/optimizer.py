@@ -917,6 +917,16 @@ class AdamMini(torch.optim.Optimizer):
     def _index_to_param(self) -> List[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _saved_blocks(self, params: List[torch.Tensor]) -> Dict[int, Any]:
+        """Index -> ``LocalBlocks`` of every sharded parameter, as its state holds it: those of
+        the flat groups where built (the name sets may have changed since: until the next step
+        the state is the built partition's, as an unsharded parameter's is), else of the
+        partition now (as ``load_state_dict`` cut the state)."""
+        if self._flat is None:
+            return self._local_blocks(self._partition(self._partition_key()))
+        built = {id(p): lb for group in self._flat if group.sharded is not None for _, p, lb in group.sharded.members}
+        return {k: built[id(p)] for k, p in enumerate(params) if id(p) in built}
+
     def state_dict(self) -> Dict[str, Any]:
         """As torch's, in official 1.1.1's per-parameter layout, with ``step`` as a Python int.
         Sharded parameters' states are saved as ``sharding.global_state`` describes (DTensors;
@@ -930,7 +940,7 @@ class AdamMini(torch.optim.Optimizer):
             idx: {**s, "step": steps[params[idx]] if params[idx] in steps else int(s["step"])}
             for idx, s in state_dict["state"].items()
         }
-        local = self._local_blocks(self._partition(self._partition_key()))
+        local = self._saved_blocks(params)
         sharded = sorted(idx for idx in state_dict["state"] if idx in local)
         if sharded:
             saved = global_state([(state_dict["state"][idx], local[idx]) for idx in sharded])

@@ -719,6 +719,53 @@ def test_state_of_another_layout_loads_on_shards_as_in_one_process(tmp_path, cas
             assert err is True if key == "m_codes" else err <= 1e-6, (rank, key, err)
 
 
+def _names_changed(opt: AdamMini) -> None:
+    """A name-set edit that takes effect at the next step: mlp.weight's rows become one block."""
+    opt.mlp_names = set()
+
+
+def _state_before_rebuild_worker(rank, port, out):
+    """The name sets edited after two steps, then state_dict() (before a step rebuilds for them)."""
+    _init(rank, port)
+    try:
+        model = _model()
+        fully_shard(model)
+        opt = AdamMini(model.named_parameters(), **KW)
+        _train(model, opt, rank, range(2))
+        saved = _full_state(opt)
+        _names_changed(opt)
+        torch.save({"before": saved, "after": _full_state(opt)}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_state_dict_between_a_name_set_change_and_the_next_step(tmp_path):
+    """state_dict() saves the state of the partition the optimizer was built for, as one
+    process does (recomputing the partition for the new names, it cut that state by blocks it
+    does not hold: a shape mismatch, or a hang)."""
+    _spawn(_state_before_rebuild_worker, str(tmp_path))
+    model = _model()
+    opt = AdamMini(model.named_parameters(), **KW)
+    for step in range(2):
+        opt.zero_grad()
+        (sum(model(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
+        opt.step()
+    _names_changed(opt)
+    single = {g["name"]: dict(opt.state_dict()["state"][i]) for i, g in enumerate(opt.param_groups)}
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, state in single.items():
+            for key in ("before", "after"):
+                got = saved[key][name]
+                assert got.keys() == state.keys(), (name, key)
+                for k, want in state.items():
+                    if torch.is_tensor(want):
+                        # (query/key heads' m: [heads, head numel] in one process, the parameter's shape on shards)
+                        assert max_rel_err(want.reshape(-1), got[k].reshape(-1)) <= 1e-6, (name, key, k)
+                    else:
+                        assert got[k] == want, (name, key, k)
+
+
 def _int8_worker(rank, port, out, backend_arg):
     """int8 m on DTensor parameters beside one process stepping the same values with the same
     (parameter-independent) gradients; resumes from the sharded and the single-process state
