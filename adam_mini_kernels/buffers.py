@@ -130,6 +130,9 @@ class FlatGroup:
         # Seed of stochastic rounding (rounding.py) for a bfloat16 group that uses it; None:
         # every backend writes p and m rounded to nearest.
         self.round_seed: Optional[int] = None
+        # Each parameter's shard coordinate (int64, on the device), salting its rounding key
+        # (rounding.shard_keys), or None where all are 0 (unsharded, replicated, first shards).
+        self.shard_coords: Optional[torch.Tensor] = None
         # The DTensor side of a group of sharded parameters (sharding.ShardedGroup), or None.
         self.sharded = None
 

@@ -21,7 +21,8 @@ changes.
 
 With stochastic rounding (``group.round_seed`` set) the last column holds each parameter's
 rounding key: a uint32 stored as the bit pattern of a float32 (never used as a number; see
-[Note: stochastic rounding] in rounding.py). It is 0 otherwise.
+[Note: stochastic rounding] in rounding.py), salted for shards of sharded parameters
+(``salt_shard_keys``, after the table is computed, on every backend). It is 0 otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 
 from .buffers import HP_BETA1, HP_BETA2, HP_EPS, HP_LR, HP_WEIGHT_DECAY, FlatGroup
-from .rounding import keys_as_float, round_keys
+from .rounding import keys_as_float, keys_from_float, round_keys, shard_keys
 
 # Columns of the float32 coefficient table, one row per parameter.
 C_DECAY = 0  # p <- p * DECAY                          (1 - lr * wd, or 1)
@@ -96,6 +97,14 @@ def step_coefficients(
     return torch.cat([table.to(torch.float32), key[:, None]], dim=1)
 
 
+def salt_shard_keys(group: FlatGroup, coef: torch.Tensor) -> None:
+    """Salt the rounding keys of ``coef`` (a step's table) with the parameters' shard coordinates
+    (``group.shard_coords``; see [Note: stochastic rounding] in rounding.py), in place."""
+    if group.shard_coords is not None:
+        keys = shard_keys(keys_from_float(coef[:, C_ROUND_KEY]), group.shard_coords)
+        coef[:, C_ROUND_KEY] = keys_as_float(keys)
+
+
 def next_step_coefficients(
     group: FlatGroup,
     active: Optional[torch.Tensor],
@@ -106,4 +115,6 @@ def next_step_coefficients(
     and ``found_inf`` as 0-dim tensors on the group's device, or None)."""
     active = effective_active(group, active, found_inf)
     advance_steps(group, active)
-    return step_coefficients(group, active, inv_scale)
+    coef = step_coefficients(group, active, inv_scale)
+    salt_shard_keys(group, coef)
+    return coef

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .buffers import FlatGroup
-from .coefficients import NUM_COEFFICIENTS
+from .coefficients import NUM_COEFFICIENTS, salt_shard_keys
 from .partition import ADAM
 from .quantization import QBLOCK
 
@@ -167,7 +167,8 @@ def fused_step(
     """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
     ``rows_step``, ``large_blocks_sumsq``, ``large_blocks_update``, ``adam_step``, with the
     schemas of csrc/bindings.cpp): the large blocks' sums (and for a sharded group the one
-    all-reduce of its split blocks'), the coefficient table, one call per row class, the large
+    all-reduce of its split blocks'), the coefficient table (the rounding keys of shards salted:
+    ``coefficients.salt_shard_keys``), one call per row class, the large
     blocks' update, the Adam tiles. The tables and the coefficient buffer are built once and kept
     in ``group.cache``. A float group passes an empty ``m_scales`` (the operators read it only
     for int8 ``m``)."""
@@ -190,6 +191,7 @@ def fused_step(
         t.reduce_split(t.block_sums)
     # After the all-reduce: a clip factor riding in it is written into inv_scale there.
     ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
+    salt_shard_keys(group, coef)
     for width, rows in t.row_classes:
         ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)
     if t.tiles is not None:

@@ -224,7 +224,8 @@ class AdamMini(torch.optim.Optimizer):
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
             training. The random bits are a hash of a seed (``rounding_seed``, saved in
-            ``state_dict``'s param groups), the step counters and the element position: runs are reproducible
+            ``state_dict``'s param groups), the step counters and the element position (a shard's, salted
+            with its shard coordinate: [Note: stochastic rounding]): runs are reproducible
             and resumes exact. Needs bfloat16 parameters; float16 parameters are refused.
         rounding_seed: the seed of stochastic rounding, an int in [0, 2**31). None (default):
             drawn from torch's default generator at construction, and where torch.distributed is
@@ -533,6 +534,9 @@ class AdamMini(torch.optim.Optimizer):
                 group.sharded = ShardedGroup(group, sharded, fsdp)
             if self.stochastic_rounding and group.dtype == torch.bfloat16:
                 group.round_seed = group_seed(self._round_seed, len(flat))
+                coords = [local[k].info.rank if k in local else 0 for k in members]
+                if any(coords):  # see [Note: stochastic rounding] in rounding.py
+                    group.shard_coords = group.upload(torch.tensor(coords, dtype=torch.int64))
             absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
             for i, k in enumerate(members):
                 p = named[k][1]

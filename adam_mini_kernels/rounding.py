@@ -10,7 +10,14 @@ what pure-bf16 training needs. inf and NaN are written as round-to-nearest write
 
 The random bits come from a counter-based generator: a hash of (key, element index, stream),
 where the per-parameter key is a hash of the group's seed and the parameter's step counter, and
-the element index is the element's position in the group's flat buffer. Nothing but the seed is
+the element index is the element's position in the group's flat buffer. The flat buffer of a
+sharded parameter (DTensor, FSDP2) holds the local shard, so every shard would draw the bits of
+the first one, and their rounding errors would be one error repeated: the key of a shard is
+salted with its coordinate along the parameter's sharded mesh dims (``ShardInfo.rank``;
+``shard_keys``, applied to the coefficient table's key column, which every backend's kernels
+read). The first shard, a replicated parameter, and every replica of a shard under HSDP (the
+same coordinate) keep the unsalted key, so one process draws what it always did and replicas
+draw alike. Nothing but the seed is
 state (the same on every rank of a distributed job: ``replica_seed``): runs with the same seed
 are bitwise reproducible, a resumed run (seed and step counters restored from the state dict)
 continues exactly, and every backend (this module for the torch backend, the Triton kernels, the
@@ -77,6 +84,12 @@ def replica_seed(seed: int, device: torch.device) -> int:
 def round_keys(seed: int, steps: torch.Tensor) -> torch.Tensor:
     """Per-parameter keys (int64 holding uint32) from the group seed and the step counters."""
     return mix32((mix32(steps & MASK32) + seed) & MASK32)
+
+
+def shard_keys(keys: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """The keys (int64 holding uint32) of parameters' shards at coordinates ``coords`` along
+    their sharded mesh dims: ``mix32(key ^ mix32(coord))``, the key itself at coordinate 0."""
+    return torch.where(coords == 0, keys, mix32(keys ^ mix32(coords)))
 
 
 def keys_as_float(keys: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 from adam_mini_kernels import AdamMini, available_backends, rounding
 from adam_mini_kernels.optimizer import LEGACY_ROUNDING_KEY, ROUNDING_SEED_KEY
 from grad_stream import clone_named, run_stream
+from test_cuda_backend import emulator  # noqa: F401  (the fixture)
+from test_fsdp import backend_arg  # noqa: F401  (the fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]
@@ -384,6 +386,77 @@ def test_seed_of_a_legacy_state_dict_is_loaded():
     legacy[LEGACY_ROUNDING_KEY] = {"seed": 4321}
     opt.load_state_dict(legacy)
     assert opt._round_seed == 4321
+
+
+# -- sharded parameters --------------------------------------------------------------------------
+
+# A bf16 (4, 64) weight whose two Shard(0) shards hold the same values and get the same gradients,
+# and a replicated norm weight, on 2 gloo ranks; lr small enough that most updates are below half
+# a bf16 ulp: where parameters move is up to the random bits.
+SHARD_KW = dict(lr=1e-3, verbose=False, dim=16, n_heads=2, stochastic_rounding=True, rounding_seed=1234)
+SHARD_STEPS = 10
+
+
+def _shard_data():
+    """(half of the weight, the norm weight, the gradients of the half and of the norm per step)."""
+    gen = torch.Generator().manual_seed(7)
+    half, norm = torch.randn(2, 64, generator=gen).bfloat16(), torch.randn(64, generator=gen).bfloat16()
+    grads = [(torch.randn(2, 64, generator=gen).bfloat16(), torch.randn(64, generator=gen).bfloat16()) for _ in range(SHARD_STEPS)]
+    return half, norm, grads
+
+
+def _shard_optimizer(named, backend_arg) -> AdamMini:
+    from test_cuda_backend import emulated_optimizer, load_emulator
+
+    backend, emulator_path = backend_arg
+    if emulator_path:
+        return emulated_optimizer(named, load_emulator(emulator_path), **SHARD_KW)
+    return AdamMini(named, backend=backend, **SHARD_KW)
+
+
+def _shard_steps(weight, norm, opt, place_weight, place_norm) -> None:
+    for g_half, g_norm in _shard_data()[2]:
+        weight.grad, norm.grad = place_weight(g_half.clone()), place_norm(g_norm.clone())
+        opt.step()
+
+
+def _shards_worker(rank, port, out, backend_arg):
+    from test_fsdp import _init, _teardown
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        half, norm, _ = _shard_data()
+        shard = lambda t: DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size((4, 64)), stride=(64, 1))  # noqa: E731
+        replica = lambda t: DTensor.from_local(t, mesh, [Replicate()], run_check=False)  # noqa: E731
+        weight, norm = torch.nn.Parameter(shard(half.clone())), torch.nn.Parameter(replica(norm.clone()))
+        opt = _shard_optimizer([("mlp.weight", weight), ("norm.weight", norm)], backend_arg)
+        _shard_steps(weight, norm, opt, shard, replica)
+        torch.save({"weight": weight._local_tensor.clone(), "norm": norm._local_tensor.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda-emulated"])
+def test_shards_of_a_parameter_draw_their_own_bits_and_replicas_the_same(tmp_path, backend_arg):
+    """The two shards of the weight round with different bits (keyed by their local positions
+    alone, they drew the same ones: identical values stayed identical, the rounding errors of
+    the whole parameter one error repeated per shard); the first shard and the replicated norm
+    draw what one process draws for the same local values (bitwise), on both ranks alike."""
+    from spawned import spawn
+
+    spawn(_shards_worker, 2, str(tmp_path), backend_arg)
+    half, norm, _ = _shard_data()
+    weight, single_norm = torch.nn.Parameter(half.clone()), torch.nn.Parameter(norm.clone())
+    _shard_steps(weight, single_norm, _shard_optimizer([("mlp.weight", weight), ("norm.weight", single_norm)], backend_arg),
+                 lambda t: t, lambda t: t)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    assert torch.equal(first["weight"], weight.detach()) and not torch.equal(first["weight"], half)
+    assert not torch.equal(second["weight"], half)
+    assert (first["weight"] != second["weight"]).sum() >= 16, (first["weight"] != second["weight"]).sum()
+    assert torch.equal(first["norm"], single_norm.detach()) and torch.equal(second["norm"], single_norm.detach())
+    assert not torch.equal(single_norm.detach(), norm)
 
 
 def test_seed_survives_torch_distributed_checkpoint(tmp_path):
