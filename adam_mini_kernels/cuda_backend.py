@@ -11,7 +11,8 @@ else running on fake or meta tensors) trace the operators.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import List, Optional
 
 import torch
 
@@ -89,6 +90,30 @@ def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
 def _step_coefficients_fake(steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding):
     op_checks.check_coefficients(
         "step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding
+    )
+
+
+# -- availability ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel_image(device_index: int) -> bool:
+    return _C.has_kernel_image(device_index)
+
+
+def device_reason(devices: List[torch.device]) -> Optional[str]:
+    """None if the kernels were built for the arch of every CUDA device in ``devices``, else why
+    not (see [Note: kernel images] in ``csrc/adam_mini_step.cu``)."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    indices = sorted({torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"})
+    missing = [i for i in indices if not _has_kernel_image(i)]
+    if not missing:
+        return None
+    archs = ", ".join(f"cuda:{i} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})" for i in missing)
+    return (
+        f"adam_mini_kernels._C was not built for the arch of {archs}: rebuild it with that arch in "
+        "TORCH_CUDA_ARCH_LIST, e.g. `TORCH_CUDA_ARCH_LIST=\"7.5;8.0;9.0+PTX\" pip install --no-build-isolation -e .`"
     )
 
 

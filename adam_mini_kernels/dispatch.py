@@ -62,6 +62,7 @@ class Backend:
     missing_hint: str  # what to do when the module cannot be imported
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # parameter dtypes it steps (None: any floating)
     auto_device_check: Optional[Callable[[List[torch.device]], Optional[str]]] = None  # for auto, if stricter
+    loaded_device_check: Optional[str] = None  # a function of the loaded module: (devices) -> reason or None
 
     def dtype_reason(self, dtypes: Iterable[torch.dtype]) -> Optional[str]:
         """None if this backend steps parameters of ``dtypes``, else the reason."""
@@ -79,13 +80,16 @@ class Backend:
         if reason is not None:
             return reason
         try:
-            self.load()
+            module = self._module()
         except ImportError as err:
             return f"{self.missing_hint} ({err})"
-        return None
+        return getattr(module, self.loaded_device_check)(list(devices)) if self.loaded_device_check else None
+
+    def _module(self):
+        return importlib.import_module(self.module, __package__)
 
     def load(self) -> Callable:
-        return getattr(importlib.import_module(self.module, __package__), self.function)
+        return getattr(self._module(), self.function)
 
 
 BACKENDS = {
@@ -108,6 +112,7 @@ BACKENDS = {
         "build of torch and nvcc on the PATH (or CUDA_HOME set), "
         "`pip install --no-build-isolation -e .`",
         dtypes=KERNEL_DTYPES,
+        loaded_device_check="device_reason",  # the GPU's arch among those it was built for
     ),
 }
 

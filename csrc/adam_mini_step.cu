@@ -329,4 +329,23 @@ void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparam
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// [Note: kernel images]
+// The extension holds machine code for the archs of TORCH_CUDA_ARCH_LIST at build time (and PTX
+// for the last, which the driver compiles for newer GPUs). On a GPU outside that set every launch
+// fails with "no kernel image"; asking the runtime for a kernel's attributes loads its image for
+// the device, so the backend's availability check can say so before the first step. All kernels
+// are compiled for the same archs: one of them answers for all.
+bool has_kernel_image(int64_t device_index) {
+  TORCH_CHECK(device_index >= 0, "adam_mini_kernels: has_kernel_image needs a device index, got ", device_index);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, step_coefficients_kernel);
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // not sticky: clear it so that the next launch check does not report it
+    return false;
+  }
+  C10_CUDA_CHECK(status);
+  return true;
+}
+
 }  // namespace adam_mini

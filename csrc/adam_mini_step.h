@@ -48,4 +48,8 @@ void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparam
                        const at::TensorBase* active, const at::TensorBase* inv_scale,
                        const at::TensorBase* found_inf, int64_t round_seed, bool stochastic_rounding);
 
+// Whether the kernels have an image (machine code, or PTX the driver compiles) for CUDA device
+// `device_index`: false for a GPU whose arch the extension was not built for.
+bool has_kernel_image(int64_t device_index);
+
 }  // namespace adam_mini

@@ -98,7 +98,8 @@ TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
 
 // The Python module: the constants the kernels were compiled with, which cuda_backend.py checks
 // against launch_tables.py and coefficients.py at import (a build from other sources would
-// otherwise read the tables with the wrong columns).
+// otherwise read the tables with the wrong columns), and has_kernel_image, which the backend's
+// availability check asks.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of adam-mini-kernels; the operators are torch.ops.adam_mini_kernels.*";
   const std::pair<const char*, int64_t> constants[] = {
@@ -151,4 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     table[name] = value;
   }
   module.attr("CONSTANTS") = table;
+  module.def("has_kernel_image", &adam_mini::has_kernel_image, pybind11::arg("device_index"),
+             "Whether the kernels can run on CUDA device `device_index` (built for its arch); see "
+             "[Note: kernel images] in adam_mini_step.cu.");
 }

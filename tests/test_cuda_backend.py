@@ -238,6 +238,28 @@ def test_missing_extension_explains_how_to_build(monkeypatch):
     assert "cuda" not in dispatch.available_backends(cuda)
 
 
+def test_a_gpu_the_extension_was_not_built_for_is_refused_before_the_first_step(backend, monkeypatch):
+    """An sm_75 GPU with the default "8.0;9.0+PTX" build: every launch would fail with "no kernel
+    image"; the availability check asks the extension first ([Note: kernel images]), so
+    ``backend="cuda"`` says how to rebuild and ``auto`` moves on."""
+    images = {0: True, 1: False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(backend, "_has_kernel_image", images.__getitem__)
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", ("cuda", "torch"))
+    assert dispatch.resolve_backend("cuda", [torch.device("cuda", 0)]) == "cuda"
+    both = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.raises(BackendUnavailableError, match=r"not built for the arch of cuda:1 \(sm_75\).*TORCH_CUDA_ARCH_LIST"):
+        dispatch.resolve_backend("cuda", both)
+    assert dispatch.resolve_backend("auto", both) == "torch"
+    assert "cuda" not in dispatch.available_backends(both)
+
+
+def test_no_visible_gpu_is_a_reason_not_a_crash(backend, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dispatch.BACKENDS["cuda"].why_not([torch.device("cuda", 0)]) == "torch sees no CUDA device"
+
+
 def test_cuda_stays_out_of_auto_until_verified():
     assert "cuda" not in dispatch.AUTO_ORDER
 
@@ -786,6 +808,16 @@ def test_emulated_kernels_on_model_trees(emulator, model_name):
 
 
 # -- GPU: parity -----------------------------------------------------------------------------------
+
+@gpu
+@needs_gpu
+def test_the_extension_has_an_image_for_this_gpu(backend):
+    """The real runtime answer of [Note: kernel images] on the GPU the suite runs on (built for
+    it): True, so the availability check lets the backend run."""
+    index = torch.cuda.current_device()
+    assert backend._C.has_kernel_image(index) is True
+    assert dispatch.BACKENDS["cuda"].why_not([torch.device("cuda", index)]) is None
+
 
 @gpu
 @needs_gpu
