@@ -34,6 +34,7 @@ from .partition import (
 )
 from .rounding import SEED_BOUND, group_seed, replica_seed
 from .sharding import (
+    LocalBlocks,
     ShardedGroup,
     fsdp_params,
     global_state,
@@ -504,10 +505,12 @@ class AdamMini(torch.optim.Optimizer):
                     f"{QBLOCK}-element chunks of a block, or keep this parameter's m in float: "
                     f"opt.param_groups[{group_of[k]}]['state_dtype'] = None"
                 )
+        states = {p: self.state[p] for _, p in named if p in self.state}
+        states.update(self._regrouped_sharded_states(local))
         layouts = [local[k].layout if k in local else layout for k, layout in enumerate(layouts)]
         for (_, p), layout in zip(named, layouts):
-            if p in self.state:
-                check_state(self.state[p], layout)
+            if p in states:
+                check_state(states[p], layout)
 
         by_key: Dict[tuple, List[int]] = defaultdict(list)
         for k, (_, p) in enumerate(named):
@@ -537,7 +540,7 @@ class AdamMini(torch.optim.Optimizer):
                 coords = [local[k].info.rank if k in local else 0 for k in members]
                 if any(coords):  # see [Note: stochastic rounding] in rounding.py
                     group.shard_coords = group.upload(torch.tensor(coords, dtype=torch.int64))
-            absorb_state(group, {i: self.state[named[k][1]] for i, k in enumerate(members) if named[k][1] in self.state})
+            absorb_state(group, {i: states[named[k][1]] for i, k in enumerate(members) if named[k][1] in states})
             for i, k in enumerate(members):
                 p = named[k][1]
                 self.state[p] = _StateEntry(local_state_views(group, i) if k in local else state_views(group, i))
@@ -552,6 +555,28 @@ class AdamMini(torch.optim.Optimizer):
         self._built_state, self._built_entries = self.state, [self.state[p] for p in self._built_params]
         if self.verbose:
             self._log_partition(layouts)
+
+    def _regrouped_sharded_states(self, local: Dict[int, LocalBlocks]) -> Dict[torch.Tensor, Dict[str, Any]]:
+        """For a rebuild for a new partition (name sets changed): the state of each sharded
+        parameter whose global blocks changed, moved to its new local blocks as
+        ``load_state_dict`` moves it, through its global state (``v`` regrouped over every
+        rank's elements; regrouped from one rank's local blocks, a block that becomes split
+        would get a different mean on each rank). A collective where any changed: the
+        partition, so the decision, is alike on every rank."""
+        if self._flat is None or not local:
+            return {}
+        params = self._index_to_param()
+        built = self._saved_blocks(params)
+        moved = [
+            k for k in sorted(local)
+            if k in built and params[k] in self.state
+            and (built[k].global_layout.runs, built[k].global_layout.columns)
+            != (local[k].global_layout.runs, local[k].global_layout.columns)
+        ]
+        if not moved:
+            return {}
+        saved = global_state([(dict(self.state[params[k]]), built[k]) for k in moved])
+        return {params[k]: local_state(state, local[k]) for k, state in zip(moved, saved)}
 
     def _log_partition(self, layouts: List[BlockLayout]) -> None:
         counts = rule_counts(layouts)

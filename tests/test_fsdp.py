@@ -734,7 +734,10 @@ def _state_before_rebuild_worker(rank, port, out):
         _train(model, opt, rank, range(2))
         saved = _full_state(opt)
         _names_changed(opt)
-        torch.save({"before": saved, "after": _full_state(opt)}, f"{out}/rank{rank}.pt")
+        after = _full_state(opt)
+        _train(model, opt, rank, range(2, 4))  # rebuilt for the new names
+        params = {n: p.full_tensor() for n, p in model.named_parameters()}
+        torch.save({"before": saved, "after": after, "stepped": _full_state(opt), "params": params}, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
@@ -742,20 +745,34 @@ def _state_before_rebuild_worker(rank, port, out):
 def test_state_dict_between_a_name_set_change_and_the_next_step(tmp_path):
     """state_dict() saves the state of the partition the optimizer was built for, as one
     process does (recomputing the partition for the new names, it cut that state by blocks it
-    does not hold: a shape mismatch, or a hang)."""
+    does not hold: a shape mismatch, or a hang). The next steps rebuild for the new names and
+    regroup v as one process does: mlp.weight's rows (split 3/2 across the ranks) become one
+    block whose v is the mean over both ranks' rows (regrouped from each rank's own rows, the
+    ranks' v differed)."""
     _spawn(_state_before_rebuild_worker, str(tmp_path))
     model = _model()
     opt = AdamMini(model.named_parameters(), **KW)
-    for step in range(2):
-        opt.zero_grad()
-        (sum(model(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
-        opt.step()
+
+    def train(steps):
+        for step in steps:
+            opt.zero_grad()
+            (sum(model(half) for half in _batch(step).chunk(WORLD)) / WORLD).backward()
+            opt.step()
+
+    def states():
+        return {g["name"]: dict(opt.state_dict()["state"][i]) for i, g in enumerate(opt.param_groups)}
+
+    train(range(2))
     _names_changed(opt)
-    single = {g["name"]: dict(opt.state_dict()["state"][i]) for i, g in enumerate(opt.param_groups)}
+    single = states()
+    train(range(2, 4))
+    single_stepped = states()
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, state in single.items():
-            for key in ("before", "after"):
+        for name, p in model.named_parameters():
+            assert max_rel_err(p.detach(), saved["params"][name]) <= 1e-6, (rank, name)
+        for key, expected in (("before", single), ("after", single), ("stepped", single_stepped)):
+            for name, state in expected.items():
                 got = saved[key][name]
                 assert got.keys() == state.keys(), (name, key)
                 for k, want in state.items():
