@@ -15,9 +15,10 @@ and a step whose ``found_inf`` is set makes every parameter idle, with no host s
 
 [Note: gradient multiplier]
 Kernels read a gradient as ``0 if GRAD_SCALE == 0 else g * GRAD_SCALE`` and scale a block's sum
-of g^2 by GRAD_SCALE^2 the same way. The select (not a product) keeps an inf or NaN gradient of
-an idle or skipped parameter out of every result; ``g * 1`` is exact, so without AMP nothing
-changes.
+of g^2 by GRAD_SCALE twice the same way (``sumsq * s * s``: the square of a clip factor below
+about 1e-19, a global norm of 1e19 clipped to 1, would underflow float32). The select (not a
+product) keeps an inf or NaN gradient of an idle or skipped parameter out of every result;
+``g * 1`` is exact, so without AMP nothing changes.
 
 With stochastic rounding (``group.round_seed`` set) the last column holds each parameter's
 rounding key: a uint32 stored as the bit pattern of a float32 (never used as a number; see

@@ -111,7 +111,7 @@ def torch_step(
     coef = next_step_coefficients(group, active, inv_scale, found_inf)
     block_coef = coef.index_select(0, seg.block_param)
     grad_scale = block_coef[:, C_GRAD_SCALE]  # see [Note: gradient multiplier] in coefficients.py
-    block_sum = torch.where(grad_scale == 0, 0.0, block_sum * (grad_scale * grad_scale))
+    block_sum = torch.where(grad_scale == 0, 0.0, block_sum * grad_scale * grad_scale)
     v = group.v
     v.mul_(block_coef[:, C_BETA2]).add_(block_sum.div_(seg.block_numel).mul_(block_coef[:, C_V_WEIGHT]))
     h = v.sqrt().div_(block_coef[:, C_BC2_SQRT]).add_(block_coef[:, C_EPS])

@@ -432,9 +432,10 @@ __device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
 // blocks, so exactness costs nothing measurable in these memory-bound kernels.
 
 // v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
-// block's sum of the raw g^2 (the multiplier is applied to the sum, squared).
+// block's sum of the raw g^2 (the multiplier is applied to the sum twice: see [Note: gradient
+// multiplier] in adam_mini_kernels/coefficients.py).
 __device__ __forceinline__ float updated_v(float v, float sumsq, int64_t numel, const Coefficients& c) {
-  sumsq = c.grad_scale == 0.f ? 0.f : sumsq * (c.grad_scale * c.grad_scale);
+  sumsq = c.grad_scale == 0.f ? 0.f : sumsq * c.grad_scale * c.grad_scale;
   const float mean = sumsq / static_cast<float>(numel > 1 ? numel : 1);
   return v * c.beta2 + c.v_weight * mean;
 }

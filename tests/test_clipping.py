@@ -50,6 +50,28 @@ def test_equals_clip_grad_norm_then_step(backend, max_norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_huge_finite_norm_clipped_equals_clip_grad_norm_then_step(backend):
+    """Gradients of norm ~3e18 clipped to 1e-4: a multiplier of ~4e-23, whose square underflows
+    float32 (v was 0 or subnormal, and the parameters jumped by ~lr/eps-scaled steps); applied to
+    a block's sum twice it stays exact ([Note: gradient multiplier])."""
+    max_norm = 1e-4
+    fused_named, ref_named = _named(), clone_named(_named())
+    fused = AdamMini(fused_named, backend=backend, max_grad_norm=max_norm, **KW)
+    ref = AdamMini(ref_named, backend=backend, **KW)
+    for step in range(3):
+        grads = _grads(step, scale=1e17)
+        _set_grads(fused_named, grads)
+        _set_grads(ref_named, grads)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in ref_named], max_norm)
+        assert torch.isfinite(norm) and (max_norm / norm.item()) ** 2 < 1.2e-38  # the square is subnormal or 0
+        fused.step()
+        ref.step()
+        assert abs(fused.last_grad_norm.item() - norm.item()) <= 1e-6 * norm.item()
+    for (n, a), (_, b) in zip(fused_named, ref_named):
+        assert max_rel_err(b, a) <= 1e-6, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_composes_with_amp(backend):
     """GradScaler + max_grad_norm == unscale_, clip_grad_norm_, step; the norm is of unscaled grads."""
     fused_named, ref_named = _named(1), clone_named(_named(1))

@@ -139,7 +139,7 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
     block with v applied twice (a race the interpreter, one program at a time, cannot show):
     the barrier keeps every load before the store."""
     scale = tl.load(coef + _C_GRAD_SCALE)
-    sumsq = tl.where(scale == 0, 0.0, sumsq) * (scale * scale)
+    sumsq = tl.where(scale == 0, 0.0, sumsq) * scale * scale
     mean = tl.math.div_rn(sumsq, tl.maximum(numel, 1).to(tl.float32))
     v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
     tl.debug_barrier()
