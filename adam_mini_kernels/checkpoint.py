@@ -196,3 +196,39 @@ def _absorb_codes(group: FlatGroup, i: int, state: Dict[str, Any]) -> None:
         return
     group.m_view(i).copy_(codes)
     group.m_scale_view(i).copy_(scales)
+
+
+def state_in_format(state: Dict[str, Any], layout: BlockLayout, m_dtype: torch.dtype) -> Dict[str, Any]:
+    """A loaded per-parameter state (``check_state`` passed) with its first moment in the format
+    of an optimizer whose ``m`` of this parameter is ``m_dtype`` (``torch.int8``: codes and
+    scales), keyed as ``state_views`` would hold it after the next build; returned unchanged where
+    it already is in that format, or has no first moment or second moments to convert with.
+    int8 codes to a float32 ``m`` are exact, to a 16-bit ``m`` rounded; a float ``m`` to codes is
+    quantized (lossy) as ``absorb_state`` does, so the next build copies this state bit for bit."""
+    has_codes, has_m = state.get("m_codes") is not None, state.get("m") is not None
+    v = second_moment(state)
+    quantized = m_dtype == torch.int8
+    if v is None or not (has_codes or has_m):
+        return state
+    if (has_codes and quantized) or (has_m and not quantized and state["m"].dtype == m_dtype):
+        return state
+    step = state.get("step")
+    kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
+    v = regroup_v(v.detach(), saved_blocks(state, layout.numel), layout).to(torch.float32)
+    if quantized:
+        m = state["m"].reshape(shape).float()
+        codes, scales = quantize_runs(_storage_flat(m, layout.columns), layout.runs)
+        second = {"v": v.view(shape)} if kind == "adam" else {"vmean": v}
+        return {"m_codes": _storage_to_shape(codes, shape, layout.columns), "m_scales": scales, "step": step,
+                **second, "block_runs": layout.runs, "columns": layout.columns}
+    m = saved_codes_as_float(state, layout) if has_codes else state["m"].reshape(shape)
+    m = m.to(m_dtype)
+    if kind == "adam":
+        return {"m": m, "step": step, "v": v.view(shape)}
+    if kind == "heads":
+        return {"m": m.reshape(blocks, layout.block_numel), "head_per_gpu": blocks, "step": step, "vmean": v.view(blocks, 1)}
+    if kind == "rows":
+        return {"m": m, "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
+    if kind == "blocks":
+        return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
+    return {"m": m, "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}

@@ -20,7 +20,7 @@ import torch
 
 from . import dispatch
 from .buffers import HP_LR, NUM_HPARAMS, FlatGroup, GradCheck, check_dense_grad
-from .checkpoint import absorb_state, check_state, state_views
+from .checkpoint import absorb_state, check_state, state_in_format, state_views
 from .model_layouts import AttentionDims, config_dims, model_layouts
 from .quantization import QBLOCK, int8_first_moment
 from .partition import (
@@ -94,6 +94,18 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
         raise ValueError(f"{where}: invalid beta2 {beta2} (must be in [0, 1))")
     if not 0.0 <= weight_decay:
         raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be >= 0)")
+
+
+def _m_dtypes(asked: List[Any], layouts: List[BlockLayout], params: List[torch.Tensor]) -> List[Optional[torch.dtype]]:
+    """m's storage dtype per parameter (None: the parameter's) for the state dtypes ``asked``
+    of its param group. Whether m is int8 comes from the global layouts: every rank of a mesh
+    decides alike."""
+    return [
+        torch.int8 if dtype == torch.int8 and int8_first_moment(layout)
+        else torch.float32 if dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
+        else None
+        for dtype, layout, p in zip(asked, layouts, params)
+    ]
 
 
 def _check_state_dtype(where: str, state_dtype: Any) -> None:
@@ -486,14 +498,7 @@ class AdamMini(torch.optim.Optimizer):
         layouts = self._partition(partition_key)
         asked = [dtype for group, dtype in zip(self.param_groups, group_dtypes) for _ in group["params"]]
         group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        # m's storage dtype per parameter (None: the parameter's). Whether m is int8 comes from
-        # the global layouts: every rank of a mesh decides alike.
-        m_dtypes = [
-            torch.int8 if dtype == torch.int8 and int8_first_moment(layout)
-            else torch.float32 if dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
-            else None
-            for dtype, layout, (_, p) in zip(asked, layouts, named)
-        ]
+        m_dtypes = _m_dtypes(asked, layouts, [p for _, p in named])
         local = self._local_blocks(layouts)
         for k, lb in local.items():
             if m_dtypes[k] == torch.int8 and lb.cuts_chunks():
@@ -1036,7 +1041,15 @@ class AdamMini(torch.optim.Optimizer):
             self._round_seed = seed
         for idx, kept in moments.items():
             self.state[params[idx]].update({k: t.to(params[idx].device) for k, t in kept.items()})
-        for idx, lb in self._local_blocks(layouts).items():
+        local = self._local_blocks(layouts)
+        # state_dict() before the next build saves self.state as loaded: put each parameter's m in
+        # this optimizer's format now (as the build would), so that it saves what it would step.
+        # Sharded parameters' states are cut to their shards below and converted at the build.
+        asked = [group.get("state_dtype", self.state_dtype) for group in self.param_groups for _ in group["params"]]
+        for idx, m_dtype in enumerate(_m_dtypes(asked, layouts, params)):
+            if idx not in local and params[idx] in self.state and idx in saved:
+                self.state[params[idx]] = state_in_format(self.state[params[idx]], layouts[idx], m_dtype or params[idx].dtype)
+        for idx, lb in local.items():
             if params[idx] in self.state:
                 self.state[params[idx]] = local_state(self.state[params[idx]], lb)
         self._flat = None

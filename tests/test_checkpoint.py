@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import models
-from adam_mini_kernels import AdamMini
+from adam_mini_kernels import AdamMini, quantization
 from adam_mini_kernels.checkpoint import second_moment
 
 Adam_mini = pytest.importorskip("adam_mini").Adam_mini  # the official oracle (required in CI)
@@ -310,3 +310,58 @@ def test_groups_keep_their_names_when_a_checkpoint_was_saved_under_others(caplog
     assert resumed.partition_summary() == opt.partition_summary()
     for (name, a), b in zip(model.named_parameters(), copy_model.parameters()):
         assert torch.equal(a, b), name
+
+
+# -- int8 first moment through a float AdamMini --------------------------------------------------
+
+@pytest.fixture
+def small_int8(monkeypatch):
+    """Quantize the m of these small models' matrices too (INT8_MIN_NUMEL is 4096)."""
+    monkeypatch.setattr(quantization, "INT8_MIN_NUMEL", 64)
+
+@pytest.mark.parametrize("name", ["llama_gqa", "nanogpt"])
+def test_int8_checkpoint_saved_again_by_float_adammini_loads_into_official(name, small_int8):
+    """An int8 checkpoint loaded into a float ``AdamMini`` and saved again before any step holds
+    the dequantized ``m`` in official's layout (the state the next build makes), which official
+    ``Adam_mini`` loads and continues as the float ``AdamMini`` does."""
+    n = INTERCHANGE_STEPS
+    model_w, batch_w, dims = build(name)
+    opt_w = make_opt("ours", model_w, dims, state_dtype=torch.int8)
+    models.train(model_w, opt_w, batch_w, n)
+    checkpoint = roundtrip({"model": model_w.state_dict(), "optimizer": opt_w.state_dict()})
+    assert any("m_codes" in s for s in checkpoint["optimizer"]["state"].values())
+
+    model_f, batch_f, _ = build(name, seed=1)
+    model_f.load_state_dict(checkpoint["model"])
+    opt_f = make_opt("ours", model_f, dims)
+    opt_f.load_state_dict(checkpoint["optimizer"])
+    converted = roundtrip(opt_f.state_dict())
+    assert not any("m_codes" in s or "m_scales" in s for s in converted["state"].values())
+    opt_f._prepare()  # the build: what the next step starts from
+    assert_states(converted["state"], opt_f.state_dict()["state"], what="saved before the build")
+
+    model_o, batch_o, _ = build(name, seed=2)
+    model_o.load_state_dict(checkpoint["model"])
+    opt_o = make_opt("official", model_o, dims)
+    opt_o.load_state_dict(converted)
+    models.train(model_f, opt_f, batch_f, n, start=n)
+    models.train(model_o, opt_o, batch_o, n, start=n)
+    assert_params(model_o, model_f, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "nanogpt"])
+def test_float_checkpoint_saved_again_by_int8_adammini_holds_codes(name, small_int8):
+    """The other way: a float checkpoint loaded into an int8 ``AdamMini`` and saved before any
+    step holds the codes and scales the next build quantizes, bit for bit."""
+    model_w, batch_w, dims = build(name)
+    opt_w = make_opt("ours", model_w, dims)
+    models.train(model_w, opt_w, batch_w, INTERCHANGE_STEPS)
+    checkpoint = roundtrip(opt_w.state_dict())
+
+    model_q, _, _ = build(name, seed=1)
+    opt_q = make_opt("ours", model_q, dims, state_dtype=torch.int8)
+    opt_q.load_state_dict(checkpoint)
+    converted = roundtrip(opt_q.state_dict())
+    assert any("m_codes" in s for s in converted["state"].values())
+    opt_q._prepare()
+    assert_states(converted["state"], opt_q.state_dict()["state"], what="saved before the build")
