@@ -225,7 +225,8 @@ class AdamMini(torch.optim.Optimizer):
             (one of the same three values), which its parameters take instead: e.g. float32 ``m``
             for the embeddings of an int8 optimizer, as 8-bit AdamW users keep them, or for a
             sharded parameter whose shards cut chunks. Set between steps, it converts the state
-            at the next step (int8 to float exactly, float to int8 lossily); it is saved with the
+            at the next step (int8 to a float32 ``m`` exactly, to a 16-bit ``m`` rounded, float
+            to int8 lossily); it is saved with the
             param groups, and a loaded group without it keeps this optimizer's.
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
@@ -986,7 +987,10 @@ class AdamMini(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict written by ``AdamMini`` or by official ``Adam_mini`` 1.1.1. Second
-        moments stay float32; the flat buffers are refilled at the next step. The stochastic
+        moments stay float32; each first moment is put in this optimizer's format at once (int8
+        codes dequantized, or a float ``m`` quantized, as the build would), so ``state_dict()``
+        saves that format even before the next step; the flat buffers are refilled at the next
+        step (sharded parameters' states are converted there). The stochastic
         rounding seed is restored when saved (and this optimizer rounds stochastically)."""
         params = self._index_to_param()
         layouts = self._partition(self._partition_key())

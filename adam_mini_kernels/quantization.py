@@ -28,7 +28,12 @@ Such parameters sit in flat groups of their own (buffers.py), so that a backend 
 that are all-int8 or all-float. Per-parameter state (checkpoint.py) holds ``m_codes`` (int8, the
 parameter's shape) and ``m_scales`` (float32, flat, chunk after chunk of the blocks in storage
 order) in place of ``m``. Loading a float ``m`` into an int8 optimizer quantizes it (lossy);
-loading codes into a float optimizer dequantizes them (exact in float32).
+loading codes into a float optimizer dequantizes them (exact into a float32 ``m``; into a
+bfloat16/float16 ``m``, state_dtype None with 16-bit parameters, rounded to that dtype). Both
+conversions happen in ``load_state_dict``, so ``state_dict()`` before the next step already saves
+the loading optimizer's format. int8 -> float32 -> int8 is not bitwise: the codes come back
+equal, but a requantized chunk's absmax is ``127 * scale / 127``, which for some scales is the
+float32 next to ``scale`` (see [Note: idle int8 m]).
 
 [Note: non-finite int8 m]
 An inf or NaN in ``m`` (an inf or NaN gradient in a step that neither AMP nor clipping skips)
