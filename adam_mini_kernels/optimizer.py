@@ -80,8 +80,10 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"{where}: a tensor lr must hold one floating-point value, got {lr.dtype} of shape {list(lr.shape)}")
-        # A device tensor's value is not checked: reading it would be a host sync.
-        lr = lr.item() if lr.device.type == "cpu" else None
+        # A device tensor's value is not checked: reading it would be a host sync. Nor is a CPU
+        # tensor's inside a trace (torch.compile of a step): its value is data there, not a
+        # constant, and a check of it could not be traced (the eager steps check it).
+        lr = lr.item() if lr.device.type == "cpu" and not torch.compiler.is_compiling() else None
     elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{where}: lr must be a number or a one-element tensor, got {lr!r}")
     if lr is not None and not 0.0 <= lr:

@@ -159,6 +159,52 @@ def test_compiled_step_with_float_lr_changed_each_step_matches_eager():
     assert torch.equal(co._flat[0].hparams[:, 0], torch.full_like(co._flat[0].hparams[:, 0], lrs[-1]))
 
 
+def test_compiled_step_with_tensor_lr_and_weight_decay_changed_matches_eager():
+    """A tensor lr (on the parameters' device, the CPU) and a weight decay changed between
+    compiled steps (a wd schedule): the changed row is checked inside the trace, which once read
+    the lr tensor's value on the host (``lr.item()``: "Could not guard on data-dependent
+    expression" under fullgraph=True)."""
+    torch._dynamo.reset()
+    (em, eo), (cm, co) = _pair("torch")
+    for opt in (eo, co):
+        lr = torch.tensor(1e-2)
+        for group in opt.param_groups:
+            group["lr"] = lr
+    _train(em, eo, eo.step, 1, False)
+    _train(cm, co, co.step, 1, False)
+    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    _train(em, eo, eo.step, 1, False, seed=2)
+    _train(cm, co, compiled, 1, False, seed=2)
+    for opt in (eo, co):
+        opt.param_groups[1]["weight_decay"] = 0.2
+    _train(em, eo, eo.step, 2, False, [5e-3, 2e-3], seed=3)
+    _train(cm, co, compiled, 2, False, [5e-3, 2e-3], seed=3)
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert torch.equal(eo._flat[0].hparams, co._flat[0].hparams)
+
+
+def test_compiled_step_with_float_lr_replaced_by_a_tensor_matches_eager():
+    """Float lrs for the first compiled steps, then every group's lr replaced by one tensor
+    (changed in place after): the new lr is checked inside the trace without reading it."""
+    torch._dynamo.reset()
+    (em, eo), (cm, co) = _pair("torch")
+    _train(em, eo, eo.step, 1, False)
+    _train(cm, co, co.step, 1, False)
+    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    _train(em, eo, eo.step, 2, False, seed=2)
+    _train(cm, co, compiled, 2, False, seed=2)
+    for opt in (eo, co):
+        lr = torch.tensor(5e-3)
+        for group in opt.param_groups:
+            group["lr"] = lr
+    _train(em, eo, eo.step, 3, False, [5e-3, 2e-3, 1e-3], seed=3)
+    _train(cm, co, compiled, 3, False, [5e-3, 2e-3, 1e-3], seed=3)
+    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
+        assert max_rel_err(a, b) <= 1e-6, n
+    assert torch.equal(eo._flat[0].hparams, co._flat[0].hparams)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("replaced", ["wte.weight", "mlp.weight"])
 def test_compiled_step_takes_a_gradient_replaced_after_aliased_ones(backend, replaced):
