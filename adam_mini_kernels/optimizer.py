@@ -637,6 +637,18 @@ class AdamMini(torch.optim.Optimizer):
             return False  # read on the host, as a float
         raise ValueError(f"lr is a tensor on {lr.device}; it must be on the parameters' device ({device}) or the CPU")
 
+    def _check_host_lr(self, group: Dict[str, Any], device: torch.device) -> None:
+        """A CPU tensor lr beside parameters on another device is read on the host (``item()``)
+        each eager step. A compiled step cannot read it (its value is data in the trace), and a
+        captured CUDA graph would keep the value read at capture, ignoring later changes: both
+        refuse it rather than step with a stale lr."""
+        why = "capturable=True" if self.capturable else "a compiled step (torch.compile)" if torch.compiler.is_compiling() else None
+        if why is not None:
+            raise ValueError(
+                f"param group '{group['name']}': lr is a CPU tensor beside parameters on {device}; {why} cannot "
+                f"read it on the host: put the lr tensor on the parameters' device ({device})"
+            )
+
     def _read_hparams(self) -> bool:
         """Read each param group's lr and (weight_decay, beta1, beta2, eps) from ``param_groups``
         (which users and LR schedulers edit); validate what changed and return True when anything
@@ -648,7 +660,12 @@ class AdamMini(torch.optim.Optimizer):
         if not _PLAIN_LR.issuperset(map(type, lrs)):  # a tensor lr (or another number type)
             for k, lr in enumerate(lrs):
                 if isinstance(lr, torch.Tensor):
-                    lrs[k] = None if self._lr_on_device(lr, groups[k]["params"][0].device) else lr.item()
+                    device = groups[k]["params"][0].device
+                    if self._lr_on_device(lr, device):
+                        lrs[k] = None
+                    else:
+                        self._check_host_lr(groups[k], device)
+                        lrs[k] = lr.item()
                     device_lr = device_lr or lrs[k] is None
         same_rest = rest == memo.rest
         if same_rest and lrs == memo.lrs:

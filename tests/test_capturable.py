@@ -308,6 +308,21 @@ def test_scheduled_float_lrs_beside_a_device_lr_make_no_host_sync(backend):
 
 @gpu
 @needs_gpu
+def test_capturable_refuses_a_cpu_lr_tensor_beside_cuda_parameters():
+    """A captured graph would keep the value read on the host at capture and ignore later
+    changes of the tensor: refused at the step, before anything changes."""
+    named = _named(torch.device("cuda"))
+    opt = AdamMini(named, lr=torch.tensor(1e-2), capturable=True, **KW)
+    for p in (p for _, p in named):
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for _, p in named]
+    with pytest.raises(ValueError, match=r"lr is a CPU tensor beside parameters on cuda.*capturable=True .*parameters' device"):
+        opt.step()
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
+
+
+@gpu
+@needs_gpu
 def test_capture_without_capturable_is_an_error():
     named = _named(torch.device("cuda"))
     opt = AdamMini(named, lr=1e-2, **KW)

@@ -205,6 +205,21 @@ def test_compiled_step_with_float_lr_replaced_by_a_tensor_matches_eager():
     assert torch.equal(eo._flat[0].hparams, co._flat[0].hparams)
 
 
+def test_compiled_step_refuses_an_lr_read_on_the_host(monkeypatch):
+    """A CPU tensor lr beside CUDA parameters is read on the host (``item()``) by eager steps; a
+    compiled step cannot read it and says to put it on the parameters' device. Simulated on the
+    CPU: ``_lr_on_device`` answers False, as it does for a CPU lr beside CUDA parameters."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(AdamMini, "_lr_on_device", lambda self, lr, device: False)
+    (m, o), _ = _pair("torch")
+    for group in o.param_groups:
+        group["lr"] = torch.tensor(1e-2)
+    _train(m, o, o.step, 2, False)  # eager: read on the host, as before
+    compiled = torch.compile(lambda: o.step(), fullgraph=True)
+    with pytest.raises(Exception, match=r"lr is a CPU tensor beside parameters on cpu; a compiled step .* put the lr tensor on the parameters' device"):
+        _train(m, o, compiled, 1, False, seed=2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("replaced", ["wte.weight", "mlp.weight"])
 def test_compiled_step_takes_a_gradient_replaced_after_aliased_ones(backend, replaced):
