@@ -70,7 +70,9 @@ def traffic(pset: PS.ParamSet) -> dict:
                 + 5 * s * bn + tiles * T.TILE_COLS * INT64  # phase 4: g, p, m in; p, m out; tile rows
             )
             v1 += nb * per_block
-    launches = len(widths) + (4 if has_tiles else 0) + (1 if has_adam else 0)
+    # One step_coefficients launch (every fused step), one per row class, four for large blocks
+    # (tile_sumsq, block_sumsq, large_block_v, tile_step), one for the Adam tiles.
+    launches = 1 + len(widths) + (4 if has_tiles else 0) + (1 if has_adam else 0)
     return dict(n_params=n_params, num_v=num_v, minimum=minimum, v1=v1, launches=launches)
 
 
