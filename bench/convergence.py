@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from demo.tiny_gpt import GPTConfig, TinyGPT  # noqa: E402
 from demo.train import NO_DECAY, SEED, RunConfig, evaluate, get_batch, load_corpus, lr_at  # noqa: E402
 from arguments import nonnegative_float, positive_int  # noqa: E402
-from provenance import git_info  # noqa: E402
+from provenance import git_info, versions  # noqa: E402
 
 PRESETS = {
     "smoke": RunConfig(GPTConfig(block_size=32, n_layer=1, n_head=2, dim=32), steps=6, batch_size=4, eval_every=3,
@@ -293,7 +293,7 @@ def _report(dev: dict, date: str, seed: int, cfg: RunConfig, results: Dict[str, 
     ``resumed``: what --resume kept (None without it)."""
     done = [r for r in results.values() if "params" in r]
     return {
-        "device": dev, "date": date, "seed": seed, "torch": torch.__version__, "git": git_info(None), "model": asdict(cfg.model),
+        "device": dev, "date": date, "seed": seed, **versions(), "git": git_info(None), "model": asdict(cfg.model),
         "params": done[0]["params"] if done else None, "config": asdict(cfg), "hparams": HPARAMS,
         "complete": complete, "results": results, "criteria": criteria(results),
         **({"resumed": resumed} if resumed is not None else {}),

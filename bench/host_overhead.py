@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import param_sets as P  # noqa: E402
 from arguments import positive_int  # noqa: E402
-from provenance import git_info  # noqa: E402
+from provenance import git_info, versions  # noqa: E402
 
 from adam_mini_kernels import AdamMini  # noqa: E402
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     result = dict(
         date=date, device=str(device), device_name=name, machine=platform.processor() or platform.machine(),
-        python=platform.python_version(), torch=torch.__version__, git=git_info(args.commit), rows=rows,
+        python=platform.python_version(), **versions(), git=git_info(args.commit), rows=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# AdamMini front-end host time per step ({name}, {date})", "",
-        f"torch {torch.__version__}, Python {result['python']}, commit {result['git']['commit']}"
+        f"torch {torch.__version__} (CUDA {result['cuda']}), triton {result['triton']}, Python {result['python']}, commit {result['git']['commit']}"
         f"{' (dirty)' if result['git']['dirty'] else ''}. The backend's step is a no-op: this is the Python "
         "front-end alone (see bench/host_overhead.py).", "",
         f"Microseconds per step, means of blocks of {BLOCK} steps.", "",

@@ -37,6 +37,7 @@ if DRY_RUN:
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -46,6 +47,7 @@ from typing import Callable, Dict, List, Tuple  # noqa: E402
 import torch  # noqa: E402
 
 from arguments import nonnegative_float, positive_float, positive_int  # noqa: E402
+from provenance import git_info, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,11 +173,13 @@ def run_gpu(args) -> int:
             xlabel="elements (one v each)", plot_name="adam_tiles", args=dict(path="adam"), **common))
 
     name = torch.cuda.get_device_name(device)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    date = now.strftime("%Y-%m-%d")
     out = args.out / f"microbench_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}_{date}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"microbench on {name}: torch {torch.__version__}, triton {triton.__version__}, "
           f"{args.numel:,} elements per point, dtypes {', '.join(args.dtypes)}; GB/s of the minimum bytes")
+    write_meta(out, name, args.commit, now)
     report = triton.testing.perf_report(benches)(measure)
     report.run(print_data=True, save_path=str(out))
     if skipped:
@@ -183,6 +187,18 @@ def run_gpu(args) -> int:
               f"{args.time_budget_s:g}) was used up, from {skipped[0][0]} size {skipped[0][1]} {skipped[0][2]} on")
     print(f"wrote {out}/ (csv and png per benchmark)")
     return 0
+
+
+def write_meta(out: Path, device_name: str, commit, now: datetime.datetime) -> Path:
+    """``out/meta.json``: where the CSVs and PNGs of ``out`` come from (device, torch, triton and
+    CUDA versions, the commit benchmarked, the UTC date and time)."""
+    meta = dict(
+        device=device_name, **versions(), git=git_info(commit),
+        date=now.strftime("%Y-%m-%d"), datetime_utc=now.isoformat(timespec="seconds"),
+    )
+    path = out / "meta.json"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +244,7 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget-s", type=nonnegative_float, default=None,
                     help="start no point after this many seconds: the rest are NaN, and every benchmark still writes "
                          "its csv and png (a SIGINT would lose the one in progress)")
+    ap.add_argument("--commit", help="the commit measured, where there is no git checkout (or BENCH_COMMIT)")
     ap.add_argument("--dry-run", action="store_true", help="CPU: run every path once at tiny sizes under TRITON_INTERPRET=1 and check it against the torch backend; no timing")
     args = ap.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -25,3 +27,15 @@ def git_info(override: Optional[str]) -> Dict[str, object]:
     except (OSError, subprocess.SubprocessError):
         pass
     return dict(commit=None, dirty=None, source="unknown (no git checkout here; pass --commit)")
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """torch, its CUDA and Triton versions (None where absent: a CPU build has no CUDA, maybe no
+    Triton). Triton is imported here, so call this after any TRITON_INTERPRET switch."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - absent or broken: report it as such
+        triton_version = None
+    return dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version)

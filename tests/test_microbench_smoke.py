@@ -39,3 +39,23 @@ def test_microbench_dry_run_checks_every_path():
                 assert len(rows) == count, (path, dtype, backend, proc.stdout)
                 assert all(int(r[4]) > 0 and float(r[5]) <= 2e-2 for r in rows), rows
     assert re.search(r"backend 'cuda' skipped: .+", proc.stdout), proc.stdout
+
+
+def test_microbench_writes_meta_json_beside_its_csvs(tmp_path):
+    """run_gpu writes meta.json into its output folder: device, versions, commit, UTC date."""
+    import datetime
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import microbench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    now = datetime.datetime(2026, 12, 7, 21, 0, tzinfo=datetime.timezone.utc)
+    meta = json.loads(microbench.write_meta(tmp_path, "NVIDIA H100 80GB HBM3", "abc1234", now).read_text())
+    assert meta["device"] == "NVIDIA H100 80GB HBM3"
+    assert meta["torch"] == torch.__version__ and meta["cuda"] == torch.version.cuda
+    assert "triton" in meta
+    assert meta["git"]["commit"] == "abc1234"
+    assert meta["date"] == "2026-12-07" and meta["datetime_utc"].startswith("2026-12-07T21:00")
+    assert microbench.parse_args(["--commit", "abc1234"]).commit == "abc1234"
