@@ -78,16 +78,21 @@ SPEC_REFERENCE = {
 FUSED_BACKENDS = ("triton", "cuda")  # the targets of SPEC section 5 are for these
 # Issue 10's targets for the fused backends with int8 m (state_dtype=torch.int8), H100 ms.
 INT8_TARGETS = {"llama-1.1b-fp32": 5.4, "llama-1.1b-bf16": 3.1}
+# Issue 6's target for bf16 params with float32 state (state_dtype=torch.float32; 14 B/param,
+# floor 5.16 ms), H100 ms.
+FP32_STATE_TARGETS = {"llama-1.1b-bf16": 5.4}
 
 
 def h100_target_ms(spec: "OptSpec", set_key: str) -> Optional[float]:
-    """The H100 target of a row (SPEC section 5 for the plain fused step, issue 10 for int8 m),
-    or None: other rows (anchors, compiled, graphs, the other variants) have none."""
+    """The H100 target of a row (SPEC section 5 for the plain fused step, issue 10 for int8 m,
+    issue 6 for float32 state), or None: other rows (anchors, compiled, graphs, the other
+    variants) have none."""
     if spec.backend not in FUSED_BACKENDS or spec.compiled or spec.graph:
         return None
     if spec.variant is None:
         return SPEC_REFERENCE["sets"].get(set_key, {}).get("target")
-    return INT8_TARGETS.get(set_key) if spec.variant == "int8-state" else None
+    targets = {"int8-state": INT8_TARGETS, "fp32-state": FP32_STATE_TARGETS}.get(spec.variant, {})
+    return targets.get(set_key)
 
 
 # --------------------------------------------------------------------------------------------

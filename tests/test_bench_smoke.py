@@ -170,22 +170,24 @@ def test_smoke_graph_rows_say_why_they_cannot_run(tmp_path):
 
 
 def test_targets_belong_to_the_rows_they_were_set_for():
-    """The plain fused step has SPEC section 5's target, int8 m issue 10's; anchors, compiled and
+    """The plain fused step has SPEC section 5's target, int8 m issue 10's, float32 state with
+    bf16 params issue 6's; anchors, compiled and
     graph rows and the other variants (which move other bytes) have none. (In a subprocess:
     importing bench_step switches Triton's interpreter off.)"""
     code = (
         "import json, sys; sys.path.insert(0, 'bench'); import bench_step as b; S = b.OptSpec\n"
         "rows = [S('ours-triton', '', 'adam-mini', backend='triton'), S('ours-cuda-int8', '', 'adam-mini', backend='cuda', variant='int8-state'),\n"
         "        S('ours-cuda-clip', '', 'adam-mini', backend='cuda', variant='clip'), S('ours-torch', '', 'adam-mini', backend='torch'),\n"
-        "        S('ours-triton-graph', '', 'adam-mini', backend='triton', graph=True), S('adamw-fused', '', 'adamw')]\n"
+        "        S('ours-triton-graph', '', 'adam-mini', backend='triton', graph=True), S('adamw-fused', '', 'adamw'),\n"
+        "        S('ours-triton-fp32', '', 'adam-mini', backend='triton', variant='fp32-state')]\n"
         "print(json.dumps({k: [b.h100_target_ms(s, k) for s in rows] for k in ('llama-1.1b-fp32', 'llama-1.1b-bf16', 'gpt2-124m-fp32')}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
-        "llama-1.1b-fp32": [7.6, 5.4, None, None, None, None],
-        "llama-1.1b-bf16": [3.85, 3.1, None, None, None, None],
-        "gpt2-124m-fp32": [0.90, None, None, None, None, None],
+        "llama-1.1b-fp32": [7.6, 5.4, None, None, None, None, None],
+        "llama-1.1b-bf16": [3.85, 3.1, None, None, None, None, 5.4],  # issue 6: float32 state <= 5.4 ms
+        "gpt2-124m-fp32": [0.90, None, None, None, None, None, None],
     }
 
 
