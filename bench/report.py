@@ -101,6 +101,50 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
     return out
 
 
+CLIP_RATIO_TARGET = 1.25  # issue 6: the clipped step <= 1.25x the unclipped step of the same run
+CLIP_SPEEDUP_TARGET = 1.25  # issue 6: clip_grad_norm_ (foreach) + step >= 1.25x our clipped step
+
+
+def clipping_ratios(rows: List[Dict]) -> List[Dict]:
+    """Per backend of one set's rows, where both its plain row (``ours-<backend>``) and its clipped
+    row (``ours-<backend>-clip``) were timed: the clipped/unclipped ratio, and where the
+    ``clip_grad_norm_`` + step row (``ours-<backend>-clip-then-step``) was timed too, its time over
+    the clipped step's."""
+    ok = {r["optimizer"]: r for r in rows if r.get("status") == "ok"}
+    out = []
+    for r in rows:
+        if r.get("status") != "ok" or not r["optimizer"].endswith("-clip"):
+            continue
+        base = ok.get(r["optimizer"][: -len("-clip")])
+        if base is None:
+            continue
+        then = ok.get(r["optimizer"] + "-then-step")
+        out.append(dict(
+            backend=r.get("backend"), unclipped_ms=base["median_ms"], clipped_ms=r["median_ms"],
+            ratio=r["median_ms"] / base["median_ms"],
+            clip_then_step_ms=None if then is None else then["median_ms"],
+            speedup=None if then is None else then["median_ms"] / r["median_ms"],
+        ))
+    return out
+
+
+def _clipping_lines(rows: List[Dict]) -> List[str]:
+    ratios = clipping_ratios(rows)
+    if not ratios:
+        return []
+    body = []
+    for c in ratios:
+        body.append([
+            str(c["backend"]), _fmt_ms(c["unclipped_ms"]), _fmt_ms(c["clipped_ms"]),
+            f"{c['ratio']:.3f}x" + ("" if c["ratio"] <= CLIP_RATIO_TARGET else " (over 1.25x)"),
+            _fmt_ms(c["clip_then_step_ms"]),
+            "-" if c["speedup"] is None else f"{c['speedup']:.3f}x" + ("" if c["speedup"] >= CLIP_SPEEDUP_TARGET else " (under 1.25x)"),
+        ])
+    return ["", f"Fused clipping (issue 6: clipped/unclipped <= {CLIP_RATIO_TARGET}x, "
+            f"clip_grad_norm_ + step over clipped >= {CLIP_SPEEDUP_TARGET}x), medians of this run:", ""] + _table(
+        ["backend", "unclipped ms", "clipped ms", "clipped/unclipped", "clip_grad_norm_ + step ms", "its time / clipped"], body)
+
+
 def markdown(res: Dict) -> str:
     dev, ver = res["device"], res["versions"]
     copy = res["copy_bandwidth"]
@@ -143,6 +187,7 @@ def markdown(res: Dict) -> str:
         ]
         rows = [r for r in res["rows"] if r["set"] == s["key"]]
         lines += _table(HEADER, [_row_cells(r) for r in rows])
+        lines += _clipping_lines(rows)
     sweep = [s for s in res["sets"] if s["key"].startswith("sweep-")]
     if sweep:
         labels: List[str] = []

@@ -128,8 +128,22 @@ def test_smoke_variants_rows(tmp_path):
     """The issue-6 and issue-10 rows (float32 state, stochastic rounding, fused clipping,
     clip_grad_norm_ + step, int8 state): timed where they apply, skipped with the reason where
     not, with their byte floors."""
-    res, _, _ = _run(tmp_path, "--no-sweep", "--backends", "torch", "--optimizers", "variants")
+    res, md, _ = _run(tmp_path, "--no-sweep", "--backends", "torch", "--optimizers", "ours,variants")
     rows = {(r["set"], r["optimizer"]): r for r in res["rows"]}
+    # The clipped step beside the unclipped one of the same run (issue 6: <= 1.25x): the report
+    # gives the ratio per set and backend.
+    sys.path.insert(0, str(REPO / "bench"))
+    import report
+
+    for key in ("llama-1.1b-fp32", "llama-1.1b-bf16", "gpt2-124m-fp32"):
+        plain, clip = rows[(key, "ours-torch")], rows[(key, "ours-torch-clip")]
+        assert plain["status"] == clip["status"] == "ok", (plain, clip)
+        (ratio,) = report.clipping_ratios([r for r in res["rows"] if r["set"] == key])
+        assert ratio["backend"] == "torch"
+        assert ratio["ratio"] == pytest.approx(clip["median_ms"] / plain["median_ms"], rel=1e-12)
+        then = rows[(key, "ours-torch-clip-then-step")]
+        assert ratio["speedup"] == pytest.approx(then["median_ms"] / clip["median_ms"], rel=1e-12)
+    assert md.count("| backend | unclipped ms | clipped ms | clipped/unclipped |") == 3, md
     for variant in ("fp32-state", "stochastic-rounding", "clip", "clip-then-step", "int8-state"):
         bf16 = rows[("llama-1.1b-bf16", f"ours-torch-{variant}")]
         assert bf16["status"] == "ok", bf16
@@ -144,6 +158,21 @@ def test_smoke_variants_rows(tmp_path):
     for variant, why in (("fp32-state", "float32 state"), ("stochastic-rounding", "bfloat16")):
         row = rows[("llama-1.1b-fp32", f"ours-torch-{variant}")]
         assert row["status"] == "skipped" and why in row["reason"], row
+
+
+def test_clipping_ratio_needs_both_rows():
+    """No ratio for a backend without its plain row, or with either row not timed."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import report
+
+    def row(opt, ms, status="ok"):
+        return dict(optimizer=opt, backend=opt.split("-")[1], status=status, median_ms=ms)
+
+    rows = [row("ours-triton", 2.0), row("ours-triton-clip", 2.4), row("ours-cuda-clip", 2.2),
+            row("ours-torch", 5.0), row("ours-torch-clip", 0.0, "error"), row("ours-triton-clip-then-step", 3.6)]
+    (only,) = report.clipping_ratios(rows)
+    assert only["backend"] == "triton" and only["ratio"] == pytest.approx(1.2) and only["speedup"] == pytest.approx(1.5)
+    assert report.clipping_ratios([row("ours-cuda", 1.0), row("ours-cuda-clip", 1.3)])[0]["speedup"] is None
 
 
 def test_smoke_8bit_adamw_rows_run_or_say_why(tmp_path):
