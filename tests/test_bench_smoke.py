@@ -54,8 +54,10 @@ def _check_ok_row(row: dict, set_rec: dict) -> None:
     assert row["median_ms"] > 0 and row["p20_ms"] > 0 and row["p80_ms"] > 0, row
     assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     assert row["finite"] is True, row
-    assert row["min_bytes"] > 0 and row["achieved_gbps"] > 0 and row["fraction_of_floor"] > 0, row
-    assert row["floor_ms"] > 0 and row["state_bytes"] > 0, row
+    assert row["min_bytes"] > 0 and row["floor_ms"] > 0 and row["state_bytes"] > 0, row
+    # GB/s and the fraction of the floor follow from the median: min bytes / median, floor / median.
+    assert row["achieved_gbps"] == pytest.approx(row["min_bytes"] / (row["median_ms"] * 1e-3) / 1e9, rel=1e-12), row
+    assert row["fraction_of_floor"] == pytest.approx(row["floor_ms"] / row["median_ms"], rel=1e-12), row
     s = set_rec["storage_bytes"]
     if row["family"] == "adamw":
         assert row["min_bytes_per_param"] == pytest.approx(7 * s)
