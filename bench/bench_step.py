@@ -55,6 +55,7 @@ sys.path.insert(0, str(HERE))
 
 import param_sets as PS  # noqa: E402
 from arguments import nonnegative_int, positive_float, positive_int  # noqa: E402
+import provenance  # noqa: E402
 from provenance import git_info  # noqa: E402
 import report  # noqa: E402
 
@@ -276,19 +277,11 @@ def slug(text: str) -> str:
 
 
 def versions(official_version: Optional[str]) -> Dict[str, Optional[str]]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - absent or broken: report it as such
-        triton_version = None
     import adam_mini_kernels
 
     return dict(
         python=platform.python_version(),
-        torch=torch.__version__,
-        cuda=torch.version.cuda,
-        triton=triton_version,
+        **provenance.versions(),
         adam_mini_kernels=getattr(adam_mini_kernels, "__version__", None),
         adam_mini_official=official_version,
     )
