@@ -38,24 +38,33 @@ from .partition import BlockLayout, run_block_sizes, storage_shape, swap_columns
 from .quantization import QBLOCK, dequantize_runs, quantize_runs
 
 
+def keyed_state(layout: BlockLayout, step: Any, v: torch.Tensor, m: torch.Tensor = None,
+                codes: torch.Tensor = None, scales: torch.Tensor = None) -> Dict[str, Any]:
+    """The per-parameter state keyed as the table above for ``layout``: ``m`` or int8 ``codes``
+    in the parameter's shape (with their flat ``scales``), ``v`` flat (one value per element for
+    Adam blocks, else per block in storage order). Views stay views."""
+    kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
+    if codes is not None:
+        second = {"v": v.view(shape)} if kind == "adam" else {"vmean": v}
+        return {"m_codes": codes, "m_scales": scales, "step": step, **second,
+                "block_runs": layout.runs, "columns": layout.columns}
+    if kind == "adam":
+        return {"m": m, "step": step, "v": v.view(shape)}
+    if kind == "heads":
+        return {"m": m.reshape(blocks, layout.block_numel), "head_per_gpu": blocks, "step": step, "vmean": v.view(blocks, 1)}
+    if kind == "rows":
+        return {"m": m, "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
+    if kind == "blocks":
+        return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
+    return {"m": m, "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
+
+
 def state_views(group: FlatGroup, i: int) -> Dict[str, Any]:
     """The per-parameter state of parameter ``i`` of ``group``, as views into its buffers."""
-    layout = group.layouts[i]
-    m, v, step = group.m_view(i), group.v_view(i), group.step_view(i)
-    kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
+    layout, m = group.layouts[i], group.shaped(i, group.m_view(i))
     if group.quantized:
-        codes = {"m_codes": group.shaped(i, m), "m_scales": group.m_scale_view(i)}
-        second = {"v": v.view(shape)} if kind == "adam" else {"vmean": v}
-        return {**codes, "step": step, **second, "block_runs": layout.runs, "columns": layout.columns}
-    if kind == "adam":
-        return {"m": m.view(shape), "step": step, "v": v.view(shape)}
-    if kind == "heads":
-        return {"m": m.view(blocks, layout.block_numel), "head_per_gpu": blocks, "step": step, "vmean": v.view(blocks, 1)}
-    if kind == "rows":
-        return {"m": m.view(shape), "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
-    if kind == "blocks":
-        return {"m": group.shaped(i, m), "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
-    return {"m": m.view(shape), "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
+        return keyed_state(layout, group.step_view(i), group.v_view(i), codes=m, scales=group.m_scale_view(i))
+    return keyed_state(layout, group.step_view(i), group.v_view(i), m=m)
 
 
 def second_moment(state: Dict[str, Any]):
@@ -212,23 +221,10 @@ def state_in_format(state: Dict[str, Any], layout: BlockLayout, m_dtype: torch.d
         return state
     if (has_codes and quantized) or (has_m and not quantized and state["m"].dtype == m_dtype):
         return state
-    step = state.get("step")
-    kind, shape, blocks = layout.state_kind, layout.shape, layout.num_blocks
+    step, shape = state.get("step"), layout.shape
     v = regroup_v(v.detach(), saved_blocks(state, layout.numel), layout).to(torch.float32)
     if quantized:
-        m = state["m"].reshape(shape).float()
-        codes, scales = quantize_runs(_storage_flat(m, layout.columns), layout.runs)
-        second = {"v": v.view(shape)} if kind == "adam" else {"vmean": v}
-        return {"m_codes": _storage_to_shape(codes, shape, layout.columns), "m_scales": scales, "step": step,
-                **second, "block_runs": layout.runs, "columns": layout.columns}
+        codes, scales = quantize_runs(_storage_flat(state["m"].reshape(shape).float(), layout.columns), layout.runs)
+        return keyed_state(layout, step, v, codes=_storage_to_shape(codes, shape, layout.columns), scales=scales)
     m = saved_codes_as_float(state, layout) if has_codes else state["m"].reshape(shape)
-    m = m.to(m_dtype)
-    if kind == "adam":
-        return {"m": m, "step": step, "v": v.view(shape)}
-    if kind == "heads":
-        return {"m": m.reshape(blocks, layout.block_numel), "head_per_gpu": blocks, "step": step, "vmean": v.view(blocks, 1)}
-    if kind == "rows":
-        return {"m": m, "step": step, "neuron_per_gpu": blocks, "vmean": v.view(blocks, 1)}
-    if kind == "blocks":
-        return {"m": m, "step": step, "vmean": v, "block_runs": layout.runs, "columns": layout.columns}
-    return {"m": m, "step": step, "reduced": False, "vmean": v.view(()), "block_numel": float(layout.numel)}
+    return keyed_state(layout, step, v, m=m.to(m_dtype))
