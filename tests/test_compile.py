@@ -63,6 +63,33 @@ def _pair(backend, **kwargs):
     return (a, AdamMini(a.named_parameters(), **kw)), (b, AdamMini(b.named_parameters(), **kw))
 
 
+def _assert_params_match(eager_model, compiled_model, tol=1e-6):
+    for (n, a), (_, b) in zip(eager_model.named_parameters(), compiled_model.named_parameters()):
+        assert max_rel_err(a, b) <= tol, n
+
+
+def _set_tensor_lr(opts, value):
+    """Every group of each optimizer takes one new tensor lr (per optimizer)."""
+    for opt in opts:
+        lr = torch.tensor(value)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def _train_both(eager, compiled_pair, compiled, steps, lr_values=None, seed=1):
+    """The same steps (same data, same lrs) for the eager (model, opt) pair with ``opt.step`` and
+    for the other pair with the compiled step."""
+    (em, eo), (cm, co) = eager, compiled_pair
+    _train(em, eo, eo.step, steps, False, lr_values, seed)
+    _train(cm, co, compiled, steps, False, lr_values, seed)
+
+
+def _compile_after_an_eager_step(eager, compiled_pair):
+    """One eager step for both pairs (it builds the buffers), then the second pair's compiled step."""
+    _train_both(eager, compiled_pair, compiled_pair[1].step, 1)
+    return torch.compile(lambda: compiled_pair[1].step(), fullgraph=True)
+
+
 def _train(model, opt, step_fn, steps, set_to_none, lr_values=None, seed=1):
     gen = torch.Generator().manual_seed(seed)
     for i in range(steps):
@@ -90,8 +117,7 @@ def test_compiled_opt_step_fullgraph_matches_eager(backend, set_to_none):
     compiled = torch.compile(lambda: co.step(), fullgraph=True)
     _train(em, eo, eo.step, 4, set_to_none)
     _train(cm, co, compiled, 4, set_to_none)
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(em, cm)
     assert torch.equal(eo._flat[0].steps, co._flat[0].steps)
 
 
@@ -101,10 +127,9 @@ def test_compiled_clipped_step_leaves_each_steps_grad_norm(backend):
     step equal eager's (the norm was once left at the last eager step's value: dynamo drops
     attribute writes on an Optimizer inside a trace, see [Note: compiled steps])."""
     torch._dynamo.reset()
-    (em, eo), (cm, co) = _pair(backend, max_grad_norm=0.05)
-    _train(em, eo, eo.step, 1, False)
-    _train(cm, co, co.step, 1, False)
-    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    eager, pair = _pair(backend, max_grad_norm=0.05)
+    (em, eo), (cm, co) = eager, pair
+    compiled = _compile_after_an_eager_step(eager, pair)
     gen = torch.Generator().manual_seed(5)
     norms = []
     for _ in range(3):
@@ -119,8 +144,7 @@ def test_compiled_clipped_step_leaves_each_steps_grad_norm(backend):
         eo.zero_grad(set_to_none=False)
         co.zero_grad(set_to_none=False)
     assert len({n.item() for n in norms}) == 3  # a new norm each step, none overwritten
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(em, cm)
 
 
 def test_compiled_step_with_tensor_lr_does_not_recompile():
@@ -138,8 +162,7 @@ def test_compiled_step_with_tensor_lr_does_not_recompile():
     _train(tm, to, compiled, 4, False, lrs[1:], seed=2)
     _train(fm, fo, fo.step, 1, False, lrs[:1])
     _train(fm, fo, fo.step, 4, False, lrs[1:], seed=2)
-    for (n, a), (_, b) in zip(fm.named_parameters(), tm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(fm, tm)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
@@ -154,8 +177,7 @@ def test_compiled_step_with_float_lr_changed_each_step_matches_eager():
     _train(cm, co, compiled, 4, False, lrs[1:], seed=2)
     _train(em, eo, eo.step, 1, False, lrs[:1])
     _train(em, eo, eo.step, 4, False, lrs[1:], seed=2)
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(em, cm)
     assert torch.equal(co._flat[0].hparams[:, 0], torch.full_like(co._flat[0].hparams[:, 0], lrs[-1]))
 
 
@@ -165,22 +187,15 @@ def test_compiled_step_with_tensor_lr_and_weight_decay_changed_matches_eager():
     the lr tensor's value on the host (``lr.item()``: "Could not guard on data-dependent
     expression" under fullgraph=True)."""
     torch._dynamo.reset()
-    (em, eo), (cm, co) = _pair("torch")
-    for opt in (eo, co):
-        lr = torch.tensor(1e-2)
-        for group in opt.param_groups:
-            group["lr"] = lr
-    _train(em, eo, eo.step, 1, False)
-    _train(cm, co, co.step, 1, False)
-    compiled = torch.compile(lambda: co.step(), fullgraph=True)
-    _train(em, eo, eo.step, 1, False, seed=2)
-    _train(cm, co, compiled, 1, False, seed=2)
+    eager, pair = _pair("torch")
+    (em, eo), (cm, co) = eager, pair
+    _set_tensor_lr((eo, co), 1e-2)
+    compiled = _compile_after_an_eager_step(eager, pair)
+    _train_both(eager, pair, compiled, 1, seed=2)
     for opt in (eo, co):
         opt.param_groups[1]["weight_decay"] = 0.2
-    _train(em, eo, eo.step, 2, False, [5e-3, 2e-3], seed=3)
-    _train(cm, co, compiled, 2, False, [5e-3, 2e-3], seed=3)
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _train_both(eager, pair, compiled, 2, [5e-3, 2e-3], seed=3)
+    _assert_params_match(em, cm)
     assert torch.equal(eo._flat[0].hparams, co._flat[0].hparams)
 
 
@@ -188,20 +203,13 @@ def test_compiled_step_with_float_lr_replaced_by_a_tensor_matches_eager():
     """Float lrs for the first compiled steps, then every group's lr replaced by one tensor
     (changed in place after): the new lr is checked inside the trace without reading it."""
     torch._dynamo.reset()
-    (em, eo), (cm, co) = _pair("torch")
-    _train(em, eo, eo.step, 1, False)
-    _train(cm, co, co.step, 1, False)
-    compiled = torch.compile(lambda: co.step(), fullgraph=True)
-    _train(em, eo, eo.step, 2, False, seed=2)
-    _train(cm, co, compiled, 2, False, seed=2)
-    for opt in (eo, co):
-        lr = torch.tensor(5e-3)
-        for group in opt.param_groups:
-            group["lr"] = lr
-    _train(em, eo, eo.step, 3, False, [5e-3, 2e-3, 1e-3], seed=3)
-    _train(cm, co, compiled, 3, False, [5e-3, 2e-3, 1e-3], seed=3)
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    eager, pair = _pair("torch")
+    (em, eo), (cm, co) = eager, pair
+    compiled = _compile_after_an_eager_step(eager, pair)
+    _train_both(eager, pair, compiled, 2, seed=2)
+    _set_tensor_lr((eo, co), 5e-3)
+    _train_both(eager, pair, compiled, 3, [5e-3, 2e-3, 1e-3], seed=3)
+    _assert_params_match(em, cm)
     assert torch.equal(eo._flat[0].hparams, co._flat[0].hparams)
 
 
@@ -228,10 +236,9 @@ def test_compiled_step_takes_a_gradient_replaced_after_aliased_ones(backend, rep
     step copies the new one in, as eager does. It once stepped the old flat gradient for the
     first parameter (the one at offset 0: see [Note: gradient view marks] in buffers.py)."""
     torch._dynamo.reset()
-    (em, eo), (cm, co) = _pair(backend)
-    _train(em, eo, eo.step, 1, False)
-    _train(cm, co, co.step, 1, False)
-    compiled = torch.compile(lambda: co.step(), fullgraph=True)
+    eager, pair = _pair(backend)
+    (em, eo), (cm, co) = eager, pair
+    compiled = _compile_after_an_eager_step(eager, pair)
     gen = torch.Generator().manual_seed(6)
     for step in range(5):
         x = torch.randint(0, 11, (4, 5), generator=gen)
@@ -243,8 +250,7 @@ def test_compiled_step_takes_a_gradient_replaced_after_aliased_ones(backend, rep
             step_fn()
         eo.zero_grad(set_to_none=False)
         co.zero_grad(set_to_none=False)
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(em, cm)
 
 
 def test_compiled_step_needs_an_eager_step_first():
@@ -324,5 +330,4 @@ def test_triton_launches_enter_their_tensors_device_eager_and_compiled(monkeypat
     t = co._flat[0].cache["launch_tables"]  # one operator call per kind of work (launch_tables.fused_step)
     calls = 1 + len(t.row_classes) + 2 * (t.tiles is not None) + (t.adam is not None)
     assert devices == [torch.device("cpu")] * calls
-    for (n, a), (_, b) in zip(em.named_parameters(), cm.named_parameters()):
-        assert max_rel_err(a, b) <= 1e-6, n
+    _assert_params_match(em, cm)
