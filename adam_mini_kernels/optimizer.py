@@ -103,7 +103,7 @@ def _m_dtypes(asked: List[Any], layouts: List[BlockLayout], params: List[torch.T
     of its param group. Whether m is int8 comes from the global layouts: every rank of a mesh
     decides alike."""
     return [
-        torch.int8 if dtype == torch.int8 and int8_first_moment(layout)
+        torch.int8 if dtype == torch.int8 and int8_first_moment(layout, p.dtype)
         else torch.float32 if dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
         else None
         for dtype, layout, p in zip(asked, layouts, params)
@@ -219,11 +219,13 @@ class AdamMini(torch.optim.Optimizer):
             or ``torch.float32`` (exact state for bf16/fp16 parameters; kept through
             ``state_dict``/``load_state_dict``), or ``torch.int8``: ``m`` of every parameter with
             at least ``INT8_MIN_NUMEL`` elements that is not an Adam block (biases) as 8-bit codes
-            with a float32 scale per 256-element chunk of a block, dequantized, updated and
-            requantized inside the step on every backend (see [Note: int8 first moment] in
-            quantization.py; sharded parameters too, where the shards do not cut quantization
-            chunks: [Note: int8 on shards] in sharding.py); other parameters keep ``m`` in their
-            dtype. ``v`` is always float32. A param group may hold a ``state_dtype`` of its own
+            with a float32 scale per 256-element chunk of a block, where those are strictly
+            smaller than an ``m`` in the parameter's dtype (not for blocks of 1 element in
+            float32, of up to 4 in 16 bits), dequantized, updated and requantized inside the
+            step on every backend (see [Note: int8 first moment] in quantization.py; sharded
+            parameters too, where the shards do not cut quantization chunks: [Note: int8 on
+            shards] in sharding.py); other parameters keep ``m`` in their dtype. ``v`` is always
+            float32. A param group may hold a ``state_dtype`` of its own
             (one of the same three values), which its parameters take instead: e.g. float32 ``m``
             for the embeddings of an int8 optimizer, as 8-bit AdamW users keep them, or for a
             sharded parameter whose shards cut chunks. Set between steps, it converts the state

@@ -24,16 +24,20 @@ nearest, chosen by bench/NOTES.md (the 8-bit formats study, and the demo LM with
 float32 state on two seeds). Only parameters with at least
 ``INT8_MIN_NUMEL`` elements that are not Adam blocks are quantized (``int8_first_moment``): a
 bias or a norm weight holds too little of the state to matter and keeps ``m`` in its own dtype.
-Such parameters sit in flat groups of their own (buffers.py), so that a backend steps groups
-that are all-int8 or all-float. Per-parameter state (checkpoint.py) holds ``m_codes`` (int8, the
-parameter's shape) and ``m_scales`` (float32, flat, chunk after chunk of the blocks in storage
-order) in place of ``m``. Loading a float ``m`` into an int8 optimizer quantizes it (lossy);
-loading codes into a float optimizer dequantizes them (exact into a float32 ``m``; into a
-bfloat16/float16 ``m``, state_dtype None with 16-bit parameters, rounded to that dtype). Both
-conversions happen in ``load_state_dict``, so ``state_dict()`` before the next step already saves
-the loading optimizer's format. int8 -> float32 -> int8 is not bitwise: the codes come back
-equal, but a requantized chunk's absmax is ``127 * scale / 127``, which for some scales is the
-float32 next to ``scale`` (see [Note: idle int8 m]).
+So does a parameter whose codes and scales (1 byte per element, 4 per chunk) would not be
+strictly smaller than that ``m``: blocks of 1 element in float32 (5 bytes against 4), of up to 4
+in bfloat16/float16. The decision depends on the global layout and the dtype only, so every rank
+of a mesh makes it alike. Parameters that keep a float ``m`` sit in flat groups of their own
+(buffers.py), so that a backend steps groups that are all-int8 or all-float. Per-parameter state
+(checkpoint.py) holds ``m_codes`` (int8, the parameter's shape) and ``m_scales`` (float32, flat,
+chunk after chunk of the blocks in storage order) in place of ``m``. Loading a float ``m`` into
+an int8 optimizer quantizes it (lossy); loading codes into a float optimizer dequantizes them
+(exact into a float32 ``m``; into a bfloat16/float16 ``m``, state_dtype None with 16-bit
+parameters, rounded to that dtype). Both conversions happen in ``load_state_dict``, so
+``state_dict()`` before the next step already saves the loading optimizer's format. int8 ->
+float32 -> int8 is not bitwise: the codes come back equal, but a requantized chunk's absmax is
+``127 * scale / 127``, which for some scales is the float32 next to ``scale``
+(see [Note: idle int8 m]).
 
 [Note: non-finite int8 m]
 An inf or NaN in ``m`` (an inf or NaN gradient in a step that neither AMP nor clipping skips)
@@ -114,10 +118,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, code_map: str = "linea
     return y.flatten(1)[:, :length]
 
 
-def int8_first_moment(layout) -> bool:
+def int8_first_moment(layout, dtype: torch.dtype) -> bool:
     """Whether ``AdamMini(state_dtype=torch.int8)`` stores the ``m`` of a parameter laid out as
-    ``layout`` (a ``partition.BlockLayout``) as int8 codes."""
-    return layout.numel >= INT8_MIN_NUMEL and all(s.rule != "adam" for s in layout.sections)
+    ``layout`` (a ``partition.BlockLayout``) as int8 codes instead of an ``m`` of ``dtype``: large
+    enough, not an Adam block, and codes plus scales strictly smaller than that ``m``."""
+    if layout.numel < INT8_MIN_NUMEL or any(s.rule == "adam" for s in layout.sections):
+        return False
+    chunks = sum(num_blocks * max(1, math.ceil(block_numel / QBLOCK)) for block_numel, num_blocks in layout.runs)
+    return layout.numel + 4 * chunks < layout.numel * dtype.itemsize
 
 
 def quantize_runs(m: torch.Tensor, runs) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -87,6 +87,28 @@ def test_size_threshold_of_quantization():
     assert "m_codes" not in opt.state[named[1][1]] and opt.state[named[1][1]]["m"].dtype == torch.float32
 
 
+def test_quantized_only_where_codes_are_smaller():
+    """Codes and scales (1 byte per element, 4 per 256-element chunk of a block) replace m only
+    where they take strictly fewer bytes than m in the parameter's dtype: rows of 1 element keep a
+    float32 m (5 bytes against 4) and rows of 4 a bfloat16 m (2 against 2); rows of 2 and of 5 are
+    quantized."""
+    rows = {"r1.mlp.weight": (1, torch.float32, False), "r2.mlp.weight": (2, torch.float32, True),
+            "r4.mlp.weight": (4, torch.bfloat16, False), "r5.mlp.weight": (5, torch.bfloat16, True)}
+    named = [(n, torch.nn.Parameter(torch.randn(2 * INT8_MIN_NUMEL, r).to(dtype))) for n, (r, dtype, _) in rows.items()]
+    opt = AdamMini(named, state_dtype=torch.int8, **KW)
+    run_stream([[p for _, p in named]], [opt], steps=1, none_every=0)
+    for name, p in named:
+        state, quantized = opt.state[p], rows[name][2]
+        m_bytes = sum(state[k].nbytes for k in ("m", "m_codes", "m_scales") if k in state)
+        float_bytes = p.numel() * p.element_size()
+        if quantized:
+            assert "m" not in state and state["m_codes"].dtype == torch.int8, name
+            assert m_bytes < float_bytes, name
+        else:
+            assert "m_codes" not in state and state["m"].dtype == p.dtype, name
+            assert m_bytes == float_bytes, name
+
+
 def test_matches_float_state_with_round_trip():
     """Bitwise: parameters, v, and m (codes and scales) against float m quantized after each step,
     with some parameters idle (grad None) on some steps."""
