@@ -14,11 +14,22 @@ multiplier 0. Under AMP (``torch.amp.GradScaler``) the gradient multiplier is 1 
 and a step whose ``found_inf`` is set makes every parameter idle, with no host sync.
 
 [Note: gradient multiplier]
-Kernels read a gradient as ``0 if GRAD_SCALE == 0 else g * GRAD_SCALE`` and scale a block's sum
-of g^2 by GRAD_SCALE twice the same way (``sumsq * s * s``: the square of a clip factor below
-about 1e-19, a global norm of 1e19 clipped to 1, would underflow float32). The select (not a
-product) keeps an inf or NaN gradient of an idle or skipped parameter out of every result;
-``g * 1`` is exact, so without AMP nothing changes.
+A gradient enters the step as ``(0 if GRAD_SCALE == 0 else g * GRAD_SCALE) * CLIP``: unscaled
+by AMP's 1 / scale first, then clipped (``max_grad_norm``'s factor, 1 without), in the order of
+``scaler.unscale_(opt)``, ``clip_grad_norm_``, ``step()``. A block's sum of squares is taken of
+the unscaled gradient and multiplied by CLIP twice (``sumsq * c * c``):
+
+* unscaled before squaring, as torch's fused AdamW does: GradScaler's scale keeps growing while
+  no inf is found (bfloat16 autocast, float32), and squares of the scaled gradients would
+  overflow float32 (a sum past 3.4e38, a scaled element past 1.8e19) where the unscaled ones
+  cannot. The large blocks' sums are taken before the table exists (a sharded group all-reduces
+  them first), so their operator reads AMP's ``inv_scale`` itself.
+* the clip factor after: it is known only after the norm's all-reduce for shards (see [Note:
+  clipping norm of shards] in optimizer.py), and ``c * c`` of a factor below about 1e-19 (a
+  global norm of 1e19 clipped to 1) would underflow float32.
+
+The select (not a product) keeps an inf or NaN gradient of an idle or skipped parameter out of
+every result; ``g * 1`` is exact, so without AMP and clipping nothing changes.
 
 With stochastic rounding (``group.round_seed`` set) the last column holds each parameter's
 rounding key: a uint32 stored as the bit pattern of a float32 (never used as a number; see
@@ -44,8 +55,9 @@ C_BETA2 = 4  # v <- BETA2 * v + V_WEIGHT * mean(g^2)
 C_V_WEIGHT = 5  # 1 - beta2
 C_M_WEIGHT = 6  # m <- m + M_WEIGHT * (g - m)          (1 - beta1)
 C_GRAD_SCALE = 7  # g <- g * GRAD_SCALE                  (1, 1 / AMP scale, 0 when idle)
-C_ROUND_KEY = 8  # stochastic rounding key (uint32 bits), see rounding.py
-NUM_COEFFICIENTS = 9
+C_CLIP = 8  # g <- g * CLIP, after GRAD_SCALE        (max_grad_norm's clip factor, or 1)
+C_ROUND_KEY = 9  # stochastic rounding key (uint32 bits), see rounding.py
+NUM_COEFFICIENTS = 10
 
 
 def effective_active(
@@ -68,10 +80,14 @@ def advance_steps(group: FlatGroup, active: Optional[torch.Tensor]) -> None:
 
 
 def step_coefficients(
-    group: FlatGroup, active: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor] = None
+    group: FlatGroup,
+    active: Optional[torch.Tensor],
+    inv_scale: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The (P, NUM_COEFFICIENTS) float32 table for this step; call after ``advance_steps``.
-    ``inv_scale``: 1 / the AMP loss scale (a 0-dim device tensor), or None."""
+    ``inv_scale``: 1 / the AMP loss scale, ``clip``: the clip factor (0-dim float32 device
+    tensors), or None."""
     hp = group.hparams
     lr, wd, beta1, beta2, eps = (hp[:, k] for k in (HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS))
     t = group.steps.to(torch.float64)
@@ -81,6 +97,7 @@ def step_coefficients(
     v_weight = 1 - beta2
     m_weight = 1 - beta1
     grad_scale = torch.ones_like(lr) if inv_scale is None else inv_scale.to(torch.float64).expand_as(lr)
+    clip_factor = torch.ones_like(lr) if clip is None else clip.to(torch.float64).expand_as(lr)
     if active is not None:
         zero, one = torch.zeros_like(lr), torch.ones_like(lr)
         decay = torch.where(active, decay, one)
@@ -90,7 +107,7 @@ def step_coefficients(
         v_weight = torch.where(active, v_weight, zero)
         m_weight = torch.where(active, m_weight, zero)
         grad_scale = torch.where(active, grad_scale, zero)
-    table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale], dim=1)
+    table = torch.stack([decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale, clip_factor], dim=1)
     if group.round_seed is None:
         key = torch.zeros_like(lr, dtype=torch.float32)
     else:
@@ -111,11 +128,12 @@ def next_step_coefficients(
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Advance the step counters and return this step's coefficient table (AMP: ``inv_scale``
-    and ``found_inf`` as 0-dim tensors on the group's device, or None)."""
+    and ``found_inf``, clipping: ``clip``, as 0-dim tensors on the group's device, or None)."""
     active = effective_active(group, active, found_inf)
     advance_steps(group, active)
-    coef = step_coefficients(group, active, inv_scale)
+    coef = step_coefficients(group, active, inv_scale, clip)
     salt_shard_keys(group, coef)
     return coef

@@ -33,7 +33,7 @@ def _expected_constants() -> dict:
         "LB_V LB_PARAM LB_FIRST_TILE LB_NUM_TILES LB_NUMEL LB_COLS ROW_MAX TILE ADAM_TILE"
     ).split()
     expected = {name: getattr(launch_tables, name) for name in names}
-    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE C_ROUND_KEY NUM_COEFFICIENTS").split():
+    for name in ("C_DECAY C_STEP_SIZE C_BC2_SQRT C_EPS C_BETA2 C_V_WEIGHT C_M_WEIGHT C_GRAD_SCALE C_CLIP C_ROUND_KEY NUM_COEFFICIENTS").split():
         expected[name] = getattr(coefficients, name)
     expected["QBLOCK"], expected["CODE_MAX"] = quantization.QBLOCK, quantization.CODE_MAX
     for name in ("MIX_MUL1", "MIX_MUL2", "GOLDEN", "MOMENT_STREAM"):
@@ -70,8 +70,8 @@ def _rows_step_fake(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding
 
 
 @torch.library.register_fake("adam_mini_kernels::large_blocks_sumsq")
-def _large_blocks_sumsq_fake(g, tiles, blocks, partial, block_sums):
-    op_checks.check_large_blocks_sumsq("large_blocks_sumsq", g, tiles, blocks, partial, block_sums)
+def _large_blocks_sumsq_fake(g, inv_scale, tiles, blocks, partial, block_sums):
+    op_checks.check_large_blocks_sumsq("large_blocks_sumsq", g, inv_scale, tiles, blocks, partial, block_sums)
 
 
 @torch.library.register_fake("adam_mini_kernels::large_blocks_update")
@@ -87,9 +87,9 @@ def _adam_step_fake(p, g, m, v, coef, tiles, stochastic_rounding):
 
 
 @torch.library.register_fake("adam_mini_kernels::step_coefficients")
-def _step_coefficients_fake(steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding):
+def _step_coefficients_fake(steps, hparams, coef, active, inv_scale, found_inf, clip, round_seed, stochastic_rounding):
     op_checks.check_coefficients(
-        "step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding
+        "step_coefficients", steps, hparams, coef, active, inv_scale, found_inf, clip, round_seed, stochastic_rounding
     )
 
 
@@ -125,8 +125,9 @@ def cuda_step(
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (one
     launch), then one operator call per row class, two for the large blocks (two launches each),
     one for the Adam tiles (see ``launch_tables.fused_step``)."""
-    fused_step(group, _ops, active, inv_scale, found_inf)
+    fused_step(group, _ops, active, inv_scale, found_inf, clip)

@@ -9,7 +9,8 @@ not by the number of parameters:
   steps in one pass. Rows are grouped into size classes (power-of-two ``block`` sizes) so a
   program's width fits its rows.
 * large blocks (more than ``ROW_MAX`` elements): cut into tiles of ``TILE`` elements. Phase 1
-  writes the sum of g^2 of each tile to its own slot of ``partial``; phase 2 adds a block's
+  writes the sum of g^2 of each tile (g unscaled by AMP's ``inv_scale``, see [Note: gradient
+  multiplier] in coefficients.py) to its own slot of ``partial``; phase 2 adds a block's
   slots in a fixed order into its slot of ``block_sums``; phase 3 updates its v; phase 4 each
   tile's m and p. Deterministic, no atomics, one extra read of g. Two operators: the sums
   (phases 1-2) and the update (3-4).
@@ -163,6 +164,7 @@ def fused_step(
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
     ``rows_step``, ``large_blocks_sumsq``, ``large_blocks_update``, ``adam_step``, with the
@@ -186,11 +188,11 @@ def fused_step(
         if scales is None:
             scales = group.cache["no_scales"] = torch.empty(0, dtype=torch.float32, device=group.device)
     if t.tiles is not None:
-        ops.large_blocks_sumsq(g, t.tiles, t.blocks, t.partial, t.block_sums)
+        ops.large_blocks_sumsq(g, inv_scale, t.tiles, t.blocks, t.partial, t.block_sums)
     if t.reduce_split is not None:
         t.reduce_split(t.block_sums)
-    # After the all-reduce: a clip factor riding in it is written into inv_scale there.
-    ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, rounding)
+    # After the all-reduce: a clip factor riding in it is written into ``clip`` there.
+    ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, clip, group.round_seed or 0, rounding)
     salt_shard_keys(group, coef)
     for width, rows in t.row_classes:
         ops.rows_step(p, g, m, scales, v, coef, rows, width, rounding)

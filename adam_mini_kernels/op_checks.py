@@ -91,7 +91,18 @@ def check_sums(op: str, name: str, sums, table, what: str) -> None:
     check_on_device(op, name, sums, table, f"{what}s")
 
 
-def check_large_blocks_sumsq(op: str, g, tiles, blocks, partial, block_sums) -> None:
+def check_scalar(op: str, name: str, t, like, like_name: str) -> None:
+    """``t`` is None or a one-element float32 tensor on ``like``'s device (AMP's and clipping's
+    factors)."""
+    torch._check(
+        t is None or (t.numel() == 1 and t.dtype == torch.float32),
+        lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
+    )
+    check_on_device(op, name, t, like, like_name)
+
+
+def check_large_blocks_sumsq(op: str, g, inv_scale, tiles, blocks, partial, block_sums) -> None:
+    check_scalar(op, "inv_scale", inv_scale, g, "g")
     check_table(op, "tiles", tiles, launch_tables.TILE_COLS, g, "g")
     check_table(op, "blocks", blocks, launch_tables.LB_COLS, g, "g")
     check_sums(op, "partial", partial, tiles, "tile")
@@ -113,7 +124,7 @@ def check_adam(op: str, p, g, m, v, coef, tiles, stochastic_rounding) -> None:
     check_table(op, "tiles", tiles, launch_tables.ROW_COLS, p)
 
 
-def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, round_seed, stochastic_rounding) -> None:
+def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_inf, clip, round_seed, stochastic_rounding) -> None:
     torch._check(steps.dim() == 1 and steps.dtype == torch.int64, lambda: f"adam_mini_kernels::{op}: steps must be 1-D int64")
     n = steps.shape[0]
     torch._check(
@@ -128,11 +139,8 @@ def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_i
         active is None or (active.shape == steps.shape and active.dtype == torch.bool),
         lambda: f"adam_mini_kernels::{op}: active must be a bool tensor like steps",
     )
-    for name, t in (("inv_scale", inv_scale), ("found_inf", found_inf)):
-        torch._check(
-            t is None or (t.numel() == 1 and t.dtype == torch.float32),
-            lambda: f"adam_mini_kernels::{op}: {name} must be a one-element float32 tensor",
-        )
-    for name, t in (("hparams", hparams), ("coef", coef), ("active", active), ("inv_scale", inv_scale), ("found_inf", found_inf)):
+    for name, t in (("inv_scale", inv_scale), ("found_inf", found_inf), ("clip", clip)):
+        check_scalar(op, name, t, steps, "steps")
+    for name, t in (("hparams", hparams), ("coef", coef), ("active", active)):
         check_on_device(op, name, t, steps, "steps")
     torch._check(0 <= round_seed < SEED_BOUND, lambda: f"adam_mini_kernels::{op}: round_seed must be in [0, 2^31)")

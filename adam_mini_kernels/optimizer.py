@@ -235,10 +235,11 @@ class AdamMini(torch.optim.Optimizer):
         max_grad_norm: clip the global L2 norm of the gradients to this value inside the step,
             exactly as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before
             ``step()``; the norm (of unscaled gradients under AMP) is left in
-            ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update.
-            16-bit gradients' norms are taken in float32 (clip_grad_norm_ takes them in 16 bits),
-            so there the norm is more exact and parameters may differ from clip_grad_norm_'s by
-            a 16-bit rounding.
+            ``opt.last_grad_norm`` as a device tensor. A non-finite norm skips the update, and so
+            does a norm past 1.8e19 (its square overflows float32, as the blocks' sums of squares
+            would). Norms are taken in float64 (clip_grad_norm_ takes them in the gradients'
+            dtype), so the norm is more exact and parameters may differ from clip_grad_norm_'s by
+            a rounding of the clip factor.
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
             training. The random bits are a hash of a seed (``rounding_seed``, saved in
@@ -734,9 +735,9 @@ class AdamMini(torch.optim.Optimizer):
         live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
         if self._memo.device_lr:
             self._device_lrs()
-        live, (inv_scale, skip) = self._gradient_factors(live)
+        live, (inv_scale, clip, skip) = self._gradient_factors(live)
         for group, active in live:
-            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device))
+            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device), _moved(clip, group.device))
             if group.sharded is not None:
                 if group.sharded.rider is not None:
                     raise RuntimeError("internal error: the clipping norm's all-reduce did not run in the first group's step")
@@ -868,32 +869,38 @@ class AdamMini(torch.optim.Optimizer):
     # a clipped FSDP2 step makes one collective, as an unclipped one does. Parameters on several
     # process groups (tensor parallelism: the 2-D ones and the dp-only ones) need every group's
     # sum before any update: one all-reduce per process group first, then the steps.
-    def _gradient_factors(self, live: List[Tuple[FlatGroup, Any]]) -> Tuple[List[Tuple[FlatGroup, Any]], Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-        """The groups to step, in order, and the gradient multiplier and skip flag of this step
-        as 0-dim device tensors (or None): AMP's 1 / scale and found_inf, with max_grad_norm's
-        clip factor folded into the multiplier and a non-finite norm into the skip flag. No host
-        sync. See [Note: clipping norm of shards]."""
+    def _gradient_factors(
+        self, live: List[Tuple[FlatGroup, Any]]
+    ) -> Tuple[List[Tuple[FlatGroup, Any]], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """The groups to step, in order, and this step's AMP 1 / scale, clip factor and skip flag
+        as 0-dim device tensors (or None): found_inf, or with max_grad_norm also a non-finite
+        norm. No host sync. See [Note: clipping norm of shards] and [Note: gradient multiplier]
+        in coefficients.py."""
         if not live:
             if self.max_grad_norm is not None:  # no gradient: norm 0, as clip_grad_norm_ of none
                 self._memo.grad_norm = torch.zeros((), device=self._index_to_param()[0].device)
-            return live, (None, None)
+            return live, (None, None, None)
         groups = [group for group, _ in live]
         device = groups[0].device
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else _on(grad_scale, device).reciprocal()
         skip = None if found_inf is None else _on(found_inf, device)
         if self.max_grad_norm is None:
-            return live, (inv_scale, skip)
+            return live, (inv_scale, None, skip)
         local, shard_squares = self._grad_norm_squares(groups, device)
 
         def factors(total_square: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            total = total_square.sqrt().float()
+            total = total_square.sqrt()
             if inv_scale is not None:
-                total = total * inv_scale
+                total = total * inv_scale.double()
+            # A norm whose square overflows float32 (past 1.8e19) counts as non-finite: the
+            # blocks' float32 sums of squares of these gradients would (see [Note: gradient
+            # multiplier] in coefficients.py).
+            total = torch.where(torch.isfinite(total.float().square()), total.float(), float("inf"))
             self._memo.grad_norm = total
             clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             nonfinite = (~torch.isfinite(total)).float()
-            return (clip if inv_scale is None else inv_scale * clip), (nonfinite if skip is None else skip + nonfinite)
+            return clip, (nonfinite if skip is None else skip + nonfinite)
 
         rider = None
         if len(shard_squares) == 1 and all(group.device == device for group in groups):
@@ -906,17 +913,17 @@ class AdamMini(torch.optim.Optimizer):
                 shard_sum = torch.stack(sums).sum()
                 torch.distributed.all_reduce(shard_sum, group=process_group)
                 local = local + shard_sum.to(device, non_blocking=True)
-            return live, factors(local)
+            return live, (inv_scale, *factors(local))
         # Fold them into the split-block all-reduce of the group stepped first.
-        multiplier, flag = torch.empty((), device=device), torch.empty((), device=device)
+        clip, flag = torch.empty((), device=device), torch.empty((), device=device)
 
         def then(summed: torch.Tensor) -> None:
-            m, f = factors(local + summed[0].double())
-            multiplier.copy_(m)
+            c, f = factors(local + summed[0].double())
+            clip.copy_(c)
             flag.copy_(f)
 
         groups[rider].sharded.ride(torch.stack(sums).sum().float().reshape(1), then)
-        return [live[rider]] + live[:rider] + live[rider + 1 :], (multiplier, flag)
+        return [live[rider]] + live[:rider] + live[rider + 1 :], (inv_scale, clip, flag)
 
     def _grad_norm_squares(self, groups: List[FlatGroup], device: torch.device) -> Tuple[torch.Tensor, Dict[Any, List[torch.Tensor]]]:
         """As clip_grad_norm_, the squares of the per-tensor norms (idle params' zeroed grads add
@@ -926,10 +933,10 @@ class AdamMini(torch.optim.Optimizer):
         squares = [torch.zeros((), dtype=torch.float64, device=device)]
         shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
-            # 16-bit gradients: norms in float32, as a 16-bit norm of scaled (AMP) gradients
-            # overflows to inf (and the step would be skipped) long before any element does.
-            wide = torch.float32 if group.grad_buffer.element_size() == 2 else None
-            norms = torch._foreach_norm(group.grad_views, 2, dtype=wide)
+            # Norms in float64: the gradients of an AMP step are still scaled, and GradScaler's
+            # scale keeps growing while no inf is found, past where their float32 (let alone
+            # 16-bit) sum of squares overflows and the step would be skipped.
+            norms = torch._foreach_norm(group.grad_views, 2, dtype=torch.float64)
             partial = set(group.sharded.partial_members()) if group.sharded is not None else set()
             local = [n for i, n in enumerate(norms) if i not in partial]
             if local:

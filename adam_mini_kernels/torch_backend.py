@@ -23,6 +23,7 @@ from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_ro
 from .coefficients import (
     C_BC2_SQRT,
     C_BETA2,
+    C_CLIP,
     C_DECAY,
     C_EPS,
     C_GRAD_SCALE,
@@ -92,9 +93,11 @@ def torch_step(
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     """Apply one step to ``group`` in place; ``active`` flags the parameters that have a gradient
-    (None: all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler (or None)."""
+    (None: all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler, ``clip`` from
+    ``max_grad_norm`` (or None)."""
     seg = group.cache.get("torch")
     if seg is None:
         seg = group.cache["torch"] = _segment_table(group)
@@ -104,14 +107,17 @@ def torch_step(
     work = torch.promote_types(group.param_buffer.dtype, torch.float32)
 
     g = group.grad_buffer.to(work)
-    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets).float()
+    # Squares of the unscaled gradient: see [Note: gradient multiplier] in coefficients.py.
+    unscaled = g if inv_scale is None else g * inv_scale.to(work)
+    block_sum = _segment_reduce(unscaled * unscaled, "sum", seg.seg_offsets).float()
+    del unscaled
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
-    # After the all-reduce: a clip factor riding in it is written into inv_scale there.
-    coef = next_step_coefficients(group, active, inv_scale, found_inf)
+    # After the all-reduce: a clip factor riding in it is written into ``clip`` there.
+    coef = next_step_coefficients(group, active, inv_scale, found_inf, clip)
     block_coef = coef.index_select(0, seg.block_param)
-    grad_scale = block_coef[:, C_GRAD_SCALE]  # see [Note: gradient multiplier] in coefficients.py
-    block_sum = torch.where(grad_scale == 0, 0.0, block_sum * grad_scale * grad_scale)
+    grad_scale, clip_factor = block_coef[:, C_GRAD_SCALE], block_coef[:, C_CLIP]
+    block_sum = torch.where(grad_scale == 0, 0.0, block_sum * clip_factor * clip_factor)
     v = group.v
     v.mul_(block_coef[:, C_BETA2]).add_(block_sum.div_(seg.block_numel).mul_(block_coef[:, C_V_WEIGHT]))
     h = v.sqrt().div_(block_coef[:, C_BC2_SQRT]).add_(block_coef[:, C_EPS])
@@ -119,10 +125,10 @@ def torch_step(
     # An idle parameter has step size 0: keep it exactly still even where h is 0 (eps = 0).
     block_scale = torch.where(block_coef[:, C_STEP_SIZE] == 0, 0.0, block_scale)
 
-    # Spread (scale, decay, m weight, gradient multiplier) from blocks to elements in one gather.
-    per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale], dim=1)
-    scale, decay, m_weight, g_mul = torch.repeat_interleave(per_block.to(work), seg.seg_len, dim=0, output_size=n).unbind(1)
-    g = torch.where(g_mul == 0, 0.0, g * g_mul)
+    # Spread (scale, decay, m weight, gradient multiplier, clip) from blocks to elements in one gather.
+    per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale, clip_factor], dim=1)
+    scale, decay, m_weight, g_mul, g_clip = torch.repeat_interleave(per_block.to(work), seg.seg_len, dim=0, output_size=n).unbind(1)
+    g = torch.where(g_mul == 0, 0.0, g * g_mul).mul_(g_clip)
     m = (_dequantize_m(group, seg).to(work) if group.quantized else group.m.to(work)).lerp_(g, m_weight)
     p = group.param_buffer.to(work).mul_(decay).addcmul_(m, scale, value=-1)
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.

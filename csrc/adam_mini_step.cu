@@ -174,6 +174,15 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
   });
 }
 
+// An optional one-element float32 factor (AMP's, clipping's) on `like`'s device.
+void check_scalar(const char* op, const char* name, const at::TensorBase* t, const at::TensorBase& like) {
+  if (t != nullptr) {
+    check_on_device(op, name, *t, like);
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": ", name,
+                " must be a one-element float32 tensor");
+  }
+}
+
 // A float32 scratch vector with one slot per row of `table` ("tile" or "block").
 void check_sums(const char* op, const char* name, const at::TensorBase& sums, const at::TensorBase& table,
                 const char* what) {
@@ -184,11 +193,12 @@ void check_sums(const char* op, const char* name, const at::TensorBase& sums, co
               " of shape ", sums.sizes());
 }
 
-void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase& tiles, const at::TensorBase& blocks,
-                        const at::TensorBase& partial, const at::TensorBase& block_sums) {
+void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase* inv_scale, const at::TensorBase& tiles,
+                        const at::TensorBase& blocks, const at::TensorBase& partial, const at::TensorBase& block_sums) {
   constexpr const char* op = "large_blocks_sumsq";
   TORCH_CHECK(g.is_cuda(), "adam_mini_kernels::", op, ": g must be a CUDA tensor, got one on ", g.device());
   check_contiguous(op, "g", g, 1);
+  check_scalar(op, "inv_scale", inv_scale, g);
   check_table(op, "tiles", tiles, kTileCols, g);
   check_table(op, "blocks", blocks, kLbCols, g);
   check_sums(op, "partial", partial, tiles, "tile");
@@ -205,8 +215,9 @@ void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase& tiles, co
   dispatch_storage(op, g.scalar_type(), g.scalar_type(), [&](auto tag, auto) {
     using scalar_t = typename decltype(tag)::type;
     tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(g.data_ptr()), static_cast<const int64_t*>(tiles.data_ptr()), partial_ptr,
-        aligned);
+        static_cast<const scalar_t*>(g.data_ptr()),
+        inv_scale ? static_cast<const float*>(inv_scale->data_ptr()) : nullptr,
+        static_cast<const int64_t*>(tiles.data_ptr()), partial_ptr, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   block_sumsq_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(
@@ -281,7 +292,8 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
 
 void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparams, const at::TensorBase& coef,
                        const at::TensorBase* active, const at::TensorBase* inv_scale,
-                       const at::TensorBase* found_inf, int64_t round_seed, bool stochastic_rounding) {
+                       const at::TensorBase* found_inf, const at::TensorBase* clip, int64_t round_seed,
+                       bool stochastic_rounding) {
   constexpr const char* op = "step_coefficients";
   TORCH_CHECK(steps.is_cuda(), "adam_mini_kernels::", op, ": steps must be a CUDA tensor, got one on ", steps.device());
   check_contiguous(op, "steps", steps, 1);
@@ -304,14 +316,9 @@ void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparam
     TORCH_CHECK(active->scalar_type() == at::kBool && active->size(0) == n, "adam_mini_kernels::", op,
                 ": active must be a bool tensor of ", n, " flags");
   }
-  for (const auto& [name, t] : {std::pair<const char*, const at::TensorBase*>{"inv_scale", inv_scale},
-                                {"found_inf", found_inf}}) {
-    if (t != nullptr) {
-      check_on_device(op, name, *t, steps);
-      TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "adam_mini_kernels::", op, ": ", name,
-                  " must be a one-element float32 tensor");
-    }
-  }
+  check_scalar(op, "inv_scale", inv_scale, steps);
+  check_scalar(op, "found_inf", found_inf, steps);
+  check_scalar(op, "clip", clip, steps);
   // The bound of rounding.SEED_BOUND: the Triton launch passes the seed as an int32.
   TORCH_CHECK(round_seed >= 0 && round_seed < (int64_t{1} << 31), "adam_mini_kernels::", op,
               ": round_seed must be in [0, 2^31), got ", round_seed);
@@ -324,7 +331,8 @@ void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparam
       static_cast<int64_t*>(steps.data_ptr()), active ? static_cast<const bool*>(active->data_ptr()) : nullptr,
       static_cast<const double*>(hparams.data_ptr()), static_cast<float*>(coef.data_ptr()),
       inv_scale ? static_cast<const float*>(inv_scale->data_ptr()) : nullptr,
-      found_inf ? static_cast<const float*>(found_inf->data_ptr()) : nullptr, n, static_cast<uint32_t>(round_seed),
+      found_inf ? static_cast<const float*>(found_inf->data_ptr()) : nullptr,
+      clip ? static_cast<const float*>(clip->data_ptr()) : nullptr, n, static_cast<uint32_t>(round_seed),
       stochastic_rounding);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

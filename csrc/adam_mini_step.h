@@ -24,10 +24,11 @@ void rows_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
                const at::TensorBase& m_scales, const at::TensorBase& v, const at::TensorBase& coef, const at::TensorBase& rows,
                int64_t width, bool stochastic_rounding);
 
-// Large blocks, first half (two launches): the sum of g^2 of every tile into `partial` (one slot
-// per tile), then of every block into `block_sums` (a fixed-order sum of its tiles' slots).
-void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase& tiles, const at::TensorBase& blocks,
-                        const at::TensorBase& partial, const at::TensorBase& block_sums);
+// Large blocks, first half (two launches): the sum of (g * inv_scale)^2 of every tile into
+// `partial` (one slot per tile), then of every block into `block_sums` (a fixed-order sum of its
+// tiles' slots). `inv_scale` (AMP's 1 / scale, 0-dim float32) is optional.
+void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase* inv_scale, const at::TensorBase& tiles,
+                        const at::TensorBase& blocks, const at::TensorBase& partial, const at::TensorBase& block_sums);
 
 // Large blocks, second half (two launches): every block's v from `block_sums` (all-reduced over
 // the ranks in between for blocks split across them), then m and p of every tile.
@@ -43,10 +44,11 @@ void adam_step(const at::TensorBase& p, const at::TensorBase& g, const at::Tenso
 
 // The step counters and the coefficient table of one group (one launch): `steps` (P) int64,
 // `hparams` (P, kNumHparams) float64, `coef` (P, kNumCoefficients) float32; `active` (P) bool,
-// `inv_scale` and `found_inf` (0-dim float32, AMP) are optional.
+// `inv_scale` and `found_inf` (AMP) and `clip` (max_grad_norm's factor), 0-dim float32, are optional.
 void step_coefficients(const at::TensorBase& steps, const at::TensorBase& hparams, const at::TensorBase& coef,
                        const at::TensorBase* active, const at::TensorBase* inv_scale,
-                       const at::TensorBase* found_inf, int64_t round_seed, bool stochastic_rounding);
+                       const at::TensorBase* found_inf, const at::TensorBase* clip, int64_t round_seed,
+                       bool stochastic_rounding);
 
 // Whether the kernels have an image (machine code, or PTX the driver compiles) for CUDA device
 // `device_index`: false for a GPU whose arch the extension was not built for.

@@ -44,9 +44,9 @@ void rows_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor&
   adam_mini::rows_step(p, g, m, m_scales, v, coef, rows, width, stochastic_rounding);
 }
 
-void large_blocks_sumsq_op(const at::Tensor& g, const at::Tensor& tiles, const at::Tensor& blocks,
-                           at::Tensor& partial, at::Tensor& block_sums) {
-  adam_mini::large_blocks_sumsq(g, tiles, blocks, partial, block_sums);
+void large_blocks_sumsq_op(const at::Tensor& g, const std::optional<at::Tensor>& inv_scale, const at::Tensor& tiles,
+                           const at::Tensor& blocks, at::Tensor& partial, at::Tensor& block_sums) {
+  adam_mini::large_blocks_sumsq(g, inv_scale ? &*inv_scale : nullptr, tiles, blocks, partial, block_sums);
 }
 
 void large_blocks_update_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor& m_scales, at::Tensor& v,
@@ -62,10 +62,11 @@ void adam_step_op(at::Tensor& p, const at::Tensor& g, at::Tensor& m, at::Tensor&
 
 void step_coefficients_op(at::Tensor& steps, const at::Tensor& hparams, at::Tensor& coef,
                           const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& inv_scale,
-                          const std::optional<at::Tensor>& found_inf, int64_t round_seed, bool stochastic_rounding) {
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip,
+                          int64_t round_seed, bool stochastic_rounding) {
   const auto ptr = [](const std::optional<at::Tensor>& t) -> const at::TensorBase* { return t ? &*t : nullptr; };
-  adam_mini::step_coefficients(steps, hparams, coef, ptr(active), ptr(inv_scale), ptr(found_inf), round_seed,
-                               stochastic_rounding);
+  adam_mini::step_coefficients(steps, hparams, coef, ptr(active), ptr(inv_scale), ptr(found_inf), ptr(clip),
+                               round_seed, stochastic_rounding);
 }
 
 }  // namespace
@@ -76,7 +77,8 @@ TORCH_LIBRARY(adam_mini_kernels, m) {
       "rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
       "Tensor rows, int width, bool stochastic_rounding) -> ()");
   m.def(
-      "large_blocks_sumsq(Tensor g, Tensor tiles, Tensor blocks, Tensor(a!) partial, Tensor(b!) block_sums) -> ()");
+      "large_blocks_sumsq(Tensor g, Tensor? inv_scale, Tensor tiles, Tensor blocks, Tensor(a!) partial, "
+      "Tensor(b!) block_sums) -> ()");
   m.def(
       "large_blocks_update(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, "
       "Tensor tiles, Tensor blocks, Tensor block_sums, bool stochastic_rounding) -> ()");
@@ -85,7 +87,7 @@ TORCH_LIBRARY(adam_mini_kernels, m) {
       "bool stochastic_rounding) -> ()");
   m.def(
       "step_coefficients(Tensor(a!) steps, Tensor hparams, Tensor(b!) coef, Tensor? active, Tensor? inv_scale, "
-      "Tensor? found_inf, int round_seed, bool stochastic_rounding) -> ()");
+      "Tensor? found_inf, Tensor? clip, int round_seed, bool stochastic_rounding) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adam_mini_kernels, CUDA, m) {
@@ -128,6 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       {"C_V_WEIGHT", adam_mini::kVWeight},
       {"C_M_WEIGHT", adam_mini::kMWeight},
       {"C_GRAD_SCALE", adam_mini::kGradScale},
+      {"C_CLIP", adam_mini::kClip},
       {"C_ROUND_KEY", adam_mini::kRoundKey},
       {"NUM_COEFFICIENTS", adam_mini::kNumCoefficients},
       {"HP_LR", adam_mini::kHpLr},

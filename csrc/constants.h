@@ -41,9 +41,10 @@ constexpr int kEps = 3;
 constexpr int kBeta2 = 4;
 constexpr int kVWeight = 5;
 constexpr int kMWeight = 6;
-constexpr int kGradScale = 7;
-constexpr int kRoundKey = 8;  // uint32 stochastic rounding key, stored as float32 bits
-constexpr int kNumCoefficients = 9;
+constexpr int kGradScale = 7;  // AMP's 1 / scale (or 1; 0 when idle)
+constexpr int kClip = 8;       // max_grad_norm's clip factor (or 1), applied after kGradScale
+constexpr int kRoundKey = 9;   // uint32 stochastic rounding key, stored as float32 bits
+constexpr int kNumCoefficients = 10;
 
 // Columns of the float64 per-parameter hyperparameter table (adam_mini_kernels/buffers.py).
 constexpr int kHpLr = 0;

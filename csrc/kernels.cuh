@@ -406,21 +406,26 @@ __device__ __forceinline__ float block_sum(float x, float* warp_sums) {
 // One parameter's row of the coefficient table (see [Note: coefficient table] in
 // coefficients.py). Every thread of a CUDA block reads the same row: broadcast loads, cached.
 struct Coefficients {
-  float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale;
+  float decay, step_size, bc2_sqrt, eps, beta2, v_weight, m_weight, grad_scale, clip;
   uint32_t round_key;
 };
 
 __device__ __forceinline__ Coefficients load_coefficients(const float* __restrict__ table, int64_t param) {
   const float* row = table + param * kNumCoefficients;
   return {row[kDecay],  row[kStepSize], row[kBc2Sqrt],   row[kEps], row[kBeta2], row[kVWeight], row[kMWeight],
-          row[kGradScale], float_bits(row[kRoundKey])};
+          row[kGradScale], row[kClip], float_bits(row[kRoundKey])};
 }
 
-// The gradient times its multiplier (1, 1 / AMP scale, or 0 for a parameter without an update
-// this step). A select, not a product: an inf or NaN gradient of a skipped parameter must not
-// reach any result (see [Note: gradient multiplier] in adam_mini_kernels/coefficients.py).
-__device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
+// The gradient unscaled, before clipping: times AMP's multiplier (1, 1 / AMP scale, or 0 for a
+// parameter without an update this step). A select, not a product: an inf or NaN gradient of a
+// skipped parameter must not reach any result. Block sums of squares are of this gradient; the
+// update's is clipped after (see [Note: gradient multiplier] in adam_mini_kernels/coefficients.py).
+__device__ __forceinline__ float unscaled_grad(float g, const Coefficients& c) {
   return c.grad_scale == 0.f ? 0.f : g * c.grad_scale;
+}
+
+__device__ __forceinline__ float clipped_grad(float g, const Coefficients& c) {
+  return unscaled_grad(g, c) * c.clip;
 }
 
 // [Note: float32 math, IEEE sqrt and division]
@@ -432,10 +437,10 @@ __device__ __forceinline__ float scaled_grad(float g, const Coefficients& c) {
 // blocks, so exactness costs nothing measurable in these memory-bound kernels.
 
 // v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
-// block's sum of the raw g^2 (the multiplier is applied to the sum twice: see [Note: gradient
-// multiplier] in adam_mini_kernels/coefficients.py).
+// block's sum of squares of the unscaled gradient (the clip factor is applied to the sum twice:
+// see [Note: gradient multiplier] in adam_mini_kernels/coefficients.py).
 __device__ __forceinline__ float updated_v(float v, float sumsq, int64_t numel, const Coefficients& c) {
-  sumsq = c.grad_scale == 0.f ? 0.f : sumsq * c.grad_scale * c.grad_scale;
+  sumsq = c.grad_scale == 0.f ? 0.f : sumsq * c.clip * c.clip;
   const float mean = sumsq / static_cast<float>(numel > 1 ? numel : 1);
   return v * c.beta2 + c.v_weight * mean;
 }
@@ -449,7 +454,7 @@ __device__ __forceinline__ float step_scale(float v, const Coefficients& c) {
   return c.step_size / (sqrtf(v) / c.bc2_sqrt + c.eps);
 }
 
-// m <- m + (1 - beta1) (g - m);  p <- p * decay - scale * m  (g already multiplied: scaled_grad).
+// m <- m + (1 - beta1) (g - m);  p <- p * decay - scale * m  (g already multiplied: clipped_grad).
 __device__ __forceinline__ void update_element(float& p, float& m, float g, float scale, const Coefficients& c) {
   m = m + c.m_weight * (g - m);
   p = p * c.decay - scale * m;
@@ -489,6 +494,10 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
   load_span(gf, mf, pf, g, m, p, m_scales, numel, vectorized);
+#pragma unroll
+  for (int k = 0; k < kElemsPerThread; ++k) {
+    gf[k] = unscaled_grad(gf[k], c);
+  }
 
   __shared__ float warp_sums[32];
   __shared__ float row_scale;
@@ -503,17 +512,18 @@ __global__ void __launch_bounds__(kRowMaxThreads)
 
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
+    update_element(pf[k], mf[k], gf[k] * c.clip, scale, c);
   }
   store_span(m, p, mf, pf, m_scales, numel, vectorized, c.m_weight != 0.f,
              Rounding{stochastic_rounding, c.round_key, start});
 }
 
-// Large blocks, phase 1: partial[tile] = sum of g^2 over the tile.
+// Large blocks, phase 1: partial[tile] = sum of (g * inv_scale)^2 over the tile (AMP's 1 / scale:
+// the sums come before the coefficient table; `inv_scale` null: 1).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads)
-    tile_sumsq_kernel(const scalar_t* __restrict__ g, const int64_t* __restrict__ tiles,
-                      float* __restrict__ partial, bool aligned_buffers) {
+    tile_sumsq_kernel(const scalar_t* __restrict__ g, const float* __restrict__ inv_scale,
+                      const int64_t* __restrict__ tiles, float* __restrict__ partial, bool aligned_buffers) {
   constexpr int kVec = vec_width<scalar_t>();
   const int64_t tile_id = blockIdx.x;
   const int64_t* tile = tiles + tile_id * kTileCols;
@@ -527,6 +537,13 @@ __global__ void __launch_bounds__(kTileThreads)
     load_fragment<kVec, true>(gf, g, numel);
   } else {
     load_fragment<kVec, false>(gf, g, numel);
+  }
+  if (inv_scale != nullptr) {
+    const float s = *inv_scale;
+#pragma unroll
+    for (int k = 0; k < kElemsPerThread; ++k) {
+      gf[k] *= s;
+    }
   }
   __shared__ float warp_sums[32];
   const float sumsq = block_sum(sum_of_squares(gf), warp_sums);
@@ -593,7 +610,7 @@ __global__ void __launch_bounds__(kTileThreads)
   load_span(gf, mf, pf, g, m, p, m_scales, numel, vectorized);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    update_element(pf[k], mf[k], scaled_grad(gf[k], c), scale, c);
+    update_element(pf[k], mf[k], clipped_grad(gf[k], c), scale, c);
   }
   store_span(m, p, mf, pf, m_scales, numel, vectorized, c.m_weight != 0.f,
              Rounding{stochastic_rounding, c.round_key, start});
@@ -617,7 +634,7 @@ __device__ __forceinline__ void adam_tile(scalar_t* __restrict__ p, const scalar
   load_fragment<kVec, kVectorizedV>(vf, v, numel);
 #pragma unroll
   for (int k = 0; k < kElemsPerThread; ++k) {
-    const float g = scaled_grad(gf[k], c);
+    const float g = clipped_grad(gf[k], c);
     vf[k] = vf[k] * c.beta2 + c.v_weight * (g * g);
     update_element(pf[k], mf[k], g, step_scale(vf[k], c), c);
   }
@@ -661,12 +678,13 @@ __global__ void __launch_bounds__(kAdamThreads)
 // gradient this step and AMP found no inf) and writes its row, computed in float64 and rounded
 // once to float32, as the Python function does (pow differs from the host's by at most an ulp of
 // float64, which the rounding to float32 hides). `active`, `inv_scale` and `found_inf` may be
-// null (every parameter active, no AMP).
+// null (every parameter active, no AMP), and `clip` (no clipping).
 __global__ void __launch_bounds__(kCoefThreads)
     step_coefficients_kernel(int64_t* __restrict__ steps, const bool* __restrict__ active,
                              const double* __restrict__ hparams, float* __restrict__ coef,
                              const float* __restrict__ inv_scale, const float* __restrict__ found_inf,
-                             int64_t num_params, uint32_t round_seed, bool stochastic_rounding) {
+                             const float* __restrict__ clip, int64_t num_params, uint32_t round_seed,
+                             bool stochastic_rounding) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= num_params) {
     return;
@@ -690,6 +708,7 @@ __global__ void __launch_bounds__(kCoefThreads)
   row[kVWeight] = on ? static_cast<float>(1.0 - beta2) : 0.f;
   row[kMWeight] = on ? static_cast<float>(1.0 - beta1) : 0.f;
   row[kGradScale] = on ? (inv_scale != nullptr ? *inv_scale : 1.f) : 0.f;
+  row[kClip] = clip != nullptr ? *clip : 1.f;
   const uint32_t key = stochastic_rounding ? mix32(mix32(static_cast<uint32_t>(t)) + round_seed) : 0u;
   float key_bits;
   memcpy(&key_bits, &key, sizeof(key_bits));

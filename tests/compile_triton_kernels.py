@@ -59,19 +59,24 @@ def configurations():
             yield (f"tile_step ({tag})", K.tile_step_kernel, buffers, {"TILE": TILE, "ROUNDING": rounding}, 8)
             if state != "i8":  # Adam blocks never have an int8 m
                 yield (f"adam_step ({tag})", K.adam_step_kernel, buffers, {"TILE": ADAM_TILE, "ROUNDING": rounding}, 4)
-        yield (f"tile_sumsq ({label})", K.tile_sumsq_kernel,
-               {"g_ptr": f"*{dtype}", "tiles_ptr": "*i64", "partial_ptr": "*fp32"}, {"TILE": TILE}, 8)
+        for has_amp in (False, True):
+            yield (f"tile_sumsq ({label}{', AMP' if has_amp else ''})", K.tile_sumsq_kernel,
+                   {"g_ptr": f"*{dtype}", "inv_scale_ptr": "*fp32", "tiles_ptr": "*i64", "partial_ptr": "*fp32"},
+                   {"HAS_AMP": has_amp, "TILE": TILE}, 8)
     yield ("block_sumsq", K.block_sumsq_kernel,
            {"partial_ptr": "*fp32", "blocks_ptr": "*i64", "sums_ptr": "*fp32"}, {"CHUNK": CHUNK}, 4)
     yield ("large_block_v", K.large_block_v_kernel,
            {"v_ptr": "*fp32", "coef_ptr": "*fp32", "sums_ptr": "*fp32", "blocks_ptr": "*i64"}, {}, 1)
     coef_args = {"steps_ptr": "*i64", "active_ptr": "*i1", "hp_ptr": "*fp64", "coef_ptr": "*fp32",
-                 "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "num_params": "i32", "round_seed": "i32"}
+                 "inv_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_ptr": "*fp32", "num_params": "i32",
+                 "round_seed": "i32"}
     for has_active in (False, True):
         for has_amp in (False, True):
-            for rounding in (False, True):
-                flags = {"HAS_ACTIVE": has_active, "HAS_AMP": has_amp, "ROUNDING": rounding, "BLOCK": COEF_BLOCK}
-                yield (f"step_coefficients {flags}", K.step_coefficients_kernel, coef_args, flags, 4)
+            for has_clip in (False, True):
+                for rounding in (False, True):
+                    flags = {"HAS_ACTIVE": has_active, "HAS_AMP": has_amp, "HAS_CLIP": has_clip, "ROUNDING": rounding,
+                             "BLOCK": COEF_BLOCK}
+                    yield (f"step_coefficients {flags}", K.step_coefficients_kernel, coef_args, flags, 4)
 
 
 # Kernels that stream p, g and m (programs of at least 1024 elements: one 16-byte unit per thread

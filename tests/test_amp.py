@@ -175,3 +175,46 @@ def test_float32_parameters_under_float16_autocast(backend):
         ref.step()
     for (n, a), (_, b) in zip(model.named_parameters(), ref_named):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0], ids=["plain", "clipped"])
+def test_a_scale_grown_past_float32_squares_does_not_overflow(backend, max_grad_norm):
+    """GradScaler's scale keeps doubling while no inf is found (bfloat16 or float32 autocast):
+    at 2^100 every scaled gradient is finite, but its square is not (past 1.8e19). The step must
+    equal the step on the true gradients (unscaling by a power of two is exact): the sums of
+    squares are of unscaled gradients, in rows, in a large block (a 128 x 256 head, past
+    ROW_MAX, summed by tiles before the coefficient table exists) and in Adam blocks, and the
+    clipping norm is finite. (Squares of scaled gradients once made v inf and froze the blocks;
+    with max_grad_norm the norm was inf and every step was skipped.)"""
+    shapes = {"layers.0.wq.weight": (256, 256), "mlp.weight": (48, 256), "ln.weight": (256,), "mlp.bias": (48,)}
+    gen = torch.Generator().manual_seed(9)
+    named = [(n, torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE))) for n, s in shapes.items()]
+    ref_named = clone_named(named)
+    kw = dict(KW, dim=256, n_heads=2, backend=backend, max_grad_norm=max_grad_norm)
+    opt, ref = AdamMini(named, **kw), AdamMini(ref_named, **kw)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**100, growth_interval=1000)
+    for step in range(3):
+        targets = {n: torch.randn(s, generator=gen).to(DEVICE) for n, s in shapes.items()}
+        opt.zero_grad()
+        scaler.scale(sum((p * targets[n]).sum() for n, p in named)).backward()
+        assert all(torch.isfinite(p.grad).all() for _, p in named)
+        assert not torch.isfinite(named[0][1].grad.square()).all()  # the squares of scaled grads overflow
+        scaler.step(opt)
+        scaler.update()
+        for n, p in ref_named:
+            p.grad = targets[n].clone()
+        ref.step()
+    assert scaler.get_scale() == 2.0**100  # no inf was found
+    group, ref_group = opt._flat[0], ref._flat[0]
+    assert max(int(layout.block_sizes().max()) for layout in group.layouts) == 128 * 256  # a large block
+    assert torch.equal(group.steps, torch.full_like(group.steps, 3)) and torch.isfinite(group.v).all()
+    if max_grad_norm is None:
+        for (n, a), (_, b) in zip(named, ref_named):
+            assert torch.equal(a, b), n
+        assert torch.equal(group.v, ref_group.v)
+    else:  # the norms differ in rounding only (float64 here, float32 on the true gradients)
+        torch.testing.assert_close(opt.last_grad_norm, ref.last_grad_norm, rtol=1e-6, atol=0)
+        assert opt.last_grad_norm > 1.0  # the clip is active
+        for (n, a), (_, b) in zip(named, ref_named):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

@@ -166,13 +166,14 @@ def test_triton_operators_opcheck(dtype, state_dtype):
     rounding = dtype == torch.bfloat16
     scales = group.m_scales if group.quantized else torch.empty(0)
     state = (group.param_buffer, group.grad_buffer, group.m, scales, group.v, coef)
-    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, 7, rounding))
+    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, None, None, None, None, 7, rounding))
     active = torch.arange(len(group.params)) % 2 == 0
-    amp = (torch.tensor(0.5), torch.tensor(0.0))
-    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, active, *amp, 7, rounding))
+    amp_clip = (torch.tensor(0.5), torch.tensor(0.0), torch.tensor(0.25))
+    torch.library.opcheck(ops.OPERATORS.step_coefficients, (group.steps, group.hparams, coef, active, *amp_clip, 7, rounding))
     width, rows = t.row_classes[-1]
     torch.library.opcheck(ops.OPERATORS.rows_step, state + (rows, width, rounding))
-    sumsq = (group.grad_buffer, t.tiles, t.blocks, t.partial, t.block_sums)
+    sumsq = (group.grad_buffer, None, t.tiles, t.blocks, t.partial, t.block_sums)
+    torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, (group.grad_buffer, torch.tensor(0.5)) + sumsq[2:])
     torch.library.opcheck(ops.OPERATORS.large_blocks_sumsq, sumsq)
     ops.OPERATORS.large_blocks_sumsq(*sumsq)  # opcheck ran on copies: the update reads real sums, not torch.empty's
     assert (t.block_sums > 0).all()

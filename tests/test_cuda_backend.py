@@ -38,15 +38,15 @@ OPS = ("rows_step", "large_blocks_sumsq", "large_blocks_update", "adam_step", "s
 SCHEMAS = {
     "rows_step": "adam_mini_kernels::rows_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) m_scales, "
     "Tensor(d!) v, Tensor coef, Tensor rows, int width, bool stochastic_rounding) -> ()",
-    "large_blocks_sumsq": "adam_mini_kernels::large_blocks_sumsq(Tensor g, Tensor tiles, Tensor blocks, "
-    "Tensor(a!) partial, Tensor(b!) block_sums) -> ()",
+    "large_blocks_sumsq": "adam_mini_kernels::large_blocks_sumsq(Tensor g, Tensor? inv_scale, Tensor tiles, "
+    "Tensor blocks, Tensor(a!) partial, Tensor(b!) block_sums) -> ()",
     "large_blocks_update": "adam_mini_kernels::large_blocks_update(Tensor(a!) p, Tensor g, Tensor(b!) m, "
     "Tensor(c!) m_scales, Tensor(d!) v, Tensor coef, Tensor tiles, Tensor blocks, Tensor block_sums, "
     "bool stochastic_rounding) -> ()",
     "adam_step": "adam_mini_kernels::adam_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor coef, "
     "Tensor tiles, bool stochastic_rounding) -> ()",
     "step_coefficients": "adam_mini_kernels::step_coefficients(Tensor(a!) steps, Tensor hparams, Tensor(b!) coef, "
-    "Tensor? active, Tensor? inv_scale, Tensor? found_inf, int round_seed, bool stochastic_rounding) -> ()",
+    "Tensor? active, Tensor? inv_scale, Tensor? found_inf, Tensor? clip, int round_seed, bool stochastic_rounding) -> ()",
 }
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -159,15 +159,20 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         for width, rows in real["rows"]:
             assert ops.rows_step(p, g, m, s, v, coef, _fake_like(rows), width, False) is None
         tiles, blocks, partial, sums = (_fake_like(real[k]) for k in ("tiles", "blocks", "partial", "block_sums"))
-        assert ops.large_blocks_sumsq(g, tiles, blocks, partial, sums) is None
+        assert ops.large_blocks_sumsq(g, None, tiles, blocks, partial, sums) is None
+        assert ops.large_blocks_sumsq(g, _fake_like(torch.ones(())), tiles, blocks, partial, sums) is None
         assert ops.large_blocks_update(p, g, m, s, v, coef, tiles, blocks, sums, False) is None
         with pytest.raises(RuntimeError, match="block_sums must be float32 with one slot per block"):
-            ops.large_blocks_sumsq(g, tiles, blocks, partial, sums[:1])
+            ops.large_blocks_sumsq(g, None, tiles, blocks, partial, sums[:1])
+        with pytest.raises(RuntimeError, match="inv_scale must be a one-element float32"):
+            ops.large_blocks_sumsq(g, _fake_like(torch.ones(2)), tiles, blocks, partial, sums)
         assert ops.adam_step(p, g, m, v, coef, _fake_like(real["adam"]), False) is None
         steps, hparams = _fake_like(real["steps"]), _fake_like(real["hparams"])
-        assert ops.step_coefficients(steps, hparams, coef, None, None, None, 0, False) is None
+        assert ops.step_coefficients(steps, hparams, coef, None, None, None, None, 0, False) is None
         with pytest.raises(RuntimeError, match="hparams must be a float64"):
-            ops.step_coefficients(steps, hparams.float(), coef, None, None, None, 0, False)
+            ops.step_coefficients(steps, hparams.float(), coef, None, None, None, None, 0, False)
+        with pytest.raises(RuntimeError, match="clip must be a one-element float32"):
+            ops.step_coefficients(steps, hparams, coef, None, None, None, _fake_like(torch.ones((), dtype=torch.float64)), 0, False)
         # What the fake implementations can see is checked, as the CUDA kernels' launchers do.
         with pytest.raises(RuntimeError, match="coef"):
             ops.adam_step(p, g, m, v, coef[:, :3], _fake_like(real["adam"]), False)
@@ -189,7 +194,7 @@ def test_traces_with_make_fx(backend):
 
     def step(p, g, m, s, v, coef, tiles, blocks, partial, sums, adam, *rows):
         ops = torch.ops.adam_mini_kernels
-        ops.large_blocks_sumsq(g, tiles, blocks, partial, sums)
+        ops.large_blocks_sumsq(g, None, tiles, blocks, partial, sums)
         for (width, _), table in zip(real["rows"], rows):
             ops.rows_step(p, g, m, s, v, coef, table, width, True)
         ops.large_blocks_update(p, g, m, s, v, coef, tiles, blocks, sums, True)
@@ -419,13 +424,17 @@ def load_emulator(library):
     lib.path = str(library)
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.emulate_rows_step.argtypes = [flag] + [ptr] * 7 + [i64, i64, flag, flag]
-    lib.emulate_large_blocks_sumsq.argtypes = [flag, ptr, ptr, i64, ptr, i64, ptr, ptr, flag]
+    lib.emulate_large_blocks_sumsq.argtypes = [flag, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, flag]
     lib.emulate_large_blocks_update.argtypes = [flag] + [ptr] * 7 + [i64, ptr, i64, ptr, flag, flag]
     lib.emulate_adam_step.argtypes = [flag] + [ptr] * 6 + [i64, flag, flag, flag]
-    lib.emulate_step_coefficients.argtypes = [ptr] * 6 + [i64, ctypes.c_uint32, flag]
+    lib.emulate_step_coefficients.argtypes = [ptr] * 7 + [i64, ctypes.c_uint32, flag]
     lib.emulate_random_bits.argtypes = [ctypes.c_uint32, i64]
     lib.emulate_random_bits.restype = ctypes.c_uint32
     return lib
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
 
 
 class _EmulatedOps:
@@ -449,11 +458,10 @@ class _EmulatedOps:
         scales = () if m_scales is None else (m_scales.data_ptr(),)
         return (code, p.data_ptr(), g.data_ptr(), m.data_ptr(), *scales, v.data_ptr(), coef.data_ptr())
 
-    def step_coefficients(self, steps, hparams, coef, active, inv_scale, found_inf, round_seed, rounding):
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    def step_coefficients(self, steps, hparams, coef, active, inv_scale, found_inf, clip, round_seed, rounding):
         self._check(self.lib.emulate_step_coefficients(
-            steps.data_ptr(), ptr(active), hparams.data_ptr(), coef.data_ptr(), ptr(inv_scale), ptr(found_inf),
-            steps.shape[0], round_seed, int(rounding),
+            steps.data_ptr(), _ptr(active), hparams.data_ptr(), coef.data_ptr(), _ptr(inv_scale), _ptr(found_inf),
+            _ptr(clip), steps.shape[0], round_seed, int(rounding),
         ))
 
     def rows_step(self, p, g, m, m_scales, v, coef, rows, width, rounding):
@@ -461,10 +469,10 @@ class _EmulatedOps:
             *self._state(p, g, m, v, coef, m_scales), rows.data_ptr(), rows.shape[0], width, self._aligned(p, g, m), int(rounding)
         ))
 
-    def large_blocks_sumsq(self, g, tiles, blocks, partial, block_sums):
+    def large_blocks_sumsq(self, g, inv_scale, tiles, blocks, partial, block_sums):
         self._check(self.lib.emulate_large_blocks_sumsq(
-            DTYPE_CODE[g.dtype], g.data_ptr(), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(), blocks.shape[0],
-            partial.data_ptr(), block_sums.data_ptr(), self._aligned(g),
+            DTYPE_CODE[g.dtype], g.data_ptr(), _ptr(inv_scale), tiles.data_ptr(), tiles.shape[0], blocks.data_ptr(),
+            blocks.shape[0], partial.data_ptr(), block_sums.data_ptr(), self._aligned(g),
         ))
 
     def large_blocks_update(self, p, g, m, m_scales, v, coef, tiles, blocks, block_sums, rounding):
@@ -480,12 +488,13 @@ class _EmulatedOps:
         ))
 
 
-def _emulated_coefficients(lib, group, active, inv_scale, found_inf):
+def _emulated_coefficients(lib, group, active, inv_scale, found_inf, clip=None):
     """The coefficient table of this step from the emulated step_coefficients_kernel (advancing
     the group's step counters)."""
     coef = torch.empty(len(group.params), coefficients.NUM_COEFFICIENTS)
     _EmulatedOps(lib).step_coefficients(
-        group.steps, group.hparams, coef, active, inv_scale, found_inf, group.round_seed or 0, group.round_seed is not None
+        group.steps, group.hparams, coef, active, inv_scale, found_inf, clip, group.round_seed or 0,
+        group.round_seed is not None,
     )
     return coef
 
@@ -493,7 +502,9 @@ def _emulated_coefficients(lib, group, active, inv_scale, found_inf):
 def _emulated_step(lib, force_scalar=False):
     """A step function with the signature of ``cuda_step``, through the emulated kernels."""
     ops = _EmulatedOps(lib, force_scalar)
-    return lambda group, active, inv_scale=None, found_inf=None: fused_step(group, ops, active, inv_scale, found_inf)
+    return lambda group, active, inv_scale=None, found_inf=None, clip=None: fused_step(
+        group, ops, active, inv_scale, found_inf, clip
+    )
 
 
 def emulated_optimizer(params, lib, force_scalar=False, **kwargs) -> AdamMini:
@@ -610,6 +621,24 @@ def test_emulated_kernels_amp_unscale_and_skip(emulator):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["plain", "clipped"])
+def test_emulated_kernels_amp_scale_past_float32_squares(emulator, max_grad_norm):
+    """An AMP scale of 2^100: finite scaled gradients whose squares overflow float32. The kernels
+    square unscaled gradients (rows on chip, the large blocks' tiles with ``inv_scale``), the clip
+    factor applied after: the torch backend's result, v finite, no step skipped."""
+    named, dims = _odd_named()
+    sets, opts = _emulated_runs(named, dims, torch.float32, emulator, ["fast"], max_grad_norm=max_grad_norm)
+    for opt in opts:
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0**100), torch.tensor(0.0)
+    run_stream(sets, opts, steps=2, seed=24, none_every=0, grad_scale=lambda i: 2.0**100)
+    assert_runs_close(sets, opts, steps=2)
+    group = opts[1]._flat[0]
+    assert group.cache["launch_tables"].tiles is not None  # the large blocks' path ran
+    assert torch.isfinite(group.v).all() and bool((group.steps == 2).all())
+    if max_grad_norm is not None:
+        assert torch.isfinite(opts[1].last_grad_norm) and opts[1].last_grad_norm > max_grad_norm
+
+
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_emulated_kernels_stochastic_rounding(emulator, state_dtype):
     """The kernels' stochastic rounding gives the torch backend's bits (gradients of +-1 and
@@ -647,12 +676,12 @@ def coefficient_inputs(group, gen):
     group.steps.copy_(steps)
 
 
-@pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "scale_only", "skip_only", "rounding"])
+@pytest.mark.parametrize("case", ["plain", "idle", "amp", "amp_skip", "scale_only", "skip_only", "clip", "amp_clip", "rounding"])
 def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
     rounded once to float32) and advances the same step counters, at large step counts, with
     per-parameter hyperparameters, idle parameters, AMP (unscale and skip; either tensor also
-    without the other) and rounding keys."""
+    without the other), a clip factor and rounding keys."""
     named, dims = _odd_named()
     group = _cpu_group(named, dims)
     gen = torch.Generator().manual_seed(17)
@@ -662,13 +691,17 @@ def test_emulated_coefficient_kernel_matches_torch_ops(emulator, case):
     inv_scale = torch.tensor(1 / 1024.0) if case in ("amp", "amp_skip", "scale_only") else None
     found_inf = {"amp": 0.0, "amp_skip": 1.0, "skip_only": 1.0}.get(case)
     found_inf = None if found_inf is None else torch.tensor(found_inf)
+    if case == "amp_clip":
+        inv_scale, found_inf = torch.tensor(2.0**-40), torch.tensor(0.0)
+    clip = torch.tensor(0.3125) if case in ("clip", "amp_clip") else None
     group.round_seed = 123456789 if case == "rounding" else None
     start = group.steps.clone()
 
-    fused = _emulated_coefficients(emulator, group, active, inv_scale, found_inf)
+    fused = _emulated_coefficients(emulator, group, active, inv_scale, found_inf, clip)
     fused_steps = group.steps.clone()
     group.steps.copy_(start)
-    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
+    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf, clip)
+    assert torch.equal(expected[:, coefficients.C_CLIP], torch.full((n,), 1.0 if clip is None else 0.3125))
     assert torch.equal(fused_steps, group.steps)
     assert torch.equal(fused_steps, start) == (case in ("amp_skip", "skip_only"))
     key = coefficients.C_ROUND_KEY
@@ -702,7 +735,7 @@ V_SHIFT = 2**31 + 2**20  # a multiple of 4 floats: the Adam tiles' v alignment t
 def _fixed_coefficients(num_params):
     C = coefficients
     row = {C.C_DECAY: 0.999, C.C_STEP_SIZE: 1e-2, C.C_BC2_SQRT: 0.3, C.C_EPS: 1e-8, C.C_BETA2: 0.999,
-           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0}
+           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0, C.C_CLIP: 1.0}
     coef = torch.zeros(num_params, C.NUM_COEFFICIENTS)
     for column, value in row.items():
         coef[:, column] = value
@@ -721,7 +754,7 @@ def _emulated_kernel_calls(lib, x, tables, shift, v_shift):
     v_ = v.data_ptr() - v_shift * v.element_size()
     scales, coef = x["m_scales"].data_ptr(), x["coef"].data_ptr()
     aligned = int(all(t.data_ptr() % 16 == 0 for t in (p, g, m)))
-    failures = lib.emulate_large_blocks_sumsq(code, g_, tables["tiles"].data_ptr(), tables["tiles"].shape[0],
+    failures = lib.emulate_large_blocks_sumsq(code, g_, None, tables["tiles"].data_ptr(), tables["tiles"].shape[0],
                                               tables["blocks"].data_ptr(), tables["blocks"].shape[0],
                                               x["partial"].data_ptr(), x["block_sums"].data_ptr(), aligned)
     for width, rows in tables["rows"]:
@@ -907,7 +940,7 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
     out["v"] = torch.rand(real["v"].shape, generator=gen, device="cuda")
     C = coefficients
     row = {C.C_DECAY: 0.999, C.C_STEP_SIZE: 1e-3, C.C_BC2_SQRT: 0.3, C.C_EPS: 1e-8, C.C_BETA2: 0.999,
-           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0}
+           C.C_V_WEIGHT: 1e-3, C.C_M_WEIGHT: 0.1, C.C_GRAD_SCALE: 1.0, C.C_CLIP: 1.0}
     coef = torch.zeros(C.NUM_COEFFICIENTS)
     for column, value in row.items():
         coef[column] = value
@@ -926,8 +959,8 @@ def _gpu_inputs(dtype=torch.float32, seed=0):
 
 def _call_all(x, rounding=False):
     ops = torch.ops.adam_mini_kernels
-    ops.step_coefficients(x["steps"], x["hparams"], x["coef"], None, None, None, 12345, rounding)
-    ops.large_blocks_sumsq(x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"])
+    ops.step_coefficients(x["steps"], x["hparams"], x["coef"], None, None, None, None, 12345, rounding)
+    ops.large_blocks_sumsq(x["g"], None, x["tiles"], x["blocks"], x["partial"], x["block_sums"])
     for width, rows in x["rows"]:
         ops.rows_step(x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], rows, width, rounding)
     ops.large_blocks_update(
@@ -946,8 +979,9 @@ def test_opcheck(backend, dtype, rounding):
     base = (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"])
     width, rows = x["rows"][-1]
     torch.library.opcheck(torch.ops.adam_mini_kernels.rows_step.default, base + (rows, width, rounding))
-    sumsq = (x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"])
+    sumsq = (x["g"], None, x["tiles"], x["blocks"], x["partial"], x["block_sums"])
     torch.library.opcheck(torch.ops.adam_mini_kernels.large_blocks_sumsq.default, sumsq)
+    torch.library.opcheck(torch.ops.adam_mini_kernels.large_blocks_sumsq.default, (x["g"], torch.ones((), device="cuda")) + sumsq[2:])
     torch.ops.adam_mini_kernels.large_blocks_sumsq(*sumsq)  # opcheck ran on copies: real sums for the update
     assert (x["block_sums"] > 0).all()
     torch.library.opcheck(
@@ -959,7 +993,7 @@ def test_opcheck(backend, dtype, rounding):
     amp = (torch.ones((), device="cuda"), torch.zeros((), device="cuda"))
     torch.library.opcheck(
         torch.ops.adam_mini_kernels.step_coefficients.default,
-        (x["steps"], x["hparams"], x["coef"], x["steps"] > 500) + amp + (12345, rounding),
+        (x["steps"], x["hparams"], x["coef"], x["steps"] > 500) + amp + (torch.full((), 0.5, device="cuda"), 12345, rounding),
     )
 
 
@@ -1031,15 +1065,15 @@ BAD_INPUTS = [
     ("p_dtype", "rows_step",
      lambda x, w, r: (x["p"].double(), x["g"].double(), x["m"].double(), x["m_scales"], x["v"], x["coef"], r, w, False),
      r"rows_step: p must be float32, bfloat16 or float16", True),
-    ("sumsq_g_2d", "large_blocks_sumsq", lambda x, w, r: (x["g"][None], x["tiles"], x["blocks"], x["partial"], x["block_sums"]),
+    ("sumsq_g_2d", "large_blocks_sumsq", lambda x, w, r: (x["g"][None], None, x["tiles"], x["blocks"], x["partial"], x["block_sums"]),
      r"large_blocks_sumsq: g must be 1-D", True),
     ("sumsq_tiles_cols", "large_blocks_sumsq",
-     lambda x, w, r: (x["g"], x["tiles"][:, :2].contiguous(), x["blocks"], x["partial"], x["block_sums"]),
+     lambda x, w, r: (x["g"], None, x["tiles"][:, :2].contiguous(), x["blocks"], x["partial"], x["block_sums"]),
      r"large_blocks_sumsq: tiles must be an int64", True),
-    ("sumsq_partial", "large_blocks_sumsq", lambda x, w, r: (x["g"], x["tiles"], x["blocks"], x["partial"][:1], x["block_sums"]),
+    ("sumsq_partial", "large_blocks_sumsq", lambda x, w, r: (x["g"], None, x["tiles"], x["blocks"], x["partial"][:1], x["block_sums"]),
      r"large_blocks_sumsq: partial must be float32 with one slot per tile", True),
     ("sumsq_sums_device", "large_blocks_sumsq",
-     lambda x, w, r: (x["g"], x["tiles"], x["blocks"], x["partial"], x["block_sums"].cpu()),
+     lambda x, w, r: (x["g"], None, x["tiles"], x["blocks"], x["partial"], x["block_sums"].cpu()),
      r"large_blocks_sumsq: block_sums is on cpu", True),
     ("update_sums", "large_blocks_update",
      lambda x, w, r: (x["p"], x["g"], x["m"], x["m_scales"], x["v"], x["coef"], x["tiles"], x["blocks"], x["block_sums"][:0], False),
@@ -1053,27 +1087,33 @@ BAD_INPUTS = [
      r"adam_step: tiles is on cpu", True),
     ("adam_rounding", "adam_step", lambda x, w, r: (x["p"], x["g"], x["m"], x["v"], x["coef"], x["adam"], True),
      r"adam_step: stochastic_rounding needs bfloat16 p", True),
-    ("steps_dtype", "step_coefficients", lambda x, w, r: (x["steps"].int(), x["hparams"], x["coef"], None, None, None, 0, False),
+    ("steps_dtype", "step_coefficients", lambda x, w, r: (x["steps"].int(), x["hparams"], x["coef"], None, None, None, None, 0, False),
      r"step_coefficients: steps must be (1-D )?int64", True),
     ("hparams_dtype", "step_coefficients",
-     lambda x, w, r: (x["steps"], x["hparams"].float(), x["coef"], None, None, None, 0, False),
+     lambda x, w, r: (x["steps"], x["hparams"].float(), x["coef"], None, None, None, None, 0, False),
      r"step_coefficients: hparams must be a float64", True),
     ("hparams_device", "step_coefficients",
-     lambda x, w, r: (x["steps"], x["hparams"].cpu(), x["coef"], None, None, None, 0, False),
+     lambda x, w, r: (x["steps"], x["hparams"].cpu(), x["coef"], None, None, None, None, 0, False),
      r"step_coefficients: hparams is on cpu", True),
-    ("coef_rows", "step_coefficients", lambda x, w, r: (x["steps"], x["hparams"], x["coef"][:1], None, None, None, 0, False),
+    ("coef_rows", "step_coefficients", lambda x, w, r: (x["steps"], x["hparams"], x["coef"][:1], None, None, None, None, 0, False),
      r"step_coefficients: coef must be a float32", True),
     ("active_dtype", "step_coefficients",
-     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], x["steps"], None, None, 0, False),
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], x["steps"], None, None, None, 0, False),
      r"step_coefficients: active must be a bool tensor", True),
     ("inv_scale_dtype", "step_coefficients",
-     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, x["coef"][0, :1].double(), None, 0, False),
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, x["coef"][0, :1].double(), None, None, 0, False),
      r"step_coefficients: inv_scale must be a one-element float32 tensor", True),
+    ("clip_numel", "step_coefficients",
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, None, None, x["coef"][0, :2], 0, False),
+     r"step_coefficients: clip must be a one-element float32 tensor", True),
+    ("sumsq_inv_scale_device", "large_blocks_sumsq",
+     lambda x, w, r: (x["g"], torch.ones(()), x["tiles"], x["blocks"], x["partial"], x["block_sums"]),
+     r"large_blocks_sumsq: inv_scale is on cpu", True),
     ("found_inf_numel", "step_coefficients",
-     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, None, x["coef"][0, :2], 0, False),
+     lambda x, w, r: (x["steps"], x["hparams"], x["coef"], None, None, x["coef"][0, :2], None, 0, False),
      r"step_coefficients: found_inf must be a one-element float32 tensor", True),
 ] + [  # rounding.SEED_BOUND, the fake implementations' bound too
-    (f"seed_{seed}", "step_coefficients", lambda x, w, r, seed=seed: (x["steps"], x["hparams"], x["coef"], None, None, None, seed, False),
+    (f"seed_{seed}", "step_coefficients", lambda x, w, r, seed=seed: (x["steps"], x["hparams"], x["coef"], None, None, None, None, seed, False),
      r"step_coefficients: round_seed must be in \[0, 2\^31\)", True)
     for seed in (-1, 2**31)
 ]

@@ -31,8 +31,8 @@ def _launches_of_one_step(pset):
         p.grad = torch.zeros_like(p)
     opt = AdamMini(named, verbose=False, backend="torch", **pset.model_args)
     rec = _Recorder()
-    opt._step_fn = lambda group, active, inv_scale, found_inf: launch_tables.fused_step(
-        group, rec, active, inv_scale, found_inf
+    opt._step_fn = lambda group, active, inv_scale, found_inf, clip: launch_tables.fused_step(
+        group, rec, active, inv_scale, found_inf, clip
     )
     opt.step()
     return rec.launches

@@ -185,12 +185,13 @@ def test_bitwise_deterministic(dtype):
         assert torch.equal(fa.v, fb.v) and torch.equal(fa.m, fb.m) and torch.equal(fa.steps, fb.steps)
 
 
-@pytest.mark.parametrize("case", ["plain", "idle", "amp", "scale_only", "skip_only"])
+@pytest.mark.parametrize("case", ["plain", "idle", "amp", "scale_only", "skip_only", "clip"])
 def test_coefficient_kernel_matches_torch_ops(case):
     """The one-launch coefficient kernel writes the table of ``coefficients`` (float64 math,
     rounded once to float32) and advances the same step counters, also at large step counts and
-    with per-parameter hyperparameters, idle parameters, and the AMP tensors together or one
-    without the other (a gradient multiplier alone; a skip flag alone, which skips)."""
+    with per-parameter hyperparameters, idle parameters, the AMP tensors together or one
+    without the other (a gradient multiplier alone; a skip flag alone, which skips), and a clip
+    factor with AMP's."""
     from adam_mini_kernels import coefficients
     from adam_mini_kernels.triton_kernels.launch import step_coefficients
 
@@ -203,18 +204,20 @@ def test_coefficient_kernel_matches_torch_ops(case):
     n = len(group.params)
     coefficient_inputs(group, gen)
     active = (torch.rand(n, generator=gen) > 0.3).to(DEVICE) if case == "idle" else None
-    inv_scale = torch.tensor(1 / 1024.0, device=DEVICE) if case in ("amp", "scale_only") else None
-    found_inf = {"amp": 0.0, "skip_only": 1.0}.get(case)
+    inv_scale = torch.tensor(1 / 1024.0, device=DEVICE) if case in ("amp", "scale_only", "clip") else None
+    found_inf = {"amp": 0.0, "skip_only": 1.0, "clip": 0.0}.get(case)
     found_inf = None if found_inf is None else torch.tensor(found_inf, device=DEVICE)
+    clip = torch.tensor(0.3125, device=DEVICE) if case == "clip" else None
     start = group.steps.clone()
 
     group.round_seed = 987654321  # the stochastic rounding keys too
 
     fused = torch.empty(n, coefficients.NUM_COEFFICIENTS, device=DEVICE)
-    step_coefficients(group.steps, group.hparams, fused, active, inv_scale, found_inf, group.round_seed, True)
+    step_coefficients(group.steps, group.hparams, fused, active, inv_scale, found_inf, clip, group.round_seed, True)
     fused_steps = group.steps.clone()
     group.steps.copy_(start)
-    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf)
+    expected = coefficients.next_step_coefficients(group, active, inv_scale, found_inf, clip)
+    assert torch.equal(expected[:, coefficients.C_CLIP].cpu(), torch.full((n,), 1.0 if clip is None else 0.3125))
     assert torch.equal(fused_steps, group.steps)
     assert torch.equal(fused_steps, start) == (case == "skip_only")
     key = coefficients.C_ROUND_KEY

@@ -40,6 +40,7 @@ from ..quantization import CODE_MAX, QBLOCK
 from ..coefficients import (
     C_BC2_SQRT,
     C_BETA2,
+    C_CLIP,
     C_DECAY,
     C_EPS,
     C_GRAD_SCALE,
@@ -68,6 +69,7 @@ _C_BETA2 = tl.constexpr(C_BETA2)
 _C_V_WEIGHT = tl.constexpr(C_V_WEIGHT)
 _C_M_WEIGHT = tl.constexpr(C_M_WEIGHT)
 _C_GRAD_SCALE = tl.constexpr(C_GRAD_SCALE)
+_C_CLIP = tl.constexpr(C_CLIP)
 _C_ROUND_KEY = tl.constexpr(C_ROUND_KEY)
 _NUM_COEF = tl.constexpr(NUM_COEFFICIENTS)
 _HP_LR, _HP_WEIGHT_DECAY, _HP_BETA1, _HP_BETA2, _HP_EPS, _NUM_HP = (
@@ -122,24 +124,31 @@ def _store(ptr, offs, mask, x, key, stream, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _scaled_grad(g, coef):
-    """The gradient times its multiplier (see [Note: gradient multiplier] in coefficients.py)."""
+def _unscaled_grad(g, coef):
+    """The gradient times AMP's multiplier, before clipping (see [Note: gradient multiplier] in
+    coefficients.py)."""
     scale = tl.load(coef + _C_GRAD_SCALE)
     return tl.where(scale == 0, 0.0, g) * scale  # selected first: no inf * 0 is ever formed
 
 
 @triton.jit
+def _clipped(g, coef):
+    """An unscaled gradient times the clip factor."""
+    return g * tl.load(coef + _C_CLIP)
+
+
+@triton.jit
 def _new_v(v_ptr, v_index, sumsq, numel, coef):
     """v <- beta2 * v + (1 - beta2) * mean(g^2) for one block (mean 0 for an empty block), from the
-    block's raw sum of g^2; stores and returns the new v.
+    block's sum of squares of the unscaled (not yet clipped) gradient; stores and returns the new v.
 
     [Note: one v per program] Every thread of the program loads the old v and computes the new
     one; the store of a scalar is made by one thread. Without a barrier between them, a warp
     whose load comes late reads the v another warp stored already and updates its part of the
     block with v applied twice (a race the interpreter, one program at a time, cannot show):
     the barrier keeps every load before the store."""
-    scale = tl.load(coef + _C_GRAD_SCALE)
-    sumsq = tl.where(scale == 0, 0.0, sumsq) * scale * scale
+    clip = tl.load(coef + _C_CLIP)
+    sumsq = tl.where(tl.load(coef + _C_GRAD_SCALE) == 0, 0.0, sumsq) * clip * clip
     mean = tl.math.div_rn(sumsq, tl.maximum(numel, 1).to(tl.float32))
     v = tl.load(v_ptr + v_index) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * mean
     tl.debug_barrier()
@@ -237,10 +246,10 @@ def _row_step(
     lanes = tl.arange(0, BLOCK)
     offs = start + lanes
     mask = lanes < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
     v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
     _update_elements(
-        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(row + ROW_SCALE), _scaled_grad(g, coef), v, coef,
+        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(row + ROW_SCALE), _clipped(g, coef), v, coef,
         ROUNDING, BLOCK, QCHUNK,
     )
 
@@ -263,23 +272,26 @@ def rows_step_kernel(
 
 
 @triton.jit
-def _sumsq(g_ptr, start, numel, TILE: tl.constexpr):
+def _sumsq(g_ptr, inv_scale_ptr, start, numel, HAS_AMP: tl.constexpr, TILE: tl.constexpr):
     lanes = tl.arange(0, TILE)
     g = tl.load(g_ptr + start + lanes, mask=lanes < numel, other=0.0).to(tl.float32)
+    if HAS_AMP:
+        g = g * tl.load(inv_scale_ptr)
     return tl.sum(g * g, axis=0)
 
 
 @triton.jit
-def tile_sumsq_kernel(g_ptr, tiles_ptr, partial_ptr, TILE: tl.constexpr):
-    """Large blocks, phase 1: the sum of g^2 of each tile, into the tile's own slot."""
+def tile_sumsq_kernel(g_ptr, inv_scale_ptr, tiles_ptr, partial_ptr, HAS_AMP: tl.constexpr, TILE: tl.constexpr):
+    """Large blocks, phase 1: the sum of squares of each tile's gradient (unscaled with AMP's
+    ``inv_scale``), into the tile's own slot."""
     tile_id = tl.program_id(0).to(tl.int64)
     tile = tiles_ptr + tile_id * TILE_COLS
     start = tl.load(tile + TILE_START)
     numel = tl.load(tile + TILE_NUMEL)
     if _is_aligned(start, numel):
-        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, _down(start), _down(numel), TILE))
+        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, inv_scale_ptr, _down(start), _down(numel), HAS_AMP, TILE))
     else:
-        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, start, numel, TILE))
+        tl.store(partial_ptr + tile_id, _sumsq(g_ptr, inv_scale_ptr, start, numel, HAS_AMP, TILE))
 
 
 @triton.jit
@@ -314,7 +326,7 @@ def _tile_step(
     offs = start + lanes
     mask = lanes < numel
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
-    g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
+    g = _clipped(_unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef), coef)
     _update_elements(
         p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(tile + TILE_SCALE),
         g, tl.load(v_ptr + tl.load(block + LB_V)), coef, ROUNDING, TILE, _QBLOCK,
@@ -344,7 +356,7 @@ def _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TI
     offs = start + lanes
     v_offs = tl.load(tile + ROW_V) + lanes  # per-element v offsets are not aligned: scalar accesses
     coef = coef_ptr + tl.load(tile + ROW_PARAM) * _NUM_COEF
-    g = _scaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
+    g = _clipped(_unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef), coef)
     v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
     tl.store(v_ptr + v_offs, v, mask=mask)
     # Adam blocks never have an int8 m (quantization.int8_first_moment): no scales.
@@ -380,8 +392,9 @@ def _pow_int(base, t):
 # would recompile the kernel. Neither is worth a variant: both stay plain int32 arguments.
 @triton.jit(do_not_specialize=["num_params", "round_seed"])
 def step_coefficients_kernel(
-    steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, num_params, round_seed,
-    HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
+    steps_ptr, active_ptr, hp_ptr, coef_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr, num_params, round_seed,
+    HAS_ACTIVE: tl.constexpr, HAS_AMP: tl.constexpr, HAS_CLIP: tl.constexpr, ROUNDING: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Advance each parameter's step counter (those flagged in ``active``; none when AMP's
     ``found_inf`` is set) and write its row of the float32 coefficient table, computed in float64
@@ -398,6 +411,9 @@ def step_coefficients_kernel(
         found_inf = tl.load(found_inf_ptr) + tl.zeros((BLOCK,), dtype=tl.float32)  # as a block
         on = on & (found_inf == 0)
         grad_scale = tl.load(inv_scale_ptr).to(tl.float64)
+    clip = 1.0
+    if HAS_CLIP:
+        clip = tl.load(clip_ptr)
     t = t + on.to(tl.int64)
     tl.store(steps_ptr + i, t, mask=mask)
 
@@ -421,6 +437,7 @@ def step_coefficients_kernel(
     tl.store(row + _C_V_WEIGHT, tl.where(on, 1 - beta2, 0.0).to(tl.float32), mask=mask)
     tl.store(row + _C_M_WEIGHT, tl.where(on, 1 - beta1, 0.0).to(tl.float32), mask=mask)
     tl.store(row + _C_GRAD_SCALE, tl.where(on, grad_scale, 0.0).to(tl.float32), mask=mask)
+    tl.store(row + _C_CLIP, clip + tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
     key = tl.zeros((BLOCK,), dtype=tl.uint32)
     if ROUNDING:
         key = _mix32(_mix32(t.to(tl.uint32)) + round_seed.to(tl.uint32))

@@ -59,6 +59,7 @@ def step_coefficients(
     active: Optional[Tensor],
     inv_scale: Optional[Tensor],
     found_inf: Optional[Tensor],
+    clip: Optional[Tensor],
     round_seed: int,
     stochastic_rounding: bool,
 ) -> None:
@@ -71,8 +72,8 @@ def step_coefficients(
         found_inf = torch.zeros((), device=steps.device) if found_inf is None else found_inf
     K.step_coefficients_kernel[(triton.cdiv(n, COEF_BLOCK),)](
         steps, steps if active is None else active, hparams, coef,
-        inv_scale if amp else coef, found_inf if amp else coef, n, round_seed,
-        HAS_ACTIVE=active is not None, HAS_AMP=amp, ROUNDING=stochastic_rounding,
+        inv_scale if amp else coef, found_inf if amp else coef, coef if clip is None else clip, n, round_seed,
+        HAS_ACTIVE=active is not None, HAS_AMP=amp, HAS_CLIP=clip is not None, ROUNDING=stochastic_rounding,
         BLOCK=COEF_BLOCK, num_warps=4, **LAUNCH_OPTIONS,
     )
 
@@ -90,10 +91,16 @@ def rows_step(
     )
 
 
-def large_blocks_sumsq(g: Tensor, tiles: Tensor, blocks: Tensor, partial: Tensor, block_sums: Tensor) -> None:
-    """Large blocks, first half: each tile's sum of g^2 into ``partial``, then each block's (a
-    fixed-order sum of its tiles') into ``block_sums`` (two launches)."""
-    K.tile_sumsq_kernel[(tiles.shape[0],)](g, tiles, partial, TILE=TILE, num_warps=8, **LAUNCH_OPTIONS)
+def large_blocks_sumsq(
+    g: Tensor, inv_scale: Optional[Tensor], tiles: Tensor, blocks: Tensor, partial: Tensor, block_sums: Tensor
+) -> None:
+    """Large blocks, first half: each tile's sum of (g * inv_scale)^2 (AMP's 1 / scale, or 1)
+    into ``partial``, then each block's (a fixed-order sum of its tiles') into ``block_sums``
+    (two launches)."""
+    K.tile_sumsq_kernel[(tiles.shape[0],)](
+        g, g if inv_scale is None else inv_scale, tiles, partial,
+        HAS_AMP=inv_scale is not None, TILE=TILE, num_warps=8, **LAUNCH_OPTIONS,
+    )
     K.block_sumsq_kernel[(blocks.shape[0],)](
         partial, blocks, block_sums, CHUNK=CHUNK, num_warps=4, **LAUNCH_OPTIONS
     )
@@ -124,13 +131,15 @@ def triton_step(
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     """Apply one step to ``group`` in place with the Triton kernels; ``active`` flags the
-    parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP, or None."""
+    parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP and
+    ``clip`` from max_grad_norm, or None."""
     from . import ops  # registers the operators on first use
 
     if torch.compiler.is_compiling():  # each operator enters the device itself, when it runs
-        fused_step(group, ops.OPERATORS, active, inv_scale, found_inf)
+        fused_step(group, ops.OPERATORS, active, inv_scale, found_inf, clip)
     else:
         with on_device(group.device):
-            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf)
+            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf, clip)

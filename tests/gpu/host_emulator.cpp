@@ -258,13 +258,13 @@ int emulate_rows_step(int dtype, void* p, const void* g, void* m, float* m_scale
   });
 }
 
-int emulate_large_blocks_sumsq(int dtype, const void* g, const int64_t* tiles, int64_t num_tiles,
-                               const int64_t* blocks, int64_t num_blocks, float* partial, float* block_sums,
-                               int aligned) {
+int emulate_large_blocks_sumsq(int dtype, const void* g, const float* inv_scale, const int64_t* tiles,
+                               int64_t num_tiles, const int64_t* blocks, int64_t num_blocks, float* partial,
+                               float* block_sums, int aligned) {
   return dispatch(dtype, [&](auto tag, auto) {
     using scalar_t = decltype(tag);
-    return launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g), tiles,
-                  partial, aligned != 0) +
+    return launch(&tile_sumsq_kernel<scalar_t>, num_tiles, kTileThreads, static_cast<const scalar_t*>(g), inv_scale,
+                  tiles, partial, aligned != 0) +
            launch(&block_sumsq_kernel, num_blocks, kReduceThreads, static_cast<const float*>(partial), blocks,
                   block_sums);
   });
@@ -301,11 +301,11 @@ int emulate_adam_step(int dtype, void* p, const void* g, void* m, float* v, cons
 }
 
 int emulate_step_coefficients(int64_t* steps, const bool* active, const double* hparams, float* coef,
-                              const float* inv_scale, const float* found_inf, int64_t num_params, uint32_t round_seed,
-                              int stochastic) {
+                              const float* inv_scale, const float* found_inf, const float* clip, int64_t num_params,
+                              uint32_t round_seed, int stochastic) {
   const int64_t grid = (num_params + kCoefThreads - 1) / kCoefThreads;
   return launch(&step_coefficients_kernel, grid, kCoefThreads, steps, active, hparams, coef, inv_scale, found_inf,
-                num_params, round_seed, stochastic != 0);
+                clip, num_params, round_seed, stochastic != 0);
 }
 
 // The 16 random bits of stochastic rounding for one (salted key, flat index): lets tests check the
