@@ -16,8 +16,8 @@ counts the bytes that Triton kernel v1 (``triton_kernels/kernels.py``) reads and
 * Adam tiles (per-element v), per tile of t <= ADAM_TILE: 5 t s for g, p, m, plus 8 t for v,
   plus the tile row.
 
-Per-parameter coefficients (7 float32) and block rows shared by a block's tiles are counted once
-(they stay in L2). Time = bytes / copy bandwidth: a floor for this design, assuming each kernel
+The per-parameter coefficient rows (NUM_COEFFICIENTS float32 each) are not counted and a block
+row shared by a block's tiles is counted once per phase (they stay in L2). Time = bytes / copy bandwidth: a floor for this design, assuming each kernel
 streams at the copy rate and nothing else (launch gaps, the optimizer's host code) costs time.
 """
 
