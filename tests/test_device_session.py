@@ -231,4 +231,4 @@ def test_sanitizer_script_runs_on_the_interpreter():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[-1] == "sanitize_step: triton ok"
-    assert len([line for line in lines if line.startswith("sanitize_step: triton torch.")]) == 8, lines
+    assert len([line for line in lines if line.startswith("sanitize_step: triton torch.")]) == 9, lines

@@ -48,16 +48,22 @@ def main(backend: str, device: str = "cuda") -> int:
     configs = [(torch.float32, {}), (torch.bfloat16, {}), (torch.float16, {}),
                (torch.bfloat16, {"stochastic_rounding": True}), (torch.float16, {"state_dtype": torch.float32}),
                (torch.float32, {"max_grad_norm": 0.1}), (torch.float32, {"state_dtype": torch.int8}),
-               (torch.bfloat16, {"state_dtype": torch.int8, "stochastic_rounding": True})]
+               (torch.bfloat16, {"state_dtype": torch.int8, "stochastic_rounding": True}),
+               (torch.float32, {"max_grad_norm": 0.1, "amp_scale": 2.0**20})]
     for dtype, options in configs:
+        options = dict(options)
+        amp_scale = options.pop("amp_scale", None)  # AMP's tensors, as GradScaler sets them
         named, dims, layouts = _sectioned_named()
         params = clone_named(named, device=device, dtype=dtype)
         opt = AdamMini(params, backend=backend, lr=1e-2, weight_decay=0.1, verbose=False, **dims, **options)
         opt.layout_overrides.update(layouts)
+        if amp_scale is not None:
+            opt.grad_scale, opt.found_inf = torch.full((), amp_scale, device=device), torch.zeros((), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         for step in range(STEPS):
             for i, (_, p) in enumerate(params):
-                p.grad = None if (i + step) % 4 == 0 else torch.randn(p.shape, generator=gen, device=device).to(dtype)
+                g = torch.randn(p.shape, generator=gen, device=device) * (amp_scale or 1.0)
+                p.grad = None if (i + step) % 4 == 0 else g.to(dtype)
             opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -71,7 +77,7 @@ def main(backend: str, device: str = "cuda") -> int:
                 assert t is None or torch.isfinite(t.float()).all(), f"{dtype}: non-finite values in {name}"
             assert group.m_scales is None or group.cache["launch_tables"].tiles is not None, "int8 large blocks"
         assert counts["tiles"] and counts["Adam tiles"] and counts["row classes"] >= 3, counts
-        print(f"sanitize_step: {backend} {dtype} {options} ({STEPS} steps, {counts})")
+        print(f"sanitize_step: {backend} {dtype} {options} amp_scale={amp_scale} ({STEPS} steps, {counts})")
     print(f"sanitize_step: {backend} ok")
     return 0
 
