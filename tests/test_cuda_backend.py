@@ -85,6 +85,14 @@ def backend():
 # -- CI: build, import, registration ---------------------------------------------------------------
 
 
+def test_csrc_readme_lists_the_schemas():
+    """csrc/README.md's operator list is the registered schemas (it once kept old ones)."""
+    readme = (Path(__file__).resolve().parents[1] / "csrc" / "README.md").read_text()
+    block = readme.split("```")[1].strip().splitlines()
+    assert block == [SCHEMAS[op].removeprefix("adam_mini_kernels::") for op in OPS]
+
+
+
 def test_extension_imports_where_it_can_be_built(backend):
     module = importlib.import_module("adam_mini_kernels._C")
     assert module.__name__ == "adam_mini_kernels._C"
