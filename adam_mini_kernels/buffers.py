@@ -359,8 +359,9 @@ class FlatGroup:
 
     def _pinned(self, host: torch.Tensor) -> torch.Tensor:
         """``host`` in pinned memory on a CUDA group (what a non-blocking copy needs), kept alive
-        when the copy is captured in a CUDA graph: each replay copies from it again."""
-        if self.device.type != "cuda":
+        when the copy is captured in a CUDA graph: each replay copies from it again. Not inside
+        a compiled step, whose graph holds ``host`` as a constant (no pinning traced into it)."""
+        if self.device.type != "cuda" or torch.compiler.is_compiling():
             return host
         host = host.pin_memory()
         if torch.cuda.is_current_stream_capturing():

@@ -355,3 +355,38 @@ def test_compiled_opt_step_fullgraph_on_cuda(backend):
         step()
     for a, b in zip(*sets):
         assert max_rel_err(a, b) <= 1e-6
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compiled_step_with_a_cuda_lr_set_between_compiled_steps(backend):
+    """Float lrs replaced by one CUDA tensor lr between compiled steps (fullgraph=True): the
+    next compiled step uploads the rows of device lrs inside the trace (``FlatGroup.upload``, no
+    pinned copy there) and reads the tensor on the device; changed in place after, it takes
+    effect. Equal to eager."""
+    named = _named(torch.device("cuda"))
+    eager_params, compiled_params = clone_named(named), clone_named(named)
+    eager = AdamMini(eager_params, lr=1e-2, backend=backend, **KW)
+    compiled = AdamMini(compiled_params, lr=1e-2, backend=backend, **KW)
+    sets = [[p for _, p in eager_params], [p for _, p in compiled_params]]
+    run_stream(sets, [eager, compiled], steps=1, seed=0, none_every=0)
+    step = torch.compile(lambda: compiled.step(), fullgraph=True)
+    lrs = {}
+    for i in range(1, 5):
+        if i == 2:
+            for opt in (eager, compiled):
+                lrs[id(opt)] = torch.tensor(5e-3, device="cuda")
+                for group in opt.param_groups:
+                    group["lr"] = lrs[id(opt)]
+        if i == 3:
+            for lr in lrs.values():
+                lr.fill_(2e-3)
+        for params in sets:
+            for p, g in zip(params, _grads(params, i)):
+                p.grad.copy_(g)
+        eager.step()
+        step()
+    for a, b in zip(*sets):
+        assert max_rel_err(a, b) <= 1e-6
+
