@@ -9,11 +9,12 @@ parameters change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
 import operator
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -990,10 +991,39 @@ class AdamMini(torch.optim.Optimizer):
         built = {id(p): lb for group in self._flat if group.sharded is not None for _, p, lb in group.sharded.members}
         return {k: built[id(p)] for k, p in enumerate(params) if id(p) in built}
 
+    # [Note: state dict hooks]
+    # torch's Optimizer.state_dict and load_state_dict run the hooks registered with
+    # register_(load_)state_dict_pre/post_hook around their own work. This class adds to that work
+    # (int steps, sharded states and the rounding seed after torch's state_dict; parsing, checks
+    # and the moments' formats around torch's load), so it runs the hooks itself around the whole
+    # and holds torch's back while it calls super(): a post-hook sees the finished state dict, and
+    # what a load pre-hook returns is what gets loaded, as with any torch optimizer.
+    @contextlib.contextmanager
+    def _torch_hooks_held(self, *names: str):
+        held = {name: getattr(self, name) for name in names}
+        try:
+            for name in names:
+                setattr(self, name, OrderedDict())
+            yield
+        finally:
+            for name, hooks in held.items():
+                setattr(self, name, hooks)
+
     def state_dict(self) -> Dict[str, Any]:
         """As torch's, in official 1.1.1's per-parameter layout, with ``step`` as a Python int.
         Sharded parameters' states are saved as ``sharding.global_state`` describes (DTensors;
-        a collective: every rank of their mesh must call it)."""
+        a collective: every rank of their mesh must call it). See [Note: state dict hooks]."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with self._torch_hooks_held("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            state_dict = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
         steps: Dict[torch.Tensor, int] = {}
         for group, owners in zip(self._flat or [], getattr(self, "_owners", [])):
@@ -1019,7 +1049,25 @@ class AdamMini(torch.optim.Optimizer):
         codes dequantized, or a float ``m`` quantized, as the build would), so ``state_dict()``
         saves that format even before the next step; the flat buffers are refilled at the next
         step (sharded parameters' states are converted there). The stochastic
-        rounding seed is restored when saved (and this optimizer rounds stochastically)."""
+        rounding seed is restored when saved (and this optimizer rounds stochastically). The
+        load pre-hooks run first, on a shallow copy, as torch's do (see [Note: state dict hooks])."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with self._torch_hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # torch's checks first (its loader makes them only after the state was parsed here).
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         params = self._index_to_param()
         layouts = self._partition(self._partition_key())
         # As torch: state keys are the ids listed in the saved param groups, by position (ints
@@ -1028,7 +1076,7 @@ class AdamMini(torch.optim.Optimizer):
         position = dict(zip(saved_ids, range(len(saved_ids))))
         saved = {}
         for key, s in state_dict["state"].items():
-            idx = position.get(key, key) if len(saved_ids) == len(params) else key
+            idx = position.get(key, key)
             if not (isinstance(idx, int) and 0 <= idx < len(params)):
                 raise ValueError(f"state dict has state for parameter {key!r}; this optimizer has {len(params)} parameters")
             check_state(s, layouts[idx])

@@ -365,3 +365,79 @@ def test_float_checkpoint_saved_again_by_int8_adammini_holds_codes(name, small_i
     assert any("m_codes" in s for s in converted["state"].values())
     opt_q._prepare()
     assert_states(converted["state"], opt_q.state_dict()["state"], what="saved before the build")
+
+
+# -- torch's state dict hooks ------------------------------------------------------------------
+
+def _trained(name="nanogpt", **overrides):
+    model, batch_fn, dims = build(name)
+    opt = make_opt("ours", model, dims, **overrides)
+    models.train(model, opt, batch_fn, 2)
+    return model, opt, dims
+
+
+def test_state_dict_post_hook_sees_the_finished_state_dict_and_its_result_is_returned():
+    """[Note: state dict hooks]: a post-hook sees int steps and the rounding seed (once it saw
+    tensors, and no seed: torch's state_dict ran it before AdamMini finished), and what it
+    returns (here re-keyed by parameter name, as some checkpointers do) is what state_dict()
+    returns."""
+    model, opt, _ = _trained(stochastic_rounding=False)
+    names = [g["name"] for g in opt.param_groups]
+    seen, pre_calls = [], []
+    opt.register_state_dict_pre_hook(lambda o: pre_calls.append(o))
+
+    def by_name(o, sd):
+        seen.append({k: s["step"] for k, s in sd["state"].items()})
+        return {**sd, "state": {names[k]: s for k, s in sd["state"].items()}}
+
+    opt.register_state_dict_post_hook(by_name)
+    sd = opt.state_dict()
+    assert pre_calls == [opt]
+    assert seen and all(type(step) is int for steps in seen for step in steps.values())
+    assert set(sd["state"]) <= set(names) and sd["state"]
+
+
+def test_load_state_dict_pre_hook_result_is_what_gets_loaded():
+    """A load pre-hook's returned dict is loaded (once AdamMini parsed the caller's dict before
+    torch ran the hooks): a checkpoint keyed by parameter name, mapped back to positions by the
+    hook, loads, and the hook's changes to the moments are kept; post-hooks run after."""
+    model, opt, dims = _trained()
+    names = [g["name"] for g in opt.param_groups]
+    sd = opt.state_dict()
+    by_name = {**sd, "state": {names[k]: s for k, s in sd["state"].items()}}
+
+    fresh_model, _, _ = build("nanogpt")
+    fresh = make_opt("ours", fresh_model, dims)
+    order = []
+
+    def back_to_positions(o, loaded):
+        order.append("pre")
+        state = {names.index(k): {**s, **{key: torch.zeros_like(s[key]) for key in ("m",) if key in s}}
+                 for k, s in loaded["state"].items()}
+        return {**loaded, "state": state}
+
+    fresh.register_load_state_dict_pre_hook(back_to_positions)
+    fresh.register_load_state_dict_post_hook(lambda o: order.append("post"))
+    fresh.load_state_dict(by_name)
+    assert order == ["pre", "post"]
+    loaded = fresh.state_dict()["state"]
+    assert loaded.keys() == sd["state"].keys()
+    for k, s in loaded.items():
+        if "m" in s:
+            assert not s["m"].any(), names[k]  # the hook's zeroed m, not the caller's
+        assert torch.equal(s["vmean" if "vmean" in s else "v"], sd["state"][k]["vmean" if "vmean" in s else "v"])
+
+
+def test_load_state_dict_with_another_parameter_count_says_so():
+    """A checkpoint of a model with one parameter more: torch's message about the param group
+    sizes (once a shape error about another parameter), and nothing changes."""
+    model, opt, dims = _trained()
+    sd = opt.state_dict()
+    fresh = build("nanogpt")[0]
+    kept = {g["name"] for g in opt.param_groups[1:]}
+    smaller = [(n, p) for n, p in fresh.named_parameters() if n.lower() in kept]
+    other = AdamMini(smaller, **HPARAMS, verbose=False, backend="torch", **dims)
+    assert len(other.param_groups) == len(opt.param_groups) - 1
+    with pytest.raises(ValueError, match="different number of parameter groups|doesn't match the size"):
+        other.load_state_dict(sd)
+    assert not other.state
