@@ -1056,10 +1056,29 @@ class AdamMini(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = self._groups_in_own_order(state_dict)
         with self._torch_hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             self._load_state_dict(state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _groups_in_own_order(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        """``state_dict`` with its param groups in this optimizer's order where they carry this
+        optimizer's parameter names in another order (a model whose parameters were declared in
+        another order): torch's loader goes by position and would hand each parameter the state
+        of another one of the same shape, silently."""
+        own = [group["name"] for group in self.param_groups]
+        saved_groups = state_dict["param_groups"]
+        saved = [str(group.get("name")).lower() for group in saved_groups]
+        if saved == own or len(set(own)) != len(own) or sorted(saved) != sorted(own):
+            return state_dict
+        where = {name: k for k, name in enumerate(saved)}
+        logger.warning(
+            "AdamMini.load_state_dict: the state dict holds this optimizer's parameters in another order "
+            "(e.g. %r at position %d, here %d); their states are loaded by name",
+            *next((name, where[name], k) for k, name in enumerate(own) if where[name] != k),
+        )
+        return {**state_dict, "param_groups": [saved_groups[where[name]] for name in own]}
 
     def _load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         # torch's checks first (its loader makes them only after the state was parsed here).

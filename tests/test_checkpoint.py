@@ -441,3 +441,24 @@ def test_load_state_dict_with_another_parameter_count_says_so():
     with pytest.raises(ValueError, match="different number of parameter groups|doesn't match the size"):
         other.load_state_dict(sd)
     assert not other.state
+
+
+def test_checkpoint_of_the_same_parameters_in_another_order_loads_by_name(caplog):
+    """Param groups named as this optimizer's, in another order (the model now declares its
+    parameters in another order): loaded by name, with a warning, so training continues as if
+    uninterrupted; by position, q and k (same shape) would have swapped states."""
+    model, batch_fn, dims = models.build("llama_gqa")
+    opt = make_opt("ours", model, dims)
+    models.train(model, opt, batch_fn, RESUME_STEPS)
+    saved = roundtrip(opt.state_dict())
+    copy_model, _, _ = models.build("llama_gqa")
+    copy_model.load_state_dict(model.state_dict())
+    reordered = list(reversed(list(copy_model.named_parameters())))
+    resumed = AdamMini(reordered, **HPARAMS, verbose=False, backend="torch", **dims)
+    with caplog.at_level("WARNING", logger="adam_mini_kernels"):
+        resumed.load_state_dict(saved)
+    assert "loaded by name" in caplog.text
+    models.train(model, opt, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    models.train(copy_model, resumed, batch_fn, RESUME_STEPS, start=RESUME_STEPS)
+    for (name, a), b in zip(model.named_parameters(), copy_model.parameters()):
+        assert torch.equal(a, b), name
