@@ -23,7 +23,7 @@ def nonnegative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A finite float > 0 (times in ms)."""
+    """A finite float > 0 (times in ms, a bandwidth)."""
     value = float(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
@@ -31,7 +31,8 @@ def positive_float(text: str) -> float:
 
 
 def nonnegative_float(text: str) -> float:
-    """A finite float >= 0 (a learning rate)."""
+    """A finite float >= 0 (a learning rate, a time budget in s: NaN is refused, ``elapsed > nan``
+    is never true and would switch the budget off)."""
     value = float(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")

@@ -54,7 +54,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import param_sets as PS  # noqa: E402
-from arguments import nonnegative_int, positive_float, positive_int  # noqa: E402
+from arguments import nonnegative_float, nonnegative_int, positive_float, positive_int  # noqa: E402
 import provenance  # noqa: E402
 from provenance import git_info  # noqa: E402
 import report  # noqa: E402
@@ -693,7 +693,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--copy-bytes", type=positive_int, default=None, help="bytes per copy buffer (default 1 GiB; smoke 16 MiB)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--commit", default=None, help="commit benchmarked, when this is no git checkout (env BENCH_COMMIT)")
-    ap.add_argument("--time-budget-s", type=float, default=None,
+    ap.add_argument("--time-budget-s", type=nonnegative_float, default=None,
                     help="start no new row after this many seconds; the rest are reported as skipped (the device "
                          "tool stops a command at 10 minutes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

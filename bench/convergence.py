@@ -313,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--seed", type=int, default=SEED, help=f"initial weights and batches (default {SEED}, the demo's)")
     ap.add_argument("--tag", help="suffix of the output file names")
-    ap.add_argument("--time-budget-s", type=float,
+    ap.add_argument("--time-budget-s", type=nonnegative_float,
                     help="start no run that would end after this many seconds at the pace of the longest run so far "
                          "(the others are reported as not run); the files are rewritten after every run, so a "
                          "stopped run leaves the finished ones")

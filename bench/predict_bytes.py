@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import param_sets as PS  # noqa: E402
+from arguments import positive_float  # noqa: E402
 from adam_mini_kernels import AdamMini  # noqa: E402
 from adam_mini_kernels import launch_tables as T  # noqa: E402
 
@@ -78,7 +79,7 @@ def traffic(pset: PS.ParamSet) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gbps", type=float, default=2984.0, help="copy bandwidth, GB/s (default: SPEC's H100)")
+    ap.add_argument("--gbps", type=positive_float, default=2984.0, help="copy bandwidth, GB/s (default: SPEC's H100)")
     args = ap.parse_args(argv)
     print(f"Triton kernel v1, predicted traffic at {args.gbps:g} GB/s (bench/predict_bytes.py)\n")
     print("| set | params | minimum B/param | v1 B/param | v1 over minimum | floor ms | v1 predicted ms | kernel launches |")

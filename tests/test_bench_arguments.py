@@ -25,8 +25,15 @@ import arguments  # noqa: E402
     ("bench/bench_step.py", ["--smoke", "--rep-ms=0"]),
     ("bench/bench_step.py", ["--smoke", "--warmup-steps=-1"]),
     ("bench/bench_step.py", ["--smoke", "--copy-bytes=0"]),
+    ("bench/bench_step.py", ["--smoke", "--time-budget-s=nan"]),
+    ("bench/bench_step.py", ["--smoke", "--time-budget-s=-1"]),
+    ("bench/convergence.py", ["--time-budget-s=nan"]),
+    ("bench/convergence.py", ["--time-budget-s=inf"]),
+    ("bench/predict_bytes.py", ["--gbps=0"]),
+    ("bench/predict_bytes.py", ["--gbps=nan"]),
     ("bench/microbench.py", ["--dry-run", "--numel=0"]),
     ("bench/microbench.py", ["--dry-run", "--time-budget-s=-5"]),
+    ("bench/microbench.py", ["--dry-run", "--time-budget-s=nan"]),
     ("-m demo.train", ["--steps=0"]),
 ])
 def test_scripts_refuse_unusable_numbers(script, argv):
