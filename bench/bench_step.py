@@ -84,6 +84,16 @@ INT8_TARGETS = {"llama-1.1b-fp32": 5.4, "llama-1.1b-bf16": 3.1}
 FP32_STATE_TARGETS = {"llama-1.1b-bf16": 5.4}
 
 
+# The names of SPEC_REFERENCE's device (the SXM H100): a PCIe H100 (HBM2e) or an H100 NVL has
+# another HBM bandwidth, so, like any other GPU, it gets the targets scaled by the copy bandwidths.
+TARGET_DEVICE_NAMES = ("H100 80GB HBM3", "H100 SXM")
+
+
+def is_target_device(name: str) -> bool:
+    """Whether the targets apply as measured on the device of this name (SPEC_REFERENCE's)."""
+    return any(n in name for n in TARGET_DEVICE_NAMES)
+
+
 def h100_target_ms(spec: "OptSpec", set_key: str) -> Optional[float]:
     """The H100 target of a row (SPEC section 5 for the plain fused step, issue 10 for int8 m,
     issue 6 for float32 state), or None: other rows (anchors, compiled, graphs, the other
@@ -404,7 +414,7 @@ class Context:
     copy_gbps: float
     official_reason: Optional[str]
     official_version: Optional[str]
-    is_h100: bool
+    on_target_device: bool  # is_target_device: the targets as they are, else scaled
     sweep_compile: bool
     lost_context: Optional[str] = None  # set when a CUDA error left the context unusable
 
@@ -624,9 +634,9 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
         row["fraction_of_floor"] = row["floor_ms"] / row["median_ms"]
         target = None if pset.smoke else h100_target_ms(spec, pset.key)
         if target is not None:
-            if ctx.is_h100:
+            if ctx.on_target_device:
                 row["target_ms"], row["target_basis"] = target, "H100 target"
-            else:  # another GPU (an H200): the target scaled by the copy bandwidths (a bandwidth-bound step)
+            else:  # another GPU (an H200, a PCIe or NVL H100): the target scaled by the copy bandwidths (a bandwidth-bound step)
                 row["target_ms"] = target * SPEC_REFERENCE["copy_gbps"] / ctx.copy_gbps
                 row["target_basis"] = "H100 target x H100 copy bandwidth / this run's"
             row["meets_target"] = row["median_ms"] <= row["target_ms"]
@@ -764,7 +774,7 @@ def main(argv=None) -> int:
     ctx = Context(
         device=device, timer=timer, smoke=args.smoke, warmup_steps=args.warmup_steps, warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms, copy_gbps=copy["gbps"], official_reason=official_reason,
-        official_version=official_version, is_h100="H100" in str(dev["name"]), sweep_compile=args.sweep_compile,
+        official_version=official_version, on_target_device=is_target_device(str(dev["name"])), sweep_compile=args.sweep_compile,
     )
 
     records = {s.key: set_record(s, copy["gbps"]) for s in sets + sweep}

@@ -222,6 +222,17 @@ def test_targets_belong_to_the_rows_they_were_set_for():
     }
 
 
+def test_targets_apply_as_measured_only_on_the_target_device():
+    """The targets were measured on an H100 SXM (80GB HBM3): only that device is judged against
+    them as they are; a PCIe or NVL H100 (other HBM bandwidths) and an H200 get them scaled by
+    the copy bandwidths. (In a subprocess: importing bench_step switches Triton's interpreter off.)"""
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "cpu-x86-64"]
+    code = f"import json, sys; sys.path.insert(0, 'bench'); import bench_step as b; print(json.dumps([b.is_target_device(n) for n in {names!r}]))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [True, False, False, False, False]
+
+
 def test_report_marks_host_bound_rows():
     """A GPU row whose host time per step() call nears its median is marked host-bound in the
     table (its timing then measures the Python front-end and the launches, not the kernels)."""
