@@ -416,6 +416,7 @@ class Context:
     official_version: Optional[str]
     on_target_device: bool  # is_target_device: the targets as they are, else scaled
     sweep_compile: bool
+    smoke_compile: bool  # --smoke with compile named in --optimizers: the compiled rows run too
     lost_context: Optional[str] = None  # set when a CUDA error left the context unusable
 
 
@@ -445,8 +446,8 @@ def unavailable_reason(spec: OptSpec, ctx: Context, in_sweep: bool) -> (Optional
     if spec.graph and ctx.device.type != "cuda":
         return "unavailable", "CUDA graph replay needs a CUDA device"
     if spec.compiled:
-        if ctx.smoke:
-            return "skipped", "skipped-in-smoke: torch.compile takes about a minute to compile the step"
+        if ctx.smoke and not ctx.smoke_compile:
+            return "skipped", "skipped-in-smoke: torch.compile takes seconds to a minute per set (--optimizers compile runs it)"
         if in_sweep and not ctx.sweep_compile:
             return "skipped", "not run in the sweep (about a minute of compile time per size); pass --sweep-compile"
     return None, None
@@ -587,7 +588,9 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
             # What a user can do: compile a function that calls opt.step() (the PyTorch recipe for
             # compiling optimizers). Compiled after one eager step, so the one-off buffer set-up is
             # not traced; the timed steps are compiled ones.
+            # The counters from here on are this row's (the last compiled row's code is reset).
             target = opt
+            torch._dynamo.utils.counters.clear()
             step = torch.compile(lambda: target.step())
         for _ in range(ctx.warmup_steps):
             step()
@@ -623,6 +626,11 @@ def run_row(spec: OptSpec, pset: PS.ParamSet, rec: Dict[str, object], ctx: Conte
 
         row.update(ctx.timer(step, ctx.warmup_ms, ctx.rep_ms))
         row["host_ms"] = host_ms(step, device)
+        if spec.compiled:  # of the compile, warm-up and timing: a break or a recompile is not one compiled step timed
+            counters = torch._dynamo.utils.counters
+            row["unique_graphs"] = int(counters["stats"]["unique_graphs"])
+            row["graph_breaks"] = int(sum(counters["graph_break"].values()))
+            row["graph_break_reasons"] = [" ".join(str(r).split())[:300] for r in list(counters["graph_break"])[:5]]
         norms = torch._foreach_norm([p.detach() for _, p in named])
         row["finite"] = bool(torch.isfinite(torch.stack([x.float() for x in norms])).all())
 
@@ -689,11 +697,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(with --no-sweep: that size alone); empty for none")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="run the Llama-shape size sweep (default on)")
     ap.add_argument("--backends", default="torch,triton,cuda", help="AdamMini backends to time, each asked for by name")
-    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+    ap.add_argument("--optimizers", default=None,
                     help=f"comma list of rows to run, from {', '.join(OPTIMIZER_CHOICES)} (ours = the --backends; "
                     "variants = each backend with state_dtype=float32, stochastic_rounding, max_grad_norm, clip_grad_norm_ + step "
                     "and state_dtype=int8; adamw8bit = torchao's and bitsandbytes' AdamW8bit, where they import; "
-                    "graphs = CUDA graph replay of a capturable step, ours and torch AdamW fused, on the 1M, 10M and 124M sets)")
+                    "graphs = CUDA graph replay of a capturable step, ours and torch AdamW fused, on the 1M, 10M and 124M sets; "
+                    f"default {','.join(DEFAULT_OPTIMIZERS)}, with --smoke compile skipped unless named here)")
     ap.add_argument("--sweep-compile", action="store_true", help="also run the torch.compile row at every sweep size")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; --smoke: cpu)")
     ap.add_argument("--warmup-steps", type=nonnegative_int, default=None, help="steps after the first one, before timing (default 3)")
@@ -714,7 +723,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if s not in known:
             ap.error(f"unknown set {s!r}; choose from {', '.join(known)}")
     args.backends = [b for b in args.backends.split(",") if b]
-    args.optimizers = [o for o in args.optimizers.split(",") if o]
+    # --smoke skips the compiled rows unless they are asked for by name (seconds per tiny set).
+    named = args.optimizers is not None
+    args.optimizers = [o for o in (args.optimizers if named else ",".join(DEFAULT_OPTIMIZERS)).split(",") if o]
+    args.smoke_compile = args.smoke and named and "compile" in args.optimizers
     for o in args.optimizers:
         if o not in OPTIMIZER_CHOICES:
             ap.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZER_CHOICES)}")
@@ -775,6 +787,7 @@ def main(argv=None) -> int:
         device=device, timer=timer, smoke=args.smoke, warmup_steps=args.warmup_steps, warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms, copy_gbps=copy["gbps"], official_reason=official_reason,
         official_version=official_version, on_target_device=is_target_device(str(dev["name"])), sweep_compile=args.sweep_compile,
+        smoke_compile=args.smoke_compile,
     )
 
     records = {s.key: set_record(s, copy["gbps"]) for s in sets + sweep}

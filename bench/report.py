@@ -49,6 +49,10 @@ def _row_cells(row: Dict) -> List[str]:
         note = (note + "; " if note else "") + row["note"]
     if row.get("compile_s") is not None:
         note = (note + "; " if note else "") + f"compile + first steps {row['compile_s']:.1f} s"
+    if row.get("unique_graphs") is not None:  # a compiled row: in capitals where it did not time one graph
+        graphs, breaks = row["unique_graphs"], row["graph_breaks"]
+        text = f"{graphs} compiled graph{'s' * (graphs != 1)}, {breaks} graph break{'s' * (breaks != 1)}"
+        note = (note + "; " if note else "") + (text.upper() if breaks or graphs != 1 else text)
     if row.get("finite") is False:
         note = (note + "; " if note else "") + "NON-FINITE parameters after timing"
     if row.get("meets_target") is not None:

@@ -177,6 +177,34 @@ def test_clipping_ratio_needs_both_rows():
     assert report.clipping_ratios([row("ours-cuda", 1.0), row("ours-cuda-clip", 1.3)])[0]["speedup"] is None
 
 
+def test_smoke_compiled_row_records_its_graphs(tmp_path):
+    """The torch.compile row runs in smoke mode when asked for by name, and records the graph
+    breaks and compiled graphs of its compile, warm-up and timing (a graph break or a recompile
+    would time something else than one compiled step); the table gives them."""
+    res, md, _ = _run(tmp_path, "--no-sweep", "--sets", "gpt2-124m-fp32", "--backends", "torch", "--optimizers", "compile")
+    (row,) = res["rows"]
+    assert row["optimizer"] == "ours-torch-compile" and row["status"] == "ok", row
+    for key in ("graph_breaks", "unique_graphs"):
+        assert type(row[key]) is int and row[key] >= 0, row
+    assert row["unique_graphs"] >= 1, row
+    assert f"{row['unique_graphs']} compiled graph" in md.lower(), md
+
+
+def test_report_flags_graph_breaks_and_recompiles():
+    """A compiled row's notes give its compiled graphs and graph breaks, in capitals where it did
+    not time one graph; rows that were not compiled say nothing of graphs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import report
+
+    row = dict(label="torch.compile(AdamMini [torch].step)", status="ok", median_ms=5.0, p20_ms=4.9, p80_ms=5.1,
+               min_bytes_per_param=20.0, achieved_gbps=2700.0, fraction_of_floor=0.9, state_bytes_per_param=4.0,
+               extra_peak_bytes=None, host_ms=None, compile_s=40.0)
+    for graphs, breaks, note in ((1, 0, "1 compiled graph, 0 graph breaks"), (3, 2, "3 COMPILED GRAPHS, 2 GRAPH BREAKS"),
+                                 (2, 0, "2 COMPILED GRAPHS, 0 GRAPH BREAKS")):
+        assert note in report._row_cells({**row, "unique_graphs": graphs, "graph_breaks": breaks})[-1]
+    assert "graph" not in report._row_cells(row)[-1]
+
+
 def test_smoke_8bit_adamw_rows_run_or_say_why(tmp_path):
     """The 8-bit AdamW anchors of issue 10 (torchao, bitsandbytes): timed where they import and
     run, otherwise reported with the reason, never dropped."""
