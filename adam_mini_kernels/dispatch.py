@@ -1,10 +1,11 @@
 """Backend dispatch: a table of backends, each with an availability check and a loader.
 
 A backend's step function has the signature
-``step(group: FlatGroup, active, inv_scale=None, found_inf=None) -> None``: it advances the step
-counters of the parameters flagged in ``active`` (a bool tensor on the group's device; None: all;
-none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
-(``coefficients``, gradients multiplied by AMP's ``inv_scale``) and updates the group in place.
+``step(group: FlatGroup, active, inv_scale=None, found_inf=None, clip=None) -> None``: it advances
+the step counters of the parameters flagged in ``active`` (a bool tensor on the group's device;
+None: all; none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
+(``coefficients``: gradients unscaled by AMP's ``inv_scale``, then clipped by ``clip``) and
+updates the group in place.
 ``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices and
 dtypes (Triton's CPU interpreter, for tests, only when asked for by name); an explicit request for
 a backend that cannot run raises ``BackendUnavailableError`` saying why.
