@@ -888,16 +888,15 @@ class AdamMini(torch.optim.Optimizer):
         skip = None if found_inf is None else _on(found_inf, device)
         if self.max_grad_norm is None:
             return live, (inv_scale, None, skip)
-        local, shard_squares = self._grad_norm_squares(groups, device)
+        local, shard_squares = self._grad_norm_squares(groups, device, inv_scale)
 
         def factors(total_square: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             total = total_square.sqrt()
-            if inv_scale is not None:
-                total = total * inv_scale.double()
             # A norm whose square overflows float32 (past 1.8e19) counts as non-finite: the
             # blocks' float32 sums of squares of these gradients would (see [Note: gradient
             # multiplier] in coefficients.py).
-            total = torch.where(torch.isfinite(total.float().square()), total.float(), float("inf"))
+            total = total.float()
+            total = torch.where(torch.isnan(total) | torch.isfinite(total.square()), total, float("inf"))
             self._memo.grad_norm = total
             clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             nonfinite = (~torch.isfinite(total)).float()
@@ -926,11 +925,15 @@ class AdamMini(torch.optim.Optimizer):
         groups[rider].sharded.ride(torch.stack(sums).sum().float().reshape(1), then)
         return [live[rider]] + live[:rider] + live[rider + 1 :], (inv_scale, clip, flag)
 
-    def _grad_norm_squares(self, groups: List[FlatGroup], device: torch.device) -> Tuple[torch.Tensor, Dict[Any, List[torch.Tensor]]]:
-        """As clip_grad_norm_, the squares of the per-tensor norms (idle params' zeroed grads add
-        0), float64: their sum over the unsharded and replicated parameters (on ``device``), and
-        per process group the local sums over the shards of parameters split across its ranks
-        (to be summed over them)."""
+    def _grad_norm_squares(
+        self, groups: List[FlatGroup], device: torch.device, inv_scale: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Dict[Any, List[torch.Tensor]]]:
+        """As clip_grad_norm_, the squares of the per-tensor norms of the unscaled gradients
+        (``inv_scale``: AMP's 1 / scale, or None; idle params' zeroed grads add 0), float64: their
+        sum over the unsharded and replicated parameters (on ``device``), and per process group
+        the local sums over the shards of parameters split across its ranks (to be summed over
+        them; the rider of [Note: clipping norm of shards] carries them in float32, where squares
+        of scaled norms would overflow)."""
         squares = [torch.zeros((), dtype=torch.float64, device=device)]
         shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
@@ -938,12 +941,14 @@ class AdamMini(torch.optim.Optimizer):
             # scale keeps growing while no inf is found, past where their float32 (let alone
             # 16-bit) sum of squares overflows and the step would be skipped.
             norms = torch._foreach_norm(group.grad_views, 2, dtype=torch.float64)
+            if inv_scale is not None:
+                norms = torch._foreach_mul(norms, inv_scale.to(group.device, torch.float64, non_blocking=True))
             partial = set(group.sharded.partial_members()) if group.sharded is not None else set()
             local = [n for i, n in enumerate(norms) if i not in partial]
             if local:
-                squares.append(torch.stack(local).double().square().sum().to(device, non_blocking=True))
+                squares.append(torch.stack(local).square().sum().to(device, non_blocking=True))
             if partial:
-                shard_sum = torch.stack([norms[i] for i in sorted(partial)]).double().square().sum()
+                shard_sum = torch.stack([norms[i] for i in sorted(partial)]).square().sum()
                 shard_squares[group.sharded.process_group].append(shard_sum)
         return torch.stack(squares).sum(), shard_squares
 

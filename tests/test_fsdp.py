@@ -366,10 +366,10 @@ def test_optimizer_built_before_fully_shard_as_accelerate_does(tmp_path, backend
 INF_STEP = 3  # the step whose gradient holds an inf, in rank 1's shard of q_proj (row 3 of 6)
 
 
-def _scaled_train(model, opt, rank, steps, sharded: bool) -> list:
+def _scaled_train(model, opt, rank, steps, sharded: bool, init_scale=2.0**10) -> list:
     """GradScaler steps (growth every 2 steps) with an inf planted at INF_STEP; returns, per
     step, whether the parameters changed."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
     changed = []
     for step in steps:
         opt.zero_grad()
@@ -390,30 +390,34 @@ def _scaled_train(model, opt, rank, steps, sharded: bool) -> list:
     return changed
 
 
-def _amp_worker(rank, port, out, backend_arg, max_grad_norm):
+def _amp_worker(rank, port, out, backend_arg, max_grad_norm, init_scale):
     _init(rank, port)
     try:
         model = _model()
         fully_shard(model)
         opt = _optimizer(model.named_parameters(), backend_arg, max_grad_norm=max_grad_norm)
-        changed = _scaled_train(model, opt, rank, range(STEPS), sharded=True)
+        changed = _scaled_train(model, opt, rank, range(STEPS), sharded=True, init_scale=init_scale)
         steps = sorted({int(s["step"]) for s in opt.state_dict()["state"].values()})
         torch.save({"params": _gathered(model), "changed": changed, "steps": steps}, f"{out}/rank{rank}.pt")
     finally:
         _teardown()
 
 
-@pytest.mark.parametrize("backend, max_grad_norm", [(b, None) for b in BACKENDS] + [("torch", 0.05), ("cuda-emulated", 0.05)])
-def test_grad_scaler_on_fsdp2_skips_together_and_matches_single_process(tmp_path, backend_arg, max_grad_norm):
+@pytest.mark.parametrize(
+    "backend, max_grad_norm, init_scale",
+    [(b, None, 2.0**10) for b in BACKENDS] + [("torch", 0.05, 2.0**10), ("cuda-emulated", 0.05, 2.0**10), ("torch", 0.05, 2.0**100)],
+)
+def test_grad_scaler_on_fsdp2_skips_together_and_matches_single_process(tmp_path, backend_arg, max_grad_norm, init_scale):
     """torch.amp.GradScaler with FSDP2: an inf in one rank's shard skips the step on every rank
     (GradScaler's found_inf is the same everywhere: DTensor's check reduces it over the mesh),
     with no parameter or step counter moved; the unscaled steps equal one process's to 1e-6.
     With clipping too (the norm of the unscaled gradients, its shards' squares riding in the
-    split-block all-reduce)."""
-    _spawn(_amp_worker, str(tmp_path), backend_arg, max_grad_norm)
+    split-block all-reduce, in float32: unscaled first, or a scale of 2^100 overflows them and
+    every step is skipped)."""
+    _spawn(_amp_worker, str(tmp_path), backend_arg, max_grad_norm, init_scale)
     model = _model()
     opt = AdamMini(model.named_parameters(), max_grad_norm=max_grad_norm, **KW)
-    changed = _scaled_train(model, opt, 0, range(STEPS), sharded=False)
+    changed = _scaled_train(model, opt, 0, range(STEPS), sharded=False, init_scale=init_scale)
     assert changed == [step != INF_STEP for step in range(STEPS)]
     for rank in range(WORLD):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
