@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from adam_mini_kernels import AdamMini  # noqa: E402
 from adam_mini_kernels.partition import ADAM  # noqa: E402
 from adam_mini_kernels.quantization import dequantize, quantize  # noqa: E402
 from demo import train as demo  # noqa: E402
 from demo.tiny_gpt import TinyGPT  # noqa: E402
+from arguments import nonnegative_int  # noqa: E402
 
 FORMATS = {  # name: (code map, stochastic rounding); None: float32 m
     "float32": None,
@@ -83,7 +84,7 @@ def run(name: str, fmt, cfg: demo.RunConfig, train_data, val_set, min_size: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--min-size", type=int, default=4096, help="smaller parameters keep float32 m")
+    parser.add_argument("--min-size", type=nonnegative_int, default=4096, help="smaller parameters keep float32 m")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     torch.set_num_threads(min(4, torch.get_num_threads()))
@@ -98,7 +99,7 @@ def main() -> None:
     for r in results.values():
         r["relative_to_float32"] = (r["final_val"] - ref) / ref
 
-    date = datetime.date.today().isoformat()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")  # the UTC date, as bench_step.py's files
     stem = args.out / f"int8_m_study_cpu_{date}{'_quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": date, "torch": torch.__version__, "steps": cfg.steps, "model": vars(cfg.model),

@@ -225,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
         r = rows[-1]
         print(f"{row.label}: " + (f"{r['bytes_per_param']:.3f} B/param" if r["status"] == "ok" else r["reason"]),
               flush=True)
-    date = dt.date.today().isoformat()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")  # the UTC date, as bench_step.py's files
     report = {
         "date": date,
         "device": bench_step.device_info(torch.device("cpu")),

@@ -34,6 +34,7 @@ import arguments  # noqa: E402
     ("bench/microbench.py", ["--dry-run", "--numel=0"]),
     ("bench/microbench.py", ["--dry-run", "--time-budget-s=-5"]),
     ("bench/microbench.py", ["--dry-run", "--time-budget-s=nan"]),
+    ("bench/int8_m_study.py", ["--min-size=-1"]),
     ("-m demo.train", ["--steps=0"]),
 ])
 def test_scripts_refuse_unusable_numbers(script, argv):
