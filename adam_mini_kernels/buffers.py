@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -109,9 +109,23 @@ class FlatGroup:
         self.numel = numel
         self.num_v = num_v
 
+        # [Note: first-build memory] Each buffer is allocated once the tensors it replaces are
+        # released: the parameters are copied in and re-pointed before the gradient buffer
+        # exists, the gradients before m does. Allocating all three first held the parameters
+        # and gradients twice at once: the first step peaked at 2 P + 2 G + M (P, G, M: the
+        # bytes of the parameters, gradients and m), above AdamW's P + G + 2 M; now 2 P + G.
         make = dict(device=self.device)
+        self._grad_marks = [new_mark() for _ in self.params]
+        self._shapes = [torch.Size(layout.shape) for layout in self.layouts]
         self.param_buffer = torch.zeros(numel, dtype=self.dtype, **make)
+        self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
+        self._copy_params_in(range(len(self.params)))
         self.grad_buffer = torch.zeros(numel, dtype=self.dtype, **make)
+        self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
+        # The gradient views the parameters' .grad point at (each marked: see [Note: gradient
+        # view marks]) and that max_grad_norm takes norms of.
+        self.grad_views = [self.marked_grad(i, self.grad_view(i)) for i in range(len(self.params))]
+        self._copy_grads_in([i for i, p in enumerate(self.params) if p.grad is not None])
         self.m = torch.zeros(numel, dtype=state_dtype or self.dtype, **make)
         self.v = torch.zeros(num_v, dtype=torch.float32, **make)
         self.steps = torch.zeros(len(self.params), dtype=torch.int64, **make)
@@ -136,14 +150,6 @@ class FlatGroup:
         # The DTensor side of a group of sharded parameters (sharding.ShardedGroup), or None.
         self.sharded = None
 
-        # The gradient views the parameters' .grad point at (each marked: see [Note: gradient
-        # view marks]) and that max_grad_norm takes norms of.
-        self._grad_marks = [new_mark() for _ in self.params]
-        self.grad_views = [self.marked_grad(i, self.grad_view(i)) for i in range(len(self.params))]
-        self._shapes = [torch.Size(layout.shape) for layout in self.layouts]
-        self._param_ptrs = [self._ptr(self.param_buffer, i) for i in range(len(self.params))]
-        self._grad_ptrs = [self._ptr(self.grad_buffer, i) for i in range(len(self.params))]
-        self.repair(GradCheck(None, list(range(len(self.params))), []))
 
     # -- layout ------------------------------------------------------------------------------
     def _make_table(self) -> Dict[str, torch.Tensor]:
@@ -312,25 +318,31 @@ class FlatGroup:
     def repair(self, check: GradCheck) -> None:
         """Copy parameters and gradients that stopped aliasing the flat buffers back in, and
         re-point them as views (one foreach copy each)."""
-        if check.stale_params:
-            views = [self.param_view(i) for i in check.stale_params]
-            torch._foreach_copy_(views, [self.params[i].data for i in check.stale_params])
-            for i, view in zip(check.stale_params, views):
-                self.params[i].data = view
-        grads = list(check.stale_grads)
-        if len(check.stale_params) == len(self.params):  # initial adoption: take existing grads
-            grads = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if grads:
-            # Fresh views: an old one may have been pointed elsewhere (``p.grad.data = ...``).
-            views = [self.grad_view(i) for i in grads]
-            torch._foreach_copy_(views, [self.params[i].grad for i in grads])
-            for i, view in zip(grads, views):
-                self.grad_views[i] = self.params[i].grad = self.marked_grad(i, view)
+        self._copy_params_in(check.stale_params)
+        self._copy_grads_in(check.stale_grads)
         if check.active is not None:
             # A parameter without a gradient this step is not updated; its stale flat gradient is
             # zeroed so that it adds nothing to max_grad_norm's global norm.
             idle = [self.grad_view(i) for i, on in enumerate(check.active) if not on]
             torch._foreach_zero_(idle)
+
+    def _copy_params_in(self, indices: Iterable[int]) -> None:
+        """Copy parameters ``indices`` into the flat buffer and re-point them as its views."""
+        indices = list(indices)
+        if indices:
+            views = [self.param_view(i) for i in indices]
+            torch._foreach_copy_(views, [self.params[i].data for i in indices])
+            for i, view in zip(indices, views):
+                self.params[i].data = view
+
+    def _copy_grads_in(self, indices: List[int]) -> None:
+        """Copy the gradients of parameters ``indices`` into the flat buffer and re-point them as
+        fresh marked views (an old view may have been pointed elsewhere: ``p.grad.data = ...``)."""
+        if indices:
+            views = [self.grad_view(i) for i in indices]
+            torch._foreach_copy_(views, [self.params[i].grad for i in indices])
+            for i, view in zip(indices, views):
+                self.grad_views[i] = self.params[i].grad = self.marked_grad(i, view)
 
     def zero_grad(self) -> None:
         """Zero every gradient: the flat buffer in one fill, plus any that stopped aliasing it.

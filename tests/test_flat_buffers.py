@@ -452,3 +452,58 @@ def test_a_group_built_over_parameters_with_gradients_adopts_them():
     assert torch.equal(group.grad_view(0), grad)
     assert p.grad.data_ptr() == group.grad_view(0).data_ptr() and torch.equal(p.grad, grad)
     assert q.grad is None and not group.grad_view(1).any()
+
+
+def test_each_buffer_is_allocated_once_what_it_replaces_is_released(monkeypatch):
+    """[Note: first-build memory]: when the gradient buffer is allocated, every parameter already
+    lives in the parameter buffer (its own storage released, as nothing else holds it); when m is,
+    every gradient lives in the gradient buffer. (All three were once allocated first: the first
+    step held the parameters and the gradients twice at once.)"""
+    from adam_mini_kernels.buffers import FlatGroup
+    from adam_mini_kernels.partition import layout_for
+
+    params = [nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(4, 8))]
+    layouts = [layout_for("mlp.weight", (6, 8), "mlp", None), layout_for("ln.weight", (8,), "whole", None),
+               layout_for("mlp.up", (4, 8), "mlp", None)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    own = [(p.data_ptr(), p.grad.data_ptr()) for p in params]
+    allocations = []
+    zeros = torch.zeros
+
+    def recording_zeros(*args, **kwargs):
+        out = zeros(*args, **kwargs)
+        moved = [(p.data_ptr() != pp, p.grad.data_ptr() != gp) for p, (pp, gp) in zip(params, own)]
+        allocations.append((out.numel(), all(m for m, _ in moved), all(g for _, g in moved)))
+        return out
+
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    group = FlatGroup(params, layouts)
+    monkeypatch.undo()
+    big = [(params_moved, grads_moved) for numel, params_moved, grads_moved in allocations if numel == group.numel]
+    # param buffer (before any copy), gradient buffer (parameters moved), m (both moved)
+    assert big == [(False, False), (True, False), (True, True)]
+    for i, p in enumerate(params):
+        assert p.data_ptr() == group.param_view(i).data_ptr() and p.grad.data_ptr() == group.grad_view(i).data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_first_step_peaks_at_one_extra_copy_of_the_parameters_on_cuda():
+    """[Note: first-build memory] on the caching allocator: the first step (which builds the
+    buffers) allocates at most about one more copy of the parameters beyond what it holds after
+    (P + G + M before it, as AdamW's step), not three."""
+    torch.cuda.empty_cache()
+    named = [(f"layers.{k}.mlp.weight", nn.Parameter(torch.randn(1024, 4096, device="cuda"))) for k in range(4)]
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    param_bytes = sum(p.numel() * p.element_size() for _, p in named)
+    opt = AdamMini(named, lr=1e-3, verbose=False, dim=4096, n_heads=32)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    after, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    assert after - before <= 1.05 * param_bytes  # m (and v), the old parameters and gradients released
+    assert peak - after <= 1.05 * param_bytes, (peak - after) / param_bytes
