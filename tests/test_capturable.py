@@ -336,23 +336,34 @@ def test_capture_without_capturable_is_an_error():
             opt.step()
 
 
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compiled_opt_step_fullgraph_on_cuda(backend):
+def _eager_and_compiled_on_cuda(backend):
+    """Two optimizers over copies of the same CUDA parameters after one eager step each (which
+    builds the buffers): the parameter sets, the eager optimizer, and the other's compiled step."""
     named = _named(torch.device("cuda"))
     eager_params, compiled_params = clone_named(named), clone_named(named)
     eager = AdamMini(eager_params, lr=1e-2, backend=backend, **KW)
     compiled = AdamMini(compiled_params, lr=1e-2, backend=backend, **KW)
     sets = [[p for _, p in eager_params], [p for _, p in compiled_params]]
     run_stream(sets, [eager, compiled], steps=1, seed=0, none_every=0)
-    step = torch.compile(lambda: compiled.step(), fullgraph=True)
+    return sets, eager, compiled, torch.compile(lambda: compiled.step(), fullgraph=True)
+
+
+def _step_both(sets, eager, compiled_step, i):
+    """Step ``i``'s gradients into both sets, then the eager step and the compiled one."""
+    for params in sets:
+        for p, g in zip(params, _grads(params, i)):
+            p.grad.copy_(g)
+    eager.step()
+    compiled_step()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compiled_opt_step_fullgraph_on_cuda(backend):
+    sets, eager, _, step = _eager_and_compiled_on_cuda(backend)
     for i in range(1, 4):
-        for params in sets:
-            for p, g in zip(params, _grads(params, i)):
-                p.grad.copy_(g)
-        eager.step()
-        step()
+        _step_both(sets, eager, step, i)
     for a, b in zip(*sets):
         assert max_rel_err(a, b) <= 1e-6
 
@@ -365,13 +376,7 @@ def test_compiled_step_with_a_cuda_lr_set_between_compiled_steps(backend):
     next compiled step uploads the rows of device lrs inside the trace (``FlatGroup.upload``, no
     pinned copy there) and reads the tensor on the device; changed in place after, it takes
     effect. Equal to eager."""
-    named = _named(torch.device("cuda"))
-    eager_params, compiled_params = clone_named(named), clone_named(named)
-    eager = AdamMini(eager_params, lr=1e-2, backend=backend, **KW)
-    compiled = AdamMini(compiled_params, lr=1e-2, backend=backend, **KW)
-    sets = [[p for _, p in eager_params], [p for _, p in compiled_params]]
-    run_stream(sets, [eager, compiled], steps=1, seed=0, none_every=0)
-    step = torch.compile(lambda: compiled.step(), fullgraph=True)
+    sets, eager, compiled, step = _eager_and_compiled_on_cuda(backend)
     lrs = {}
     for i in range(1, 5):
         if i == 2:
@@ -382,11 +387,7 @@ def test_compiled_step_with_a_cuda_lr_set_between_compiled_steps(backend):
         if i == 3:
             for lr in lrs.values():
                 lr.fill_(2e-3)
-        for params in sets:
-            for p, g in zip(params, _grads(params, i)):
-                p.grad.copy_(g)
-        eager.step()
-        step()
+        _step_both(sets, eager, step, i)
     for a, b in zip(*sets):
         assert max_rel_err(a, b) <= 1e-6
 
