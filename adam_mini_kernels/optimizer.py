@@ -207,8 +207,8 @@ class AdamMini(torch.optim.Optimizer):
             exist and ``head_dim`` is not given.
         n_kv_heads: number of key/value heads (GQA); must divide ``n_heads``. Key blocks have the
             same size as query blocks, so it only needs to be consistent.
-        verbose: log the partition once at the first step, and warnings about missing layers,
-            through ``logging.getLogger("adam_mini_kernels")``.
+        verbose: log the partition at the first step (again when a rebuild changes it) and
+            warnings about missing layers, through ``logging.getLogger("adam_mini_kernels")``.
         head_dim: size of one attention head when it is not ``dim // n_heads`` (Qwen3, Gemma);
             the head block is then ``head_dim * dim`` elements.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``. ``auto`` (overridden by the
@@ -591,6 +591,13 @@ class AdamMini(torch.optim.Optimizer):
         return {params[k]: local_state(state, local[k]) for k, state in zip(moved, saved)}
 
     def _log_partition(self, layouts: List[BlockLayout]) -> None:
+        """Log the partition and warn of name sets that matched nothing: at the first build, and
+        at a rebuild only when the partition changed (a rebuild after load_state_dict, or for new
+        dtypes, keeps it)."""
+        logged = tuple((l.name, l.runs, l.columns, l.rule) for l in layouts)
+        if logged == getattr(self, "_logged_partition", None):
+            return
+        self._logged_partition = logged
         counts = rule_counts(layouts)
         blocks = sum(l.num_blocks for l in layouts)
         logger.info(

@@ -303,6 +303,12 @@ def test_verbose_logs_partition_once_and_prints_nothing(caplog, capsys):
     _step(model, opt, seed=2)
     _step(model, opt, seed=3)
     assert len(caplog.records) == count, "the partition is logged once, not every step"
+    opt.load_state_dict(opt.state_dict())  # the next step rebuilds the buffers, same partition
+    _step(model, opt, seed=4)
+    assert len(caplog.records) == count, "a rebuild that keeps the partition does not log it again"
+    opt.mlp_names = set()  # a new partition: logged
+    _step(model, opt, seed=5)
+    assert len([r for r in caplog.records if r.levelno == logging.INFO]) == len(info) + 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == ""
