@@ -150,7 +150,6 @@ class FlatGroup:
         # The DTensor side of a group of sharded parameters (sharding.ShardedGroup), or None.
         self.sharded = None
 
-
     # -- layout ------------------------------------------------------------------------------
     def _make_table(self) -> Dict[str, torch.Tensor]:
         """Per-parameter int64 columns on the device: where its elements and v values live, its
