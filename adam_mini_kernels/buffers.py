@@ -56,10 +56,16 @@ HP_LR, HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS = range(5)
 NUM_HPARAMS = 5
 
 
-def check_dense_grad(name: str, grad: torch.Tensor) -> None:
-    """Raise for a sparse gradient (AdamMini steps dense tensors only)."""
+def check_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise for a gradient AdamMini cannot step: sparse, or not of its parameter's shape and
+    dtype (``p.grad.data = ...`` skips autograd's checks; it would be cast silently)."""
     if grad.layout != torch.strided:
         raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}' has a {grad.layout} gradient)")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise RuntimeError(
+            f"gradient of '{name}' is {grad.dtype} of shape {list(grad.shape)}, "
+            f"the parameter {param.dtype} of shape {list(param.shape)}"
+        )
 
 
 def chunk_lengths(block_sizes: torch.Tensor) -> torch.Tensor:
@@ -283,14 +289,8 @@ class FlatGroup:
                 active.append(False)
                 continue
             active.append(True)
-            if g.layout != strided:
-                check_dense_grad(self.layouts[i].name, g)
-            if g.data_ptr() != grad_ptr:
-                if g.shape != p.shape:
-                    raise RuntimeError(
-                        f"gradient of '{self.layouts[i].name}' has shape {list(g.shape)}, "
-                        f"the parameter has {list(p.shape)}"
-                    )
+            if g.layout != strided or g.data_ptr() != grad_ptr:
+                check_grad(self.layouts[i].name, p, g)
                 stale_grads.append(i)
         return GradCheck(None if all(active) else active, stale_params, stale_grads)
 

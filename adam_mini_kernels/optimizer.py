@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dispatch
-from .buffers import HP_LR, NUM_HPARAMS, FlatGroup, GradCheck, check_dense_grad
+from .buffers import HP_LR, NUM_HPARAMS, FlatGroup, GradCheck, check_grad
 from .checkpoint import absorb_state, check_state, state_in_format, state_views
 from .model_layouts import AttentionDims, config_dims, model_layouts
 from .quantization import QBLOCK, int8_first_moment
@@ -87,16 +87,20 @@ def _check_hparams(where: str, lr, beta1: float, beta2: float, eps: float, weigh
         lr = lr.item() if lr.device.type == "cpu" and not torch.compiler.is_compiling() else None
     elif isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{where}: lr must be a number or a one-element tensor, got {lr!r}")
-    if lr is not None and not 0.0 <= lr:
-        raise ValueError(f"{where}: invalid learning rate {lr} (must be >= 0)")
-    if not 0.0 <= eps:
-        raise ValueError(f"{where}: invalid eps {eps} (must be >= 0)")
+    for arg, value in (("eps", eps), ("beta1", beta1), ("beta2", beta2), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: {arg} must be a number, got {value!r}")
+    # inf passes >= 0, and an inf lr, eps or weight decay makes every parameter inf, NaN or still.
+    if lr is not None and not 0.0 <= lr < math.inf:
+        raise ValueError(f"{where}: invalid learning rate {lr} (must be finite and >= 0)")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"{where}: invalid eps {eps} (must be finite and >= 0)")
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"{where}: invalid beta1 {beta1} (must be in [0, 1))")
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f"{where}: invalid beta2 {beta2} (must be in [0, 1))")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be >= 0)")
+    if not 0.0 <= weight_decay < math.inf:
+        raise ValueError(f"{where}: invalid weight_decay {weight_decay} (must be finite and >= 0)")
 
 
 def _m_dtypes(asked: List[Any], layouts: List[BlockLayout], params: List[torch.Tensor]) -> List[Optional[torch.dtype]]:
@@ -133,6 +137,33 @@ def _check_param(name: str, p: Any) -> None:
         raise NotImplementedError(
             f"parameter '{name}' is a {type(p.data).__name__}; tensor subclasses other than DTensor are not supported"
         )
+
+
+def _check_params(named: List[Tuple[str, torch.Tensor]]) -> None:
+    """Every parameter valid (``_check_param``), passed once, and none over another's memory:
+    parameters tied by ``b.data = a.data`` (two Parameters over one storage) would be untied by
+    the flat buffers, each stepped in a copy of its own. Checked at construction and at each
+    build (parameters put into ``param_groups`` later pass here too)."""
+    seen: Dict[int, str] = {}
+    spans = []
+    for name, p in named:
+        _check_param(name, p)
+        if id(p) in seen:
+            raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}'; pass each parameter once")
+        seen[id(p)] = name
+        if p.numel() and not is_sharded(p) and p.device.type != "meta":
+            start = p.storage_offset() * p.element_size()
+            extent = (1 + sum((n - 1) * s for n, s in zip(p.shape, p.stride()))) * p.element_size()
+            spans.append((p.device, p.untyped_storage().data_ptr(), start, start + extent, name))
+    spans.sort(key=lambda span: (str(span[0]), span[1], span[2]))
+    for k in range(1, len(spans)):
+        (device, ptr, _, end, other), (device_b, ptr_b, start_b, _, name) = spans[k - 1], spans[k]
+        if (device, ptr) == (device_b, ptr_b) and start_b < end:
+            raise ValueError(
+                f"parameters '{other}' and '{name}' share memory (tied by assigning one's .data to the other?): "
+                f"AdamMini keeps each parameter in a buffer of its own and would untie them; tie them as one "
+                f"Parameter (e.g. model.lm_head.weight = model.embed.weight) or pass only one of them"
+            )
 
 
 def _on(value, device: torch.device) -> torch.Tensor:
@@ -304,9 +335,14 @@ class AdamMini(torch.optim.Optimizer):
         capturable: bool = False,
         model: Optional[torch.nn.Module] = None,
     ):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-            if value is not None and (int(value) != value or value <= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or int(value) != value or value <= 0
+            ):
                 raise ValueError(f"{arg} must be a positive integer, got {value!r}")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads:
@@ -343,7 +379,6 @@ class AdamMini(torch.optim.Optimizer):
         self._memo = _StepMemo()
 
         groups = []
-        seen: Dict[int, str] = {}
         for item in named_parameters:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise TypeError(
@@ -352,14 +387,11 @@ class AdamMini(torch.optim.Optimizer):
                 )
             name, p = item[0].lower(), item[1]
             _check_param(name, p)
-            if not p.requires_grad:
-                continue
-            if id(p) in seen:
-                raise ValueError(f"parameter '{name}' is the same tensor as '{seen[id(p)]}'; pass each parameter once")
-            seen[id(p)] = name
-            groups.append({"name": name, "params": p})
+            if p.requires_grad:
+                groups.append({"name": name, "params": p})
         if not groups:
             raise ValueError("AdamMini got no parameters that require a gradient")
+        _check_params([(group["name"], group["params"]) for group in groups])
         super().__init__(groups, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps))
 
         devices = {p.device for group in self.param_groups for p in group["params"]}
@@ -499,6 +531,7 @@ class AdamMini(torch.optim.Optimizer):
         Everything is validated before anything is changed. Sharded parameters are held by their
         local shards, grouped apart per process group."""
         named = self._named_params()
+        _check_params(named)
         partition_key, group_dtypes = key
         for group, dtype in zip(self.param_groups, group_dtypes):
             _check_state_dtype(f"param group '{group['name']}'", dtype)
@@ -683,7 +716,7 @@ class AdamMini(torch.optim.Optimizer):
             return False
         # What an LR scheduler does every step, new float lrs >= 0 and nothing else, is checked
         # at once; otherwise every row that changed.
-        if not (same_rest and lrs and {float}.issuperset(map(type, lrs)) and all(lr >= 0 for lr in lrs)):
+        if not (same_rest and lrs and {float}.issuperset(map(type, lrs)) and all(0.0 <= lr < math.inf for lr in lrs)):
             checked = list(zip(memo.lrs or [], memo.rest or []))
             for k, (group, lr, row) in enumerate(zip(groups, lrs, rest)):
                 if k < len(checked) and (lr, row) == checked[k]:
@@ -764,7 +797,7 @@ class AdamMini(torch.optim.Optimizer):
         if checks is None:  # no buffers yet, new name sets, m dtypes, parameters or state, or a parameter moved
             for name, p in self._named_params():
                 if p.grad is not None:
-                    check_dense_grad(name, p.grad)
+                    check_grad(name, p, p.grad)
             self._build(key)
             hparams_changed = True
             checks = self._inspect()

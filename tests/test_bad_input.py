@@ -110,6 +110,15 @@ def _assert_unchanged(before, after):
         (dict(n_kv_heads=0), ["n_kv_heads"]),
         (dict(head_dim=0), ["head_dim"]),
         (dict(head_dim=-4), ["head_dim"]),
+        # inf passes ">= 0": every parameter would become inf or NaN (lr, weight decay) or still (eps)
+        (dict(lr=float("inf")), ["learning rate", "finite"]),
+        (dict(eps=float("inf")), ["eps", "finite"]),
+        (dict(weight_decay=float("inf")), ["weight_decay", "finite"]),
+        (dict(betas=(0.9, 0.99, 0.999)), ["betas", "pair"]),  # once cut to its first two silently
+        (dict(betas=(0.9,)), ["betas", "pair"]),
+        (dict(dim=True), ["dim"]),
+        (dict(dim=float("nan")), ["dim"]),
+        (dict(n_heads=float("inf")), ["n_heads"]),
     ],
     ids=lambda x: repr(x) if isinstance(x, dict) else None,
 )
@@ -193,6 +202,71 @@ def test_same_parameter_twice_is_rejected():
     message = str(err.value)
     assert "layer.mlp.weight" in message and "other.mlp.weight" in message
     _assert_unchanged(before, _snapshot(named[:-1]))
+
+
+@pytest.mark.parametrize("how", ["data", "view"])
+def test_parameters_over_one_memory_are_rejected(how):
+    """Two Parameters over the same memory (old-style tying, ``b.data = a.data``, or a parameter
+    made from a view of another): the flat buffers would give each a copy of its own and untie
+    them silently; a clear error instead, at construction."""
+    named = _named()
+    a = named[2][1]
+    b = nn.Parameter(torch.empty_like(a)) if how == "data" else nn.Parameter(a.detach()[3:])
+    if how == "data":
+        b.data = a.data
+    named.append(("other.mlp.weight", b))
+    with pytest.raises(ValueError, match=r"'layer.mlp.weight' and 'other.mlp.weight' share memory"):
+        AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+
+
+def test_parameters_from_one_storage_in_disjoint_spans_are_fine():
+    """Parameters cut from one storage without overlap (a checkpoint loader's single buffer,
+    as safetensors' mmap gives) are separate parameters."""
+    storage = torch.randn(12 * DIM + DIM)
+    named = [("layer.mlp.weight", nn.Parameter(storage[: 12 * DIM].view(12, DIM))),
+             ("layer.norm.weight", nn.Parameter(storage[12 * DIM :]))]
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    _good_step(named, opt, seed=4)
+    assert all(int(opt.state[p]["step"]) == 1 for _, p in named)
+
+
+@pytest.mark.parametrize("bad", ["int64", "complex", "duplicate", "shared"])
+def test_parameter_put_into_param_groups_later_is_checked_and_changes_nothing(bad):
+    """A parameter swapped into ``param_groups`` after construction passes the constructor's
+    checks at the next build (an int64 one once got int64 state; a complex one crashed the step
+    after other groups had stepped; one already in another group was stepped twice)."""
+    named = _named()
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    _good_step(named, opt, seed=5)
+    group = opt.param_groups[2]
+    w = group["params"][0]
+    replacement = {
+        "int64": lambda: nn.Parameter(torch.ones(w.shape, dtype=torch.int64), requires_grad=False),
+        "complex": lambda: nn.Parameter(torch.randn(w.shape, dtype=torch.complex64)),
+        "duplicate": lambda: opt.param_groups[4]["params"][0],
+        "shared": lambda: nn.Parameter(opt.param_groups[4]["params"][0].detach()),
+    }[bad]()
+    if replacement.dtype.is_floating_point or replacement.is_complex():
+        replacement.grad = torch.zeros_like(replacement)
+    group["params"][0] = replacement
+    before = _snapshot(named, opt)
+    with pytest.raises((ValueError, TypeError)):
+        opt.step()
+    _assert_unchanged(before, _snapshot(named, opt))
+
+
+def test_gradient_data_of_another_dtype_is_rejected_and_changes_nothing():
+    """``p.grad.data = other`` skips autograd's dtype check: a float64 gradient of a float32
+    parameter was cast silently (official raises)."""
+    named = _named()
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    _good_step(named, opt, seed=6)
+    name, w = named[2]
+    w.grad.data = torch.ones(w.shape, dtype=torch.float64)
+    before = _snapshot(named, opt)
+    with pytest.raises(RuntimeError, match=r"gradient of 'layer.mlp.weight' is torch.float64"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(named, opt))
 
 
 def test_tied_weights_through_named_parameters_are_fine():
@@ -297,7 +371,7 @@ def test_gradient_data_of_another_shape_is_rejected_and_changes_nothing():
     name, w = named[2]  # layer.mlp.weight, (12, 8)
     w.grad.data = torch.ones(8, 12)
     before = _snapshot(named, opt)
-    with pytest.raises(RuntimeError, match=r"gradient of 'layer.mlp.weight' has shape \[8, 12\], the parameter has \[12, 8\]"):
+    with pytest.raises(RuntimeError, match=r"gradient of 'layer.mlp.weight' is torch.float32 of shape \[8, 12\], the parameter torch.float32 of shape \[12, 8\]"):
         opt.step()
     _assert_unchanged(before, _snapshot(named, opt))
 
@@ -388,6 +462,8 @@ def test_dim_squared_not_divisible_by_n_heads_is_fine_without_query_key_params()
         ("weight_decay", -0.5, ["weight_decay"]),
         ("beta1", 1.0, ["beta1"]),
         ("beta2", -0.1, ["beta2"]),
+        ("lr", float("inf"), ["learning rate", "finite"]),  # the scheduler's fast check too
+        ("weight_decay", float("inf"), ["weight_decay", "finite"]),
     ],
 )
 def test_param_group_set_invalid_after_steps(key, value, words):
