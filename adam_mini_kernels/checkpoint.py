@@ -29,6 +29,8 @@ storage order) in place of ``m``; see [Note: int8 first moment] in quantization.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Dict, Sequence, Tuple
 
 import torch
@@ -90,6 +92,21 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
             f"state of parameter '{layout.name}' has moments but no 'step': resumed at step 0, the "
             "next step would bias-correct the trained moments as if they were new"
         )
+    if "step" in state:
+        step = state["step"]
+        count = step.item() if torch.is_tensor(step) and step.numel() == 1 else step
+        integral = isinstance(count, numbers.Real) and not isinstance(count, bool) and math.isfinite(count)
+        if not (integral and count == int(count) and count >= 0):
+            raise ValueError(f"state of parameter '{layout.name}' has step {step!r}: a step count is an integer >= 0")
+        has_m = state.get("m") is not None or state.get("m_codes") is not None
+        second = "v" if layout.state_kind == "adam" else "vmean"
+        missing = [k for k, there in (("m", has_m), (second, second_moment(state) is not None)) if not there]
+        if count > 0 and missing:
+            raise ValueError(
+                f"state of parameter '{layout.name}' is at step {int(count)} but has no "
+                f"{' or '.join(map(repr, missing))}: resumed, the next step would bias-correct a new "
+                "moment as a trained one"
+            )
     m = state.get("m")
     if m is not None:
         # m is the parameter's shape, or (heads, head_numel) in official's query/key layout.

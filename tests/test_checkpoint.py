@@ -195,6 +195,13 @@ BAD_STATE = {
     "vmean_empty": _set("vmean", lambda v: v[:0]),
     # moments without their step count: resuming at step 0 would bias-correct a trained m again
     "no_step": lambda state: state.pop("step"),
+    # a step count without one of its moments: a new moment would be bias-corrected as trained
+    # (both were once loaded as zeros, the step kept)
+    "no_vmean": lambda state: state.pop("vmean"),
+    "no_m": lambda state: state.pop("m"),
+    # step counts that are not counts
+    "negative_step": _set("step", lambda step: -3),
+    "nan_step": _set("step", lambda step: float("nan")),
 }
 
 
