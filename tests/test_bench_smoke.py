@@ -8,6 +8,7 @@ markdown table and PNG plot beside the JSON.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -184,10 +185,9 @@ def test_smoke_compiled_row_records_its_graphs(tmp_path):
     res, md, _ = _run(tmp_path, "--no-sweep", "--sets", "gpt2-124m-fp32", "--backends", "torch", "--optimizers", "compile")
     (row,) = res["rows"]
     assert row["optimizer"] == "ours-torch-compile" and row["status"] == "ok", row
-    for key in ("graph_breaks", "unique_graphs"):
-        assert type(row[key]) is int and row[key] >= 0, row
-    assert row["unique_graphs"] >= 1, row
-    assert f"{row['unique_graphs']} compiled graph" in md.lower(), md
+    assert type(row["graph_breaks"]) is int and type(row["unique_graphs"]) is int, row
+    assert row["graph_breaks"] == 0 and row["unique_graphs"] == 1, row  # one compiled step was timed
+    assert "1 compiled graph, 0 graph breaks" in md, md
 
 
 def test_report_flags_graph_breaks_and_recompiles():
@@ -211,11 +211,14 @@ def test_smoke_8bit_adamw_rows_run_or_say_why(tmp_path):
     res, _, _ = _run(tmp_path, "--no-sweep", "--sets", "llama-1.1b-fp32", "--optimizers", "adamw8bit")
     rows = {r["optimizer"]: r for r in res["rows"]}
     assert sorted(rows) == ["adamw8bit-bnb", "adamw8bit-torchao"]
-    for row in rows.values():
-        if row["status"] == "ok":  # fp32: read p, g, m, v codes, write p and the codes, + scales
+    for key, module in (("adamw8bit-torchao", "torchao"), ("adamw8bit-bnb", "bitsandbytes")):
+        row = rows[key]
+        if importlib.util.find_spec(module) is not None:  # installed: it must run (both do on a CPU)
+            assert row["status"] == "ok", row
+            # fp32: read p, g, m, v codes, write p and the codes, + scales
             assert row["min_bytes_per_param"] == pytest.approx(16.06, abs=0.05), row
         else:
-            assert row["status"] in ("unavailable", "error") and row["reason"], row  # error: imports, fails on this device
+            assert row["status"] == "unavailable" and "does not import" in row["reason"], row
 
 
 def test_smoke_graph_rows_say_why_they_cannot_run(tmp_path):

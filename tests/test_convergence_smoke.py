@@ -44,7 +44,9 @@ def test_convergence_smoke(tmp_path):
     # int8 m: compared with the float32-state run (criterion 3), not with official's curve.
     int8 = report["criteria"]["AdamMini[int8]"]
     assert "curve_rel_diff_vs_official" not in int8 and "final_val_rel_vs_adamw" in int8
-    assert abs(int8["final_val_rel_vs_fp32_state"]) < 0.05 and isinstance(int8["int8_final_within_1pct"], bool)
+    # Six steps are too few for issue 10's 1 %: the flag must say what the value says.
+    assert abs(int8["final_val_rel_vs_fp32_state"]) < 0.05
+    assert int8["int8_final_within_1pct"] is (abs(int8["final_val_rel_vs_fp32_state"]) < 0.01)
     assert "val vs AdamMini[torch]" in table
     assert "final_val_rel_vs_fp32_state" not in report["criteria"]["AdamMini[torch]"]
 

@@ -16,6 +16,7 @@ from test_fsdp import backend_arg  # noqa: F401  (the fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in ("torch", "triton", "cuda") if b in available_backends([DEVICE])]
+FUSED = [b for b in BACKENDS if b != "torch"]  # compared with the torch backend (the emulated CUDA kernels: test_cuda_backend)
 # Rows (mlp, wte), heads (wq), a whole-tensor block larger than a tile (norm: two-phase), Adam
 # blocks (bias), odd sizes: every kind of work of the fused backends.
 SHAPES = {"wte.weight": (12, 40), "layers.0.wq.weight": (16, 16), "mlp.weight": (5, 7), "norm.weight": (9000,), "mlp.bias": (21,)}
@@ -156,7 +157,7 @@ def test_triton_random_bits_beyond_2_pow_32():
 # -- the optimizer ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("state_dtype", [None, torch.float32])
 def test_backends_round_bitwise_alike(backend, state_dtype):
     """Same float32 results (exact sums) in, the same stochastically rounded bits out, as the
@@ -283,7 +284,7 @@ def test_idle_parameters_stay_bitwise_still(backend):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the interpreter's inf * 0
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 def test_non_finite_results_stay_non_finite(backend):
     """An inf or NaN gradient with no GradScaler to skip the step makes inf/NaN parameters and m
     (a whole row or block through its v, one element of an Adam block): the stochastic stores
