@@ -106,11 +106,13 @@ def torch_step(
     # parameter, those without a gradient too); v and the coefficients are float32 either way.
     work = torch.promote_types(group.param_buffer.dtype, torch.float32)
 
+    # The gradient unscaled once, for the sums of squares and the update alike: see [Note:
+    # gradient multiplier] in coefficients.py (GRAD_SCALE is AMP's 1 / scale or 0, so below it
+    # only tells idle parameters).
     g = group.grad_buffer.to(work)
-    # Squares of the unscaled gradient: see [Note: gradient multiplier] in coefficients.py.
-    unscaled = g if inv_scale is None else g * inv_scale.to(work)
-    block_sum = _segment_reduce(unscaled * unscaled, "sum", seg.seg_offsets).float()
-    del unscaled
+    if inv_scale is not None:
+        g = g * inv_scale.to(work)  # not in place: g may be the gradient buffer itself
+    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets).float()
     if group.sharded is not None:
         group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
     # After the all-reduce: a clip factor riding in it is written into ``clip`` there.
@@ -128,7 +130,7 @@ def torch_step(
     # Spread (scale, decay, m weight, gradient multiplier, clip) from blocks to elements in one gather.
     per_block = torch.stack([block_scale, block_coef[:, C_DECAY], block_coef[:, C_M_WEIGHT], grad_scale, clip_factor], dim=1)
     scale, decay, m_weight, g_mul, g_clip = torch.repeat_interleave(per_block.to(work), seg.seg_len, dim=0, output_size=n).unbind(1)
-    g = torch.where(g_mul == 0, 0.0, g * g_mul).mul_(g_clip)
+    g = torch.where(g_mul == 0, 0.0, g).mul_(g_clip)
     m = (_dequantize_m(group, seg).to(work) if group.quantized else group.m.to(work)).lerp_(g, m_weight)
     p = group.param_buffer.to(work).mul_(decay).addcmul_(m, scale, value=-1)
     # Storage: m as int8 codes, or (16-bit m, p) rounded to nearest or stochastically.
