@@ -173,7 +173,7 @@ OPTIMIZER_CHOICES = ("ours", "compile", "adamw-foreach", "adamw-fused", "officia
 DEFAULT_OPTIMIZERS = OPTIMIZER_CHOICES[:-3]  # variants, 8-bit AdamW and graphs run when asked for (another call)
 # Graph replay rows (issue 7): launch-bound sizes, about 1M, 10M and 124M parameters. Target:
 # within 1.2x the bandwidth floor plus 10 us.
-GRAPH_SETS = ("sweep-llama-1.32m", "sweep-llama-8.45m", "gpt2-124m-fp32")
+GRAPH_SETS = ("sweep-llama-1.05m", "sweep-llama-9.99m", "gpt2-124m-fp32")
 
 
 def official_status() -> (Optional[str], Optional[str]):

@@ -168,8 +168,8 @@ def make_set(key: str, smoke: bool = False) -> ParamSet:
 # Llama-style sweep, ~1M to ~1.1B parameters (fp32). Head and kv-head counts keep head_dim 32..64
 # and GQA groups as in the real models; the last point is the Llama-1.1B set itself.
 SWEEP = (
-    LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn=344, vocab=2048),  # ~1.3M
-    LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn=688, vocab=8000),  # ~8.5M
+    LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn=344, vocab=1024),  # ~1.05M
+    LlamaConfig(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn=688, vocab=11008),  # ~9.99M
     LlamaConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn=1376, vocab=32000),  # ~56M
     LlamaConfig(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn=2816, vocab=32000),  # ~200M
     LlamaConfig(dim=1536, n_layers=20, n_heads=24, n_kv_heads=4, ffn=4096, vocab=32000),  # ~590M

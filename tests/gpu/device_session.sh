@@ -209,7 +209,7 @@ variants() {
   bench $(( $(left) - 120 )) variants --no-sweep --optimizers ours,adamw-fused,official,variants,adamw8bit
   # Graph replays at about 1M, 10M (sweep sizes, named) and 124M parameters beside eager steps and
   # fused AdamW: those three sets only, not the whole sweep again.
-  bench $(( $(left) - 40 )) graphs --no-sweep --sets "${GRAPH_SETS:-sweep-llama-1.32m,sweep-llama-8.45m,gpt2-124m-fp32}" \
+  bench $(( $(left) - 40 )) graphs --no-sweep --sets "${GRAPH_SETS:-sweep-llama-1.05m,sweep-llama-9.99m,gpt2-124m-fp32}" \
     --optimizers ours,adamw-fused,graphs
 }
 
