@@ -115,6 +115,32 @@ def _m_dtypes(asked: List[Any], layouts: List[BlockLayout], params: List[torch.T
     ]
 
 
+def _split_betas(param_group: Dict[str, Any]) -> Dict[str, Any]:
+    """A param group given torch-style ``betas=(beta1, beta2)``, as the ``beta1`` and ``beta2``
+    entries the groups hold (as official Adam_mini's do)."""
+    where = f"param group '{param_group['name']}'"
+    betas = param_group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for key, value in zip(("beta1", "beta2"), betas):
+        if key in param_group and param_group[key] != value:
+            raise ValueError(f"{where}: betas={tuple(betas)!r} and {key}={param_group[key]!r} disagree; give one of them")
+    out = {k: v for k, v in param_group.items() if k != "betas"}
+    out["beta1"], out["beta2"] = betas
+    return out
+
+
+def _refuse_betas(groups: List[Dict[str, Any]]) -> None:
+    """A ``betas`` entry set in a param group after construction would be ignored: refuse it."""
+    for group in groups:
+        if "betas" in group:
+            raise ValueError(
+                f"param group '{group['name']}' has a 'betas' entry: AdamMini's param groups hold 'beta1' and "
+                "'beta2' (as official Adam_mini's), which the step reads; set those and delete 'betas' "
+                "(a torch-style 'betas' would be ignored)"
+            )
+
+
 def _check_state_dtype(where: str, state_dtype: Any) -> None:
     if state_dtype not in STATE_DTYPES:
         raise ValueError(
@@ -468,6 +494,8 @@ class AdamMini(torch.optim.Optimizer):
             _check_param(param_group["name"], p)
         if "state_dtype" in param_group:
             _check_state_dtype(f"param group '{param_group['name']}'", param_group["state_dtype"])
+        if "betas" in param_group:  # torch's spelling of the pair: the groups hold beta1 and beta2
+            param_group = _split_betas(param_group)
         param_group.setdefault("weight_decay", default_weight_decay(param_group["name"], self._weight_decay))
         super().add_param_group(param_group)
         self._flat = None
@@ -698,6 +726,8 @@ class AdamMini(torch.optim.Optimizer):
         (which users and LR schedulers edit); validate what changed and return True when anything
         did since the last step. A tensor lr read on the device stands as None."""
         groups, memo = self.param_groups, self._memo
+        if any("betas" in group for group in groups):
+            _refuse_betas(groups)
         lrs = [group["lr"] for group in groups]
         rest = [(group["weight_decay"], group["beta1"], group["beta2"], group["eps"]) for group in groups]
         device_lr = False

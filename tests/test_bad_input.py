@@ -492,6 +492,45 @@ def test_param_group_set_invalid_after_steps(key, value, words):
         assert int(opt.state[p]["step"]) == 4
 
 
+def test_torch_style_betas_set_in_a_param_group_is_refused_not_ignored():
+    """The groups hold beta1 and beta2 (as official's); a ``betas`` entry set torch-style after
+    construction would change nothing: the step refuses it before anything changes."""
+    named = _named()
+    opt = AdamMini(named, dim=DIM, n_heads=N_HEADS, verbose=False)
+    _good_step(named, opt, seed=12)
+    opt.param_groups[1]["betas"] = (0.5, 0.9)
+    opt.zero_grad()
+    _random_grads(named, seed=13)
+    before = _snapshot(named, opt)
+    with pytest.raises(ValueError) as err:
+        opt.step()
+    message = str(err.value)
+    for word in (opt.param_groups[1]["name"], "'betas'", "beta1", "beta2"):
+        assert word in message, f"{word!r} not in {message!r}"
+    _assert_unchanged(before, _snapshot(named, opt))
+    del opt.param_groups[1]["betas"]
+    opt.step()
+    assert all(int(opt.state[p]["step"]) == 2 for _, p in named)
+
+
+def test_add_param_group_takes_torch_style_betas_as_beta1_and_beta2():
+    named = _named()
+    first, extra = named[:-1], named[-1]
+    opt = AdamMini(first, dim=DIM, n_heads=N_HEADS, verbose=False)
+    opt.add_param_group({"name": extra[0], "params": [extra[1]], "betas": (0.5, 0.75)})
+    group = opt.param_groups[-1]
+    assert "betas" not in group and (group["beta1"], group["beta2"]) == (0.5, 0.75)
+    with pytest.raises(ValueError, match="disagree"):
+        opt.add_param_group({"name": "other", "params": [torch.zeros(3, requires_grad=True)], "betas": (0.5, 0.75), "beta1": 0.9})
+    with pytest.raises(ValueError, match="pair"):
+        opt.add_param_group({"name": "other", "params": [torch.zeros(3, requires_grad=True)], "betas": (0.5,)})
+    # The step uses them: m after one step is (1 - beta1) * g for the added parameter.
+    _random_grads(named, seed=14)
+    grad = extra[1].grad.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[extra[1]]["m"].reshape(-1).float(), (0.5 * grad).reshape(-1).float(), rtol=1e-6, atol=0)
+
+
 # -- NaN / Inf gradients: propagated exactly as official does ------------------------------------
 
 
