@@ -84,6 +84,12 @@ def saved_blocks(state: Dict[str, Any], numel: int) -> Tuple[Tuple[Tuple[int, in
     return ((numel // k if k else 0, k),), False
 
 
+def _has_negative(values: torch.Tensor) -> bool:
+    """Whether a saved tensor (a DTensor: this rank's shard) holds a value < 0 (one host sync)."""
+    local = values.to_local() if hasattr(values, "to_local") else values
+    return bool((local < 0).any())
+
+
 def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     """Raise ``ValueError`` if ``state`` (official layout or ours) cannot be loaded for a
     parameter laid out as ``layout``."""
@@ -130,6 +136,12 @@ def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:
     v = second_moment(state)
     if v is None:
         return
+    for key, values in (("second moments", v), ("'m_scales'", state.get("m_scales") if codes is not None else None)):
+        if values is not None and _has_negative(values):
+            raise ValueError(
+                f"state of parameter '{layout.name}': its {key} hold negative values (means of squares, absmax "
+                "scales: never negative); the checkpoint is corrupt or not an Adam-mini one"
+            )
     k = v.numel()
     if "block_runs" in state:
         runs, columns = saved_blocks(state, layout.numel)

@@ -202,6 +202,8 @@ BAD_STATE = {
     # step counts that are not counts
     "negative_step": _set("step", lambda step: -3),
     "nan_step": _set("step", lambda step: float("nan")),
+    # a mean of squares below zero: sqrt(v) NaN, every parameter of the block NaN after a step
+    "negative_vmean": _set("vmean", lambda v: torch.where(torch.arange(v.numel()).reshape(v.shape) == 1, -1e-3, v)),
 }
 
 

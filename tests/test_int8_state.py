@@ -262,7 +262,7 @@ def test_float_checkpoint_into_int8_quantizes_and_back_dequantizes():
         assert "m_codes" not in back.state[r]
 
 
-@pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs", "codes not int8"])
+@pytest.mark.parametrize("damage", ["one scale short", "one scale extra, no block_runs", "codes not int8", "negative scale"])
 def test_bad_codes_in_checkpoint_are_refused(damage):
     named = _named()
     opt = AdamMini(named, state_dtype=torch.int8, **KW)
@@ -273,6 +273,8 @@ def test_bad_codes_in_checkpoint_are_refused(damage):
         state["m_scales"] = state["m_scales"][:-1]
     elif damage == "codes not int8":  # the same values widened: still not codes of this format
         state["m_codes"] = state["m_codes"].to(torch.int16)
+    elif damage == "negative scale":  # an absmax is never negative: it would flip its chunk of m
+        state["m_scales"][0] = -state["m_scales"][0].abs() - 1e-3
     else:  # the blocks are then taken from the number of vmean values, as for official's layouts
         del state["block_runs"], state["columns"]
         state["m_scales"] = torch.cat([state["m_scales"], state["m_scales"][:1]])
