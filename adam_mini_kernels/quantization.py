@@ -10,7 +10,10 @@ blocks. The scale is the block's largest magnitude; a code ``c`` in [-127, 127] 
 * ``linear``: f(y) = y. Uniform steps of scale / 127. Computed as ``rint(m * 127 / scale)`` and
   ``c * scale / 127`` (IEEE float32, in this order in every backend): each expression ends in a
   division, which a GPU compiler cannot contract into a fused multiply-add with what follows, so
-  the kernels give the same codes as this reference from the same ``m``.
+  the kernels give the same codes as this reference from the same ``m``. The divisions by 127
+  are by a 0-dim tensor on the values' device (``code_max``), never by the Python number: ATen's
+  CUDA kernels compute ``x / number`` as ``x * (1 / number)``, which is not correctly rounded
+  (off by one ulp for about 5 % of decoded values), where the kernels divide.
 * ``sqrt``: f(y) = sign(y) y^2 (codes are sqrt-companded): steps ~scale / 127^2 near zero, where
   most of m's values are, and ~2 scale / 127 near the block's maximum.
 
@@ -107,14 +110,20 @@ def quantize(
     return codes.flatten(1)[:, :length].reshape(x.shape), scales
 
 
+def code_max(device: torch.device) -> torch.Tensor:
+    """CODE_MAX as a 0-dim float32 tensor on ``device``, to divide by (see [Note: int8 first
+    moment]): made by a fill, no host-to-device copy."""
+    return torch.full((), float(CODE_MAX), dtype=torch.float32, device=device)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, code_map: str = "linear", qblock: int = QBLOCK) -> torch.Tensor:
     """float32 values of (rows, row_len) ``codes`` with their (rows, chunks) ``scales``."""
     blocks, length = _chunks(codes.float(), qblock)
     if code_map == "sqrt":
-        y = blocks / CODE_MAX
+        y = blocks / code_max(blocks.device)
         y = y.sign() * y * y * scales[..., None]
     else:
-        y = blocks * scales[..., None] / CODE_MAX
+        y = blocks * scales[..., None] / code_max(blocks.device)
     return y.flatten(1)[:, :length]
 
 

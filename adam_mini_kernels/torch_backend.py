@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .buffers import FlatGroup
-from .quantization import CODE_MAX, to_codes
+from .quantization import CODE_MAX, code_max, to_codes
 from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_round_to_bf16
 from .coefficients import (
     C_BC2_SQRT,
@@ -49,6 +49,7 @@ class _SegmentTable:
     chunk_lengths: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: quantization chunks
     chunk_offsets: Optional[torch.Tensor] = None  # (C + 1,) int64, int8 groups: their starts, then the end
     chunk_param: Optional[torch.Tensor] = None  # (C,) int64, int8 groups: each chunk's parameter
+    code_max: Optional[torch.Tensor] = None  # 0-dim float32, int8 groups: 127 to divide by on the device
     index: Optional[torch.Tensor] = None  # (n,) int64 flat element indices (stochastic rounding)
 
 
@@ -74,6 +75,7 @@ def _segment_table(group: FlatGroup) -> _SegmentTable:
         chunk_lengths=chunk_lengths,
         chunk_offsets=None if chunk_lengths is None else _offsets(chunk_lengths),
         chunk_param=_chunk_param(group) if group.quantized else None,
+        code_max=code_max(group.device) if group.quantized else None,
     )
 
 
@@ -170,7 +172,7 @@ def _rounded(x: torch.Tensor, keys: Optional[torch.Tensor], seg: _SegmentTable, 
 def _dequantize_m(group: FlatGroup, seg: _SegmentTable) -> torch.Tensor:
     """The float32 first moment of an int8 group: code * its chunk's scale / 127."""
     scales = torch.repeat_interleave(group.m_scales, seg.chunk_lengths, output_size=group.numel)
-    return group.m.float().mul_(scales).div_(CODE_MAX)
+    return group.m.float().mul_(scales).div_(seg.code_max)  # correctly rounded: see quantization.code_max
 
 
 def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: torch.Tensor) -> None:
