@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 
 from . import coefficients, launch_tables
+from .buffers import NUM_HPARAMS
 from .rounding import SEED_BOUND
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of p and g (fp32 math)
 
 
 def check_on_device(op: str, name: str, t, like, like_name: str = "p") -> None:
@@ -24,7 +27,7 @@ def check_on_device(op: str, name: str, t, like, like_name: str = "p") -> None:
 def check_state(op: str, p, g, m, m_scales, v, coef) -> None:
     torch._check(p.dim() == 1, lambda: f"adam_mini_kernels::{op}: p must be 1-D, got {p.dim()}-D")
     torch._check(
-        p.dtype in (torch.float32, torch.bfloat16, torch.float16),
+        p.dtype in STORAGE_DTYPES,
         lambda: f"adam_mini_kernels::{op}: p must be float32, bfloat16 or float16, got {p.dtype}",
     )
     for name, t in (("g", g), ("m", m)):
@@ -102,6 +105,9 @@ def check_scalar(op: str, name: str, t, like, like_name: str) -> None:
 
 
 def check_large_blocks_sumsq(op: str, g, inv_scale, tiles, blocks, partial, block_sums) -> None:
+    torch._check(
+        g.dtype in STORAGE_DTYPES, lambda: f"adam_mini_kernels::{op}: g must be float32, bfloat16 or float16, got {g.dtype}"
+    )
     check_scalar(op, "inv_scale", inv_scale, g, "g")
     check_table(op, "tiles", tiles, launch_tables.TILE_COLS, g, "g")
     check_table(op, "blocks", blocks, launch_tables.LB_COLS, g, "g")
@@ -128,8 +134,8 @@ def check_coefficients(op: str, steps, hparams, coef, active, inv_scale, found_i
     torch._check(steps.dim() == 1 and steps.dtype == torch.int64, lambda: f"adam_mini_kernels::{op}: steps must be 1-D int64")
     n = steps.shape[0]
     torch._check(
-        hparams.dim() == 2 and hparams.shape[0] == n and hparams.dtype == torch.float64,
-        lambda: f"adam_mini_kernels::{op}: hparams must be a float64 (P, ...) table",
+        hparams.dim() == 2 and hparams.shape[0] == n and hparams.shape[1] == NUM_HPARAMS and hparams.dtype == torch.float64,
+        lambda: f"adam_mini_kernels::{op}: hparams must be a float64 (P, {NUM_HPARAMS}) table",
     )
     torch._check(
         coef.dim() == 2 and coef.shape[0] == n and coef.shape[1] == coefficients.NUM_COEFFICIENTS and coef.dtype == torch.float32,

@@ -205,21 +205,24 @@ void large_blocks_sumsq(const at::TensorBase& g, const at::TensorBase* inv_scale
   check_sums(op, "block_sums", block_sums, blocks, "block");
   const int64_t num_tiles = tiles.size(0);
   const int64_t num_blocks = blocks.size(0);
-  if (num_tiles == 0 || num_blocks == 0) {
+  // Blocks without tiles (none in the tables built today) still get their sum written: 0.
+  if (num_blocks == 0) {
     return;
   }
   const bool aligned = aligned16(g);
   const c10::cuda::CUDAGuard guard(g.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto* partial_ptr = static_cast<float*>(partial.data_ptr());
-  dispatch_storage(op, g.scalar_type(), g.scalar_type(), [&](auto tag, auto) {
-    using scalar_t = typename decltype(tag)::type;
-    tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(g.data_ptr()),
-        inv_scale ? static_cast<const float*>(inv_scale->data_ptr()) : nullptr,
-        static_cast<const int64_t*>(tiles.data_ptr()), partial_ptr, aligned);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  if (num_tiles > 0) {
+    dispatch_storage(op, g.scalar_type(), g.scalar_type(), [&](auto tag, auto) {
+      using scalar_t = typename decltype(tag)::type;
+      tile_sumsq_kernel<scalar_t><<<static_cast<unsigned>(num_tiles), kTileThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(g.data_ptr()),
+          inv_scale ? static_cast<const float*>(inv_scale->data_ptr()) : nullptr,
+          static_cast<const int64_t*>(tiles.data_ptr()), partial_ptr, aligned);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   block_sumsq_kernel<<<static_cast<unsigned>(num_blocks), kReduceThreads, 0, stream>>>(
       partial_ptr, static_cast<const int64_t*>(blocks.data_ptr()), static_cast<float*>(block_sums.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,7 +240,7 @@ void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const
   check_sums(op, "block_sums", block_sums, blocks, "block");
   const int64_t num_tiles = tiles.size(0);
   const int64_t num_blocks = blocks.size(0);
-  if (num_tiles == 0 || num_blocks == 0) {
+  if (num_blocks == 0) {  // blocks without tiles still get their v updated
     return;
   }
   const bool aligned = aligned16(p) && aligned16(g) && aligned16(m);
@@ -250,6 +253,9 @@ void large_blocks_update(const at::TensorBase& p, const at::TensorBase& g, const
   large_block_v_kernel<<<v_blocks, kBlockVThreads, 0, stream>>>(
       v_ptr, coef_ptr, static_cast<const float*>(block_sums.data_ptr()), blocks_ptr, num_blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_tiles == 0) {
+    return;
+  }
   dispatch_storage(op, p.scalar_type(), m.scalar_type(), [&](auto tag, auto state_tag) {
     using scalar_t = typename decltype(tag)::type;
     using state_t = typename decltype(state_tag)::type;

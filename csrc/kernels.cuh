@@ -489,7 +489,9 @@ __global__ void __launch_bounds__(kRowMaxThreads)
   p += start;
   g += start;
   m += start;
-  m_scales += row[kRowScale];
+  if constexpr (std::is_same_v<state_t, int8_t>) {  // a float group's m_scales is empty (null)
+    m_scales += row[kRowScale];
+  }
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;
@@ -603,7 +605,9 @@ __global__ void __launch_bounds__(kTileThreads)
   p += start;
   g += start;
   m += start;
-  m_scales += tile[kTileScale];
+  if constexpr (std::is_same_v<state_t, int8_t>) {
+    m_scales += tile[kTileScale];
+  }
 
   const bool vectorized = aligned_buffers && start % kVec == 0 && numel % kVec == 0;
   Fragment gf, mf, pf;

@@ -179,6 +179,10 @@ def test_fake_implementations_under_fake_tensor_mode(backend):
         assert ops.step_coefficients(steps, hparams, coef, None, None, None, None, 0, False) is None
         with pytest.raises(RuntimeError, match="hparams must be a float64"):
             ops.step_coefficients(steps, hparams.float(), coef, None, None, None, None, 0, False)
+        with pytest.raises(RuntimeError, match="hparams must be a float64"):  # a column short
+            ops.step_coefficients(steps, hparams[:, :-1], coef, None, None, None, None, 0, False)
+        with pytest.raises(RuntimeError, match="g must be float32, bfloat16 or float16"):
+            ops.large_blocks_sumsq(g.double(), None, tiles, blocks, partial, sums)
         with pytest.raises(RuntimeError, match="clip must be a one-element float32"):
             ops.step_coefficients(steps, hparams, coef, None, None, None, _fake_like(torch.ones((), dtype=torch.float64)), 0, False)
         # What the fake implementations can see is checked, as the CUDA kernels' launchers do.
