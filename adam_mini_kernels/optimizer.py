@@ -968,8 +968,11 @@ class AdamMini(torch.optim.Optimizer):
             total = total.float()
             total = torch.where(torch.isnan(total) | torch.isfinite(total.square()), total, float("inf"))
             self._memo.grad_norm = total
-            clip = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
-            nonfinite = (~torch.isfinite(total)).float()
+            # A skipped step's gradients are selected to 0 before the clip factor multiplies
+            # them: a NaN factor (from a NaN norm) would make that 0 * NaN, NaN in m, p and v.
+            finite = torch.isfinite(total)
+            clip = torch.where(finite, (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
+            nonfinite = (~finite).float()
             return clip, (nonfinite if skip is None else skip + nonfinite)
 
         rider = None

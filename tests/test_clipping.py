@@ -93,8 +93,12 @@ def test_composes_with_amp(backend):
         assert max_rel_err(b, a) <= 1e-6, n
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_norm_skips_the_update(backend):
+def test_non_finite_norm_skips_the_update(backend, bad):
+    """Parameters, m, v and step counters unchanged bit for bit. A NaN norm once made the clip
+    factor NaN, and 0 * NaN (the skipped gradient times the factor) put NaN into m, p and, in
+    the fused kernels, v."""
     named = _named(2)
     opt = AdamMini(named, backend=backend, max_grad_norm=1.0, **KW)
     _set_grads(named, _grads(0))
@@ -102,10 +106,11 @@ def test_non_finite_norm_skips_the_update(backend):
     group = opt._flat[0]
     before = [t.clone() for t in (group.param_buffer, group.m, group.v, group.steps)]
     grads = _grads(1)
-    grads["mlp.weight"][2, 3] = float("inf")
+    grads["mlp.weight"][2, 3] = bad
     _set_grads(named, grads)
     opt.step()
     assert not torch.isfinite(opt.last_grad_norm)
+    assert torch.isnan(opt.last_grad_norm) == (bad != bad)  # a NaN norm is reported as NaN
     for x, y in zip(before, (group.param_buffer, group.m, group.v, group.steps)):
         assert torch.equal(x, y)
 
