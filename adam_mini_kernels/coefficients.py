@@ -22,8 +22,8 @@ the unscaled gradient and multiplied by CLIP twice (``sumsq * c * c``):
 * unscaled before squaring, as torch's fused AdamW does: GradScaler's scale keeps growing while
   no inf is found (bfloat16 autocast, float32), and squares of the scaled gradients would
   overflow float32 (a sum past 3.4e38, a scaled element past 1.8e19) where the unscaled ones
-  cannot. The large blocks' sums are taken before the table exists (a sharded group all-reduces
-  them first), so their operator reads AMP's ``inv_scale`` itself.
+  cannot. The large blocks' sums are taken before the table exists (the step all-reduces a
+  sharded group's first), so their operator reads AMP's ``inv_scale`` itself.
 * the clip factor after: it is known only after the norm's all-reduce for shards (see [Note:
   clipping norm of shards] in optimizer.py), and ``c * c`` of a factor below about 1e-19 (a
   global norm of 1e19 clipped to 1) would underflow float32.

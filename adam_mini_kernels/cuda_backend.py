@@ -18,7 +18,8 @@ import torch
 
 from . import buffers, coefficients, launch_tables, op_checks, quantization, rounding
 from .buffers import FlatGroup
-from .launch_tables import fused_step
+from .dispatch import BackendStep
+from .launch_tables import fused_sums, fused_update
 
 try:
     from . import _C
@@ -120,14 +121,24 @@ def device_reason(devices: List[torch.device]) -> Optional[str]:
 # -- the step --------------------------------------------------------------------------------------
 
 
-def cuda_step(
+def cuda_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
+    """The large blocks' sums of g^2 with the CUDA kernels (one operator, two launches; see
+    ``launch_tables.fused_sums``)."""
+    return fused_sums(group, _ops, inv_scale)
+
+
+def cuda_update(
     group: FlatGroup,
+    sums,
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip: Optional[torch.Tensor] = None,
 ) -> None:
-    """Apply one step to ``group`` in place with the CUDA kernels: the coefficient table (one
-    launch), then one operator call per row class, two for the large blocks (two launches each),
-    one for the Adam tiles (see ``launch_tables.fused_step``)."""
-    fused_step(group, _ops, active, inv_scale, found_inf, clip)
+    """The rest of the step with the CUDA kernels: the coefficient table (one launch), then one
+    operator call per row class, one for the large blocks' update (two launches), one for the
+    Adam tiles (see ``launch_tables.fused_update``)."""
+    fused_update(group, _ops, sums, active, inv_scale, found_inf, clip)
+
+
+cuda_step = BackendStep(cuda_sums, cuda_update)

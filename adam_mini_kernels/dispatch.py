@@ -1,11 +1,14 @@
 """Backend dispatch: a table of backends, each with an availability check and a loader.
 
-A backend's step function has the signature
-``step(group: FlatGroup, active, inv_scale=None, found_inf=None, clip=None) -> None``: it advances
-the step counters of the parameters flagged in ``active`` (a bool tensor on the group's device;
+A backend's step (``BackendStep``) is two functions, so that the step's one all-reduce per
+process group (``sharding.all_reduce_split_sums``) can sit between them for every flat group:
+``sums(group: FlatGroup, inv_scale=None) -> (block_sums, reducer)`` takes the per-block sums of
+g^2 (gradients unscaled by AMP's ``inv_scale``) that the update needs, with the reducer of a
+sharded group's split blocks among them (None if the group is not sharded);
+``update(group, sums, active, inv_scale=None, found_inf=None, clip=None) -> None`` advances the
+step counters of the parameters flagged in ``active`` (a bool tensor on the group's device;
 None: all; none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
-(``coefficients``: gradients unscaled by AMP's ``inv_scale``, then clipped by ``clip``) and
-updates the group in place.
+(``coefficients``: gradients unscaled, then clipped by ``clip``) and updates the group in place.
 ``auto`` takes the first backend of ``AUTO_ORDER`` that can run on the parameters' devices and
 dtypes (Triton's CPU interpreter, for tests, only when asked for by name); an explicit request for
 a backend that cannot run raises ``BackendUnavailableError`` saying why.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -27,6 +30,21 @@ PREFERENCE = ("cuda", "triton", "torch")
 # then it runs only when asked for by name (``backend=`` or ADAM_MINI_BACKEND), so that nobody
 # gets an unverified kernel without choosing it.
 AUTO_ORDER = ("torch",)  # becomes PREFERENCE once the Triton and CUDA suites pass on a GPU
+
+
+class BackendStep(NamedTuple):
+    """A backend's step of one flat group, in the two halves of the module docstring."""
+
+    sums: Callable
+    update: Callable
+
+    def __call__(self, group, active, inv_scale=None, found_inf=None, clip=None) -> None:
+        """Both halves, for a group that is not sharded (no all-reduce between them): what the
+        microbenchmarks time. ``AdamMini.step`` calls the halves itself."""
+        sums = self.sums(group, inv_scale)
+        if sums[1] is not None:
+            raise ValueError("a sharded group's step all-reduces between its halves: step it with AdamMini.step()")
+        self.update(group, sums, active, inv_scale, found_inf, clip)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -57,8 +75,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class Backend:
     name: str
-    module: str  # module holding the step function, relative to this package
-    function: str
+    module: str  # module holding the step, relative to this package
+    function: str  # the module's BackendStep
     device_check: Callable[[List[torch.device]], Optional[str]]
     missing_hint: str  # what to do when the module cannot be imported
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # parameter dtypes it steps (None: any floating)
@@ -148,6 +166,6 @@ def resolve_backend(request: str, devices: Iterable[torch.device], dtypes: Itera
     return request
 
 
-def load_backend(name: str) -> Callable:
-    """The step function of backend ``name``."""
+def load_backend(name: str) -> BackendStep:
+    """The step of backend ``name``."""
     return BACKENDS[name].load()

@@ -15,8 +15,9 @@ not by the number of parameters:
   tile's m and p. Deterministic, no atomics, one extra read of g. Two operators: the sums
   (phases 1-2) and the update (3-4).
 * blocks split across ranks (sharded parameters, see [Note: sharded parameters] in
-  sharding.py), whatever their size, are large blocks too: between the two operators one
-  all-reduce per group adds their pieces' sums over the ranks (``LaunchTables.reduce_split``),
+  sharding.py), whatever their size, are large blocks too: between the two operators the
+  step's one all-reduce (per process group, for all its flat groups) adds their pieces' sums
+  over the ranks (``LaunchTables.reduce_split`` places them in it),
   and their v takes the mean over the global block size (the ``LB_NUMEL`` column).
 * Adam tiles: ``ADAM_TILE`` consecutive elements of an Adam-block (per-element v) parameter.
 
@@ -31,7 +32,7 @@ and not read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from .buffers import FlatGroup
 from .coefficients import NUM_COEFFICIENTS, salt_shard_keys
 from .partition import ADAM
 from .quantization import QBLOCK
+from .sharding import SplitReducer
 
 ROW_MAX = 8192  # blocks up to this many elements are rows (held on chip)
 MIN_ROW_BLOCK = 16
@@ -63,7 +65,7 @@ class LaunchTables:
     partial: Optional[torch.Tensor]  # (T,) float32 scratch: one slot per tile
     block_sums: torch.Tensor  # (L,) float32 scratch: one slot per large block (L may be 0)
     adam: Optional[torch.Tensor]  # (A, ROW_COLS)
-    reduce_split: Optional[Callable[[torch.Tensor], None]] = None  # all-reduce of split blocks' sums
+    reduce_split: Optional[SplitReducer] = None  # the split blocks among the large ones
 
 
 def _next_pow2(n: int) -> int:
@@ -143,8 +145,7 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
     reduce_split = None
     if sharded is not None:
         # Every rank of the mesh joins the all-reduce, also one holding none of the split blocks
-        # (its shards of them are empty): it adds zeros. A group with no split block anywhere
-        # makes one only to carry a rider (ShardedGroup.ride).
+        # (its shards of them are empty): it adds zeros.
         large_v = np.concatenate(blocks.cols[LB_V]) if blocks.cols[LB_V] else np.zeros(0, dtype=np.int64)
         reduce_split = sharded.split_reducer(large_v)
     return LaunchTables(
@@ -158,28 +159,38 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
     )
 
 
-def fused_step(
+def fused_sums(group: FlatGroup, ops, inv_scale: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Optional[SplitReducer]]:
+    """The first half of a step of ``group`` through a fused backend's operators ``ops`` (with the
+    schemas of csrc/bindings.cpp): the large blocks' sums of g^2 (``large_blocks_sumsq``), with
+    the reducer of the split blocks among them (None if the group is not sharded): the step's
+    all-reduce adds their pieces over the ranks (``sharding.all_reduce_split_sums``) before
+    ``fused_update``. The tables are built once and kept in ``group.cache``."""
+    t = group.cache.get("launch_tables")
+    if t is None:
+        t = group.cache["launch_tables"] = build_launch_tables(group)
+    if t.tiles is not None:
+        ops.large_blocks_sumsq(group.grad_buffer, inv_scale, t.tiles, t.blocks, t.partial, t.block_sums)
+    return t.block_sums, t.reduce_split
+
+
+def fused_update(
     group: FlatGroup,
     ops,
+    sums: Tuple[Optional[torch.Tensor], Optional[SplitReducer]],
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip: Optional[torch.Tensor] = None,
 ) -> None:
-    """One step of ``group`` through a fused backend's operators ``ops`` (``step_coefficients``,
-    ``rows_step``, ``large_blocks_sumsq``, ``large_blocks_update``, ``adam_step``, with the
-    schemas of csrc/bindings.cpp): the large blocks' sums (and for a sharded group the one
-    all-reduce of its split blocks'), the coefficient table (the rounding keys of shards salted:
-    ``coefficients.salt_shard_keys``), one call per row class, the large
-    blocks' update, the Adam tiles. The tables and the coefficient buffer are built once and kept
-    in ``group.cache``. A float group passes an empty ``m_scales`` (the operators read it only
-    for int8 ``m``)."""
+    """The second half, after ``fused_sums`` (and the all-reduce of a sharded group's split
+    blocks): the coefficient table (the rounding keys of shards salted:
+    ``coefficients.salt_shard_keys``), one call per row class, the large blocks' update, the
+    Adam tiles. The coefficient buffer is built once and kept in ``group.cache``. A float group
+    passes an empty ``m_scales`` (the operators read it only for int8 ``m``)."""
+    t = group.cache["launch_tables"]
     coef = group.cache.get("coef")
     if coef is None:
         coef = group.cache["coef"] = torch.empty(len(group.params), NUM_COEFFICIENTS, dtype=torch.float32, device=group.device)
-    t = group.cache.get("launch_tables")
-    if t is None:
-        t = group.cache["launch_tables"] = build_launch_tables(group)
     rounding = group.round_seed is not None
     p, g, m, v = group.param_buffer, group.grad_buffer, group.m, group.v
     scales = group.m_scales
@@ -187,11 +198,6 @@ def fused_step(
         scales = group.cache.get("no_scales")
         if scales is None:
             scales = group.cache["no_scales"] = torch.empty(0, dtype=torch.float32, device=group.device)
-    if t.tiles is not None:
-        ops.large_blocks_sumsq(g, inv_scale, t.tiles, t.blocks, t.partial, t.block_sums)
-    if t.reduce_split is not None:
-        t.reduce_split(t.block_sums)
-    # After the all-reduce: a clip factor riding in it is written into ``clip`` there.
     ops.step_coefficients(group.steps, group.hparams, coef, active, inv_scale, found_inf, clip, group.round_seed or 0, rounding)
     salt_shard_keys(group, coef)
     for width, rows in t.row_classes:

@@ -37,6 +37,7 @@ from .rounding import SEED_BOUND, group_seed, replica_seed
 from .sharding import (
     LocalBlocks,
     ShardedGroup,
+    all_reduce_split_sums,
     fsdp_params,
     global_state,
     is_sharded,
@@ -806,12 +807,27 @@ class AdamMini(torch.optim.Optimizer):
         live = self._prepare_traced() if torch.compiler.is_compiling() else self._prepare()
         if self._memo.device_lr:
             self._device_lrs()
-        live, (inv_scale, clip, skip) = self._gradient_factors(live)
-        for group, active in live:
-            self._step_fn(group, active, _moved(inv_scale, group.device), _moved(skip, group.device), _moved(clip, group.device))
+        if not live:
+            if self.max_grad_norm is not None:  # no gradient: norm 0, as clip_grad_norm_ of none
+                self._memo.grad_norm = torch.zeros((), device=self._index_to_param()[0].device)
+            return loss
+        # [Note: one all-reduce per step] Every flat group's sums first, then the step's
+        # collectives (one all-reduce per process group: the split blocks' sums of all its flat
+        # groups and the clipping norm's squares of its shards), then every group's update.
+        device = live[0][0].device
+        inv_scale, skip = self._amp_factors(device)
+        local_square, shard_squares = self._grad_norm_squares([group for group, _ in live], device, inv_scale)
+        sums = [self._step_fn.sums(group, _moved(inv_scale, group.device)) for group, _ in live]
+        shard_sums = all_reduce_split_sums([s for s in sums if s[1] is not None], shard_squares)
+        clip = None
+        if self.max_grad_norm is not None:
+            for summed in shard_sums.values():
+                local_square = local_square + summed[0].to(device).double()
+            clip, skip = self._clip_factors(local_square, skip)
+        for (group, active), group_sums in zip(live, sums):
+            d = group.device
+            self._step_fn.update(group, group_sums, active, _moved(inv_scale, d), _moved(skip, d), _moved(clip, d))
             if group.sharded is not None:
-                if group.sharded.rider is not None:
-                    raise RuntimeError("internal error: the clipping norm's all-reduce did not run in the first group's step")
                 group.sharded.push(group)
         return loss
 
@@ -932,81 +948,44 @@ class AdamMini(torch.optim.Optimizer):
 
     # [Note: clipping norm of shards]
     # The global gradient norm needs the squares of the sharded gradients' local norms summed
-    # over their ranks. Where those all live on one process group (FSDP2, HSDP), the sum rides as
-    # one more slot in the split-block all-reduce of a group on it (one with split blocks where
-    # there is one: no extra collective), which is stepped first: both
-    # backends build the coefficient table after that all-reduce, and its callback writes the clip
-    # factor (and the skip flag of a non-finite norm) into the device tensors the table reads. So
-    # a clipped FSDP2 step makes one collective, as an unclipped one does. Parameters on several
-    # process groups (tensor parallelism: the 2-D ones and the dp-only ones) need every group's
-    # sum before any update: one all-reduce per process group first, then the steps.
-    def _gradient_factors(
-        self, live: List[Tuple[FlatGroup, Any]]
-    ) -> Tuple[List[Tuple[FlatGroup, Any]], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]:
-        """The groups to step, in order, and this step's AMP 1 / scale, clip factor and skip flag
-        as 0-dim device tensors (or None): found_inf, or with max_grad_norm also a non-finite
-        norm. No host sync. See [Note: clipping norm of shards] and [Note: gradient multiplier]
-        in coefficients.py."""
-        if not live:
-            if self.max_grad_norm is not None:  # no gradient: norm 0, as clip_grad_norm_ of none
-                self._memo.grad_norm = torch.zeros((), device=self._index_to_param()[0].device)
-            return live, (None, None, None)
-        groups = [group for group, _ in live]
-        device = groups[0].device
+    # over their ranks: per process group, they ride as one more value in the step's all-reduce
+    # on it (see [Note: one all-reduce per step] in ``step``), so clipping adds no collective,
+    # also with parameters on several process groups (tensor parallelism: the 2-D ones and the
+    # dp-only ones). Every update runs after all of them, so the clip factor is known by then.
+    def _amp_factors(self, device: torch.device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """AMP's 1 / scale and found_inf as 0-dim tensors on ``device`` (or None), no host sync."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else _on(grad_scale, device).reciprocal()
-        skip = None if found_inf is None else _on(found_inf, device)
-        if self.max_grad_norm is None:
-            return live, (inv_scale, None, skip)
-        local, shard_squares = self._grad_norm_squares(groups, device, inv_scale)
+        return inv_scale, None if found_inf is None else _on(found_inf, device)
 
-        def factors(total_square: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            total = total_square.sqrt()
-            # A norm whose square overflows float32 (past 1.8e19) counts as non-finite: the
-            # blocks' float32 sums of squares of these gradients would (see [Note: gradient
-            # multiplier] in coefficients.py).
-            total = total.float()
-            total = torch.where(torch.isnan(total) | torch.isfinite(total.square()), total, float("inf"))
-            self._memo.grad_norm = total
-            # A skipped step's gradients are selected to 0 before the clip factor multiplies
-            # them: a NaN factor (from a NaN norm) would make that 0 * NaN, NaN in m, p and v.
-            finite = torch.isfinite(total)
-            clip = torch.where(finite, (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
-            nonfinite = (~finite).float()
-            return clip, (nonfinite if skip is None else skip + nonfinite)
-
-        rider = None
-        if len(shard_squares) == 1 and all(group.device == device for group in groups):
-            ((process_group, sums),) = shard_squares.items()
-            on_it = [k for k, g in enumerate(groups) if g.sharded is not None and g.sharded.process_group == process_group]
-            # A group that all-reduces split blocks anyway, else any on that process group.
-            rider = next((k for k in on_it if groups[k].sharded.num_slots), on_it[0] if on_it else None)
-        if rider is None:  # the squares of each process group's shards in an all-reduce of their own
-            for process_group, sums in shard_squares.items():
-                shard_sum = torch.stack(sums).sum()
-                torch.distributed.all_reduce(shard_sum, group=process_group)
-                local = local + shard_sum.to(device, non_blocking=True)
-            return live, (inv_scale, *factors(local))
-        # Fold them into the split-block all-reduce of the group stepped first.
-        clip, flag = torch.empty((), device=device), torch.empty((), device=device)
-
-        def then(summed: torch.Tensor) -> None:
-            c, f = factors(local + summed[0].double())
-            clip.copy_(c)
-            flag.copy_(f)
-
-        groups[rider].sharded.ride(torch.stack(sums).sum().float().reshape(1), then)
-        return [live[rider]] + live[:rider] + live[rider + 1 :], (inv_scale, clip, flag)
+    def _clip_factors(self, total_square: torch.Tensor, skip: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The clip factor and the skip flag (AMP's found_inf, or a non-finite norm) from the
+        float64 square of the global norm of the unscaled gradients; the norm is kept for
+        ``last_grad_norm``. See [Note: gradient multiplier] in coefficients.py."""
+        total = total_square.sqrt()
+        # A norm whose square overflows float32 (past 1.8e19) counts as non-finite: the blocks'
+        # float32 sums of squares of these gradients would.
+        total = total.float()
+        total = torch.where(torch.isnan(total) | torch.isfinite(total.square()), total, float("inf"))
+        self._memo.grad_norm = total
+        # A skipped step's gradients are selected to 0 before the clip factor multiplies them: a
+        # NaN factor (from a NaN norm) would make that 0 * NaN, NaN in m, p and v.
+        finite = torch.isfinite(total)
+        clip = torch.where(finite, (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0), 1.0)
+        nonfinite = (~finite).float()
+        return clip, (nonfinite if skip is None else skip + nonfinite)
 
     def _grad_norm_squares(
         self, groups: List[FlatGroup], device: torch.device, inv_scale: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, Dict[Any, List[torch.Tensor]]]:
-        """As clip_grad_norm_, the squares of the per-tensor norms of the unscaled gradients
-        (``inv_scale``: AMP's 1 / scale, or None; idle params' zeroed grads add 0), float64: their
-        sum over the unsharded and replicated parameters (on ``device``), and per process group
-        the local sums over the shards of parameters split across its ranks (to be summed over
-        them; the rider of [Note: clipping norm of shards] carries them in float32, where squares
-        of scaled norms would overflow)."""
+    ) -> Tuple[Optional[torch.Tensor], Dict[Any, torch.Tensor]]:
+        """Without max_grad_norm: (None, {}). With it, as clip_grad_norm_, the squares of the
+        per-tensor norms of the unscaled gradients (``inv_scale``: AMP's 1 / scale, or None; idle
+        params' zeroed grads add 0), float64: their sum over the unsharded and replicated
+        parameters (on ``device``), and per process group the local sum over the shards of
+        parameters split across its ranks, as a 1-element float32 vector for the step's
+        all-reduce on that group (see [Note: clipping norm of shards])."""
+        if self.max_grad_norm is None:
+            return None, {}
         squares = [torch.zeros((), dtype=torch.float64, device=device)]
         shard_squares: Dict[Any, List[torch.Tensor]] = defaultdict(list)  # process group -> partial sums
         for group in groups:
@@ -1023,7 +1002,8 @@ class AdamMini(torch.optim.Optimizer):
             if partial:
                 shard_sum = torch.stack([norms[i] for i in sorted(partial)]).square().sum()
                 shard_squares[group.sharded.process_group].append(shard_sum)
-        return torch.stack(squares).sum(), shard_squares
+        summed = {pg: torch.stack(sums).sum().float().reshape(1) for pg, sums in shard_squares.items()}
+        return torch.stack(squares).sum(), summed
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` the flat gradient

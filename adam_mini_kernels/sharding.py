@@ -8,9 +8,10 @@ transposed order), so the global blocks it touches, of any layout (several secti
 blocks), are consecutive runs of local elements, one run per block ("local segments"). A
 segment holding a whole block is reduced and updated locally. A block split across ranks (a whole-tensor norm weight, a head straddling the
 shard boundary, every row under a ``Shard(1)`` placement) needs the sum of g^2 over all its
-pieces: every rank computes its pieces' partial sums, all split blocks of a flat group go into
-one vector (slots in a global order every rank derives from the sharding alone), and ONE
-``all_reduce`` per group per step sums them, between the reduction and the update. The mean
+pieces: every rank computes its pieces' partial sums, the split blocks of every flat group on a
+process group go into one vector (each group's slots in a global order every rank derives from
+the sharding alone), and ONE ``all_reduce`` per process group per step sums them
+(``all_reduce_split_sums``), between every group's reduction and every group's update. The mean
 divides by the global block size; padding (FSDP2 pads dim 0) is never part of a segment. A split
 block's ``v`` is kept on every rank holding a piece of it, identical everywhere.
 
@@ -370,32 +371,58 @@ def split_slots(blocks: Sequence[LocalBlocks]) -> Tuple[List[np.ndarray], List[n
 
 
 class SplitReducer:
-    """Sums a flat group's split-block partial sums across the ranks of its mesh, one
-    ``all_reduce`` per call (see [Note: sharded parameters]), with the values of the group's
-    rider, if it has one (see ``ShardedGroup.ride``), appended to it."""
+    """Where a flat group's split blocks sit in a vector of its per-block sums of g^2 and in the
+    group's slots of the step's all-reduce (see [Note: sharded parameters] and
+    ``all_reduce_split_sums``)."""
 
     def __init__(self, owner: "ShardedGroup", positions: np.ndarray, slots: np.ndarray, num_slots: int, device: torch.device):
-        self.owner = owner
         self.process_group = owner.process_group
         self.positions = torch.from_numpy(positions).to(device)
         self.slots = torch.from_numpy(slots).to(device)
-        self.num_slots = num_slots
+        self.num_slots = num_slots  # the same on every rank: derived from the sharding alone
 
-    def __call__(self, block_sum: torch.Tensor) -> None:
-        """Replace the split entries of ``block_sum`` (one per local segment, float32) by their
-        sums over all ranks, in place."""
-        rider, self.owner.rider = self.owner.rider, None
-        if self.num_slots == 0 and rider is None:
-            return
-        extra = 0 if rider is None else rider[0].numel()
-        buffer = block_sum.new_zeros(self.num_slots + extra)
-        buffer.index_copy_(0, self.slots, block_sum.index_select(0, self.positions))
-        if rider is not None:
-            buffer[self.num_slots :] = rider[0]
-        dist.all_reduce(buffer, group=self.process_group)
-        block_sum.index_copy_(0, self.positions, buffer.index_select(0, self.slots))
-        if rider is not None:
-            rider[1](buffer[self.num_slots :])
+    def gather(self, block_sum: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sums of the split blocks, in slot order (zeros where it holds no
+        piece of a block)."""
+        buffer = block_sum.new_zeros(self.num_slots)
+        return buffer.index_copy_(0, self.slots, block_sum.index_select(0, self.positions))
+
+    def scatter(self, block_sum: torch.Tensor, summed: torch.Tensor) -> None:
+        """Replace the split entries of ``block_sum`` by their sums over all ranks, in place."""
+        block_sum.index_copy_(0, self.positions, summed.index_select(0, self.slots))
+
+
+def all_reduce_split_sums(
+    pending: Sequence[Tuple[torch.Tensor, SplitReducer]], extra: Dict[Any, torch.Tensor]
+) -> Dict[Any, torch.Tensor]:
+    """The step's collectives: ONE ``all_reduce`` per process group, whatever the number of flat
+    groups on it, of the split blocks' partial sums of every group (``pending``: each group's
+    per-block sums and its reducer; written back in place) with ``extra[process_group]`` (1-D
+    float32 values to sum over the same ranks: the clipping norm's squares of shards) appended.
+    Returns the summed extras by process group. Every rank makes the same calls in the same
+    order: the flat groups, their slots and the extras' process groups follow from the
+    sharding alone."""
+    by_group: Dict[Any, List[Tuple[torch.Tensor, SplitReducer]]] = {}
+    for block_sum, reducer in pending:
+        if reducer.num_slots:
+            by_group.setdefault(reducer.process_group, []).append((block_sum, reducer))
+    for process_group in extra:
+        by_group.setdefault(process_group, [])
+    summed_extra = {}
+    for process_group, items in by_group.items():
+        parts = [reducer.gather(block_sum) for block_sum, reducer in items]
+        if process_group in extra:
+            parts.append(extra[process_group])
+        device = parts[0].device
+        buffer = torch.cat([part.to(device) for part in parts]) if len(parts) > 1 else parts[0]
+        dist.all_reduce(buffer, group=process_group)
+        offset = 0
+        for block_sum, reducer in items:
+            reducer.scatter(block_sum, buffer[offset : offset + reducer.num_slots].to(block_sum.device))
+            offset += reducer.num_slots
+        if process_group in extra:
+            summed_extra[process_group] = buffer[offset:]
+    return summed_extra
 
 
 def as_dtensor(local: torch.Tensor, info: ShardInfo, columns: bool = False) -> Any:
@@ -492,7 +519,6 @@ class ShardedGroup:
         # it was first met by).
         self.shared: Dict[int, Tuple[int, int]] = {}
         self._share_marks = {i: new_mark() for i in self.fsdp}  # see [Note: shared FSDP2 storage]
-        self.rider: Optional[Tuple[torch.Tensor, Any]] = None  # see ride()
         self.device = group.device
         (self.process_group,) = {lb.info.process_group for _, _, lb in self.members}
         by_index = {i: lb for i, _, lb in self.members}
@@ -518,21 +544,14 @@ class ShardedGroup:
         self.reduce_split = self.split_reducer(np.arange(group.v.numel(), dtype=np.int64))
 
     def split_reducer(self, v_index: np.ndarray) -> SplitReducer:
-        """The one all-reduce of the split blocks' sums of g^2 for a vector of per-block sums
-        whose entry k belongs to the block of v index ``v_index[k]`` (the group's v for the
+        """Where the split blocks' sums of g^2 go in the step's all-reduce, for a vector of
+        per-block sums whose entry k belongs to the block of v index ``v_index[k]`` (the group's v for the
         torch backend, the large-block table for the fused ones)."""
         at = np.searchsorted(self.split_positions, v_index)
         found = at < len(self.split_positions)
         found[found] = self.split_positions[at[found]] == v_index[found]
         positions = np.flatnonzero(found).astype(np.int64)
         return SplitReducer(self, positions, self.split_slots[at[found]], self.num_slots, self.device)
-
-    def ride(self, values: torch.Tensor, then) -> None:
-        """Have the next split-block all-reduce of this group (whichever backend calls it, also
-        with no split block) sum ``values`` (1-D float32) over the same ranks, then call
-        ``then(summed values)``: the clipping norm's squares ride in it (see
-        ``AdamMini._gradient_factors``)."""
-        self.rider = (values, then)
 
     def pull(self, group, traced: bool = False) -> None:
         """Before a step: point the proxies' ``.grad`` at the DTensors' local gradients and copy

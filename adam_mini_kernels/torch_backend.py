@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .buffers import FlatGroup
+from .dispatch import BackendStep
 from .quantization import CODE_MAX, code_max, to_codes
 from .rounding import MOMENT_STREAM, keys_from_float, random_bits, stochastic_round_to_bf16
 from .coefficients import (
@@ -90,34 +91,54 @@ def _chunk_param(group: FlatGroup) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(group.params), device=group.device), starts.diff())
 
 
-def torch_step(
+def _table(group: FlatGroup) -> _SegmentTable:
+    seg = group.cache.get("torch")
+    if seg is None:
+        seg = group.cache["torch"] = _segment_table(group)
+    return seg
+
+
+def _work_dtype(group: FlatGroup) -> torch.dtype:
+    """float32 math, float64 for float64 storage (computing it in float32 would round every
+    parameter, those without a gradient too); v and the coefficients are float32 either way."""
+    return torch.promote_types(group.param_buffer.dtype, torch.float32)
+
+
+def _unscaled_grad(group: FlatGroup, inv_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient in the working dtype, unscaled by AMP's ``inv_scale`` before anything uses
+    it: see [Note: gradient multiplier] in coefficients.py (GRAD_SCALE is AMP's 1 / scale or 0,
+    so the update uses it only to tell idle parameters)."""
+    work = _work_dtype(group)
+    g = group.grad_buffer.to(work)
+    if inv_scale is not None:
+        g = g * inv_scale.to(work)  # not in place: g may be the gradient buffer itself
+    return g
+
+
+def torch_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
+    """Every block's sum of g^2 (float32, one ``segment_reduce``), with the reducer of a sharded
+    group's split blocks (see ``dispatch.BackendStep``)."""
+    g = _unscaled_grad(group, inv_scale)
+    block_sum = _segment_reduce(g * g, "sum", _table(group).seg_offsets).float()
+    return block_sum, None if group.sharded is None else group.sharded.reduce_split
+
+
+def torch_update(
     group: FlatGroup,
+    sums,
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip: Optional[torch.Tensor] = None,
 ) -> None:
-    """Apply one step to ``group`` in place; ``active`` flags the parameters that have a gradient
-    (None: all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler, ``clip`` from
-    ``max_grad_norm`` (or None)."""
-    seg = group.cache.get("torch")
-    if seg is None:
-        seg = group.cache["torch"] = _segment_table(group)
-    n = group.numel
-    # float32 math, float64 for float64 storage (computing it in float32 would round every
-    # parameter, those without a gradient too); v and the coefficients are float32 either way.
-    work = torch.promote_types(group.param_buffer.dtype, torch.float32)
-
-    # The gradient unscaled once, for the sums of squares and the update alike: see [Note:
-    # gradient multiplier] in coefficients.py (GRAD_SCALE is AMP's 1 / scale or 0, so below it
-    # only tells idle parameters).
-    g = group.grad_buffer.to(work)
-    if inv_scale is not None:
-        g = g * inv_scale.to(work)  # not in place: g may be the gradient buffer itself
-    block_sum = _segment_reduce(g * g, "sum", seg.seg_offsets).float()
-    if group.sharded is not None:
-        group.sharded.reduce_split(block_sum)  # blocks split across ranks: one all-reduce
-    # After the all-reduce: a clip factor riding in it is written into ``clip`` there.
+    """The rest of the step of ``group`` in place, after ``torch_sums`` (and the all-reduce of a
+    sharded group's split blocks); ``active`` flags the parameters that have a gradient (None:
+    all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler, ``clip`` from
+    ``max_grad_norm`` (or None). The gradient is read again (unscaled as for the sums): holding
+    it between the halves would hold a float32 copy of every group's gradients at once."""
+    seg, n, work = _table(group), group.numel, _work_dtype(group)
+    block_sum, _ = sums
+    g = _unscaled_grad(group, inv_scale)
     coef = next_step_coefficients(group, active, inv_scale, found_inf, clip)
     block_coef = coef.index_select(0, seg.block_param)
     grad_scale, clip_factor = block_coef[:, C_GRAD_SCALE], block_coef[:, C_CLIP]
@@ -187,3 +208,6 @@ def _requantize_m(group: FlatGroup, seg: _SegmentTable, m: torch.Tensor, idle: t
     codes = to_codes(m.mul_(CODE_MAX).div_(divisor).round_())
     group.m_scales.copy_(torch.where(idle_chunk, group.m_scales, scales))
     group.m.copy_(torch.where(torch.repeat_interleave(idle_chunk, seg.chunk_lengths, output_size=n), group.m, codes))
+
+
+torch_step = BackendStep(torch_sums, torch_update)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adam_mini_kernels import AdamMini
-from adam_mini_kernels.torch_backend import torch_step
+from adam_mini_kernels.dispatch import BackendStep
+from adam_mini_kernels.torch_backend import torch_sums, torch_update
 from grad_stream import clone_named, max_rel_err, run_stream
 
 
@@ -23,7 +24,7 @@ def test_torch_step_compiles_fullgraph_and_matches_eager():
     eager_params, compiled_params = clone_named(named), clone_named(named)
     kw = dict(lr=1e-2, weight_decay=0.1, verbose=False, dim=8, n_heads=2, backend="torch")
     eager, compiled = AdamMini(eager_params, **kw), AdamMini(compiled_params, **kw)
-    compiled._step_fn = torch.compile(torch_step, fullgraph=True)
+    compiled._step_fn = BackendStep(torch.compile(torch_sums, fullgraph=True), torch.compile(torch_update, fullgraph=True))
     sets = [[p for _, p in eager_params], [p for _, p in compiled_params]]
     run_stream(sets, [eager, compiled], steps=4, seed=8, none_every=3)
     for a, b in zip(*sets):
@@ -312,7 +313,7 @@ def test_on_device_enters_a_cuda_device_only_when_it_is_not_current(monkeypatch)
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 def test_triton_launches_enter_their_tensors_device_eager_and_compiled(monkeypatch):
-    """The eager step enters the group's device once; a step compiled with a backend that adds
+    """The eager step enters the group's device once per half (sums, update); a step compiled with a backend that adds
     no device guard of its own (``aot_eager``, unlike Inductor) enters it in every operator."""
     launch = pytest.importorskip("adam_mini_kernels.triton_kernels.launch")
     torch._dynamo.reset()
@@ -322,12 +323,12 @@ def test_triton_launches_enter_their_tensors_device_eager_and_compiled(monkeypat
     (em, eo), (cm, co) = _pair("triton")
     _train(em, eo, eo.step, 1, False)
     _train(em, eo, eo.step, 1, False)
-    assert devices == [torch.device("cpu")] * 2
+    assert devices == [torch.device("cpu")] * 4
     _train(cm, co, co.step, 1, False)
     compiled = torch.compile(lambda: co.step(), backend="aot_eager", fullgraph=True)
     devices.clear()
     _train(cm, co, compiled, 1, False)
-    t = co._flat[0].cache["launch_tables"]  # one operator call per kind of work (launch_tables.fused_step)
+    t = co._flat[0].cache["launch_tables"]  # one operator call per kind of work (launch_tables.fused_sums, fused_update)
     calls = 1 + len(t.row_classes) + 2 * (t.tiles is not None) + (t.adam is not None)
     assert devices == [torch.device("cpu")] * calls
     _assert_params_match(em, cm)

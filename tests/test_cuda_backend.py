@@ -29,7 +29,8 @@ import torch
 
 import models
 from adam_mini_kernels import AdamMini, BackendUnavailableError, coefficients, dispatch, launch_tables, rounding
-from adam_mini_kernels.launch_tables import build_launch_tables, fused_step
+from adam_mini_kernels.dispatch import BackendStep
+from adam_mini_kernels.launch_tables import build_launch_tables, fused_sums, fused_update
 from adam_mini_kernels.partition import BlockLayout, Section
 from grad_stream import backend_runs, clone_named, max_rel_err, run_stream
 from precision import assert_runs_close
@@ -450,8 +451,8 @@ def _ptr(t):
 
 
 class _EmulatedOps:
-    """The operators of csrc/bindings.cpp (same schemas, so ``launch_tables.fused_step`` drives
-    them as it drives the real ones), running the emulated kernels with the launchers' arguments
+    """The operators of csrc/bindings.cpp (same schemas, so ``launch_tables.fused_sums`` and
+    ``fused_update`` drive them as they drive the real ones), running the emulated kernels with the launchers' arguments
     (``force_scalar``: every span takes the masked scalar path)."""
 
     def __init__(self, lib, force_scalar=False):
@@ -512,10 +513,11 @@ def _emulated_coefficients(lib, group, active, inv_scale, found_inf, clip=None):
 
 
 def _emulated_step(lib, force_scalar=False):
-    """A step function with the signature of ``cuda_step``, through the emulated kernels."""
+    """A step like ``cuda_step``, through the emulated kernels."""
     ops = _EmulatedOps(lib, force_scalar)
-    return lambda group, active, inv_scale=None, found_inf=None, clip=None: fused_step(
-        group, ops, active, inv_scale, found_inf, clip
+    return BackendStep(
+        lambda group, inv_scale=None: fused_sums(group, ops, inv_scale),
+        lambda group, sums, *factors: fused_update(group, ops, sums, *factors),
     )
 
 

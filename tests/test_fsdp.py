@@ -583,12 +583,14 @@ def test_int8_chunk_map_of_shards_matches_an_element_by_element_count(world, pla
 # int8 m on shards: dims and placements whose shards cut no quantization chunk. Head blocks of
 # q_proj are two rows of 1024 (a head straddles the 3/3 row split), the norm's whole-tensor
 # block is split 2048/2048, embed's rows 512/512 (Shard(1)), c_attn's columns 256/256 (stored
-# transposed, FSDP-style Shard(0)); output is replicated; mlp.bias keeps a float m.
+# transposed, FSDP-style Shard(0)); output is replicated; mlp.bias keeps a float m, and so does
+# ln.weight (under INT8_MIN_NUMEL), a whole-tensor block split 32/32: the float-m group has split
+# blocks too, and one all-reduce per step sums both groups'.
 INT8_DIMS = dict(dim=1024, n_heads=512)  # head block: 1024 * 1024 / 512 = 2048 elements
 INT8_SHAPES = {"mlp.weight": (8, 512), "mlp.bias": (8,), "q_proj.weight": (6, 1024), "norm.weight": (4096,),
-               "output.weight": (16, 512), "attn.c_attn.weight": (512, 12), "embed.weight": (4, 1024)}
+               "output.weight": (16, 512), "attn.c_attn.weight": (512, 12), "embed.weight": (4, 1024), "ln.weight": (64,)}
 INT8_PLACEMENTS = {"output.weight": Replicate(), "embed.weight": Shard(1)}
-INT8_QUANTIZED = set(INT8_SHAPES) - {"mlp.bias"}
+INT8_QUANTIZED = set(INT8_SHAPES) - {"mlp.bias", "ln.weight"}
 INT8_STEPS, INT8_SAVE_AT = 6, 3  # fewer than STEPS: the emulated int8 kernels are slow on 2 cores
 
 
@@ -808,11 +810,18 @@ def _int8_worker(rank, port, out, backend_arg):
             opt.layout_overrides.update(_int8_overrides())
             return opt
 
+        counts = []
+
         def step(params, opt, k):
             for n, g in _int8_grads(k).items():
                 p = params[n]
                 p.grad = distribute_tensor(g, mesh, p.placements) if isinstance(p, DTensor) else g
-            opt.step()
+            if params is not sharded:
+                opt.step()
+                return
+            with _count_all_reduce() as counter:
+                opt.step()
+            counts.append(len(counter.records))
 
         sharded, plain = shards(full), {n: nn.Parameter(t.clone()) for n, t in full.items()}
         opt, single = make(sharded), make(plain)
@@ -854,7 +863,8 @@ def _int8_worker(rank, port, out, backend_arg):
             "state": _full_state(opt), "single_state": _full_state(single),
             "resumed": {source: gathered(params) for source, (params, _) in resumed.items()},
             "error": error, "unchanged": torch.equal(before, after_refusal), "remedied": remedied,
-            "fused_split": _fused_split_blocks(opt),
+            "fused_split": _fused_split_blocks(opt), "counts": counts,
+            "groups": sorted((str(g.m.dtype), g.sharded.num_slots > 0) for g in opt._flat),
         }
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
@@ -891,6 +901,9 @@ def test_int8_m_on_shards_matches_single_process_and_resumes(tmp_path, backend_a
         assert "opt.param_groups[0]['state_dtype'] = None" in r["error"]
         assert r["remedied"][0] <= 1e-6 and r["remedied"][1]  # then one process's float-m step
         assert (r["fused_split"] > 0) == (backend_arg[0] != "torch")
+        # Two flat groups (int8 and float m), each with split blocks: one all-reduce per step.
+        assert r["groups"] == [("torch.float32", True), ("torch.int8", True)], r["groups"]
+        assert r["counts"] == [1] * INT8_STEPS, r["counts"]
 
 
 def _int8_refusal_worker(rank, port, out):

@@ -1,9 +1,10 @@
-"""bench/predict_bytes.py counts the launches a fused step makes (launch_tables.fused_step)."""
+"""bench/predict_bytes.py counts the launches a fused step makes (launch_tables.fused_sums, fused_update)."""
 
 import torch
 
 from adam_mini_kernels import AdamMini
 from adam_mini_kernels import launch_tables
+from adam_mini_kernels.dispatch import BackendStep
 from bench import param_sets as PS
 from bench import predict_bytes
 
@@ -31,8 +32,9 @@ def _launches_of_one_step(pset):
         p.grad = torch.zeros_like(p)
     opt = AdamMini(named, verbose=False, backend="torch", **pset.model_args)
     rec = _Recorder()
-    opt._step_fn = lambda group, active, inv_scale, found_inf, clip: launch_tables.fused_step(
-        group, rec, active, inv_scale, found_inf, clip
+    opt._step_fn = BackendStep(
+        lambda group, inv_scale: launch_tables.fused_sums(group, rec, inv_scale),
+        lambda group, sums, *factors: launch_tables.fused_update(group, rec, sums, *factors),
     )
     opt.step()
     return rec.launches

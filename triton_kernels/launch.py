@@ -18,7 +18,8 @@ import triton
 from torch import Tensor
 
 from ..buffers import FlatGroup
-from ..launch_tables import ADAM_TILE, TILE, fused_step
+from ..dispatch import BackendStep
+from ..launch_tables import ADAM_TILE, TILE, fused_sums, fused_update
 from ..quantization import QBLOCK
 from . import kernels as K
 
@@ -41,7 +42,7 @@ def on_device(device: torch.device):
     [Note: launch device] Triton launches on the current device's current stream, not on the
     tensors' device (the CUDA extension guards each launch itself): parameters on cuda:1 stepped
     while cuda:0 is current would run unordered with their backward, on the wrong device. The
-    eager step enters it once per group, each operator once per call (``ops.py``): a compiled
+    eager step enters it once per half of a group's step, each operator once per call (``ops.py``): a compiled
     graph is guarded by Inductor, but not under other compile backends (e.g. ``aot_eager``)."""
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
@@ -126,20 +127,34 @@ def adam_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: T
     )
 
 
-def triton_step(
+def triton_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
+    """The large blocks' sums of g^2 with the Triton kernels (see ``launch_tables.fused_sums``)."""
+    from . import ops  # registers the operators on first use
+
+    if torch.compiler.is_compiling():  # each operator enters the device itself, when it runs
+        return fused_sums(group, ops.OPERATORS, inv_scale)
+    with on_device(group.device):
+        return fused_sums(group, ops.LAUNCHERS, inv_scale)
+
+
+def triton_update(
     group: FlatGroup,
+    sums,
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     clip: Optional[torch.Tensor] = None,
 ) -> None:
-    """Apply one step to ``group`` in place with the Triton kernels; ``active`` flags the
-    parameters that have a gradient (None: all); ``inv_scale``/``found_inf`` from AMP and
-    ``clip`` from max_grad_norm, or None."""
-    from . import ops  # registers the operators on first use
+    """The rest of the step of ``group`` in place with the Triton kernels (see
+    ``launch_tables.fused_update``); ``active`` flags the parameters that have a gradient (None:
+    all); ``inv_scale``/``found_inf`` from AMP and ``clip`` from max_grad_norm, or None."""
+    from . import ops
 
-    if torch.compiler.is_compiling():  # each operator enters the device itself, when it runs
-        fused_step(group, ops.OPERATORS, active, inv_scale, found_inf, clip)
+    if torch.compiler.is_compiling():
+        fused_update(group, ops.OPERATORS, sums, active, inv_scale, found_inf, clip)
     else:
         with on_device(group.device):
-            fused_step(group, ops.LAUNCHERS, active, inv_scale, found_inf, clip)
+            fused_update(group, ops.LAUNCHERS, sums, active, inv_scale, found_inf, clip)
+
+
+triton_step = BackendStep(triton_sums, triton_update)
