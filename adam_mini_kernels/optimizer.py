@@ -413,9 +413,10 @@ class AdamMini(torch.optim.Optimizer):
                     f"got an item of type {type(item).__name__}"
                 )
             name, p = item[0].lower(), item[1]
-            _check_param(name, p)
-            if p.requires_grad:
-                groups.append({"name": name, "params": p})
+            if isinstance(p, torch.Tensor) and p.requires_grad:
+                groups.append({"name": name, "params": p})  # checked with the others by _check_params
+            else:
+                _check_param(name, p)
         if not groups:
             raise ValueError("AdamMini got no parameters that require a gradient")
         _check_params([(group["name"], group["params"]) for group in groups])
