@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,11 @@ fi
 [ -n "${PYTORCH_NO_CUDA_MEMORY_CACHING:-}" ] && allocator=off || allocator=on
 echo "========= ERROR SUMMARY: 0 errors (dry run, caching allocator $allocator: $2 ${@: -1})"
 """
+# tar, recording its arguments (where the script writes its archive) in $TAR_CALLS.
+FAKE_TAR = """#!/usr/bin/env bash
+echo "$*" >> "$TAR_CALLS"
+exec {tar} "$@"
+"""
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ] && [ "$3" = "install" ]; then echo "dry run: pip $*"; exit 0; fi
 exec {python} "$@"
@@ -66,7 +72,7 @@ def _dry_run(tmp_path: Path, session: str, **env: str) -> tuple[int, str, Path]:
     fakes = tmp_path / "bin"
     fakes.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", FAKE_SANITIZER),
-                       ("python", FAKE_PYTHON.format(python=sys.executable))):
+                       ("python", FAKE_PYTHON.format(python=sys.executable)), ("tar", FAKE_TAR.format(tar=shutil.which("tar")))):
         (fakes / name).write_text(text)
         (fakes / name).chmod(0o755)
     tests = tmp_path / "tiny" / "test_tiny.py"
@@ -80,7 +86,7 @@ def _dry_run(tmp_path: Path, session: str, **env: str) -> tuple[int, str, Path]:
         **os.environ, "PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(fakes / "python"),
         "SESSION": session, "BENCH_COMMIT": "dryrun", "OUT": str(out), "LOGS": str(tmp_path / "logs"),
         "TESTS": str(tests), "BENCH_ARGS": "--smoke", "CONV_ARGS": "--preset smoke --backends torch",
-        "PYTEST_WORKERS": "1", **env,
+        "PYTEST_WORKERS": "1", "TAR_CALLS": str(tmp_path / "tar_calls"), **env,
     }
     run_env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=400)
@@ -129,6 +135,9 @@ def test_session_dry_run(tmp_path, session, expected, cpu_failures):
     files = sorted(p.name for p in out.iterdir())
     assert "logs.tgz" in files and len(files) <= 8, files
     assert "stale_from_the_call_before.log" not in _packed(out), "the logs of an earlier call were packed"
+    # logs.tgz is written outside $OUT and moved there (a kill mid-tar leaves the last whole one).
+    archives = [line.split()[1] for line in (tmp_path / "tar_calls").read_text().splitlines()]
+    assert archives and all(not a.startswith(str(out)) for a in archives), archives
     if session != "convergence":
         assert any(name.endswith(".png") for name in files) and any(name.endswith(".json") for name in files), files
     else:

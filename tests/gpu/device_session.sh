@@ -21,7 +21,7 @@
 # (device tool: carry ["wheels"] holding the adam-mini 1.1.1 and torchao wheels, timeout_s 600).
 # BUDGET_S (default 560) is the whole script's time. What comes back (at most 8 files):
 # summary.txt, logs.tgz (re-packed after every stage, so a killed run still returns what it
-# did), and the result files of the benchmark (.json/.md/.png) and of the convergence run. Exit
+# did; each time written outside $OUT, then moved there), and the result files of the benchmark (.json/.md/.png) and of the convergence run. Exit
 # status: non-zero if any check failed. BENCH_COMMIT: the commit (the tree there is no git
 # checkout). TESTS (default "tests"), BENCH_ARGS (more bench_step.py flags) and CONV_ARGS
 # (default "--preset gpu") narrow a rerun. A convergence run split over leases: CONV_ARGS="--preset
@@ -42,7 +42,7 @@ BUDGET_S=${BUDGET_S:-560}
 LOGS=${LOGS:-/tmp/device_session_logs}
 PY=${PYTHON:-python3}
 # A fresh $LOGS: a second call on a warm machine must not pack the logs of the call before.
-rm -rf "${LOGS:?}"
+rm -rf "${LOGS:?}" "${LOGS%/}.tgz.partial"
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=16
 export PATH="$PATH:$CUDA_HOME/bin"  # compute-sanitizer, when it is not on PATH already
@@ -50,7 +50,10 @@ unset TRITON_INTERPRET
 status=0
 left() { echo $((BUDGET_S - SECONDS)); }
 note() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/summary.txt"; }
-pack() { tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
+pack() {  # $LOGS into $OUT/logs.tgz: written beside $LOGS, then moved into place, so that a kill
+  # mid-tar leaves the last whole logs.tgz and no partial file in $OUT (tar's 1: a log grew while read)
+  tar czf "${LOGS%/}.tgz.partial" -C "$LOGS" . 2>/dev/null; [ $? -le 1 ] && mv -f "${LOGS%/}.tgz.partial" "$OUT/logs.tgz"
+}
 fail() { status=1; note "FAILED: $*"; }
 limit() { local s=$1; shift; timeout -s INT -k 20 "$s" "$@"; }  # seconds command...: SIGINT at the limit, KILL 20 s on
 rows() {  # tag: the status counts of the rows of bench_step.py's results JSON of that tag in $OUT
