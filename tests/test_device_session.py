@@ -116,7 +116,7 @@ SANITIZER_RUNS = [("memcheck", "cuda"), ("memcheck", "triton"), ("racecheck", "c
     ("variants", ["bench_variants rc=0: ", "bench_graphs rc=0: "], []),
     ("convergence", ["convergence rc=0: "], []),
     # bench/microbench.py refuses a machine without a GPU (its own CPU check is --dry-run).
-    ("rest", ["bench_compile rc=0: ", "host_overhead rc=0: ", "microbench rc=2"], ["FAILED: microbench (rc 2)"]),
+    ("rest", ["bench_compile rc=0: ", "host_overhead rc=0 (limit 60s): ", "microbench rc=2"], ["FAILED: microbench (rc 2)"]),
 ])
 def test_session_dry_run(tmp_path, session, expected, cpu_failures):
     """Every stage of the session runs and writes its summary line; the only failures are those
@@ -162,9 +162,14 @@ def test_checks_sanitizers_and_pytest(tmp_path):
     """The checks session's sanitizer runs: memcheck and initcheck (only) without PyTorch's caching
     allocator, the first error line of each log and the tool's path and version in the summary,
     each run's limit derived from what is left of pytest's (BUDGET_S 200: under the 100 s cap);
-    pytest with two threads a worker (the tiny test checks), --durations."""
-    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="200", BENCH_S="60")
+    pytest with two threads a worker (the tiny test checks), --durations. The benchmark's budget
+    is what is left after the build but the 110 s of the stages after it (not its 190 s)."""
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="200")
     assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
+    build = int(re.search(r"\+(\d+)s\] build done", summary)[1])
+    bench = re.search(r"\] (bench rc=0: .*\(budget |skipped bench: out of time \()(-?\d+)s", summary)
+    assert 200 - 110 - build - 2 <= int(bench[2]) <= 200 - 110 - build, (build, bench[0])
+    assert (int(bench[2]) >= 60) == bench[1].startswith("bench rc=0"), bench[0]  # a slow build: no time for it
     assert "Version 2099.1.0 (dry run)" in _line(summary, "compute-sanitizer: /")
     stage = int(re.search(r"pytest and sanitizers: limit (\d+)s", summary)[1])
     limits = _sanitizer_limits(summary)
@@ -182,12 +187,36 @@ def test_checks_sanitizers_and_pytest(tmp_path):
 def test_checks_sanitizers_out_of_time(tmp_path):
     """With too little left of pytest's limit for a sanitizer run (30 s at least), each is skipped
     and said so, none started; the rest of the session still runs."""
-    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="100", BENCH_S="60")
+    # BUDGET_S 80: no benchmark (under 60 s for it), pytest's limit all but 25 s of what is left
+    # (under 60 s after the 80 s kept): 55 s less the build's (~10 s here, 25 at most for this
+    # test), too little for a sanitizer run (30 s, and 20 s of KILL grace within the limit).
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="80")
     assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
     assert _sanitizer_limits(summary) == {}, summary
     for runs in ("memcheck:cuda memcheck:triton", "racecheck:cuda racecheck:triton", "synccheck:cuda initcheck:cuda"):
         _line(summary, f"skipped sanitizer {runs}: out of time")
+    _line(summary, "skipped bench: out of time")
     _line(summary, "pytest rc=0: 1 passed")
+
+
+@pytest.mark.parametrize("session, skipped", [
+    ("checks", ["bench", "pytest and the sanitizers", "the 2^31 tests"]),
+    ("variants", ["bench_variants", "bench_graphs"]),
+    # convergence.py would refuse a negative --time-budget-s (rc 2).
+    ("convergence", ["convergence"]),
+    ("rest", ["bench_compile", "host_overhead", "the microbenchmarks"]),
+])
+def test_small_budget_skips_what_does_not_fit(tmp_path, session, skipped):
+    """BUDGET_S 40 (less than any stage's minimum after the build): every stage is skipped with a
+    note saying so, none started with a limit beyond the budget, no failure but the CPU's, and
+    the script ends within it."""
+    rc, summary, out = _dry_run(tmp_path, session, BUDGET_S="40")
+    assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
+    for stage in skipped:
+        _line(summary, f"skipped {stage}: out of time (")
+    assert not re.search(r"\] (bench\w* |pytest |sanitizer |convergence |host_overhead |microbench )rc=", summary), summary
+    assert int(re.search(r"\+(\d+)s\] done, status 1", summary)[1]) <= 40, summary
+    assert "logs.tgz" in {p.name for p in out.iterdir()}
 
 
 def test_checks_sanitizer_refusing_the_device(tmp_path):

@@ -19,7 +19,9 @@
 #
 # Run from the repository root:  SESSION=checks BENCH_COMMIT=<sha> OUT=$OUT bash tests/gpu/device_session.sh
 # (device tool: carry ["wheels"] holding the adam-mini 1.1.1 and torchao wheels, timeout_s 600).
-# BUDGET_S (default 560) is the whole script's time. What comes back (at most 8 files):
+# BUDGET_S (default 560) is the whole script's time: each stage's limit is taken from what is left
+# of it when the stage starts, and a stage that cannot get its minimum is skipped with a note in
+# summary.txt (so a rerun with a small BUDGET_S stays within it). What comes back (at most 8 files):
 # summary.txt, logs.tgz (re-packed after every stage, so a killed run still returns what it
 # did; each time written outside $OUT, then moved there), and the result files of the benchmark (.json/.md/.png) and of the convergence run. Exit
 # status: non-zero if any check failed. BENCH_COMMIT: the commit (the tree there is no git
@@ -62,12 +64,12 @@ rows() {  # tag: the status counts of the rows of bench_step.py's results JSON o
 bench() {  # seconds tag bench_step.py-flags...: the benchmark, alone on the GPU, starting no row after the budget
   local seconds=$1 tag=$2; shift 2
   local log="bench${tag:+_$tag}"
-  if [ "$seconds" -lt 60 ]; then note "skipped $log: out of time"; return; fi
+  if [ "$seconds" -lt 60 ]; then note "skipped $log: out of time (${seconds}s for it, 60 at least)"; return; fi
   # Wall time ~ seconds: ~10 s of start (imports, copy bandwidth), rows started up to seconds - 30,
   # the last row (~15 s at most but a compile row's minute) and the report. SIGINT at seconds + 20.
   limit $((seconds + 20)) $PY bench/bench_step.py --out "$OUT" --commit "${BENCH_COMMIT:-unknown}" --no-progress \
     --time-budget-s $((seconds - 30)) ${tag:+--tag $tag} "$@" ${BENCH_ARGS:-} > "$LOGS/$log.log" 2>&1; local rc=$?
-  note "$log rc=$rc: $(rows "$tag")"
+  note "$log rc=$rc: $(rows "$tag") (budget ${seconds}s)"
   [ $rc -eq 0 ] || fail "$log (rc $rc; 124 = stopped at the limit: the rows not run are skipped in its files)"
   pack
 }
@@ -140,25 +142,8 @@ sanitize() {  # cap tool:backend...: those compute-sanitizer runs of sanitize_st
   fi
 }
 
-checks() {
-  # Budget (BUDGET_S 560 of the device tool's 600 s per command, 40 s kept for the last pack and
-  # the transfer back). After the build (~60 s expected, 180 s at most), in this order:
-  #  1. The step benchmark, alone on the GPU: BENCH_S (default 190 s: rows start in its first
-  #     160 s). Its 18 named-set rows (3 sets x AdamW foreach and fused, official, ours torch,
-  #     triton and cuda; a few s each on 1.1B shapes, plus the first Triton compiles) and 30 sweep
-  #     rows (~1 s each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It
-  #     goes first because issue 3 needs its numbers most and it must run alone; the steps after
-  #     it shrink to fit, and the time its rows do not use goes to them (left() is read after it).
-  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (memcheck, then racecheck, of
-  #     both backends at once, then synccheck and initcheck of cuda, 100 s each at most, each
-  #     limited by what is left of pytest's limit and skipped under 30 s): at most 240 s, keeping
-  #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests).
-  #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
-  # Expected: 60 + 190 + 240 + 65 = 555 s. Each limit is a SIGINT, KILL 20 s later.
-  bench "${BENCH_S:-190}" "" --optimizers ours,adamw-foreach,adamw-fused,official
-
-  # Tests on the GPU beside the sanitizers (correctness only: nothing is timed here).
-  local tests_s=$(( $(left) - 80 )); [ "$tests_s" -gt 240 ] && tests_s=240; [ "$tests_s" -lt 30 ] && tests_s=30
+tests_and_sanitizers() {  # seconds: pytest on the GPU beside the sanitizers, all stopped by then
+  local tests_s=$1
   # pytest-timeout's per-test limit and xdist's workers where they are installed (both are on the
   # image; an unknown flag would end pytest at once). Two threads a worker (8 workers, 16 cores),
   # one compile thread each; the Triton compile test is CPU-only (CI runs it).
@@ -191,6 +176,37 @@ checks() {
   grep -E "^(FAILED|ERROR)" "$LOGS/pytest.log" | head -40 >> "$OUT/summary.txt"
   [ $rc -eq 0 ] || fail "pytest (rc $rc; 124 = out of time: its summary above holds the tests that ran)"
   pack
+}
+
+checks() {
+  # Budget (BUDGET_S 560 of the device tool's 600 s per command, 40 s kept for the last pack and
+  # the transfer back). After the build (~60 s expected, 180 s at most), in this order, each
+  # stage's limit taken from what is left when it starts, a stage that cannot get its minimum
+  # skipped with a note (so that a rerun with a small BUDGET_S stays within it):
+  #  1. The step benchmark, alone on the GPU: BENCH_S (default 190 s: rows start in its first
+  #     160 s), at most all that is left but 110 s (the stages after it), skipped under 60 s. Its
+  #     18 named-set rows (3 sets x AdamW foreach and fused, official, ours torch,
+  #     triton and cuda; a few s each on 1.1B shapes, plus the first Triton compiles) and 30 sweep
+  #     rows (~1 s each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It
+  #     goes first because issue 3 needs its numbers most and it must run alone; the steps after
+  #     it shrink to fit, and the time its rows do not use goes to them (left() is read after it).
+  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (memcheck, then racecheck, of
+  #     both backends at once, then synccheck and initcheck of cuda, 100 s each at most, each
+  #     limited by what is left of pytest's limit and skipped under 30 s): at most 240 s, keeping
+  #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests); where that leaves under 60 s,
+  #     all but 25 s (the 2^31 tests then get none); skipped under 30 s.
+  #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
+  # Expected: 60 + 190 + 240 + 65 = 555 s. Each limit is a SIGINT, KILL 20 s later.
+  local bench_s=$(( $(left) - 110 )); [ "$bench_s" -gt "${BENCH_S:-190}" ] && bench_s=${BENCH_S:-190}
+  bench "$bench_s" "" --optimizers ours,adamw-foreach,adamw-fused,official
+
+  # Tests on the GPU beside the sanitizers (correctness only: nothing is timed here).
+  local tests_s=$(( $(left) - 80 )) rc; [ "$tests_s" -gt 240 ] && tests_s=240; [ "$tests_s" -lt 60 ] && tests_s=$(( $(left) - 25 ))
+  if [ "$tests_s" -lt 30 ]; then
+    note "skipped pytest and the sanitizers: out of time (${tests_s}s for them, 30 at least)"
+  else
+    tests_and_sanitizers "$tests_s"
+  fi
 
   # The >2^31-element buffers, alone.
   local big_s=$(( $(left) - 15 )); [ "$big_s" -gt 90 ] && big_s=90
@@ -199,7 +215,7 @@ checks() {
     note "pytest 2^31 rc=$rc: $(tail -1 "$LOGS/pytest_2pow31.log")"
     if [ $rc -eq 5 ]; then note "no 2^31 test selected in ${TESTS:-tests}"; elif [ $rc -ne 0 ]; then fail "pytest 2^31 (rc $rc)"; fi
   else
-    note "skipped the 2^31 tests: out of time"
+    note "skipped the 2^31 tests: out of time (${big_s}s for them, 30 at least)"
   fi
   pack
 }
@@ -217,8 +233,10 @@ variants() {
 }
 
 convergence() {
-  # The convergence runs (issues 9, 10), rewritten after each; none starts in the last 150 s.
+  # The convergence runs (issues 9, 10), rewritten after each; none starts in the last 150 s
+  # (convergence.py's --time-budget-s: all but those), so skipped under 180 s (30 s to start runs in).
   local conv_s=$(( $(left) - 25 )) rc
+  if [ "$conv_s" -lt 180 ]; then note "skipped convergence: out of time (${conv_s}s for it, 180 at least)"; pack; return; fi
   limit "$conv_s" $PY bench/convergence.py ${CONV_ARGS:---preset gpu} --out "$OUT" --time-budget-s $((conv_s - 150)) \
     > "$LOGS/convergence.log" 2>&1; rc=$?
   grep -m3 "WARNING" "$LOGS/convergence.log" >> "$OUT/summary.txt"  # e.g. --resume files of another GPU: started fresh
@@ -231,11 +249,17 @@ rest() {
   # The torch.compile rows beside ours (torch, triton, cuda) and fused AdamW in one run (issue 3:
   # side by side): 3 sets x 5 rows, the compile rows about a minute each: all but 220 s (~280 s).
   bench $(( $(left) - 220 )) compile --no-sweep --optimizers ours,compile,adamw-fused
-  # The front-end's host time on the GPU machine's cores (seconds; bench/NOTES "Front-end host time").
-  limit 60 $PY bench/host_overhead.py --out "$OUT" --commit "${BENCH_COMMIT:-unknown}" > "$LOGS/host_overhead.log" 2>&1
-  local host_rc=$?
-  note "host_overhead rc=$host_rc: $(grep -c 'best block' "$LOGS/host_overhead.log") rows"
-  [ $host_rc -eq 0 ] || fail "host_overhead (rc $host_rc)"
+  # The front-end's host time on the GPU machine's cores (seconds; bench/NOTES "Front-end host time"):
+  # at most 60 s and all that is left but 25 s; skipped under 20 s.
+  local host_s=$(( $(left) - 25 )); [ "$host_s" -gt 60 ] && host_s=60
+  if [ "$host_s" -ge 20 ]; then
+    limit "$host_s" $PY bench/host_overhead.py --out "$OUT" --commit "${BENCH_COMMIT:-unknown}" > "$LOGS/host_overhead.log" 2>&1
+    local host_rc=$?
+    note "host_overhead rc=$host_rc (limit ${host_s}s): $(grep -c 'best block' "$LOGS/host_overhead.log") rows"
+    [ $host_rc -eq 0 ] || fail "host_overhead (rc $host_rc)"
+  else
+    note "skipped host_overhead: out of time (${host_s}s for it, 20 at least)"
+  fi
   local micro_s=$(( $(left) - 25 ))
   if [ "$micro_s" -gt 60 ]; then
     limit "$micro_s" $PY bench/microbench.py --out "$LOGS/microbench" --time-budget-s $((micro_s - 40)) \
@@ -243,7 +267,7 @@ rest() {
     note "microbench rc=$rc (results in logs.tgz: microbench/)"
     [ $rc -eq 0 ] || fail "microbench (rc $rc)"
   else
-    note "skipped the microbenchmarks: out of time"
+    note "skipped the microbenchmarks: out of time (${micro_s}s for them, 61 at least)"
   fi
   pack
 }
