@@ -51,8 +51,10 @@ FAKE_TAR = """#!/usr/bin/env bash
 echo "$*" >> "$TAR_CALLS"
 exec {tar} "$@"
 """
+# Python, but `-m pip install` and the sanitizer workload (it needs a CUDA device) are faked.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ] && [ "$3" = "install" ]; then echo "dry run: pip $*"; exit 0; fi
+if [ "$1" = "tests/gpu/sanitize_step.py" ]; then echo "sanitize_step: $2 ok (dry run)"; exit 0; fi
 exec {python} "$@"
 """
 TINY_TESTS = """
@@ -109,7 +111,9 @@ SANITIZER_RUNS = [("memcheck", "cuda"), ("memcheck", "triton"), ("racecheck", "c
 
 
 @pytest.mark.parametrize("session, expected, cpu_failures", [
-    ("checks", ["bench rc=0: ", "pytest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit "]
+    ("checks", ["bench rc=0: ", "pytest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit ",
+                "sanitize_step.py triton without a sanitizer rc=0 (limit 60s): sanitize_step: triton ok",
+                "sanitize_step.py cuda without a sanitizer rc=0 (limit 60s): sanitize_step: cuda ok"]
      + [f"sanitizer {tool} {backend} rc=0 (limit " for tool, backend in SANITIZER_RUNS]
      + ["pytest 2^31 rc=0: 1 passed"], []),
     # The graph rows' sets at smoke size: their GPU-size names are checked below.

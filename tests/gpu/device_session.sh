@@ -6,9 +6,10 @@
 #   checks (default)  build; the step benchmark (SPEC sets and sweep, with the anchors, no
 #                     torch.compile rows) alone on the GPU, with a reserved budget; then the test
 #                     suite on the GPU (pytest-xdist; tests that need a CPU interpreter skip)
-#                     beside compute-sanitizer memcheck and racecheck of both fused backends, then
-#                     synccheck and initcheck of the CUDA one if time allows; the >2^31-element
-#                     tests alone (~20 GB each) in the time left.
+#                     beside the sanitizer workload run once without a sanitizer (Triton's
+#                     compiles, a pass/fail line), then compute-sanitizer memcheck and racecheck
+#                     of both fused backends, then synccheck and initcheck of the CUDA one if
+#                     time allows; the >2^31-element tests alone (~20 GB each) in the time left.
 #   variants          build; benchmark rows of issues 6 and 10 on the named sets with the anchors
 #                     (float32/int8 state, stochastic rounding, clipping, 8-bit AdamW); the
 #                     CUDA-graph replay rows of issue 7 (1M, 10M, 124M parameters: those sets only).
@@ -23,8 +24,8 @@
 # of it when the stage starts, and a stage that cannot get its minimum is skipped with a note in
 # summary.txt (so a rerun with a small BUDGET_S stays within it). What comes back (at most 8 files):
 # summary.txt, logs.tgz (re-packed after every stage, so a killed run still returns what it
-# did; each time written outside $OUT, then moved there), and the result files of the benchmark (.json/.md/.png) and of the convergence run. Exit
-# status: non-zero if any check failed. BENCH_COMMIT: the commit (the tree there is no git
+# did; each time written outside $OUT, then moved there), and the result files of the benchmark
+# (.json/.md/.png) and of the convergence run. Exit status: non-zero if any check failed. BENCH_COMMIT: the commit (the tree there is no git
 # checkout). TESTS (default "tests"), BENCH_ARGS (more bench_step.py flags) and CONV_ARGS
 # (default "--preset gpu") narrow a rerun. A convergence run split over leases: CONV_ARGS="--preset
 # gpu --resume bench/results/convergence_<H100 file>.json bench/results/convergence_<H200 file>.json":
@@ -142,6 +143,26 @@ sanitize() {  # cap tool:backend...: those compute-sanitizer runs of sanitize_st
   fi
 }
 
+unsanitized() {  # sanitize_step.py of both fused backends at once WITHOUT compute-sanitizer, before
+  # the sanitizer runs: Triton compiles its kernels here, into its cache, which the memcheck run
+  # then reads (a compile inside a sanitized process is slow), and a pass/fail line that needs no
+  # sanitizer. Each limited by the sanitizer stage's end (san_end) less 20 s, at most 60 s;
+  # skipped under 20 s.
+  local s=$(( san_end - SECONDS - 20 )) backend pids="" rc log
+  [ "$s" -gt 60 ] && s=60
+  if [ "$s" -lt 20 ]; then note "skipped sanitize_step.py without a sanitizer: out of time (${s}s left of the stage)"; return; fi
+  for backend in triton cuda; do
+    limit "$s" $PY tests/gpu/sanitize_step.py "$backend" > "$LOGS/sanitize_${backend}_unsanitized.log" 2>&1 & pids="$pids $!"
+  done
+  for backend in triton cuda; do
+    log="$LOGS/sanitize_${backend}_unsanitized.log"
+    pids=${pids# }; wait "${pids%% *}"; rc=$?; pids=${pids#* }
+    note "sanitize_step.py $backend without a sanitizer rc=$rc (limit ${s}s): $(tail -1 "$log" | cut -c1-200)"
+    [ $rc -eq 0 ] || fail "sanitize_step.py $backend without a sanitizer (rc $rc; $(basename "$log"))"
+  done
+  pack
+}
+
 tests_and_sanitizers() {  # seconds: pytest on the GPU beside the sanitizers, all stopped by then
   local tests_s=$1
   # pytest-timeout's per-test limit and xdist's workers where they are installed (both are on the
@@ -154,11 +175,13 @@ tests_and_sanitizers() {  # seconds: pytest on the GPU beside the sanitizers, al
     --durations=30 -k "not 2_pow_31" --ignore=tests/test_triton_compile.py \
     --junitxml="$LOGS/pytest.xml" ${TESTS:-tests} > "$LOGS/pytest.log" 2>&1 &
   local pytest_pid=$! rc
-  # The sanitizers end with pytest's limit (san_end): memcheck, then racecheck, of both backends
-  # at once (100 s each at most), then synccheck and initcheck of the CUDA backend in what is left.
-  # No probe: a sanitizer that refuses the device says so in the memcheck logs (san_refused).
+  # The sanitizers end with pytest's limit (san_end): sanitize_step.py once without one (Triton's
+  # compiles), then memcheck, then racecheck, of both backends at once (100 s each at most), then
+  # synccheck and initcheck of the CUDA backend in what is left. No probe: a sanitizer that
+  # refuses the device says so in the memcheck logs (san_refused).
   san_end=$(( SECONDS + tests_s ))
   note "pytest and sanitizers: limit ${tests_s}s"
+  unsanitized
   local san; san=$(command -v compute-sanitizer)
   if [ -z "$san" ]; then
     fail "compute-sanitizer not found (PATH, $CUDA_HOME/bin): no sanitizer run"
@@ -190,9 +213,11 @@ checks() {
   #     rows (~1 s each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It
   #     goes first because issue 3 needs its numbers most and it must run alone; the steps after
   #     it shrink to fit, and the time its rows do not use goes to them (left() is read after it).
-  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (memcheck, then racecheck, of
-  #     both backends at once, then synccheck and initcheck of cuda, 100 s each at most, each
-  #     limited by what is left of pytest's limit and skipped under 30 s): at most 240 s, keeping
+  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (sanitize_step.py of both
+  #     backends once without one, 60 s at most, so that Triton's kernels are compiled, and cached,
+  #     outside memcheck; then memcheck, then racecheck, of both backends at once, then synccheck
+  #     and initcheck of cuda, 100 s each at most, each limited by what is left of pytest's limit
+  #     and skipped under 30 s): at most 240 s, keeping
   #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests); where that leaves under 60 s,
   #     all but 25 s (the 2^31 tests then get none); skipped under 30 s.
   #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
