@@ -51,21 +51,41 @@ FAKE_TAR = """#!/usr/bin/env bash
 echo "$*" >> "$TAR_CALLS"
 exec {tar} "$@"
 """
-# Python, but `-m pip install` and the sanitizer workload (it needs a CUDA device) are faked.
+# Python, but `-m pip install` and the sanitizer workload (it needs a CUDA device; taking
+# FAKE_STEP_S seconds) are faked.
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ] && [ "$3" = "install" ]; then echo "dry run: pip $*"; exit 0; fi
-if [ "$1" = "tests/gpu/sanitize_step.py" ]; then echo "sanitize_step: $2 ok (dry run)"; exit 0; fi
+if [ "$1" = "tests/gpu/sanitize_step.py" ]; then sleep "${{FAKE_STEP_S:-0}}"; echo "sanitize_step: $2 ok (dry run)"; exit 0; fi
 exec {python} "$@"
 """
+# Each test appends its name to $TINY_ORDER: the order of the script's pytest runs. TINY_SLEEP:
+# seconds the GPU-marked one takes.
 TINY_TESTS = """
 import os
+import time
+
+import pytest
+
+
+def _ran(name):
+    with open(os.environ["TINY_ORDER"], "a") as f:
+        f.write(name + "\\n")
+
+
+@pytest.mark.gpu
+def test_gpu_marked():
+    _ran("gpu")
+    time.sleep(float(os.environ.get("TINY_SLEEP", "0")))
+    assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")) == ("2", "1")
 
 
 def test_threads_per_worker():
+    _ran("rest")
     assert (os.environ.get("OMP_NUM_THREADS"), os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")) == ("2", "1")
 
 
 def test_2_pow_31_selected_alone():
+    _ran("2_pow_31")
     assert 2 ** 31 > 2 ** 31 - 1
 """
 
@@ -88,7 +108,8 @@ def _dry_run(tmp_path: Path, session: str, **env: str) -> tuple[int, str, Path]:
         **os.environ, "PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(fakes / "python"),
         "SESSION": session, "BENCH_COMMIT": "dryrun", "OUT": str(out), "LOGS": str(tmp_path / "logs"),
         "TESTS": str(tests), "BENCH_ARGS": "--smoke", "CONV_ARGS": "--preset smoke --backends torch",
-        "PYTEST_WORKERS": "1", "TAR_CALLS": str(tmp_path / "tar_calls"), **env,
+        "PYTEST_WORKERS": "1", "TAR_CALLS": str(tmp_path / "tar_calls"),
+        "TINY_ORDER": str(tmp_path / "order"), **env,
     }
     run_env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=400)
@@ -111,7 +132,7 @@ SANITIZER_RUNS = [("memcheck", "cuda"), ("memcheck", "triton"), ("racecheck", "c
 
 
 @pytest.mark.parametrize("session, expected, cpu_failures", [
-    ("checks", ["bench rc=0: ", "pytest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit ",
+    ("checks", ["bench rc=0: ", "pytest gpu rc=0: 1 passed", "pytest rest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit ",
                 "sanitize_step.py triton without a sanitizer rc=0 (limit 60s): sanitize_step: triton ok",
                 "sanitize_step.py cuda without a sanitizer rc=0 (limit 60s): sanitize_step: cuda ok"]
      + [f"sanitizer {tool} {backend} rc=0 (limit " for tool, backend in SANITIZER_RUNS]
@@ -166,7 +187,8 @@ def test_checks_sanitizers_and_pytest(tmp_path):
     """The checks session's sanitizer runs: memcheck and initcheck (only) without PyTorch's caching
     allocator, the first error line of each log and the tool's path and version in the summary,
     each run's limit derived from what is left of pytest's (BUDGET_S 200: under the 100 s cap);
-    pytest with two threads a worker (the tiny test checks), --durations. The benchmark's budget
+    pytest with two threads a worker (the tiny tests check), --durations, the tests marked gpu
+    first, then the rest, then the 2^31 ones alone. The benchmark's budget
     is what is left after the build but the 110 s of the stages after it (not its 190 s)."""
     rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="200")
     assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
@@ -185,22 +207,39 @@ def test_checks_sanitizers_and_pytest(tmp_path):
         nocache = tool in ("memcheck", "initcheck")
         assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == nocache, line
         assert line.endswith(f"ERROR SUMMARY: 0 errors (dry run, caching allocator {'off' if nocache else 'on'}: {tool} {backend})"), line
-    assert "slowest 30 durations" in _packed_text(out, "pytest.log")
+    assert "slowest 30 durations" in _packed_text(out, "pytest_gpu.log") and "slowest 30 durations" in _packed_text(out, "pytest_rest.log")
+    assert (tmp_path / "order").read_text().split() == ["gpu", "rest", "2_pow_31"], summary
+    assert summary.index("] pytest gpu rc=0: 1 passed") < summary.index("] pytest rest rc=0: 1 passed"), summary
 
 
 def test_checks_sanitizers_out_of_time(tmp_path):
     """With too little left of pytest's limit for a sanitizer run (30 s at least), each is skipped
     and said so, none started; the rest of the session still runs."""
-    # BUDGET_S 80: no benchmark (under 60 s for it), pytest's limit all but 25 s of what is left
-    # (under 60 s after the 80 s kept): 55 s less the build's (~10 s here, 25 at most for this
-    # test), too little for a sanitizer run (30 s, and 20 s of KILL grace within the limit).
-    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="80")
+    # BUDGET_S 90: no benchmark (under 60 s for it), pytest's limit all but 25 s of what is left
+    # (under 60 s after the 80 s kept): 65 s less the build's b (~10 s here), and the sanitizer runs
+    # 20 s less (KILL grace) less 10 s of the unsanitized runs when they run (b <= 25): under 30 s
+    # for any b over 5 s, and pytest still runs (30 s at least) for b up to 35 s.
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="90", FAKE_STEP_S="10")
     assert rc == 1 and _failures(summary) == [CUDA_MISSING + ": backends: ['torch']"], summary
     assert _sanitizer_limits(summary) == {}, summary
     for runs in ("memcheck:cuda memcheck:triton", "racecheck:cuda racecheck:triton", "synccheck:cuda initcheck:cuda"):
         _line(summary, f"skipped sanitizer {runs}: out of time")
     _line(summary, "skipped bench: out of time")
-    _line(summary, "pytest rc=0: 1 passed")
+    _line(summary, "pytest gpu rc=0: 1 passed")
+    _line(summary, "pytest rest rc=0: 1 passed")
+
+
+def test_checks_gpu_tests_first_then_the_rest_in_what_is_left(tmp_path):
+    """The tests marked gpu run first, under pytest's whole limit; the rest get what is left of
+    it and are not started under 30 s: here the GPU-marked test outlasts the limit (stopped at it,
+    a failure), so the rest are skipped, and said so."""
+    rc, summary, out = _dry_run(tmp_path, "checks", BUDGET_S="100", TINY_SLEEP="300")
+    failures = _failures(summary)
+    assert rc == 1 and failures[0] == CUDA_MISSING + ": backends: ['torch']", summary
+    assert [f.split(" (")[0] for f in failures[1:]] == ["FAILED: pytest gpu"] and "rc 124" in failures[1], summary
+    _line(summary, "pytest gpu rc=124: ")
+    _line(summary, "skipped pytest rest: out of time (")
+    assert (tmp_path / "order").read_text().split()[:1] == ["gpu"] and "rest" not in (tmp_path / "order").read_text()
 
 
 @pytest.mark.parametrize("session, skipped", [
@@ -231,7 +270,8 @@ def test_checks_sanitizer_refusing_the_device(tmp_path):
     assert list(_sanitizer_limits(summary)) == [("memcheck", "cuda"), ("memcheck", "triton")], summary
     assert "Device not supported" in _line(summary, "compute-sanitizer: UNSUPPORTED HERE")
     assert {"sanitize_cuda_memcheck.log", "sanitize_triton_memcheck.log"} <= set(_packed(out))
-    _line(summary, "pytest rc=0: 1 passed")
+    _line(summary, "pytest gpu rc=0: 1 passed")
+    _line(summary, "pytest rest rc=0: 1 passed")
 
 
 def test_unknown_session_is_refused(tmp_path):

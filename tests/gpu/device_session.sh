@@ -163,23 +163,47 @@ unsanitized() {  # sanitize_step.py of both fused backends at once WITHOUT compu
   pack
 }
 
+pytest_part() {  # name marker: pytest -m marker (the 2^31 tests left out) until tests_end, none
+  # started under 30 s; log pytest_<name>.log, its exit status (or "skipped ...") in pytest_<name>.rc.
+  # Run in the background: no note or fail here (a subshell's status is lost); pytest_report says.
+  local name=$1 marker=$2 s=$(( tests_end - SECONDS ))
+  if [ "$s" -lt 30 ]; then echo "skipped: out of time (${s}s left of the limit, 30 at least)" > "$LOGS/pytest_$name.rc"; return; fi
+  OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 limit "$s" $PY -m pytest -q -ra -p no:cacheprovider $workers $per_test \
+    --durations=30 -m "$marker" -k "not 2_pow_31" --ignore=tests/test_triton_compile.py \
+    --junitxml="$LOGS/pytest_$name.xml" ${TESTS:-tests} > "$LOGS/pytest_$name.log" 2>&1
+  echo $? > "$LOGS/pytest_$name.rc"
+}
+pytest_report() {  # name: pytest_part's summary line and FAILED lines in summary.txt (rc 5: none selected)
+  local name=$1 log="$LOGS/pytest_$1.log" rc counts
+  rc=$(cat "$LOGS/pytest_$name.rc" 2> /dev/null || echo "unknown (no pytest_$name.rc)")
+  case $rc in skipped*) note "skipped pytest $name: ${rc#skipped: }"; return ;; esac
+  counts=$(grep -E ' in [0-9.]+s' "$log" | tail -1); [ -n "$counts" ] || counts=$(tail -1 "$log")
+  note "pytest $name rc=$rc: $counts"
+  grep -E "^(FAILED|ERROR)" "$log" | head -40 >> "$OUT/summary.txt"
+  if [ "$rc" = 5 ]; then note "no test of pytest $name selected in ${TESTS:-tests}"
+  elif [ "$rc" != 0 ]; then fail "pytest $name (rc $rc; 124 = out of time: its summary above holds the tests that ran)"
+  fi
+}
+
 tests_and_sanitizers() {  # seconds: pytest on the GPU beside the sanitizers, all stopped by then
   local tests_s=$1
   # pytest-timeout's per-test limit and xdist's workers where they are installed (both are on the
   # image; an unknown flag would end pytest at once). Two threads a worker (8 workers, 16 cores),
   # one compile thread each; the Triton compile test is CPU-only (CI runs it).
-  local per_test="" workers=""
+  local per_test="" workers=""  # (seen by pytest_part: bash's locals are dynamically scoped)
   $PY -c "import pytest_timeout" 2> /dev/null && per_test="--timeout 200" || note "pytest-timeout missing: no per-test limit"
   $PY -c "import xdist" 2> /dev/null && workers="-n ${PYTEST_WORKERS:-8}" || note "pytest-xdist missing: the tests run in one process"
-  OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 limit "$tests_s" $PY -m pytest -q -ra -p no:cacheprovider $workers $per_test \
-    --durations=30 -k "not 2_pow_31" --ignore=tests/test_triton_compile.py \
-    --junitxml="$LOGS/pytest.xml" ${TESTS:-tests} > "$LOGS/pytest.log" 2>&1 &
-  local pytest_pid=$! rc
+  # The GPU-marked tests first (what only this machine can run), then the rest in what is left of
+  # the limit: xdist hands tests out in collection order, so a run stopped at its limit loses its
+  # tail, which would be the GPU tests of the files late in the alphabet.
+  tests_end=$(( SECONDS + tests_s ))
+  { pytest_part gpu gpu; pytest_part rest "not gpu"; } &
+  local pytest_pid=$!
   # The sanitizers end with pytest's limit (san_end): sanitize_step.py once without one (Triton's
   # compiles), then memcheck, then racecheck, of both backends at once (100 s each at most), then
   # synccheck and initcheck of the CUDA backend in what is left. No probe: a sanitizer that
   # refuses the device says so in the memcheck logs (san_refused).
-  san_end=$(( SECONDS + tests_s ))
+  san_end=$tests_end
   note "pytest and sanitizers: limit ${tests_s}s"
   unsanitized
   local san; san=$(command -v compute-sanitizer)
@@ -193,11 +217,8 @@ tests_and_sanitizers() {  # seconds: pytest on the GPU beside the sanitizers, al
     done
   fi
   pack
-  wait $pytest_pid; rc=$?
-  local counts; counts=$(grep -E ' in [0-9.]+s' "$LOGS/pytest.log" | tail -1); [ -n "$counts" ] || counts=$(tail -1 "$LOGS/pytest.log")
-  note "pytest rc=$rc: $counts"
-  grep -E "^(FAILED|ERROR)" "$LOGS/pytest.log" | head -40 >> "$OUT/summary.txt"
-  [ $rc -eq 0 ] || fail "pytest (rc $rc; 124 = out of time: its summary above holds the tests that ran)"
+  wait $pytest_pid
+  pytest_report gpu; pytest_report rest
   pack
 }
 
@@ -217,7 +238,8 @@ checks() {
   #     backends once without one, 60 s at most, so that Triton's kernels are compiled, and cached,
   #     outside memcheck; then memcheck, then racecheck, of both backends at once, then synccheck
   #     and initcheck of cuda, 100 s each at most, each limited by what is left of pytest's limit
-  #     and skipped under 30 s): at most 240 s, keeping
+  #     and skipped under 30 s). pytest: the tests marked gpu first (-m gpu), then the rest
+  #     (-m "not gpu") in what is left of the limit, not started under 30 s. In all at most 240 s, keeping
   #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests); where that leaves under 60 s,
   #     all but 25 s (the 2^31 tests then get none); skipped under 30 s.
   #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
