@@ -11,6 +11,7 @@ The sets the script names at GPU size (its graph rows) are checked against the b
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -157,6 +158,9 @@ def test_session_dry_run(tmp_path, session, expected, cpu_failures):
     for line in summary.splitlines():
         if re.search(r"\] bench(_\w+)? rc=0: ", line):
             assert "complete True" in line and "'ok':" in line, line
+    if session == "variants":  # the bfloat16 set first (its rows alone have stochastic rounding, float32 state)
+        rows = json.loads(next(out.glob("*_variants.json")).read_text(encoding="utf-8"))["rows"]
+        assert list(dict.fromkeys(r["set"] for r in rows)) == ["llama-1.1b-bf16", "llama-1.1b-fp32", "gpt2-124m-fp32"], rows
     files = sorted(p.name for p in out.iterdir())
     assert "logs.tgz" in files and len(files) <= 8, files
     assert "stale_from_the_call_before.log" not in _packed(out), "the logs of an earlier call were packed"
