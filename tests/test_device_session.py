@@ -318,3 +318,33 @@ def test_sanitizer_script_runs_on_the_interpreter():
     lines = proc.stdout.splitlines()
     assert lines[-1] == "sanitize_step: triton ok"
     assert len([line for line in lines if line.startswith("sanitize_step: triton torch.")]) == 9, lines
+
+
+def _script_function(name: str) -> str:
+    """The text of one shell function of the script (from `name() {` to the `}` closing it)."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    return re.search(rf"^{name}\(\) \{{.*?^\}}$", text, re.M | re.S)[0]
+
+
+def test_rows_without_a_results_json_says_so(tmp_path):
+    """rows(), the benchmark's summary line: a stage that wrote no JSON of its tag is said so (it was
+    a Python IndexError); a JSON of the tag gives the status counts."""
+    code = f'OUT={tmp_path}; PY={sys.executable}\n{_script_function("rows")}\nrows variants; rows graphs'
+    (tmp_path / "x_variants.json").write_text(json.dumps({"rows": [{"status": "ok"}, {"status": "skipped"}], "complete": True}))
+    proc = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["x_variants.json {'ok': 1, 'skipped': 1} complete True",
+                                        f"no results JSON for tag graphs in {tmp_path}"], proc.stdout + proc.stderr
+
+
+def test_san_first_finds_a_race(tmp_path):
+    """san_first(), a sanitizer log's line in the summary: racecheck's "Race reported" finding is its
+    first error line, and it is no refusal of the device (san_refused)."""
+    log = tmp_path / "racecheck.log"
+    log.write_text("========= COMPUTE-SANITIZER\n========= Error: Race reported between Write access at kernel+0x10\n"
+                   "RuntimeError: CUDA error: unknown error\n========= RACECHECK SUMMARY: 1 hazard displayed\n")
+    script = SCRIPT.read_text(encoding="utf-8")
+    finding = re.search(r"^SAN_FINDING=.*$", script, re.M)[0]
+    code = f'{finding}\n{_script_function("san_first")}\n{_script_function("san_refused")}\n'
+    code += f'san_first {log}; san_refused {log} && echo refused || echo finding'
+    proc = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.splitlines() == ["========= Error: Race reported between Write access at kernel+0x10", "finding"], proc.stdout

@@ -10,9 +10,10 @@
 #                     compiles, a pass/fail line), then compute-sanitizer memcheck and racecheck
 #                     of both fused backends, then synccheck and initcheck of the CUDA one if
 #                     time allows; the >2^31-element tests alone (~20 GB each) in the time left.
-#   variants          build; benchmark rows of issues 6 and 10 on the named sets with the anchors
-#                     (float32/int8 state, stochastic rounding, clipping, 8-bit AdamW); the
-#                     CUDA-graph replay rows of issue 7 (1M, 10M, 124M parameters: those sets only).
+#   variants          build; benchmark rows of issues 6 and 10 on the named sets (bf16 first)
+#                     with the anchors (float32/int8 state, stochastic rounding, clipping, 8-bit
+#                     AdamW); the CUDA-graph replay rows of issue 7 (1M, 10M, 124M parameters:
+#                     those sets only).
 #   convergence       build; bench/convergence.py --preset gpu (issues 9, 10), as many runs as
 #                     the time allows (its files are rewritten after every run).
 #   rest              build; the torch.compile rows beside ours and fused AdamW (about a minute
@@ -31,8 +32,10 @@
 # gpu --resume bench/results/convergence_<H100 file>.json bench/results/convergence_<H200 file>.json":
 # convergence.py resumes the file of the GPU this lease drew and starts fresh, with a warning (in
 # summary.txt), when none is of it (a refusal would waste the lease). A dry run of this script on
-# a CPU: TESTS=one test file, BENCH_ARGS=--smoke, CONV_ARGS="--preset smoke", PYTEST_WORKERS=2, fake
-# nvidia-smi and compute-sanitizer on PATH, PYTHON=a wrapper that fakes `-m pip install`.
+# a CPU (tests/test_device_session.py): TESTS=one test file, BENCH_ARGS=--smoke, CONV_ARGS="--preset
+# smoke", GRAPH_SETS=sweep-llama-19.6k,gpt2-124m-fp32 (the default graph sets are GPU sizes, unknown
+# under --smoke), PYTEST_WORKERS=2, fake nvidia-smi and compute-sanitizer on PATH, PYTHON=a wrapper
+# that fakes `-m pip install` and `tests/gpu/sanitize_step.py` (it needs a CUDA device).
 #
 # Every command runs under `timeout -s INT -k 20`: at its limit it gets SIGINT first (pytest then
 # prints its summary, the FAILED lines grepped below, and writes its junitxml; bench_step.py
@@ -60,7 +63,15 @@ pack() {  # $LOGS into $OUT/logs.tgz: written beside $LOGS, then moved into plac
 fail() { status=1; note "FAILED: $*"; }
 limit() { local s=$1; shift; timeout -s INT -k 20 "$s" "$@"; }  # seconds command...: SIGINT at the limit, KILL 20 s on
 rows() {  # tag: the status counts of the rows of bench_step.py's results JSON of that tag in $OUT
-  $PY -c "import collections, glob, json, sys; tag = sys.argv[1]; f = [p for p in sorted(glob.glob('$OUT/*.json')) if 'convergence' not in p and p.endswith(f'_{tag}.json' if tag else '.json')][-1]; d = json.load(open(f)); print(f.split('/')[-1], dict(collections.Counter(r['status'] for r in d['rows'])), 'complete', d['complete'])" "$1" 2>&1 | tail -1
+  $PY - "$OUT" "$1" 2>&1 <<'EOF' | tail -1
+import collections, glob, json, sys
+out, tag = sys.argv[1:]
+files = [p for p in sorted(glob.glob(f"{out}/*.json")) if "convergence" not in p and p.endswith(f"_{tag}.json" if tag else ".json")]
+if not files:
+    sys.exit(f"no results JSON for tag {tag or '(none)'} in {out}")
+d = json.load(open(files[-1]))
+print(files[-1].split("/")[-1], dict(collections.Counter(r["status"] for r in d["rows"])), "complete", d["complete"])
+EOF
 }
 bench() {  # seconds tag bench_step.py-flags...: the benchmark, alone on the GPU, starting no row after the budget
   local seconds=$1 tag=$2; shift 2
@@ -101,14 +112,15 @@ build() {
   note "build done"; pack
 }
 
+SAN_FINDING="Invalid|Program hit|Race reported"  # a finding's line: memcheck, initcheck, synccheck; racecheck
 san_refused() {  # log: whether compute-sanitizer refused the device there (gVisor: "Device not supported",
   # then error 999 = cudaErrorUnknown at the first allocation; KINDS.md), told apart from a finding
-  # of our kernels (an "Invalid ..." or "Program hit ..." line)
+  # of our kernels (a SAN_FINDING line)
   grep -qiE "device not supported|error 999|cudaErrorUnknown|CUDA error: unknown error" "$1" \
-    && ! grep -qE "Invalid|Program hit" "$1"
+    && ! grep -qE "$SAN_FINDING" "$1"
 }
-san_first() {  # log: its first error line ("Invalid", "Program hit", "ERROR SUMMARY"), else its last line
-  local line; line=$(grep -m1 -E "Invalid|Program hit|ERROR SUMMARY" "$1"); [ -n "$line" ] || line=$(tail -1 "$1")
+san_first() {  # log: its first error line (SAN_FINDING, "ERROR SUMMARY"), else its last line
+  local line; line=$(grep -m1 -E "$SAN_FINDING|ERROR SUMMARY" "$1"); [ -n "$line" ] || line=$(tail -1 "$1")
   echo "$line" | cut -c1-200
 }
 san_env() {  # tool: memcheck and initcheck without PyTorch's caching allocator (an access out of
