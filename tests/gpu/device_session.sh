@@ -241,19 +241,19 @@ checks() {
   # skipped with a note (so that a rerun with a small BUDGET_S stays within it):
   #  1. The step benchmark, alone on the GPU: BENCH_S (default 190 s: rows start in its first
   #     160 s), at most all that is left but 110 s (the stages after it), skipped under 60 s. Its
-  #     18 named-set rows (3 sets x AdamW foreach and fused, official, ours torch,
-  #     triton and cuda; a few s each on 1.1B shapes, plus the first Triton compiles) and 30 sweep
-  #     rows (~1 s each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It
-  #     goes first because issue 3 needs its numbers most and it must run alone; the steps after
-  #     it shrink to fit, and the time its rows do not use goes to them (left() is read after it).
-  #  2. pytest (PYTEST_WORKERS xdist workers) beside the sanitizers (sanitize_step.py of both
-  #     backends once without one, 60 s at most, so that Triton's kernels are compiled, and cached,
-  #     outside memcheck; then memcheck, then racecheck, of both backends at once, then synccheck
-  #     and initcheck of cuda, 100 s each at most, each limited by what is left of pytest's limit
-  #     and skipped under 30 s). pytest: the tests marked gpu first (-m gpu), then the rest
-  #     (-m "not gpu") in what is left of the limit, not started under 30 s. In all at most 240 s, keeping
-  #     80 s (a stopped run's 20 s of KILL grace and the 2^31 tests); where that leaves under 60 s,
-  #     all but 25 s (the 2^31 tests then get none); skipped under 30 s.
+  #     18 named-set rows (3 sets x AdamW foreach and fused, official, ours torch, triton and
+  #     cuda; a few s each on 1.1B shapes, plus the first Triton compiles) and 30 sweep rows (~1 s
+  #     each) were estimated at 90 to 100 s: 160 s leaves room for slower compiles. It goes first
+  #     because issue 3 needs its numbers most and it must run alone; the steps after it shrink
+  #     to fit, and the time its rows do not use goes to them (left() is read after it).
+  #  2. pytest (PYTEST_WORKERS xdist workers): the tests marked gpu first (-m gpu), then the rest
+  #     (-m "not gpu") in what is left of the limit, not started under 30 s; beside them the
+  #     sanitizers: sanitize_step.py of both backends once without one (60 s at most: Triton's
+  #     kernels are compiled, and cached, outside memcheck), then memcheck, then racecheck, of
+  #     both backends at once, then synccheck and initcheck of cuda, 100 s each at most, each
+  #     limited by what is left of pytest's limit and skipped under 30 s. In all at most 240 s,
+  #     keeping 80 s (a stopped run's 20 s of KILL grace and the 2^31 tests); where that leaves
+  #     under 60 s, all but 25 s (the 2^31 tests then get none); skipped under 30 s.
   #  3. The >2^31-element tests alone (two, ~20 GB each): the rest, at most 90 s; skipped under 30 s.
   # Expected: 60 + 190 + 240 + 65 = 555 s. Each limit is a SIGINT, KILL 20 s later.
   local bench_s=$(( $(left) - 110 )); [ "$bench_s" -gt "${BENCH_S:-190}" ] && bench_s=${BENCH_S:-190}
