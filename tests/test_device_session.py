@@ -133,7 +133,8 @@ SANITIZER_RUNS = [("memcheck", "cuda"), ("memcheck", "triton"), ("racecheck", "c
 
 
 @pytest.mark.parametrize("session, expected, cpu_failures", [
-    ("checks", ["bench rc=0: ", "pytest gpu rc=0: 1 passed", "pytest rest rc=0: 1 passed", "compute-sanitizer: /", "pytest and sanitizers: limit ",
+    ("checks", ["bench rc=0: ", "pytest gpu rc=0: 1 passed", "pytest rest rc=0: 1 passed", "compute-sanitizer: /",
+                "pytest and sanitizers: limit ",
                 "sanitize_step.py triton without a sanitizer rc=0 (limit 60s): sanitize_step: triton ok",
                 "sanitize_step.py cuda without a sanitizer rc=0 (limit 60s): sanitize_step: cuda ok"]
      + [f"sanitizer {tool} {backend} rc=0 (limit " for tool, backend in SANITIZER_RUNS]
@@ -211,7 +212,8 @@ def test_checks_sanitizers_and_pytest(tmp_path):
         nocache = tool in ("memcheck", "initcheck")
         assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == nocache, line
         assert line.endswith(f"ERROR SUMMARY: 0 errors (dry run, caching allocator {'off' if nocache else 'on'}: {tool} {backend})"), line
-    assert "slowest 30 durations" in _packed_text(out, "pytest_gpu.log") and "slowest 30 durations" in _packed_text(out, "pytest_rest.log")
+    for log in ("pytest_gpu.log", "pytest_rest.log"):
+        assert "slowest 30 durations" in _packed_text(out, log), log
     assert (tmp_path / "order").read_text().split() == ["gpu", "rest", "2_pow_31"], summary
     assert summary.index("] pytest gpu rc=0: 1 passed") < summary.index("] pytest rest rc=0: 1 passed"), summary
 
@@ -347,4 +349,5 @@ def test_san_first_finds_a_race(tmp_path):
     code = f'{finding}\n{_script_function("san_first")}\n{_script_function("san_refused")}\n'
     code += f'san_first {log}; san_refused {log} && echo refused || echo finding'
     proc = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.splitlines() == ["========= Error: Race reported between Write access at kernel+0x10", "finding"], proc.stdout
+    race = "========= Error: Race reported between Write access at kernel+0x10"
+    assert proc.stdout.splitlines() == [race, "finding"], proc.stdout
