@@ -85,9 +85,11 @@ def saved_blocks(state: Dict[str, Any], numel: int) -> Tuple[Tuple[Tuple[int, in
 
 
 def _has_negative(values: torch.Tensor) -> bool:
-    """Whether a saved tensor (a DTensor: this rank's shard) holds a value < 0 (one host sync)."""
-    local = values.to_local() if hasattr(values, "to_local") else values
-    return bool((local < 0).any())
+    """Whether a saved tensor holds a value < 0 (one host sync). A DTensor is decided from every
+    rank's shard (a sum over its mesh: a collective, as loading sharded state is), so that every
+    rank refuses alike and none is left waiting in the next step's all-reduce."""
+    count = (values < 0).sum()
+    return bool((count.full_tensor() if hasattr(count, "full_tensor") else count) > 0)
 
 
 def check_state(state: Dict[str, Any], layout: BlockLayout) -> None:

@@ -2,9 +2,10 @@
 
 A backend's step (``BackendStep``) is two functions, so that the step's one all-reduce per
 process group (``sharding.all_reduce_split_sums``) can sit between them for every flat group:
-``sums(group: FlatGroup, inv_scale=None) -> (block_sums, reducer)`` takes the per-block sums of
-g^2 (gradients unscaled by AMP's ``inv_scale``) that the update needs, with the reducer of a
-sharded group's split blocks among them (None if the group is not sharded);
+``sums(group: FlatGroup, inv_scale=None) -> (block_sums, reducer, kept)`` takes the per-block
+sums of g^2 (gradients unscaled by AMP's ``inv_scale``) that the update needs, with the reducer
+of a sharded group's split blocks among them (None if the group is not sharded) and whatever
+else the backend keeps for its update (or None);
 ``update(group, sums, active, inv_scale=None, found_inf=None, clip=None) -> None`` advances the
 step counters of the parameters flagged in ``active`` (a bool tensor on the group's device;
 None: all; none at all when AMP's ``found_inf`` is non-zero), computes the coefficient table
@@ -39,8 +40,9 @@ class BackendStep(NamedTuple):
     update: Callable
 
     def __call__(self, group, active, inv_scale=None, found_inf=None, clip=None) -> None:
-        """Both halves, for a group that is not sharded (no all-reduce between them): what the
-        microbenchmarks time. ``AdamMini.step`` calls the halves itself."""
+        """Both halves, for a group that is not sharded (no all-reduce between them): how
+        ``AdamMini.step`` steps an optimizer without sharded groups, group by group, and what the
+        microbenchmarks time. With sharded groups it calls the halves itself."""
         sums = self.sums(group, inv_scale)
         if sums[1] is not None:
             raise ValueError("a sharded group's step all-reduces between its halves: step it with AdamMini.step()")

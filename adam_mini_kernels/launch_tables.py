@@ -159,7 +159,7 @@ def build_launch_tables(group: FlatGroup) -> LaunchTables:
     )
 
 
-def fused_sums(group: FlatGroup, ops, inv_scale: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], Optional[SplitReducer]]:
+def fused_sums(group: FlatGroup, ops, inv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[SplitReducer], None]:
     """The first half of a step of ``group`` through a fused backend's operators ``ops`` (with the
     schemas of csrc/bindings.cpp): the large blocks' sums of g^2 (``large_blocks_sumsq``), with
     the reducer of the split blocks among them (None if the group is not sharded): the step's
@@ -170,13 +170,13 @@ def fused_sums(group: FlatGroup, ops, inv_scale: Optional[torch.Tensor] = None) 
         t = group.cache["launch_tables"] = build_launch_tables(group)
     if t.tiles is not None:
         ops.large_blocks_sumsq(group.grad_buffer, inv_scale, t.tiles, t.blocks, t.partial, t.block_sums)
-    return t.block_sums, t.reduce_split
+    return t.block_sums, t.reduce_split, None
 
 
 def fused_update(
     group: FlatGroup,
     ops,
-    sums: Tuple[Optional[torch.Tensor], Optional[SplitReducer]],
+    sums: Tuple[torch.Tensor, Optional[SplitReducer], None],
     active: Optional[torch.Tensor],
     inv_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,

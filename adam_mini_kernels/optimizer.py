@@ -298,7 +298,8 @@ class AdamMini(torch.optim.Optimizer):
             does a norm past 1.8e19 (its square overflows float32, as the blocks' sums of squares
             would). Norms are taken in float64 (clip_grad_norm_ takes them in the gradients'
             dtype), so the norm is more exact and parameters may differ from clip_grad_norm_'s by
-            a rounding of the clip factor.
+            a rounding of the clip factor; sharded parameters' squares are summed over their
+            ranks in float32, in the step's all-reduce.
         stochastic_rounding: write bfloat16 parameters (and bfloat16 ``m``) from the float32
             result with unbiased stochastic rounding instead of round-to-nearest, for pure-bf16
             training. The random bits are a hash of a seed (``rounding_seed``, saved in
@@ -812,14 +813,22 @@ class AdamMini(torch.optim.Optimizer):
             if self.max_grad_norm is not None:  # no gradient: norm 0, as clip_grad_norm_ of none
                 self._memo.grad_norm = torch.zeros((), device=self._index_to_param()[0].device)
             return loss
-        # [Note: one all-reduce per step] Every flat group's sums first, then the step's
-        # collectives (one all-reduce per process group: the split blocks' sums of all its flat
-        # groups and the clipping norm's squares of its shards), then every group's update.
         device = live[0][0].device
         inv_scale, skip = self._amp_factors(device)
         local_square, shard_squares = self._grad_norm_squares([group for group, _ in live], device, inv_scale)
+        if not any(group.sharded is not None for group, _ in live):  # nothing to all-reduce: group by group
+            clip = None
+            if self.max_grad_norm is not None:
+                clip, skip = self._clip_factors(local_square, skip)
+            for group, active in live:
+                d = group.device
+                self._step_fn(group, active, _moved(inv_scale, d), _moved(skip, d), _moved(clip, d))
+            return loss
+        # [Note: one all-reduce per step] Sharded: every flat group's sums first, then the step's
+        # collectives (one all-reduce per process group: the split blocks' sums of all its flat
+        # groups and the clipping norm's squares of its shards), then every group's update.
         sums = [self._step_fn.sums(group, _moved(inv_scale, group.device)) for group, _ in live]
-        shard_sums = all_reduce_split_sums([s for s in sums if s[1] is not None], shard_squares)
+        shard_sums = all_reduce_split_sums([(s[0], s[1]) for s in sums if s[1] is not None], shard_squares)
         clip = None
         if self.max_grad_norm is not None:
             for summed in shard_sums.values():

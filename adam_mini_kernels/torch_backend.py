@@ -117,10 +117,15 @@ def _unscaled_grad(group: FlatGroup, inv_scale: Optional[torch.Tensor]) -> torch
 
 def torch_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
     """Every block's sum of g^2 (float32, one ``segment_reduce``), with the reducer of a sharded
-    group's split blocks (see ``dispatch.BackendStep``)."""
+    group's split blocks (see ``dispatch.BackendStep``) and, for a group that is not sharded
+    (stepped right after: ``AdamMini.step``), the unscaled gradient for its update. A sharded
+    group's update reads the gradient again: holding it until every group's sums are taken would
+    hold a float32 copy of every sharded group's gradients at once."""
     g = _unscaled_grad(group, inv_scale)
     block_sum = _segment_reduce(g * g, "sum", _table(group).seg_offsets).float()
-    return block_sum, None if group.sharded is None else group.sharded.reduce_split
+    if group.sharded is None:
+        return block_sum, None, g
+    return block_sum, group.sharded.reduce_split, None
 
 
 def torch_update(
@@ -134,11 +139,11 @@ def torch_update(
     """The rest of the step of ``group`` in place, after ``torch_sums`` (and the all-reduce of a
     sharded group's split blocks); ``active`` flags the parameters that have a gradient (None:
     all); ``inv_scale`` and ``found_inf`` come from AMP's GradScaler, ``clip`` from
-    ``max_grad_norm`` (or None). The gradient is read again (unscaled as for the sums): holding
-    it between the halves would hold a float32 copy of every group's gradients at once."""
+    ``max_grad_norm`` (or None)."""
     seg, n, work = _table(group), group.numel, _work_dtype(group)
-    block_sum, _ = sums
-    g = _unscaled_grad(group, inv_scale)
+    block_sum, _, g = sums
+    if g is None:
+        g = _unscaled_grad(group, inv_scale)
     coef = next_step_coefficients(group, active, inv_scale, found_inf, clip)
     block_coef = coef.index_select(0, seg.block_param)
     grad_scale, clip_factor = block_coef[:, C_GRAD_SCALE], block_coef[:, C_CLIP]

@@ -69,7 +69,7 @@ class Row:
         for _, p in named:
             p.grad = torch.randn_like(p)
         self.opt.step()  # builds the buffers and re-points parameters and gradients
-        self.opt._step_fn = BackendStep(lambda group, inv_scale: (None, None), lambda *args: None)
+        self.opt._step_fn = BackendStep(lambda group, inv_scale: (None, None, None), lambda *args: None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0 / (1.0 + 0.01 * s)) if scheduled else None
         self.tensors, self.blocks = len(shapes), []
 

@@ -375,7 +375,7 @@ __device__ __forceinline__ float sum_of_squares(const Fragment& g) {
 // __shfl_xor_sync, and warp 0 adds the per-warp sums in warp order from shared memory. A large
 // block adds the sums of its tiles (phase 1 writes each tile's sum to its own slot of `partial`)
 // with kReduceThreads threads taking slots t, t + kReduceThreads, ... in order, then the same
-// block sum (into its slot of `sums`, which a sharded group's one all-reduce adds over ranks). The Triton backend adds in another (also fixed) order, so the two agree to float32
+// block sum (into its slot of `sums`, which the step's all-reduce adds over ranks for a sharded group). The Triton backend adds in another (also fixed) order, so the two agree to float32
 // rounding, not bitwise.
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

@@ -789,6 +789,49 @@ def test_state_dict_between_a_name_set_change_and_the_next_step(tmp_path):
                         assert got[k] == want, (name, key, k)
 
 
+def _corrupt_shard_worker(rank, port, out):
+    """A state dict whose Adam-block v (a DTensor sharded like its bias) is negative in rank 1's
+    shard only, loaded on both ranks: what each rank's load did."""
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(0)
+        full = {"mlp.weight": torch.randn(8, 16), "mlp.bias": torch.randn(8)}
+        params = {n: nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for n, t in full.items()}
+        opt = AdamMini(list(params.items()), **KW)
+        for p in params.values():
+            p.grad = distribute_tensor(torch.ones(p.shape), mesh, [Shard(0)])
+        opt.step()
+        saved = opt.state_dict()
+        v = saved["state"][[g["name"] for g in opt.param_groups].index("mlp.bias")]["v"]
+        corrupt = {k: v for k, v in saved.items() if k != "state"}
+        corrupt["state"] = {i: {k: x.clone() if torch.is_tensor(x) else x for k, x in s.items()} for i, s in saved["state"].items()}
+        if rank == 1:
+            corrupt["state"][[g["name"] for g in opt.param_groups].index("mlp.bias")]["v"].to_local().fill_(-1.0)
+        before = {n: p.full_tensor() for n, p in params.items()}
+        try:
+            opt.load_state_dict(corrupt)
+            error = None
+        except ValueError as err:
+            error = str(err)
+        opt.step()  # every rank still steps alike (a rank that loaded would hang or diverge here)
+        torch.save({"error": error, "v_is_dtensor": hasattr(v, "to_local"), "moved": {n: not torch.equal(before[n], p.full_tensor()) for n, p in params.items()}},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        _teardown()
+
+
+def test_negative_second_moments_in_one_shard_are_refused_on_every_rank(tmp_path):
+    """The check of a sharded state is decided from every rank's shard: both ranks refuse, none
+    loads it (it once read each rank's own shard only: rank 0 loaded while rank 1 refused)."""
+    _spawn(_corrupt_shard_worker, str(tmp_path))
+    for rank in range(WORLD):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert r["v_is_dtensor"]
+        assert r["error"] is not None and "mlp.bias" in r["error"] and "negative" in r["error"], (rank, r["error"])
+        assert all(r["moved"].values())
+
+
 def _int8_worker(rank, port, out, backend_arg):
     """int8 m on DTensor parameters beside one process stepping the same values with the same
     (parameter-independent) gradients; resumes from the sharded and the single-process state
@@ -1238,10 +1281,9 @@ def _clip_count_worker(rank, port, out, order):
 @pytest.mark.parametrize("order", ["model", "reversed"])
 def test_clipping_norm_takes_one_all_reduce_per_mesh_whatever_the_groups(tmp_path, order):
     """int8 and float groups on one mesh: one all-reduce per step, the split blocks' sums of the
-    int8 group (the float group has none) with the shards' squared norms of both groups riding
-    in it, not one per group; the norm is one process's, and so is the step. In reversed order
-    the float group comes first: the int8 group must still carry the norm, and step first (the
-    others' clip factor comes out of its all-reduce)."""
+    int8 group (the float group has none) with the shards' squared norms of both groups in it,
+    not one per group; the norm is one process's, and so is the step, whichever group comes
+    first (in reversed order the float group, without split blocks)."""
     _spawn(_clip_count_worker, str(tmp_path), order)
     model = _int8_model()
     named = list(model.named_parameters())[:: -1 if order == "reversed" else 1]
