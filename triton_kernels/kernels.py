@@ -11,7 +11,8 @@
 * ``step_coefficients_kernel``: advances the step counters and writes the coefficient table, the
   same table as ``coefficients.step_coefficients`` in one launch.
 
-All math is float32 whatever the storage dtype; offsets are int64. Each parameter's scalar
+All math is float32 whatever the storage dtype; table entries and flat indices are int64, a
+span's accesses its own pointers plus int32 lanes ([Note: span pointers]). Each parameter's scalar
 coefficients come from the table of ``coefficients.step_coefficients``. With ``ROUNDING`` the
 bfloat16 stores of p and m round stochastically (``adam_mini_kernels/rounding.py``: the same
 hash, so the same bits, as the other backends).
@@ -103,24 +104,25 @@ def random_bits(key, offs):
 
 
 @triton.jit
-def _store(ptr, offs, mask, x, key, stream, ROUNDING: tl.constexpr):
-    """Store float32 ``x`` in ``ptr``'s dtype: round to nearest even, or for bfloat16 with
-    ``ROUNDING`` stochastically with the bits of rounding.random_bits(key, offs, stream).
+def _store(span, lanes, mask, x, key, stream, start, ROUNDING: tl.constexpr):
+    """Store float32 ``x`` at ``span + lanes`` in ``span``'s dtype (``span`` points at the span's
+    first element, flat index ``start``): round to nearest even, or for bfloat16 with
+    ``ROUNDING`` stochastically with the bits of rounding.random_bits(key, start + lanes, stream).
 
     [Note: bfloat16 stores] A bfloat16 store rounds by hand in the float32 bit pattern (adding
     16 random bits, or 0x7FFF plus the lowest kept bit for nearest-even) and then converts a value
     that bfloat16 holds exactly: Triton's CPU interpreter (what CI runs) truncates float32 to
     bfloat16 conversions, the GPU's rounds to nearest even; this way both store the same."""
-    if ptr.dtype.element_ty == tl.bfloat16:
+    if span.dtype.element_ty == tl.bfloat16:
         raw = x.to(tl.uint32, bitcast=True)
         if ROUNDING:
-            bits16 = random_bits(key ^ tl.full((), stream, tl.uint32), offs)
+            bits16 = random_bits(key ^ tl.full((), stream, tl.uint32), start + lanes)  # int64 flat indices
         else:
             bits16 = tl.full((), 0x7FFF, tl.uint32) + ((raw >> 16) & 1)
         rounded = ((raw + bits16) & tl.full((), 0xFFFF0000, tl.uint32)).to(tl.float32, bitcast=True)
         exponent = tl.full((), 0x7F800000, tl.uint32)
         x = tl.where((raw & exponent) != exponent, rounded, x)  # inf/NaN: as they are
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(span + lanes, x.to(span.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -157,61 +159,73 @@ def _new_v(v_ptr, v_index, sumsq, numel, coef):
 
 
 @triton.jit
-def _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start):
-    """m of a span as float32: an int8 m dequantized, code * its chunk's scale / 127."""
-    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32)
-    if m_ptr.dtype.element_ty == tl.int8:
-        scale = tl.load(scales_ptr + scale_start + lanes // _QBLOCK, mask=mask, other=0.0)
+def _load_m(m_span, scales_span, lanes, mask):
+    """m of a span as float32: an int8 m dequantized, code * its chunk's scale / 127
+    (``scales_span``: the span's first chunk's scale)."""
+    m = tl.load(m_span + lanes, mask=mask, other=0).to(tl.float32)
+    if m_span.dtype.element_ty == tl.int8:
+        scale = tl.load(scales_span + lanes // _QBLOCK, mask=mask, other=0.0)
         m = tl.math.div_rn(m * scale, _CODE_MAX)
     return m
 
 
 @triton.jit
 def _store_m(
-    m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, changed,
+    m_span, scales_span, lanes, mask, m, numel, key, changed, start,
     ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr,
 ):
     """Store float32 ``m`` of a span of ``numel`` (<= SPAN) elements: in m's dtype, or for int8 m
     each chunk's absmax in its scale slot and rint(m * 127 / scale) as codes, only where ``changed``
     (the parameter had an update: [Note: idle int8 m] in quantization.py). QCHUNK is
     min(SPAN, QBLOCK): the span's chunks seen as the rows of a (SPAN / QCHUNK, QCHUNK) tile."""
-    if m_ptr.dtype.element_ty == tl.int8:
+    if m_span.dtype.element_ty == tl.int8:
         chunked = tl.reshape(m, (SPAN // QCHUNK, QCHUNK))
         # A NaN m makes its chunk's scale NaN: the magnitudes' bit patterns compared as integers
         # ([Note: NaN-propagating absmax] in csrc/kernels.cuh; tl.max of floats drops NaNs).
         magnitudes = tl.abs(chunked).to(tl.uint32, bitcast=True)  # lanes past the span hold m = 0
         absmax = tl.max(magnitudes, axis=1).to(tl.float32, bitcast=True)
         chunk = tl.arange(0, SPAN // QCHUNK)
-        tl.store(scales_ptr + scale_start + chunk, absmax, mask=tl.where(changed, chunk * QCHUNK < numel, False))
+        tl.store(scales_span + chunk, absmax, mask=tl.where(changed, chunk * QCHUNK < numel, False))
         divisor = tl.where(absmax == 0, 1.0, absmax)
         y = tl.math.div_rn(chunked * _CODE_MAX, divisor[:, None])
         codes = (y + _RINT_MAGIC) - _RINT_MAGIC
         codes = tl.where(codes == codes, tl.minimum(tl.maximum(codes, -_CODE_MAX), _CODE_MAX), 0.0)  # NaN: 0
-        tl.store(m_ptr + offs, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=tl.where(changed, mask, False))
+        tl.store(m_span + lanes, tl.reshape(codes, (SPAN,)).to(tl.int8), mask=tl.where(changed, mask, False))
     else:
-        _store(m_ptr, offs, mask, m, key, _MOMENT_STREAM, ROUNDING)
+        _store(m_span, lanes, mask, m, key, _MOMENT_STREAM, start, ROUNDING)
 
 
 @triton.jit
 def _update_elements(
-    p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, scale_start, g, v, coef,
+    p_span, m_span, scales_span, start, lanes, mask, numel, g, v, coef,
     ROUNDING: tl.constexpr, SPAN: tl.constexpr, QCHUNK: tl.constexpr,
 ):
     """m <- m + (1 - beta1) (g - m);  p <- p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps)
-    over a span of ``numel`` elements (``lanes`` < SPAN from the span's first element, at
-    ``offs``). ``g`` is scaled already; ``v`` is the block's value (scalar) or one per element."""
+    over a span of ``numel`` elements (``lanes`` < SPAN from the span's first element, flat
+    index ``start``, which ``p_span`` and ``m_span`` point at). ``g`` is scaled already; ``v`` is
+    the block's value (scalar) or one per element.
+
+    [Note: span pointers] A span's accesses are ``span + lanes``: the buffer's pointer moved to
+    the span's first element once (``p_ptr + start``, a scalar) plus the int32 ``lanes``, as
+    tile_sumsq loads, and its length ``numel`` (at most SPAN) is int32, so the masks are 32-bit
+    compares. The int64 flat index ``start + lanes`` is formed only where stochastic rounding
+    hashes it. The addresses and values are those of ``ptr + (start + lanes)`` with an int64
+    offset per element, as before; that form kept a 64-bit offset, address and compare per
+    element live in the masked fallback of [Note: aligned spans] (ptxas for sm_90: tile_step
+    fp32 148 registers per thread, up to 174, one program of 8 warps per SM). The counts
+    before and after, with [Note: fallback pieces]: bench/NOTES.md, Triton kernel v2.6."""
     h = tl.math.div_rn(tl.sqrt_rn(v), tl.load(coef + _C_BC2_SQRT)) + tl.load(coef + _C_EPS)
     step_size = tl.load(coef + _C_STEP_SIZE)
     # An idle parameter (no gradient this step) has step size 0: keep it still even if h is 0.
     scale = tl.where(step_size == 0, 0.0, tl.math.div_rn(step_size, h))
-    m = _load_m(m_ptr, scales_ptr, offs, lanes, mask, scale_start)
+    m = _load_m(m_span, scales_span, lanes, mask)
     m_weight = tl.load(coef + _C_M_WEIGHT)
     m = m + m_weight * (g - m)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_span + lanes, mask=mask, other=0.0).to(tl.float32)
     p = p * tl.load(coef + _C_DECAY) - scale * m
     key = tl.load(coef + _C_ROUND_KEY).to(tl.uint32, bitcast=True)
-    _store_m(m_ptr, scales_ptr, offs, mask, m, numel, scale_start, key, m_weight != 0, ROUNDING, SPAN, QCHUNK)
-    _store(p_ptr, offs, mask, p, key, 0, ROUNDING)
+    _store_m(m_span, scales_span, lanes, mask, m, numel, key, m_weight != 0, start, ROUNDING, SPAN, QCHUNK)
+    _store(p_span, lanes, mask, p, key, 0, start, ROUNDING)
 
 
 @triton.jit
@@ -238,20 +252,63 @@ def _down(x):
     return x // _VEC * _VEC
 
 
+@triton.constexpr_function
+def _piece(span, qchunk):
+    """Lanes of a piece of the masked fallback ([Note: fallback pieces]): a quarter of the span,
+    in whole quantization chunks of ``qchunk`` lanes (rows of at most 256 lanes: one piece)."""
+    return max(span // 4, qchunk)
+
+
+@triton.jit
+def _update_pieces(
+    p_ptr, g_ptr, m_ptr, scales, start, numel, v, coef,
+    ROUNDING: tl.constexpr, SPAN: tl.constexpr, PIECE: tl.constexpr, QCHUNK: tl.constexpr,
+):
+    """_update_elements over a span of ``numel`` (<= SPAN) elements from flat index ``start``,
+    in SPAN / PIECE pieces of PIECE lanes one after the other, each loading its own clipped g;
+    ``scales``: the span's first chunk's scale.
+
+    [Note: fallback pieces] A kernel gets the registers of its heaviest branch, and the masked
+    fallback of [Note: aligned spans] was it by far (ptxas for sm_90: 137 against the aligned
+    branch's 48 in tile_step fp32, compiled alone): p, g and m of 16 elements per thread
+    loaded at once, each element with its own address and mask (the masks spilled from
+    predicate to general registers), and, in the kernel with both branches, a layout
+    conversion through shared memory before its stores (Triton's coalescing gives the
+    fallback's loads the aligned accesses' 4 elements per thread, its stores 1). So the
+    fallback updates its span in pieces of a quarter (``_piece``), one after the other: the
+    same arithmetic per element, with the registers of a quarter. A piece holds whole
+    quantization chunks, so an int8 m's chunks and their absmax are those of before. A row's
+    sum of g^2 still loads the whole row (the same reduction, in the same layout, so the same
+    sum), and its pieces load g again: the fallback reads g twice, the aligned spans (one
+    piece, g kept on chip) are as they were."""
+    for k in tl.static_range(0, SPAN, PIECE):
+        lanes = tl.arange(0, PIECE)
+        mask = lanes < numel - k
+        first = start + k
+        g = _clipped(_unscaled_grad(tl.load(g_ptr + first + lanes, mask=mask, other=0.0).to(tl.float32), coef), coef)
+        _update_elements(
+            p_ptr + first, m_ptr + first, scales + k // _QBLOCK, first, lanes, mask, numel - k, g, v, coef,
+            ROUNDING, PIECE, QCHUNK,
+        )
+
+
 @triton.jit
 def _row_step(
     p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, start, numel,
-    BLOCK: tl.constexpr, QCHUNK: tl.constexpr, ROUNDING: tl.constexpr,
+    BLOCK: tl.constexpr, PIECE: tl.constexpr, QCHUNK: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     lanes = tl.arange(0, BLOCK)
-    offs = start + lanes
     mask = lanes < numel
-    g = _unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef)
+    g = _unscaled_grad(tl.load(g_ptr + start + lanes, mask=mask, other=0.0).to(tl.float32), coef)
     v = _new_v(v_ptr, tl.load(row + ROW_V), tl.sum(g * g, axis=0), numel, coef)
-    _update_elements(
-        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(row + ROW_SCALE), _clipped(g, coef), v, coef,
-        ROUNDING, BLOCK, QCHUNK,
-    )
+    scales = scales_ptr + tl.load(row + ROW_SCALE)
+    if PIECE == BLOCK:  # g stays on chip
+        _update_elements(
+            p_ptr + start, m_ptr + start, scales, start, lanes, mask, numel, _clipped(g, coef), v, coef,
+            ROUNDING, BLOCK, QCHUNK,
+        )
+    else:
+        _update_pieces(p_ptr, g_ptr, m_ptr, scales, start, numel, v, coef, ROUNDING, BLOCK, PIECE, QCHUNK)
 
 
 @triton.jit
@@ -262,13 +319,14 @@ def rows_step_kernel(
     """One program per small block of at most BLOCK elements: the whole step in one pass."""
     row = rows_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
     start = tl.load(row + ROW_START)
-    numel = tl.load(row + ROW_NUMEL)
+    numel = tl.load(row + ROW_NUMEL).to(tl.int32)  # at most BLOCK: [Note: span pointers]
     coef = coef_ptr + tl.load(row + ROW_PARAM) * _NUM_COEF
     if _is_aligned(start, numel):
         _row_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, _down(start),
-                  _down(numel), BLOCK, QCHUNK, ROUNDING)
+                  _down(numel), BLOCK, BLOCK, QCHUNK, ROUNDING)
     else:
-        _row_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, start, numel, BLOCK, QCHUNK, ROUNDING)
+        _row_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef, row, start, numel,
+                  BLOCK, _piece(BLOCK, QCHUNK), QCHUNK, ROUNDING)
 
 
 @triton.jit
@@ -320,16 +378,13 @@ def large_block_v_kernel(v_ptr, coef_ptr, sums_ptr, blocks_ptr):
 
 @triton.jit
 def _tile_step(
-    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel, TILE: tl.constexpr, ROUNDING: tl.constexpr
+    p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel,
+    TILE: tl.constexpr, PIECE: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    lanes = tl.arange(0, TILE)
-    offs = start + lanes
-    mask = lanes < numel
     coef = coef_ptr + tl.load(block + LB_PARAM) * _NUM_COEF
-    g = _clipped(_unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef), coef)
-    _update_elements(
-        p_ptr, m_ptr, scales_ptr, offs, lanes, mask, numel, tl.load(tile + TILE_SCALE),
-        g, tl.load(v_ptr + tl.load(block + LB_V)), coef, ROUNDING, TILE, _QBLOCK,
+    _update_pieces(
+        p_ptr, g_ptr, m_ptr, scales_ptr + tl.load(tile + TILE_SCALE), start, numel, tl.load(v_ptr + tl.load(block + LB_V)),
+        coef, ROUNDING, TILE, PIECE, _QBLOCK,
     )
 
 
@@ -341,26 +396,32 @@ def tile_step_kernel(
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * TILE_COLS
     block = blocks_ptr + tl.load(tile + TILE_BLOCK) * LB_COLS
     start = tl.load(tile + TILE_START)
-    numel = tl.load(tile + TILE_NUMEL)
+    numel = tl.load(tile + TILE_NUMEL).to(tl.int32)  # at most TILE: [Note: span pointers]
     if _is_aligned(start, numel):
         _tile_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, _down(start),
-                   _down(numel), TILE, ROUNDING)
+                   _down(numel), TILE, TILE, ROUNDING)
     else:
-        _tile_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel, TILE, ROUNDING)
+        _tile_step(p_ptr, g_ptr, m_ptr, scales_ptr, v_ptr, coef_ptr, tile, block, start, numel,
+                   TILE, _piece(TILE, _QBLOCK), ROUNDING)
 
 
 @triton.jit
-def _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TILE: tl.constexpr, ROUNDING: tl.constexpr):
-    lanes = tl.arange(0, TILE)
-    mask = lanes < numel
-    offs = start + lanes
-    v_offs = tl.load(tile + ROW_V) + lanes  # per-element v offsets are not aligned: scalar accesses
+def _adam_tile_step(
+    p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel,
+    TILE: tl.constexpr, PIECE: tl.constexpr, ROUNDING: tl.constexpr,
+):
     coef = coef_ptr + tl.load(tile + ROW_PARAM) * _NUM_COEF
-    g = _clipped(_unscaled_grad(tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32), coef), coef)
-    v = tl.load(v_ptr + v_offs, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
-    tl.store(v_ptr + v_offs, v, mask=mask)
-    # Adam blocks never have an int8 m (quantization.int8_first_moment): no scales.
-    _update_elements(p_ptr, m_ptr, m_ptr, offs, lanes, mask, 0, 0, g, v, coef, ROUNDING, TILE, TILE)
+    v_span = v_ptr + tl.load(tile + ROW_V)  # per-element v offsets are not aligned: scalar accesses
+    for k in tl.static_range(0, TILE, PIECE):  # [Note: fallback pieces]
+        lanes = tl.arange(0, PIECE)
+        mask = lanes < numel - k
+        first = start + k
+        g = _clipped(_unscaled_grad(tl.load(g_ptr + first + lanes, mask=mask, other=0.0).to(tl.float32), coef), coef)
+        v = tl.load(v_span + k + lanes, mask=mask, other=0.0) * tl.load(coef + _C_BETA2) + tl.load(coef + _C_V_WEIGHT) * (g * g)
+        tl.store(v_span + k + lanes, v, mask=mask)
+        # Adam blocks never have an int8 m (quantization.int8_first_moment): no scales.
+        m_span = m_ptr + first
+        _update_elements(p_ptr + first, m_span, m_span, first, lanes, mask, 0, g, v, coef, ROUNDING, PIECE, PIECE)
 
 
 @triton.jit
@@ -368,12 +429,12 @@ def adam_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tiles_ptr, TILE: tl.c
     """Adam blocks: one v per element, a tile of consecutive elements of one parameter."""
     tile = tiles_ptr + tl.program_id(0).to(tl.int64) * ROW_COLS
     start = tl.load(tile + ROW_START)
-    numel = tl.load(tile + ROW_NUMEL)
+    numel = tl.load(tile + ROW_NUMEL).to(tl.int32)  # at most TILE: [Note: span pointers]
     if _is_aligned(start, numel):
         _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, _down(start),
-                        _down(numel), TILE, ROUNDING)
+                        _down(numel), TILE, TILE, ROUNDING)
     else:
-        _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TILE, ROUNDING)
+        _adam_tile_step(p_ptr, g_ptr, m_ptr, v_ptr, coef_ptr, tile, start, numel, TILE, _piece(TILE, 1), ROUNDING)
 
 
 @triton.jit
