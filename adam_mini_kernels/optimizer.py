@@ -131,15 +131,14 @@ def _split_betas(param_group: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _refuse_betas(groups: List[Dict[str, Any]]) -> None:
-    """A ``betas`` entry set in a param group after construction would be ignored: refuse it."""
-    for group in groups:
-        if "betas" in group:
-            raise ValueError(
-                f"param group '{group['name']}' has a 'betas' entry: AdamMini's param groups hold 'beta1' and "
-                "'beta2' (as official Adam_mini's), which the step reads; set those and delete 'betas' "
-                "(a torch-style 'betas' would be ignored)"
-            )
+def _betas_error(group: Dict[str, Any]) -> ValueError:
+    """The error for a ``betas`` entry set in a param group after construction (ignored, it
+    would leave the group's betas silently unchanged)."""
+    return ValueError(
+        f"param group '{group['name']}' has a 'betas' entry: AdamMini's param groups hold 'beta1' and "
+        "'beta2' (as official Adam_mini's), which the step reads; set those and delete 'betas' "
+        "(a torch-style 'betas' would be ignored)"
+    )
 
 
 def _check_state_dtype(where: str, state_dtype: Any) -> None:
@@ -235,8 +234,8 @@ class _StateEntry(dict):
 
 class _StepMemo:
     """What a step leaves for the next one and for the user: the hyperparameters last read (per
-    param group: the lr, None for one read on the device, and (weight_decay, beta1, beta2, eps)),
-    those four as a float64 table, whether some lr is read on the device, the last gradient norm
+    param group: the lr, None for one read on the device, and (weight_decay, beta1, beta2, eps,
+    whether it holds a "betas" entry)), those four as a float64 table, whether some lr is read on the device, the last gradient norm
     (see [Note: compiled steps])."""
 
     def __init__(self) -> None:
@@ -729,10 +728,10 @@ class AdamMini(torch.optim.Optimizer):
         (which users and LR schedulers edit); validate what changed and return True when anything
         did since the last step. A tensor lr read on the device stands as None."""
         groups, memo = self.param_groups, self._memo
-        if any("betas" in group for group in groups):
-            _refuse_betas(groups)
         lrs = [group["lr"] for group in groups]
-        rest = [(group["weight_decay"], group["beta1"], group["beta2"], group["eps"]) for group in groups]
+        # With the four, whether the group holds torch's "betas", which the step would ignore:
+        # a group given one differs from the last step's and is refused below.
+        rest = [(group["weight_decay"], group["beta1"], group["beta2"], group["eps"], "betas" in group) for group in groups]
         device_lr = False
         if not _PLAIN_LR.issuperset(map(type, lrs)):  # a tensor lr (or another number type)
             for k, lr in enumerate(lrs):
@@ -754,7 +753,9 @@ class AdamMini(torch.optim.Optimizer):
             for k, (group, lr, row) in enumerate(zip(groups, lrs, rest)):
                 if k < len(checked) and (lr, row) == checked[k]:
                     continue
-                wd, b1, b2, eps = row
+                wd, b1, b2, eps, torch_betas = row
+                if torch_betas:
+                    raise _betas_error(group)
                 _check_hparams(f"param group '{group['name']}'", group["lr"] if lr is None else lr, b1, b2, eps, wd)
         if not same_rest:
             memo.rest_table = None
@@ -766,7 +767,7 @@ class AdamMini(torch.optim.Optimizer):
         lr of a device tensor is written into it on the device: ``_device_lrs``)."""
         memo = self._memo
         if memo.rest_table is None:
-            memo.rest_table = torch.tensor(memo.rest, dtype=torch.float64).reshape(len(memo.rest), NUM_HPARAMS - 1)
+            memo.rest_table = torch.tensor([row[:4] for row in memo.rest], dtype=torch.float64).reshape(len(memo.rest), NUM_HPARAMS - 1)
         lrs = [0.0 if lr is None else lr for lr in memo.lrs] if memo.device_lr else memo.lrs
         # Columns HP_LR, then HP_WEIGHT_DECAY, HP_BETA1, HP_BETA2, HP_EPS: the order of ``rest``.
         table = torch.cat([torch.tensor(lrs, dtype=torch.float64).reshape(-1, 1), memo.rest_table], dim=1)
