@@ -116,13 +116,17 @@ def _m_dtypes(asked: List[Any], layouts: List[BlockLayout], params: List[torch.T
     ]
 
 
+def _check_betas_pair(where: str, betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+
+
 def _split_betas(param_group: Dict[str, Any]) -> Dict[str, Any]:
     """A param group given torch-style ``betas=(beta1, beta2)``, as the ``beta1`` and ``beta2``
     entries the groups hold (as official Adam_mini's do)."""
     where = f"param group '{param_group['name']}'"
     betas = param_group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_betas_pair(where, betas)
     for key, value in zip(("beta1", "beta2"), betas):
         if key in param_group and param_group[key] != value:
             raise ValueError(f"{where}: betas={tuple(betas)!r} and {key}={param_group[key]!r} disagree; give one of them")
@@ -235,8 +239,8 @@ class _StateEntry(dict):
 class _StepMemo:
     """What a step leaves for the next one and for the user: the hyperparameters last read (per
     param group: the lr, None for one read on the device, and (weight_decay, beta1, beta2, eps,
-    whether it holds a "betas" entry)), those four as a float64 table, whether some lr is read on the device, the last gradient norm
-    (see [Note: compiled steps])."""
+    whether it holds a "betas" entry)), those four as a float64 table, whether some lr is read
+    on the device, the last gradient norm (see [Note: compiled steps])."""
 
     def __init__(self) -> None:
         self.lrs: Optional[list] = None
@@ -362,8 +366,7 @@ class AdamMini(torch.optim.Optimizer):
         capturable: bool = False,
         model: Optional[torch.nn.Module] = None,
     ):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_betas_pair("AdamMini", betas)
         _check_hparams("AdamMini", lr, betas[0], betas[1], eps, weight_decay)
         for arg, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             if value is not None and (
@@ -817,27 +820,26 @@ class AdamMini(torch.optim.Optimizer):
         device = live[0][0].device
         inv_scale, skip = self._amp_factors(device)
         local_square, shard_squares = self._grad_norm_squares([group for group, _ in live], device, inv_scale)
-        if not any(group.sharded is not None for group, _ in live):  # nothing to all-reduce: group by group
-            clip = None
-            if self.max_grad_norm is not None:
-                clip, skip = self._clip_factors(local_square, skip)
-            for group, active in live:
-                d = group.device
-                self._step_fn(group, active, _moved(inv_scale, d), _moved(skip, d), _moved(clip, d))
-            return loss
-        # [Note: one all-reduce per step] Sharded: every flat group's sums first, then the step's
-        # collectives (one all-reduce per process group: the split blocks' sums of all its flat
-        # groups and the clipping norm's squares of its shards), then every group's update.
-        sums = [self._step_fn.sums(group, _moved(inv_scale, group.device)) for group, _ in live]
-        shard_sums = all_reduce_split_sums([(s[0], s[1]) for s in sums if s[1] is not None], shard_squares)
-        clip = None
-        if self.max_grad_norm is not None:
+        # [Note: one all-reduce per step] With sharded groups: every flat group's sums first, then
+        # the step's collectives (one all-reduce per process group: the split blocks' sums of all
+        # its flat groups and the clipping norm's squares of its shards), then every group's
+        # update. Without: nothing to all-reduce, each group's two halves back to back.
+        sums = None
+        if any(group.sharded is not None for group, _ in live):
+            sums = [self._step_fn.sums(group, _moved(inv_scale, group.device)) for group, _ in live]
+            shard_sums = all_reduce_split_sums([(s[0], s[1]) for s in sums if s[1] is not None], shard_squares)
             for summed in shard_sums.values():
                 local_square = local_square + summed[0].to(device).double()
+        clip = None
+        if self.max_grad_norm is not None:
             clip, skip = self._clip_factors(local_square, skip)
-        for (group, active), group_sums in zip(live, sums):
+        for k, (group, active) in enumerate(live):
             d = group.device
-            self._step_fn.update(group, group_sums, active, _moved(inv_scale, d), _moved(skip, d), _moved(clip, d))
+            factors = (_moved(inv_scale, d), _moved(skip, d), _moved(clip, d))
+            if sums is None:
+                self._step_fn(group, active, *factors)
+            else:
+                self._step_fn.update(group, sums[k], active, *factors)
             if group.sharded is not None:
                 group.sharded.push(group)
         return loss

@@ -127,14 +127,21 @@ def adam_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor, tiles: T
     )
 
 
-def triton_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
-    """The large blocks' sums of g^2 with the Triton kernels (see ``launch_tables.fused_sums``)."""
+def _through_kernels(fused, group: FlatGroup, *args):
+    """``fused(group, ops, *args)`` (``launch_tables.fused_sums`` or ``fused_update``) with the
+    Triton kernels: their operators under ``torch.compile``, each entering the device itself when
+    it runs, else the launchers on the group's device (see [Note: eager launches])."""
     from . import ops  # registers the operators on first use
 
-    if torch.compiler.is_compiling():  # each operator enters the device itself, when it runs
-        return fused_sums(group, ops.OPERATORS, inv_scale)
+    if torch.compiler.is_compiling():
+        return fused(group, ops.OPERATORS, *args)
     with on_device(group.device):
-        return fused_sums(group, ops.LAUNCHERS, inv_scale)
+        return fused(group, ops.LAUNCHERS, *args)
+
+
+def triton_sums(group: FlatGroup, inv_scale: Optional[torch.Tensor] = None):
+    """The large blocks' sums of g^2 with the Triton kernels (see ``launch_tables.fused_sums``)."""
+    return _through_kernels(fused_sums, group, inv_scale)
 
 
 def triton_update(
@@ -148,13 +155,7 @@ def triton_update(
     """The rest of the step of ``group`` in place with the Triton kernels (see
     ``launch_tables.fused_update``); ``active`` flags the parameters that have a gradient (None:
     all); ``inv_scale``/``found_inf`` from AMP and ``clip`` from max_grad_norm, or None."""
-    from . import ops
-
-    if torch.compiler.is_compiling():
-        fused_update(group, ops.OPERATORS, sums, active, inv_scale, found_inf, clip)
-    else:
-        with on_device(group.device):
-            fused_update(group, ops.LAUNCHERS, sums, active, inv_scale, found_inf, clip)
+    _through_kernels(fused_update, group, sums, active, inv_scale, found_inf, clip)
 
 
 triton_step = BackendStep(triton_sums, triton_update)
